@@ -1,0 +1,134 @@
+"""A typed, prefix-scoped view of the control plane's etcd.
+
+Every key the shard keeps lives under one prefix (`/shard/` by default), so several shards, or
+several test runs, can share one etcd. Values are serialized protobuf messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aetcd
+from aetcd import rpc
+from aetcd.utils import prefix_range_end
+
+from shard_core.settings import EtcdSettings
+
+# Keepalive pings let a watch notice an etcd that vanished without closing the connection.
+CHANNEL_OPTIONS = {
+    "grpc.keepalive_time_ms": 5_000,
+    "grpc.keepalive_timeout_ms": 3_000,
+    "grpc.keepalive_permit_without_calls": 1,
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Entry:
+    """One key and its value, with the revision that last changed it."""
+
+    key: str
+    value: bytes
+    mod_revision: int
+    lease: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Snapshot:
+    """Every entry under a prefix as of one etcd revision."""
+
+    entries: Sequence[Entry]
+    revision: int
+
+
+class EtcdStore:
+    """The shard's etcd: keys are relative to the shard prefix."""
+
+    def __init__(self, settings: EtcdSettings) -> None:
+        self.settings = settings
+        self.prefix = settings.etcd_prefix
+        self.client = self._new_client()
+
+    def _new_client(self) -> aetcd.Client:
+        return aetcd.Client(
+            host=self.settings.etcd_host,
+            port=self.settings.etcd_port,
+            timeout=self.settings.etcd_timeout_s,
+            options=CHANNEL_OPTIONS,
+        )
+
+    async def connect(self) -> None:
+        await self.client.connect()
+
+    async def reconnect(self) -> None:
+        """Drop the connection and its watches, and open a fresh one."""
+        await self.close()
+        self.client = self._new_client()
+        await self.client.connect()
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    def key(self, relative: str) -> bytes:
+        return (self.prefix + relative).encode()
+
+    def relative(self, key: bytes) -> str:
+        return key.decode()[len(self.prefix) :]
+
+    async def put(self, key: str, value: bytes, *, lease: int | None = None) -> None:
+        await self.client.put(self.key(key), value, lease=lease)
+
+    async def get(self, key: str) -> Entry | None:
+        found = await self.client.get(self.key(key))
+        return None if found is None else self._entry(found)
+
+    async def delete(self, key: str) -> None:
+        await self.client.delete(self.key(key))
+
+    async def snapshot(self, prefix: str) -> Snapshot:
+        """Every entry under `prefix`, ordered by key, and the revision they were read at."""
+        found = await self.client.get_prefix(self.key(prefix), sort_order="ascend")
+        return Snapshot(entries=[self._entry(kv) for kv in found], revision=found.header.revision)
+
+    async def page(self, prefix: str, *, start_after: str, limit: int) -> tuple[list[Entry], bool]:
+        """Up to `limit` entries under `prefix` with keys after `start_after`, and whether more
+        follow. One bounded range read: listing never loads the whole prefix."""
+        await self.client.connect()
+        start = self.key(start_after) + b"\0" if start_after else self.key(prefix)
+        request = rpc.RangeRequest(
+            key=start, range_end=prefix_range_end(self.key(prefix)), limit=limit
+        )
+        reply = await self.client.kvstub.Range(
+            request, timeout=self.settings.etcd_timeout_s, metadata=self.client.metadata
+        )
+        return [self._entry(kv) for kv in reply.kvs], reply.more
+
+    async def commit(
+        self,
+        *,
+        puts: Mapping[str, bytes],
+        deletes: Iterable[str] = (),
+        lease: int | None = None,
+    ) -> None:
+        """Apply puts (bound to `lease`) and deletes in one transaction: readers see all or none."""
+        ops = [self.client.transactions.put(self.key(k), v, lease=lease) for k, v in puts.items()]
+        ops += [self.client.transactions.delete(self.key(k)) for k in deletes]
+        await self.client.transaction(compare=[], success=ops, failure=[])
+
+    async def grant_lease(self, ttl_s: int) -> int:
+        lease = await self.client.lease(ttl_s)
+        lease_id: int = lease.id
+        return lease_id
+
+    async def revoke_lease(self, lease_id: int) -> None:
+        await self.client.revoke_lease(lease_id)
+
+    async def watch(self, prefix: str, *, start_revision: int) -> Any:
+        """An aetcd watch of every change under `prefix` from `start_revision` on."""
+        return await self.client.watch_prefix(self.key(prefix), start_revision=start_revision)
+
+    def _entry(self, kv: Any) -> Entry:
+        return Entry(
+            key=self.relative(kv.key), value=kv.value, mod_revision=kv.mod_revision, lease=kv.lease
+        )

@@ -1,0 +1,127 @@
+"""Child processes the shard starts for itself (etcd, Triton, services), stopped without leftovers.
+
+Each child runs in its own process group and gets SIGTERM if its parent dies, so neither a
+Ctrl-C, a SIGTERM nor a crash of the parent leaves a process behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+
+_log = logging.getLogger(__name__)
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class ManagedProcess:
+    """One child process in its own process group, with its output in a log file."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        log_path: Path,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = log_path
+        self.env = dict(os.environ if env is None else env)
+        self.cwd = cwd
+        self._popen: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        if self._popen is None:
+            raise RuntimeError(f"{self.name} has not been started")
+        return self._popen.pid
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self._popen = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.cwd,
+                start_new_session=True,
+                # Only prctl runs between fork and exec; no lock is taken there.
+                preexec_fn=_die_with_parent,  # noqa: PLW1509
+            )
+        _log.info("started %s (pid %d)", self.name, self._popen.pid)
+
+    def running(self) -> bool:
+        return self._popen is not None and self._popen.poll() is None
+
+    def returncode(self) -> int | None:
+        return None if self._popen is None else self._popen.poll()
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+    async def wait_ready(
+        self, probe: Callable[[], Awaitable[bool]], *, timeout: float, interval: float = 0.1
+    ) -> None:
+        """Poll `probe` until it answers True; fail early, with the log, if the process exits."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.running():
+                raise RuntimeError(
+                    f"{self.name} exited with {self.returncode()} before it was ready:\n"
+                    f"{self.log_tail()}"
+                )
+            try:
+                if await probe():
+                    return
+            except Exception as error:  # a probe may fail in any way until the process is up
+                _log.debug("%s not ready yet: %s", self.name, error)
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{self.name} not ready after {timeout:.0f}s:\n{self.log_tail()}"
+                )
+            await asyncio.sleep(interval)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM the process group, then SIGKILL it if it has not exited within `timeout`."""
+        if self._popen is None:
+            return
+        self._signal_group(signal.SIGTERM)
+        try:
+            self._popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            _log.warning("%s ignored SIGTERM for %.0fs; killing it", self.name, timeout)
+        # Whatever the leader did, no member of its group may outlive it.
+        self._signal_group(signal.SIGKILL)
+        self._popen.wait()
+
+    def kill(self) -> None:
+        """SIGKILL the process group at once, as a crash or an operator's kill -9 would."""
+        if self._popen is None:
+            return
+        self._signal_group(signal.SIGKILL)
+        self._popen.wait()
+
+    def _signal_group(self, signum: int) -> None:
+        assert self._popen is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._popen.pid, signum)

@@ -1,0 +1,3 @@
+from shard_registry.cli import main
+
+main()
