@@ -1,0 +1,3 @@
+from shard_inference.cli import main
+
+main()

@@ -1,0 +1,40 @@
+"""Assembles and runs the inference router process."""
+
+from __future__ import annotations
+
+import logging
+
+from shard_core import keys
+from shard_core.etcd.mirror import PrefixMirror
+from shard_core.etcd.store import EtcdStore
+from shard_core.grpc.server import GrpcServer
+
+from shard_inference.backends import SERVICE, NodeChannel
+from shard_inference.routing import EndpointTable
+from shard_inference.servicer import InferenceRouter
+from shard_inference.settings import InferenceSettings
+
+_log = logging.getLogger(__name__)
+
+
+async def serve(settings: InferenceSettings) -> None:
+    store = EtcdStore(settings)
+    table: EndpointTable[NodeChannel] = EndpointTable(
+        backend_factory=NodeChannel.open, on_backend_removed=NodeChannel.close_later
+    )
+    mirror = PrefixMirror(store, keys.ENDPOINTS, table)
+    mirror.start()
+    router = InferenceRouter(table, max_attempts=settings.max_attempts, ready=lambda: mirror.synced)
+    # No interceptors on the data plane: every request pays for them, and the router answers
+    # with Triton's own status codes rather than the management APIs' error details.
+    server = GrpcServer(
+        address=settings.address,
+        services=[SERVICE],
+        register=lambda s: s.add_generic_rpc_handlers((router.handler(),)),
+        interceptors=(),
+    )
+    server.on_shutdown(mirror.stop)
+    server.on_shutdown(store.close)
+    await server.start()
+    _log.info("inference router serving on port %d", server.port)
+    await server.serve_until_signalled()

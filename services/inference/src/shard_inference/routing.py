@@ -1,0 +1,145 @@
+"""Which node serves a request: the router's view of ready endpoints and its balancing.
+
+The view mirrors the `endpoints/{model}/{version}/{node}` records in etcd; a record exists only
+while its node's lease lives and the model version is READY there. Balancing is
+power-of-two-choices on the router's own count of requests in flight to each node.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+from shard.node.v1 import node_pb2
+
+_log = logging.getLogger(__name__)
+
+
+class Backend(Protocol):
+    """One node's Triton as the router tracks it: its address and requests in flight to it."""
+
+    address: str
+    in_flight: int
+
+
+B = TypeVar("B", bound=Backend)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Route(Generic[B]):
+    """Where a model version can be served."""
+
+    model_name: str
+    model_version: str
+    node: str
+    backend: B
+
+
+def _version_order(version: str) -> tuple[int, str]:
+    return (int(version), "") if version.isdigit() else (-1, version)
+
+
+class EndpointTable(Generic[B]):
+    """model → version → node → Route, kept equal to etcd by a `PrefixMirror`."""
+
+    def __init__(
+        self,
+        *,
+        backend_factory: Callable[[str], B],
+        on_backend_removed: Callable[[B], None] = lambda _: None,
+    ) -> None:
+        self._routes: dict[str, dict[str, dict[str, Route[B]]]] = {}
+        self._by_key: dict[str, Route[B]] = {}
+        self._backends: dict[str, B] = {}
+        self._users: dict[str, int] = {}
+        self._backend_factory = backend_factory
+        self._on_backend_removed = on_backend_removed
+
+    # -- MirrorListener ---------------------------------------------------------------------
+
+    def reset(self, entries: Mapping[str, bytes]) -> None:
+        for key in list(self._by_key):
+            if key not in entries:
+                self.delete(key)
+        for key, value in entries.items():
+            self.put(key, value)
+
+    def put(self, key: str, value: bytes) -> None:
+        try:
+            endpoint = node_pb2.ModelEndpoint.FromString(value)
+        except Exception:
+            _log.warning("ignoring unreadable endpoint record %s", key)
+            return
+        if key in self._by_key:
+            self.delete(key)
+        route = Route(
+            model_name=endpoint.model_name,
+            model_version=endpoint.model_version,
+            node=endpoint.node,
+            backend=self._acquire(endpoint.inference_address),
+        )
+        self._by_key[key] = route
+        versions = self._routes.setdefault(route.model_name, {})
+        versions.setdefault(route.model_version, {})[route.node] = route
+
+    def delete(self, key: str) -> None:
+        route = self._by_key.pop(key, None)
+        if route is None:
+            return
+        versions = self._routes[route.model_name]
+        nodes = versions[route.model_version]
+        del nodes[route.node]
+        if not nodes:
+            del versions[route.model_version]
+        if not versions:
+            del self._routes[route.model_name]
+        self._release(route.backend)
+
+    # -- backends ---------------------------------------------------------------------------
+
+    def _acquire(self, address: str) -> B:
+        backend = self._backends.get(address)
+        if backend is None:
+            backend = self._backends[address] = self._backend_factory(address)
+        self._users[address] = self._users.get(address, 0) + 1
+        return backend
+
+    def _release(self, backend: B) -> None:
+        self._users[backend.address] -= 1
+        if not self._users[backend.address]:
+            del self._users[backend.address]
+            del self._backends[backend.address]
+            self._on_backend_removed(backend)
+
+    # -- queries ----------------------------------------------------------------------------
+
+    def models(self) -> dict[str, list[str]]:
+        """Every routable model and its ready versions."""
+        return {
+            name: sorted(versions, key=_version_order) for name, versions in self._routes.items()
+        }
+
+    def candidates(self, model_name: str, model_version: str) -> list[Route[B]]:
+        """Routes for the model version; with no version, those of the newest ready version."""
+        versions = self._routes.get(model_name)
+        if not versions:
+            return []
+        if not model_version:
+            model_version = max(versions, key=_version_order)
+        return list(versions.get(model_version, {}).values())
+
+
+def pick_order(routes: list[Route[B]], attempts: int) -> list[Route[B]]:
+    """Up to `attempts` distinct routes: the first by power-of-two-choices on requests in
+    flight, the rest (for retries) at random."""
+    if len(routes) <= 1:
+        return routes
+    first, second = random.sample(routes, 2)
+    best = first if first.backend.in_flight <= second.backend.in_flight else second
+    if attempts == 1:
+        return [best]
+    rest = [route for route in routes if route is not best]
+    return [best, *random.sample(rest, min(attempts - 1, len(rest)))]

@@ -1,0 +1,18 @@
+"""Router settings, from `SHARD_INFERENCE_*` environment variables."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+from shard_core.settings import EtcdSettings, ServiceSettings
+
+
+class InferenceSettings(ServiceSettings, EtcdSettings):
+    model_config = SettingsConfigDict(env_prefix="SHARD_INFERENCE_", frozen=True, extra="forbid")
+
+    address: str = Field(
+        default="0.0.0.0:8001", description="KServe v2 gRPC listen address (Triton's port)."
+    )
+    max_attempts: int = Field(
+        default=2, ge=1, le=5, description="Replicas tried per request when one is unavailable."
+    )

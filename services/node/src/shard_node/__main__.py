@@ -1,0 +1,3 @@
+from shard_node.cli import main
+
+main()

@@ -1,0 +1,40 @@
+"""Node agent settings, from `SHARD_NODE_*` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+from shard_core.settings import ServiceSettings
+
+
+class NodeSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="SHARD_NODE_", frozen=True, extra="forbid")
+
+    registry_address: str = Field(
+        default="127.0.0.1:7070", description="gRPC address of the registry."
+    )
+    state_dir: Path = Field(
+        default=Path(".shard/node"), description="Where the identity key and Triton files live."
+    )
+    labels: dict[str, str] = Field(default_factory=dict, description="Labels for this node.")
+    triton_url: str | None = Field(
+        default=None,
+        description="gRPC address of a running Triton to attach to; unset to launch one.",
+    )
+    model_repository: Path | None = Field(
+        default=None, description="Model repository of the Triton the agent launches."
+    )
+    triton_grpc_port: int = Field(default=8101, ge=1, le=65535)
+    triton_http_port: int = Field(default=8100, ge=1, le=65535)
+    triton_metrics_port: int = Field(default=8102, ge=1, le=65535)
+    models: list[str] | None = Field(
+        default=None,
+        description="Models to load into Triton at start; unset for every model in the repository.",
+    )
+    advertise_address: str | None = Field(
+        default=None,
+        description="Triton's gRPC address as the control plane reaches it; default: triton's.",
+    )
+    reconnect_max_backoff_s: float = Field(default=5.0, gt=0)

@@ -1,0 +1,159 @@
+"""The node's Triton: launching the real `tritonserver` from the nvidia-pytriton wheel, and
+talking to it (readiness, model control, model states) over its KServe v2 gRPC API.
+
+Launch recipe (see docs/architecture.md): the Python backend's stub must match the running
+interpreter, so the agent assembles a backend directory from the wheel's backend and the stub
+for this Python version. The stub embeds Python in isolated mode (it ignores PYTHONPATH), so it
+finds its packages through PATH: the agent puts this environment's `bin` first, and the stub
+resolves this virtual environment, with its numpy < 2, which the stub was built against.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import tritonclient.grpc.aio as triton_grpc
+from shard.node.v1 import node_pb2
+from shard_core.process import ManagedProcess
+from tritonclient.utils import InferenceServerException
+
+_log = logging.getLogger(__name__)
+
+_MODEL_STATES = {
+    "READY": node_pb2.MODEL_STATE_READY,
+    "LOADING": node_pb2.MODEL_STATE_LOADING,
+    "UNAVAILABLE": node_pb2.MODEL_STATE_UNAVAILABLE,
+    "UNLOADING": node_pb2.MODEL_STATE_UNAVAILABLE,
+}
+
+
+def _model_state(state: str, reason: str) -> node_pb2.ModelState.ValueType:
+    if state == "UNAVAILABLE" and reason and reason != "unloaded":
+        return node_pb2.MODEL_STATE_FAILED
+    return _MODEL_STATES.get(state, node_pb2.MODEL_STATE_UNAVAILABLE)
+
+
+def _pytriton_root() -> Path:
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the nvidia-pytriton wheel is not installed")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class TritonPorts:
+    grpc: int
+    http: int
+    metrics: int
+
+
+class TritonProcess:
+    """A real `tritonserver` in explicit model-control mode, owned by this process."""
+
+    def __init__(self, *, model_repository: Path, state_dir: Path, ports: TritonPorts) -> None:
+        self.ports = ports
+        self.grpc_url = f"127.0.0.1:{ports.grpc}"
+        root = _pytriton_root()
+        server = root / "tritonserver"
+        backends = self._assemble_backends(server, state_dir / "triton-backends")
+        lib_dirs = [
+            str(sysconfig.get_config_var("LIBDIR")),
+            str(root.parent / "nvidia_pytriton.libs"),
+        ]
+        env = dict(os.environ)
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            [*lib_dirs, *filter(None, [env.get("LD_LIBRARY_PATH")])]
+        )
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        self.process = ManagedProcess(
+            "tritonserver",
+            [
+                str(server / "bin" / "tritonserver"),
+                f"--model-repository={model_repository.resolve()}",
+                f"--backend-directory={backends}",
+                "--model-control-mode=explicit",
+                f"--grpc-port={ports.grpc}",
+                f"--http-port={ports.http}",
+                f"--metrics-port={ports.metrics}",
+                "--log-verbose=0",
+            ],
+            log_path=state_dir / "triton.log",
+            env=env,
+        )
+
+    @staticmethod
+    def _assemble_backends(server: Path, target: Path) -> Path:
+        python_backend = target / "python"
+        python_backend.mkdir(parents=True, exist_ok=True)
+        for item in (server / "backends" / "python").iterdir():
+            shutil.copy2(item, python_backend / item.name)
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        stub = server / "python_backend_stubs" / version / "triton_python_backend_stub"
+        shutil.copy2(stub, python_backend / stub.name)
+        return target
+
+    async def start(self, *, timeout: float = 60.0) -> None:
+        self.process.start()
+        async with TritonControl(self.grpc_url) as control:
+            await self.process.wait_ready(control.ready, timeout=timeout)
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+class TritonControl:
+    """The agent's client of its Triton: readiness, version, model control and states."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._client = triton_grpc.InferenceServerClient(url)
+
+    async def __aenter__(self) -> TritonControl:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def ready(self) -> bool:
+        try:
+            return bool(await self._client.is_server_ready(client_timeout=2.0))
+        except InferenceServerException:
+            return False
+
+    async def version(self) -> str:
+        metadata = await self._client.get_server_metadata(client_timeout=5.0)
+        return str(metadata.version)
+
+    async def repository_models(self) -> list[str]:
+        index = await self._client.get_model_repository_index(client_timeout=5.0)
+        return sorted({model.name for model in index.models})
+
+    async def load(self, model_name: str) -> None:
+        _log.info("loading model %s", model_name)
+        await self._client.load_model(model_name, client_timeout=300.0)
+
+    async def model_statuses(self) -> list[node_pb2.ModelStatus]:
+        """Every model version Triton knows, with its state; loaded versions only have numbers."""
+        index = await self._client.get_model_repository_index(client_timeout=5.0)
+        return sorted(
+            (
+                node_pb2.ModelStatus(
+                    model_name=model.name,
+                    model_version=model.version,
+                    state=_model_state(model.state, model.reason),
+                    reason=model.reason,
+                )
+                for model in index.models
+            ),
+            key=lambda status: (status.model_name, status.model_version),
+        )
