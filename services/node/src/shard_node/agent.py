@@ -50,9 +50,9 @@ class NodeAgent:
         self._stopping.set()
 
     async def load_models(self, models: list[str] | None) -> None:
-        """Load `models` (every model in the repository when None) into Triton."""
-        for name in models if models is not None else await self._triton.repository_models():
-            await self._triton.load(name)
+        """Load `models` (every model in the repository when None) into Triton, concurrently."""
+        names = models if models is not None else await self._triton.repository_models()
+        await asyncio.gather(*(self._triton.load(name) for name in names))
 
     async def run(self) -> None:
         """Stay connected to the registry until `stop()`."""

@@ -83,6 +83,7 @@ class TritonProcess:
                 f"--http-port={ports.http}",
                 f"--metrics-port={ports.metrics}",
                 "--log-verbose=0",
+                "--exit-timeout-secs=5",
             ],
             log_path=state_dir / "triton.log",
             env=env,

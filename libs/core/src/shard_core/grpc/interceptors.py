@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc.aio import AbortError, ServicerContext
@@ -25,7 +25,13 @@ async def _abort(error: Exception, context: ServicerContext[Any, Any], method: s
     await context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor[Any, Any]):
+if TYPE_CHECKING:
+    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    _ServerInterceptor = grpc.aio.ServerInterceptor
+
+
+class ErrorInterceptor(_ServerInterceptor):
     """Turn `ShardError` into `google.rpc.Status` with `ErrorInfo`; anything else into INTERNAL.
 
     Unknown exceptions never reach the client: it gets a generic message and the traceback goes to

@@ -1,0 +1,3 @@
+from shard_gateway.cli import main
+
+main()

@@ -1,0 +1,82 @@
+"""The gateway's HTTP routes: KServe v2 health and metadata, and the node list.
+
+This is the first slice of ModelRPC; KServe v2 inference over REST, the management API derived
+from the protos' HTTP annotations, and authentication come next (see docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import grpc
+from aiohttp import web
+
+from shard_gateway.service import Shard
+
+SHARD_KEY = web.AppKey("shard", Shard)
+
+_HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def grpc_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Upstream gRPC failures become KServe's JSON error form with the matching HTTP status."""
+    try:
+        return await handler(request)
+    except grpc.aio.AioRpcError as error:
+        status = _HTTP_STATUS.get(error.code(), 502)
+        return web.json_response({"error": error.details() or error.code().name}, status=status)
+
+
+async def live(request: web.Request) -> web.Response:
+    return web.json_response({"live": True})
+
+
+async def ready(request: web.Request) -> web.Response:
+    is_ready = await request.app[SHARD_KEY].server_ready()
+    return web.json_response({"ready": is_ready}, status=200 if is_ready else 503)
+
+
+async def server_metadata(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[SHARD_KEY].server_metadata())
+
+
+async def model_ready(request: web.Request) -> web.Response:
+    name, version = request.match_info["model"], request.match_info.get("version", "")
+    is_ready = await request.app[SHARD_KEY].model_ready(name, version)
+    return web.json_response(
+        {"name": name, "version": version, "ready": is_ready}, status=200 if is_ready else 400
+    )
+
+
+async def list_nodes(request: web.Request) -> web.Response:
+    try:
+        page_size = int(request.query.get("page_size", "0"))
+    except ValueError:
+        return web.json_response({"error": "page_size must be an integer"}, status=400)
+    body = await request.app[SHARD_KEY].list_nodes(
+        page_size=page_size, page_token=request.query.get("page_token", "")
+    )
+    return web.json_response(body)
+
+
+def make_app(shard: Shard) -> web.Application:
+    app = web.Application(middlewares=[grpc_errors])
+    app[SHARD_KEY] = shard
+    app.router.add_get("/v2/health/live", live)
+    app.router.add_get("/v2/health/ready", ready)
+    app.router.add_get("/v2", server_metadata)
+    app.router.add_get("/v2/models/{model}/ready", model_ready)
+    app.router.add_get("/v2/models/{model}/versions/{version}/ready", model_ready)
+    app.router.add_get("/v1/nodes", list_nodes)
+    return app

@@ -1,0 +1,21 @@
+"""Gateway settings, from `SHARD_GATEWAY_*` environment variables."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+from shard_core.settings import ServiceSettings
+
+
+class GatewaySettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="SHARD_GATEWAY_", frozen=True, extra="forbid")
+
+    host: str = Field(default="0.0.0.0", description="HTTP listen host.")
+    port: int = Field(default=8000, ge=0, le=65535, description="HTTP listen port.")
+    router_address: str = Field(
+        default="127.0.0.1:8001", description="gRPC address of the inference router."
+    )
+    registry_address: str = Field(
+        default="127.0.0.1:7070", description="gRPC address of the registry."
+    )
+    upstream_timeout_s: float = Field(default=10.0, gt=0)

@@ -1,0 +1,3 @@
+from shard_tool.cli import main
+
+main()

@@ -1,0 +1,277 @@
+"""The whole shard on one machine: etcd, registry, router, gateway and node agents with Triton.
+
+`shard up` runs a `LocalMesh` until Ctrl-C or SIGTERM; the tests run one per session. Every
+part is a real process started from this environment, each in its own process group, so stopping
+the mesh leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from shard.node.v1 import node_pb2, node_service_pb2, node_service_pb2_grpc
+from shard_core.etcd.server import EtcdServer
+from shard_core.net import free_port
+from shard_core.process import ManagedProcess
+
+
+@dataclass(frozen=True, kw_only=True)
+class MeshPorts:
+    """Every port the local mesh listens on."""
+
+    etcd: int = 2379
+    etcd_peer: int = 2380
+    registry: int = 7070
+    router: int = 8001
+    gateway: int = 8000
+    registry_metrics: int = 9101
+    router_metrics: int = 9102
+    gateway_metrics: int = 9103
+
+    @classmethod
+    def free(cls) -> MeshPorts:
+        """Ports free right now, for meshes that must not collide (tests)."""
+        return cls(**{name: free_port() for name in asdict(cls())})
+
+
+@dataclass(frozen=True, kw_only=True)
+class MeshTiming:
+    heartbeat_interval_s: float = 2.0
+    lease_ttl_s: int = 10
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeHandle:
+    """A node agent the mesh started."""
+
+    name: str
+    process: ManagedProcess
+    state_dir: Path
+    triton_grpc_port: int | None
+
+
+LOCAL_NAME_LABEL = "shard.local/name"
+
+
+def _endpoint_env(prefix: str, values: Mapping[str, object]) -> dict[str, str]:
+    """Settings as the `SHARD_<SERVICE>_*` environment variables the service reads."""
+    return {
+        f"SHARD_{prefix}_{key.upper()}": (
+            json.dumps(value) if isinstance(value, dict | list) else str(value)
+        )
+        for key, value in values.items()
+    }
+
+
+class LocalMesh:
+    def __init__(
+        self,
+        *,
+        state_dir: Path,
+        model_repository: Path,
+        ports: MeshPorts | None = None,
+        timing: MeshTiming | None = None,
+    ) -> None:
+        self.state_dir = state_dir.resolve()
+        self.model_repository = model_repository.resolve()
+        self.ports = ports or MeshPorts()
+        self.timing = timing or MeshTiming()
+        self.etcd = EtcdServer(
+            data_dir=self.state_dir / "etcd",
+            client_port=self.ports.etcd,
+            peer_port=self.ports.etcd_peer,
+        )
+        self.services: dict[str, ManagedProcess] = {}
+        self.nodes: dict[str, NodeHandle] = {}
+
+    @property
+    def registry_address(self) -> str:
+        return f"127.0.0.1:{self.ports.registry}"
+
+    @property
+    def router_address(self) -> str:
+        return f"127.0.0.1:{self.ports.router}"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.gateway}"
+
+    def _service(self, name: str, module: str, env: dict[str, str]) -> ManagedProcess:
+        return ManagedProcess(
+            name,
+            [sys.executable, "-m", module],
+            log_path=self.state_dir / "logs" / f"{name}.log",
+            env={**os.environ, **env},
+        )
+
+    async def start(self, *, nodes: int = 1) -> None:
+        """Start every part and wait until each is ready, the nodes' models included."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        await self.etcd.start()
+        etcd = {"etcd_port": self.ports.etcd}
+        self.services["registry"] = self._service(
+            "registry",
+            "shard_registry",
+            _endpoint_env(
+                "REGISTRY",
+                {
+                    **etcd,
+                    "address": self.registry_address,
+                    "metrics_port": self.ports.registry_metrics,
+                    "heartbeat_interval_s": self.timing.heartbeat_interval_s,
+                    "lease_ttl_s": self.timing.lease_ttl_s,
+                },
+            ),
+        )
+        self.services["inference"] = self._service(
+            "inference",
+            "shard_inference",
+            _endpoint_env(
+                "INFERENCE",
+                {**etcd, "address": self.router_address, "metrics_port": self.ports.router_metrics},
+            ),
+        )
+        self.services["gateway"] = self._service(
+            "gateway",
+            "shard_gateway",
+            _endpoint_env(
+                "GATEWAY",
+                {
+                    "host": "127.0.0.1",
+                    "port": self.ports.gateway,
+                    "router_address": self.router_address,
+                    "registry_address": self.registry_address,
+                    "metrics_port": self.ports.gateway_metrics,
+                },
+            ),
+        )
+        for process in self.services.values():
+            process.start()
+        await asyncio.gather(
+            self.services["registry"].wait_ready(
+                lambda: _serving(self.registry_address), timeout=30
+            ),
+            self.services["inference"].wait_ready(
+                lambda: _serving(self.router_address), timeout=30
+            ),
+            self.services["gateway"].wait_ready(self._gateway_live, timeout=30),
+        )
+        await asyncio.gather(*(self.start_node(f"node-{index}") for index in range(nodes)))
+        self._write_state()
+
+    async def start_node(
+        self,
+        name: str,
+        *,
+        triton_url: str | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> NodeHandle:
+        """Start a node agent that launches its own Triton, or attaches to `triton_url`, and
+        wait until it has registered with every model READY."""
+        state_dir = self.state_dir / "nodes" / name
+        settings: dict[str, object] = {
+            "registry_address": self.registry_address,
+            "state_dir": state_dir,
+            "labels": {**(labels or {}), LOCAL_NAME_LABEL: name},
+        }
+        triton_grpc_port = None
+        if triton_url is None:
+            triton_grpc_port = free_port()
+            settings |= {
+                "model_repository": self.model_repository,
+                "triton_grpc_port": triton_grpc_port,
+                "triton_http_port": free_port(),
+                "triton_metrics_port": free_port(),
+            }
+        else:
+            settings["triton_url"] = triton_url
+        process = self._service(f"node-{name}", "shard_node", _endpoint_env("NODE", settings))
+        handle = NodeHandle(
+            name=name, process=process, state_dir=state_dir, triton_grpc_port=triton_grpc_port
+        )
+        self.nodes[name] = handle
+        process.start()
+        await process.wait_ready(lambda: self._node_serving(name), timeout=120, interval=0.25)
+        return handle
+
+    async def _node_serving(self, name: str) -> bool:
+        node = await self.find_node(name)
+        return (
+            node is not None
+            and bool(node.models)
+            and all(model.state == node_pb2.MODEL_STATE_READY for model in node.models)
+        )
+
+    async def find_node(self, name: str) -> node_pb2.Node | None:
+        """The registry's record of the node this mesh started as `name`, if it is alive."""
+        async with grpc.aio.insecure_channel(self.registry_address) as channel:
+            stub = node_service_pb2_grpc.NodeServiceStub(channel)
+            reply = await stub.ListNodes(
+                node_service_pb2.ListNodesRequest(page_size=1000), timeout=2
+            )
+        return next(
+            (node for node in reply.nodes if node.labels.get(LOCAL_NAME_LABEL) == name), None
+        )
+
+    async def _gateway_live(self) -> bool:
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.ports.gateway)
+        writer.write(b"GET /v2/health/live HTTP/1.1\r\nHost: local\r\nConnection: close\r\n\r\n")
+        status_line = await reader.readline()
+        writer.close()
+        return b" 200 " in status_line
+
+    def processes(self) -> list[ManagedProcess]:
+        return [
+            self.etcd.process,
+            *self.services.values(),
+            *(node.process for node in self.nodes.values()),
+        ]
+
+    def stop(self) -> None:
+        """Stop nodes first (they deregister), then the services, then etcd."""
+        for node in self.nodes.values():
+            node.process.stop()
+        for process in reversed(list(self.services.values())):
+            process.stop()
+        self.etcd.stop()
+
+    def endpoints(self) -> dict[str, str]:
+        return {
+            "router (KServe v2 gRPC)": self.router_address,
+            "gateway (HTTP)": self.gateway_url,
+            "registry (gRPC)": self.registry_address,
+            "etcd": f"127.0.0.1:{self.ports.etcd}",
+            "metrics": ", ".join(
+                f"{name} 127.0.0.1:{port}"
+                for name, port in (
+                    ("registry", self.ports.registry_metrics),
+                    ("router", self.ports.router_metrics),
+                    ("gateway", self.ports.gateway_metrics),
+                )
+            ),
+            "state and logs": str(self.state_dir),
+        }
+
+    def _write_state(self) -> None:
+        state = {
+            "launcher_pid": os.getpid(),
+            "ports": asdict(self.ports),
+            "processes": {process.name: process.pid for process in self.processes()},
+        }
+        (self.state_dir / "mesh.json").write_text(json.dumps(state, indent=2))
+
+
+async def _serving(address: str) -> bool:
+    async with grpc.aio.insecure_channel(address) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=1
+        )
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
