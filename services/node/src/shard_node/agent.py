@@ -3,7 +3,7 @@
 The agent holds one Connect stream to the registry: a registration, then a heartbeat with the
 state of every model each interval the registry asked for. If the stream breaks it reconnects
 with backoff and registers again (keeping its lease if it is back within the lease TTL). On
-SIGTERM it closes the stream cleanly, which deregisters the node at once.
+SIGTERM it says goodbye, which deregisters the node at once.
 """
 
 from __future__ import annotations
@@ -122,6 +122,8 @@ class NodeAgent:
                     ended.result()  # raises the status the registry ended the stream with
                     raise ConnectionError("the registry ended the stream")
                 if stopping.done():
+                    goodbye = node_service_pb2.Deregistration(reason="agent shutting down")
+                    outbox.put_nowait(node_service_pb2.ConnectRequest(deregistration=goodbye))
                     outbox.put_nowait(None)
                     with contextlib.suppress(grpc.aio.AioRpcError, TimeoutError):
                         await asyncio.wait_for(call.code(), timeout=5)

@@ -132,10 +132,10 @@ class NodeSession:
         self.node.heartbeat_time.CopyFrom(_timestamp(now))
         await self.publish(previous)
 
-    async def close(self) -> None:
+    async def close(self, reason: str) -> None:
         """The node left cleanly: revoke its lease, so its records go now, not at expiry."""
         await self._store.revoke_lease(self.lease_id)
-        _log.info("node %s left", self.node_id)
+        _log.info("node %s left: %s", self.node_id, reason or "no reason given")
 
 
 class NodeRegistry:

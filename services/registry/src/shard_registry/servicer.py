@@ -39,15 +39,19 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
             )
         )
         async for request in request_iterator:
-            if request.WhichOneof("message") != "heartbeat":
+            kind = request.WhichOneof("message")
+            if kind == "heartbeat":
+                await session.heartbeat(request.heartbeat.models)
+            elif kind == "deregistration":
+                await session.close(request.deregistration.reason)
+                return
+            else:
                 raise InvalidArgumentError(
-                    "a Connect stream carries one registration, then only heartbeats",
-                    metadata={"field": "heartbeat"},
+                    "a Connect stream carries one registration, then heartbeats",
+                    metadata={"field": "registration"},
                 )
-            await session.heartbeat(request.heartbeat.models)
-        # The agent closed its side: a clean goodbye. A broken stream never gets here (the call is
-        # cancelled), and the node then stays until its lease expires, free to reconnect.
-        await session.close()
+        # The stream ended without a goodbye: the connection broke. The node stays until its
+        # lease expires, free to reconnect and keep it.
 
     async def GetNode(
         self,

@@ -28,7 +28,7 @@ from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from shard.node.v1 import node_pb2 as shard_dot_node_dot_v1_dot_node__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n shard/node/v1/node_service.proto\x12\rshard.node.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x18shard/node/v1/node.proto\"\x7f\n\x0e\x43onnectRequest\x12\x33\n\x0cregistration\x18\x01 \x01(\x0b\x32\x1b.shard.node.v1.RegistrationH\x00\x12-\n\theartbeat\x18\x02 \x01(\x0b\x32\x18.shard.node.v1.HeartbeatH\x00\x42\t\n\x07message\"\xa3\x02\n\x0cRegistration\x12\x15\n\x07node_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\npublic_key\x18\x02 \x01(\x0c\x42\x04\xe2\x41\x01\x02\x12\x1f\n\x11inference_address\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x37\n\x06labels\x18\x04 \x03(\x0b\x32\'.shard.node.v1.Registration.LabelsEntry\x12\x15\n\ragent_version\x18\x05 \x01(\t\x12\x16\n\x0etriton_version\x18\x06 \x01(\t\x12*\n\x06models\x18\x07 \x03(\x0b\x32\x1a.shard.node.v1.ModelStatus\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"7\n\tHeartbeat\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.shard.node.v1.ModelStatus\"M\n\x0f\x43onnectResponse\x12/\n\nregistered\x18\x01 \x01(\x0b\x32\x19.shard.node.v1.RegisteredH\x00\x42\t\n\x07message\"O\n\nRegistered\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x14\n\x0clease_ttl_ms\x18\x03 \x01(\r\"6\n\x0eGetNodeRequest\x12$\n\x04name\x18\x01 \x01(\tB\x16\xe2\x41\x01\x02\xfa\x41\x0f\n\rshard.ai/Node\"4\n\x0fGetNodeResponse\x12!\n\x04node\x18\x01 \x01(\x0b\x32\x13.shard.node.v1.Node\"E\n\x10ListNodesRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"P\n\x11ListNodesResponse\x12\"\n\x05nodes\x18\x01 \x03(\x0b\x32\x13.shard.node.v1.Node\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xaa\x02\n\x0bNodeService\x12L\n\x07\x43onnect\x12\x1d.shard.node.v1.ConnectRequest\x1a\x1e.shard.node.v1.ConnectResponse(\x01\x30\x01\x12g\n\x07GetNode\x12\x1d.shard.node.v1.GetNodeRequest\x1a\x1e.shard.node.v1.GetNodeResponse\"\x1d\x90\x02\x01\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/{name=nodes/*}\x12\x64\n\tListNodes\x12\x1f.shard.node.v1.ListNodesRequest\x1a .shard.node.v1.ListNodesResponse\"\x14\x90\x02\x01\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/nodesb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n shard/node/v1/node_service.proto\x12\rshard.node.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x18shard/node/v1/node.proto\"\xb8\x01\n\x0e\x43onnectRequest\x12\x33\n\x0cregistration\x18\x01 \x01(\x0b\x32\x1b.shard.node.v1.RegistrationH\x00\x12-\n\theartbeat\x18\x02 \x01(\x0b\x32\x18.shard.node.v1.HeartbeatH\x00\x12\x37\n\x0e\x64\x65registration\x18\x03 \x01(\x0b\x32\x1d.shard.node.v1.DeregistrationH\x00\x42\t\n\x07message\"\xa3\x02\n\x0cRegistration\x12\x15\n\x07node_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\npublic_key\x18\x02 \x01(\x0c\x42\x04\xe2\x41\x01\x02\x12\x1f\n\x11inference_address\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x37\n\x06labels\x18\x04 \x03(\x0b\x32\'.shard.node.v1.Registration.LabelsEntry\x12\x15\n\ragent_version\x18\x05 \x01(\t\x12\x16\n\x0etriton_version\x18\x06 \x01(\t\x12*\n\x06models\x18\x07 \x03(\x0b\x32\x1a.shard.node.v1.ModelStatus\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"7\n\tHeartbeat\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.shard.node.v1.ModelStatus\" \n\x0e\x44\x65registration\x12\x0e\n\x06reason\x18\x01 \x01(\t\"M\n\x0f\x43onnectResponse\x12/\n\nregistered\x18\x01 \x01(\x0b\x32\x19.shard.node.v1.RegisteredH\x00\x42\t\n\x07message\"O\n\nRegistered\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x14\n\x0clease_ttl_ms\x18\x03 \x01(\r\"6\n\x0eGetNodeRequest\x12$\n\x04name\x18\x01 \x01(\tB\x16\xe2\x41\x01\x02\xfa\x41\x0f\n\rshard.ai/Node\"4\n\x0fGetNodeResponse\x12!\n\x04node\x18\x01 \x01(\x0b\x32\x13.shard.node.v1.Node\"E\n\x10ListNodesRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"P\n\x11ListNodesResponse\x12\"\n\x05nodes\x18\x01 \x03(\x0b\x32\x13.shard.node.v1.Node\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xaa\x02\n\x0bNodeService\x12L\n\x07\x43onnect\x12\x1d.shard.node.v1.ConnectRequest\x1a\x1e.shard.node.v1.ConnectResponse(\x01\x30\x01\x12g\n\x07GetNode\x12\x1d.shard.node.v1.GetNodeRequest\x1a\x1e.shard.node.v1.GetNodeResponse\"\x1d\x90\x02\x01\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/{name=nodes/*}\x12\x64\n\tListNodes\x12\x1f.shard.node.v1.ListNodesRequest\x1a .shard.node.v1.ListNodesResponse\"\x14\x90\x02\x01\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/nodesb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -53,26 +53,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NODESERVICE'].methods_by_name['GetNode']._serialized_options = b'\220\002\001\202\323\344\223\002\024\022\022/v1/{name=nodes/*}'
   _globals['_NODESERVICE'].methods_by_name['ListNodes']._loaded_options = None
   _globals['_NODESERVICE'].methods_by_name['ListNodes']._serialized_options = b'\220\002\001\202\323\344\223\002\013\022\t/v1/nodes'
-  _globals['_CONNECTREQUEST']._serialized_start=167
-  _globals['_CONNECTREQUEST']._serialized_end=294
-  _globals['_REGISTRATION']._serialized_start=297
-  _globals['_REGISTRATION']._serialized_end=588
-  _globals['_REGISTRATION_LABELSENTRY']._serialized_start=543
-  _globals['_REGISTRATION_LABELSENTRY']._serialized_end=588
-  _globals['_HEARTBEAT']._serialized_start=590
-  _globals['_HEARTBEAT']._serialized_end=645
-  _globals['_CONNECTRESPONSE']._serialized_start=647
-  _globals['_CONNECTRESPONSE']._serialized_end=724
-  _globals['_REGISTERED']._serialized_start=726
-  _globals['_REGISTERED']._serialized_end=805
-  _globals['_GETNODEREQUEST']._serialized_start=807
-  _globals['_GETNODEREQUEST']._serialized_end=861
-  _globals['_GETNODERESPONSE']._serialized_start=863
-  _globals['_GETNODERESPONSE']._serialized_end=915
-  _globals['_LISTNODESREQUEST']._serialized_start=917
-  _globals['_LISTNODESREQUEST']._serialized_end=986
-  _globals['_LISTNODESRESPONSE']._serialized_start=988
-  _globals['_LISTNODESRESPONSE']._serialized_end=1068
-  _globals['_NODESERVICE']._serialized_start=1071
-  _globals['_NODESERVICE']._serialized_end=1369
+  _globals['_CONNECTREQUEST']._serialized_start=168
+  _globals['_CONNECTREQUEST']._serialized_end=352
+  _globals['_REGISTRATION']._serialized_start=355
+  _globals['_REGISTRATION']._serialized_end=646
+  _globals['_REGISTRATION_LABELSENTRY']._serialized_start=601
+  _globals['_REGISTRATION_LABELSENTRY']._serialized_end=646
+  _globals['_HEARTBEAT']._serialized_start=648
+  _globals['_HEARTBEAT']._serialized_end=703
+  _globals['_DEREGISTRATION']._serialized_start=705
+  _globals['_DEREGISTRATION']._serialized_end=737
+  _globals['_CONNECTRESPONSE']._serialized_start=739
+  _globals['_CONNECTRESPONSE']._serialized_end=816
+  _globals['_REGISTERED']._serialized_start=818
+  _globals['_REGISTERED']._serialized_end=897
+  _globals['_GETNODEREQUEST']._serialized_start=899
+  _globals['_GETNODEREQUEST']._serialized_end=953
+  _globals['_GETNODERESPONSE']._serialized_start=955
+  _globals['_GETNODERESPONSE']._serialized_end=1007
+  _globals['_LISTNODESREQUEST']._serialized_start=1009
+  _globals['_LISTNODESREQUEST']._serialized_end=1078
+  _globals['_LISTNODESRESPONSE']._serialized_start=1080
+  _globals['_LISTNODESRESPONSE']._serialized_end=1160
+  _globals['_NODESERVICE']._serialized_start=1163
+  _globals['_NODESERVICE']._serialized_end=1461
 # @@protoc_insertion_point(module_scope)

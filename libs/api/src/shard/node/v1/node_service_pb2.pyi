@@ -27,6 +27,7 @@ class ConnectRequest(_message.Message):
 
     REGISTRATION_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
+    DEREGISTRATION_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def registration(self) -> Global___Registration:
         """The first message on every stream: who the node is and what it serves."""
@@ -35,17 +36,22 @@ class ConnectRequest(_message.Message):
     def heartbeat(self) -> Global___Heartbeat:
         """Every later message: the node is alive, and its models' states."""
 
+    @_builtins.property
+    def deregistration(self) -> Global___Deregistration:
+        """The last message of an agent that is shutting down: remove the node now."""
+
     def __init__(
         self,
         *,
         registration: Global___Registration | None = ...,
         heartbeat: Global___Heartbeat | None = ...,
+        deregistration: Global___Deregistration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat", "message", b"message", "registration", b"registration"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deregistration", b"deregistration", "heartbeat", b"heartbeat", "message", b"message", "registration", b"registration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat", "message", b"message", "registration", b"registration"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deregistration", b"deregistration", "heartbeat", b"heartbeat", "message", b"message", "registration", b"registration"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["registration", "heartbeat"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["registration", "heartbeat", "deregistration"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
@@ -146,6 +152,28 @@ class Heartbeat(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Heartbeat: _TypeAlias = Heartbeat  # noqa: Y015
+
+@_typing.final
+class Deregistration(_message.Message):
+    """A node agent's goodbye."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """Why the node is leaving, for the record."""
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Deregistration: _TypeAlias = Deregistration  # noqa: Y015
 
 @_typing.final
 class ConnectResponse(_message.Message):

@@ -59,8 +59,9 @@ class NodeServiceServicer:
     def Connect(self, request_iterator, context):
         """Connect is the one stream between a node agent and the registry. The agent sends a
         registration first and heartbeats after it; the registry answers the registration and holds
-        the node's liveness lease while heartbeats arrive. Closing the stream cleanly deregisters the
-        node; a broken stream leaves the node until its lease expires, so an agent may reconnect.
+        the node's liveness lease while heartbeats arrive. A deregistration removes the node at once;
+        a stream that ends without one leaves the node until its lease expires, so an agent may
+        reconnect and keep its lease.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -19,8 +19,9 @@ class NodeServiceStub:
     Connect: _aio.StreamStreamMultiCallable[_node_service_pb2.ConnectRequest, _node_service_pb2.ConnectResponse]
     """Connect is the one stream between a node agent and the registry. The agent sends a
     registration first and heartbeats after it; the registry answers the registration and holds
-    the node's liveness lease while heartbeats arrive. Closing the stream cleanly deregisters the
-    node; a broken stream leaves the node until its lease expires, so an agent may reconnect.
+    the node's liveness lease while heartbeats arrive. A deregistration removes the node at once;
+    a stream that ends without one leaves the node until its lease expires, so an agent may
+    reconnect and keep its lease.
     """
     GetNode: _aio.UnaryUnaryMultiCallable[_node_service_pb2.GetNodeRequest, _node_service_pb2.GetNodeResponse]
     """Gets one node."""
@@ -38,8 +39,9 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _abc.AsyncIterator[_node_service_pb2.ConnectResponse]:
         """Connect is the one stream between a node agent and the registry. The agent sends a
         registration first and heartbeats after it; the registry answers the registration and holds
-        the node's liveness lease while heartbeats arrive. Closing the stream cleanly deregisters the
-        node; a broken stream leaves the node until its lease expires, so an agent may reconnect.
+        the node's liveness lease while heartbeats arrive. A deregistration removes the node at once;
+        a stream that ends without one leaves the node until its lease expires, so an agent may
+        reconnect and keep its lease.
         """
 
     @_abc_1.abstractmethod

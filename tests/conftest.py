@@ -1,0 +1,41 @@
+"""Session fixtures: one real local shard (etcd, registry, router, gateway, two node agents with
+their own Tritons) for the whole test run, on free loopback ports."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from shard_core.settings import EtcdSettings
+from shard_tool.local import LocalMesh, MeshPorts, MeshTiming
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL_REPOSITORY = REPO / "infra" / "triton" / "models"
+# Short enough to keep the tests quick, long enough for a loaded 2-core CI machine.
+TEST_TIMING = MeshTiming(heartbeat_interval_s=0.5, lease_ttl_s=3)
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LocalMesh]:
+    local = LocalMesh(
+        state_dir=tmp_path_factory.mktemp("mesh"),
+        model_repository=MODEL_REPOSITORY,
+        ports=MeshPorts.free(),
+        timing=TEST_TIMING,
+    )
+    try:
+        await local.start(nodes=2)
+        yield local
+    finally:
+        local.stop()
+
+
+@pytest.fixture
+def etcd_settings(mesh: LocalMesh, request: pytest.FixtureRequest) -> EtcdSettings:
+    """The session's etcd, under a prefix of this test's own."""
+    return EtcdSettings(
+        etcd_port=mesh.ports.etcd, etcd_prefix=f"/test/{request.node.name}/", etcd_timeout_s=5
+    )

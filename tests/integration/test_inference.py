@@ -1,0 +1,177 @@
+"""Triton's own client against the router: the shard must look like one Triton."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+import tritonclient.grpc.aio as triton_aio
+from google.protobuf import json_format
+from tritonclient.utils import InferenceServerException
+
+from shard_tool.local import LocalMesh
+
+
+@pytest.fixture
+def client(mesh: LocalMesh) -> triton.InferenceServerClient:
+    return triton.InferenceServerClient(mesh.router_address)
+
+
+@pytest.fixture
+def direct(mesh: LocalMesh) -> triton.InferenceServerClient:
+    """A client of one node's Triton, bypassing the router: the reference answers."""
+    port = mesh.nodes["node-0"].triton_grpc_port
+    return triton.InferenceServerClient(f"127.0.0.1:{port}")
+
+
+def _int_inputs(a: np.ndarray, b: np.ndarray) -> list[triton.InferInput]:
+    inputs = []
+    for name, data in (("INPUT0", a), ("INPUT1", b)):
+        tensor = triton.InferInput(name, list(data.shape), "INT32")
+        tensor.set_data_from_numpy(data)
+        inputs.append(tensor)
+    return inputs
+
+
+def _bytes_input(name: str, data: np.ndarray) -> triton.InferInput:
+    tensor = triton.InferInput(name, list(data.shape), "BYTES")
+    tensor.set_data_from_numpy(data)
+    return tensor
+
+
+def test_simple_returns_sums_and_differences(client: triton.InferenceServerClient) -> None:
+    rng = np.random.default_rng(7)
+    a = rng.integers(-1000, 1000, size=(3, 16), dtype=np.int32)
+    b = rng.integers(-1000, 1000, size=(3, 16), dtype=np.int32)
+
+    result = client.infer("simple", _int_inputs(a, b))
+
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), a - b)
+
+
+def test_simple_string_computes_on_decimal_strings(client: triton.InferenceServerClient) -> None:
+    a = np.arange(16, dtype=np.int64).reshape(1, 16) * 37
+    b = np.full((1, 16), -5, dtype=np.int64)
+    as_bytes = np.vectorize(lambda v: str(v).encode(), otypes=[object])
+
+    result = client.infer(
+        "simple_string",
+        [_bytes_input("INPUT0", as_bytes(a)), _bytes_input("INPUT1", as_bytes(b))],
+    )
+
+    assert result.as_numpy("OUTPUT0").tolist() == as_bytes(a + b).tolist()
+    assert result.as_numpy("OUTPUT1").tolist() == as_bytes(a - b).tolist()
+
+
+def test_simple_identity_round_trips_arbitrary_bytes(client: triton.InferenceServerClient) -> None:
+    data = np.array([[b"", b"\x00\xff binary", "ünïcode".encode(), b"x" * 4096]], dtype=object)
+
+    result = client.infer("simple_identity", [_bytes_input("INPUT0", data)])
+
+    assert result.as_numpy("OUTPUT0").tolist() == data.tolist()
+
+
+async def test_aio_client_works_unchanged(mesh: LocalMesh) -> None:
+    a = np.ones((1, 16), dtype=np.int32)
+    async with triton_aio.InferenceServerClient(mesh.router_address) as client:
+        inputs = []
+        for name in ("INPUT0", "INPUT1"):
+            tensor = triton_aio.InferInput(name, [1, 16], "INT32")
+            tensor.set_data_from_numpy(a)
+            inputs.append(tensor)
+        result = await client.infer("simple", inputs, model_version="1")
+        assert await client.is_model_ready("simple")
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a * 2)
+
+
+def test_unknown_model_is_not_found_naming_the_model(client: triton.InferenceServerClient) -> None:
+    a = np.zeros((1, 16), dtype=np.int32)
+    with pytest.raises(InferenceServerException) as raised:
+        client.infer("no_such_model", _int_inputs(a, a))
+    assert raised.value.status() == "StatusCode.NOT_FOUND"
+    assert "'no_such_model'" in raised.value.message()
+
+
+def test_unknown_version_is_not_found_naming_it(client: triton.InferenceServerClient) -> None:
+    a = np.zeros((1, 16), dtype=np.int32)
+    with pytest.raises(InferenceServerException) as raised:
+        client.infer("simple", _int_inputs(a, a), model_version="42")
+    assert raised.value.status() == "StatusCode.NOT_FOUND"
+    assert "'simple' version 42" in raised.value.message()
+
+
+def test_bad_input_gets_triton_s_own_error(
+    client: triton.InferenceServerClient, direct: triton.InferenceServerClient
+) -> None:
+    right_shape = np.zeros((1, 16), dtype=np.int32)
+    wrong_shape = np.zeros((1, 3), dtype=np.int32)
+    errors = []
+    for target in (client, direct):
+        with pytest.raises(InferenceServerException) as raised:
+            target.infer("simple", _int_inputs(right_shape, wrong_shape))
+        errors.append((raised.value.status(), raised.value.message()))
+    assert errors[0] == errors[1]
+    assert errors[0][0] == "StatusCode.INVALID_ARGUMENT"
+    assert "'INPUT1'" in errors[0][1]
+
+
+def test_server_health_and_metadata(client: triton.InferenceServerClient) -> None:
+    assert client.is_server_live()
+    assert client.is_server_ready()
+    metadata = client.get_server_metadata()
+    assert metadata.name == "ai-shard"
+    assert metadata.version
+
+
+@pytest.mark.parametrize("model", ["simple", "simple_string", "simple_identity"])
+def test_model_metadata_and_config_match_direct_triton(
+    client: triton.InferenceServerClient, direct: triton.InferenceServerClient, model: str
+) -> None:
+    assert client.is_model_ready(model)
+    assert client.is_model_ready(model, "1")
+    assert json_format.MessageToDict(client.get_model_metadata(model)) == json_format.MessageToDict(
+        direct.get_model_metadata(model)
+    )
+    assert json_format.MessageToDict(client.get_model_config(model)) == json_format.MessageToDict(
+        direct.get_model_config(model)
+    )
+
+
+def test_model_ready_is_false_for_unknown_models(client: triton.InferenceServerClient) -> None:
+    assert not client.is_model_ready("no_such_model")
+    assert not client.is_model_ready("simple", "42")
+
+
+def test_metadata_of_unknown_model_is_not_found(client: triton.InferenceServerClient) -> None:
+    with pytest.raises(InferenceServerException) as raised:
+        client.get_model_metadata("no_such_model")
+    assert raised.value.status() == "StatusCode.NOT_FOUND"
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (b"\x0a\xff", "malformed request"),  # a name field longer than the message
+        (b"\x0a\x02\xff\xfe", "not UTF-8"),
+        (b"", "model name is required"),
+    ],
+)
+async def test_malformed_requests_are_invalid_argument(
+    mesh: LocalMesh, payload: bytes, message: str
+) -> None:
+    async with grpc.aio.insecure_channel(mesh.router_address) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await infer(payload, timeout=5)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in (raised.value.details() or "")
+
+
+async def test_methods_not_yet_routed_say_unimplemented(mesh: LocalMesh) -> None:
+    async with grpc.aio.insecure_channel(mesh.router_address) as channel:
+        index = channel.unary_unary("/inference.GRPCInferenceService/RepositoryIndex")
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await index(b"", timeout=5)
+    assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
