@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 import numpy as np
+import numpy.typing as npt
 import pytest
 import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
@@ -25,7 +28,7 @@ def direct(mesh: LocalMesh) -> triton.InferenceServerClient:
     return triton.InferenceServerClient(f"127.0.0.1:{port}")
 
 
-def _int_inputs(a: np.ndarray, b: np.ndarray) -> list[triton.InferInput]:
+def _int_inputs(a: npt.NDArray[Any], b: npt.NDArray[Any]) -> list[triton.InferInput]:
     inputs = []
     for name, data in (("INPUT0", a), ("INPUT1", b)):
         tensor = triton.InferInput(name, list(data.shape), "INT32")
@@ -34,7 +37,7 @@ def _int_inputs(a: np.ndarray, b: np.ndarray) -> list[triton.InferInput]:
     return inputs
 
 
-def _bytes_input(name: str, data: np.ndarray) -> triton.InferInput:
+def _bytes_input(name: str, data: npt.NDArray[Any]) -> triton.InferInput:
     tensor = triton.InferInput(name, list(data.shape), "BYTES")
     tensor.set_data_from_numpy(data)
     return tensor
@@ -162,7 +165,7 @@ async def test_malformed_requests_are_invalid_argument(
     mesh: LocalMesh, payload: bytes, message: str
 ) -> None:
     async with grpc.aio.insecure_channel(mesh.router_address) as channel:
-        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer", None, None)
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await infer(payload, timeout=5)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -171,7 +174,7 @@ async def test_malformed_requests_are_invalid_argument(
 
 async def test_methods_not_yet_routed_say_unimplemented(mesh: LocalMesh) -> None:
     async with grpc.aio.insecure_channel(mesh.router_address) as channel:
-        index = channel.unary_unary("/inference.GRPCInferenceService/RepositoryIndex")
+        index = channel.unary_unary("/inference.GRPCInferenceService/RepositoryIndex", None, None)
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await index(b"", timeout=5)
     assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED

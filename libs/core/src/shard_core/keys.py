@@ -1,7 +1,7 @@
 """Where each kind of record lives in etcd, relative to the shard prefix. One place, every service.
 
-    nodes/{node_id}                                  shard.node.v1.Node, bound to the node lease
-    endpoints/{model}/{version}/{node_id}            shard.node.v1.ModelEndpoint, same lease
+nodes/{node_id}                                  shard.node.v1.Node, bound to the node lease
+endpoints/{model}/{version}/{node_id}            shard.node.v1.ModelEndpoint, same lease
 """
 
 from __future__ import annotations

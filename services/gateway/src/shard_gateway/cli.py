@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from shard_core.runtime import run_service
-
 from shard_gateway.app import serve
 from shard_gateway.settings import GatewaySettings
 

@@ -9,8 +9,9 @@ from typing import Any
 
 import grpc
 from google.protobuf import json_format
-from shard.node.v1 import node_service_pb2, node_service_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from shard.node.v1 import node_service_pb2, node_service_pb2_grpc
 
 
 class Shard:

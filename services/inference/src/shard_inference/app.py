@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 
+from opentelemetry import metrics
+
 from shard_core import keys
 from shard_core.etcd.mirror import PrefixMirror
 from shard_core.etcd.store import EtcdStore
 from shard_core.grpc.server import GrpcServer
-
 from shard_inference.backends import SERVICE, NodeChannel
 from shard_inference.routing import EndpointTable
 from shard_inference.servicer import InferenceRouter
@@ -24,6 +25,17 @@ async def serve(settings: InferenceSettings) -> None:
     )
     mirror = PrefixMirror(store, keys.ENDPOINTS, table)
     mirror.start()
+    meter = metrics.get_meter("shard.inference")
+    meter.create_observable_gauge(
+        "shard_router_routes",
+        callbacks=[lambda _: [metrics.Observation(table.route_count())]],
+        description="Ready model endpoints the router can send requests to.",
+    )
+    meter.create_observable_gauge(
+        "shard_router_view_stale",
+        callbacks=[lambda _: [metrics.Observation(int(mirror.stale))]],
+        description="1 while the router serves from its last known view because etcd is away.",
+    )
     router = InferenceRouter(table, max_attempts=settings.max_attempts, ready=lambda: mirror.synced)
     # No interceptors on the data plane: every request pays for them, and the router answers
     # with Triton's own status codes rather than the management APIs' error details.

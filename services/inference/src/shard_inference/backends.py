@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+
 from shard_core.grpc.server import SERVER_OPTIONS
 
 SERVICE = "inference.GRPCInferenceService"

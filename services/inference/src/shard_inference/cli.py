@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from shard_core.runtime import run_service
-
 from shard_inference.app import serve
 from shard_inference.settings import InferenceSettings
 

@@ -116,6 +116,9 @@ class EndpointTable(Generic[B]):
 
     # -- queries ----------------------------------------------------------------------------
 
+    def route_count(self) -> int:
+        return len(self._by_key)
+
     def models(self) -> dict[str, list[str]]:
         """Every routable model and its ready versions."""
         return {

@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator, Mapping
 from importlib.metadata import version
 
 import grpc
-from shard.node.v1 import node_service_pb2, node_service_pb2_grpc
 
+from shard.node.v1 import node_service_pb2, node_service_pb2_grpc
 from shard_node.identity import NodeIdentity
 from shard_node.triton import TritonControl
 

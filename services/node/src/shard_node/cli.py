@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from shard_core.runtime import run_service
-
 from shard_node.app import serve
 from shard_node.settings import NodeSettings
 

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import tritonclient.grpc.aio as triton_grpc
+from tritonclient.utils import InferenceServerException
+
 from shard.node.v1 import node_pb2
 from shard_core.process import ManagedProcess
-from tritonclient.utils import InferenceServerException
 
 _log = logging.getLogger(__name__)
 

@@ -8,7 +8,6 @@ from shard.node.v1 import node_service_pb2, node_service_pb2_grpc
 from shard_core.etcd.lease import LeaseKeeper
 from shard_core.etcd.store import EtcdStore
 from shard_core.grpc.server import GrpcServer
-
 from shard_registry.service import NodeRegistry, NodeTiming
 from shard_registry.servicer import NodeServicer
 from shard_registry.settings import RegistrySettings

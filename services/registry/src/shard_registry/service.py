@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from google.protobuf import timestamp_pb2
+from opentelemetry import metrics
+
 from shard.node.v1 import node_pb2, node_service_pb2
 from shard_core import keys
 from shard_core.errors import InvalidArgumentError, NotFoundError, require
@@ -104,6 +106,9 @@ class NodeSession:
         self.node = node
         self.lease_id = lease_id
         self._written_at = 0.0
+        self._heartbeats = metrics.get_meter("shard.registry").create_counter(
+            "shard_registry_heartbeats", description="Heartbeats received from node agents."
+        )
 
     @property
     def node_id(self) -> str:
@@ -120,6 +125,7 @@ class NodeSession:
     async def heartbeat(self, models: Sequence[node_pb2.ModelStatus]) -> None:
         """Refresh the lease; republish when the node's models changed or the record aged."""
         await self._keeper.refresh(self.lease_id, timeout=self._timing.heartbeat_interval_s)
+        self._heartbeats.add(1)
         now = self._clock()
         changed = list(self.node.models) != list(models)
         if not changed and now - self._written_at < RECORD_REFRESH_S:
@@ -153,6 +159,9 @@ class NodeRegistry:
         self._keeper = keeper
         self.timing = timing
         self._clock = clock
+        self._registrations = metrics.get_meter("shard.registry").create_counter(
+            "shard_registry_registrations", description="Node registrations accepted."
+        )
 
     async def register(self, registration: node_service_pb2.Registration) -> NodeSession:
         """Admit a node; a node that reconnects within its lease keeps its lease and records."""
@@ -185,6 +194,7 @@ class NodeRegistry:
             clock=self._clock,
         )
         await session.publish(previous)
+        self._registrations.add(1, {"reconnect": previous is not None})
         _log.info(
             "node %s registered at %s (lease %x%s)",
             node_id,

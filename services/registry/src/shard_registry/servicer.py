@@ -6,9 +6,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+
 from shard.node.v1 import node_service_pb2, node_service_pb2_grpc
 from shard_core.errors import InvalidArgumentError
-
 from shard_registry.service import NodeRegistry
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from shard_core.logging import configure_logging
 
+from shard_core.logging import configure_logging
 from shard_tool.local import LocalMesh, MeshPorts, MeshTiming
 
 app = typer.Typer(

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from shard.node.v1 import node_pb2, node_service_pb2, node_service_pb2_grpc
 from shard_core.etcd.server import EtcdServer
 from shard_core.net import free_port

@@ -1,0 +1,93 @@
+"""The router's endpoint table and balancing, as pure domain logic."""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+
+from shard.node.v1 import node_pb2
+from shard_core import keys
+from shard_inference.routing import EndpointTable, Route, pick_order
+
+
+@dataclass(eq=False)
+class FakeBackend:
+    address: str
+    in_flight: int = 0
+
+
+def _endpoint(model: str, version: str, node: str, address: str) -> tuple[str, bytes]:
+    record = node_pb2.ModelEndpoint(
+        model_name=model, model_version=version, node=f"nodes/{node}", inference_address=address
+    )
+    return keys.endpoint(model, version, node), record.SerializeToString()
+
+
+def _table() -> tuple[EndpointTable[FakeBackend], list[str]]:
+    removed: list[str] = []
+    table: EndpointTable[FakeBackend] = EndpointTable(
+        backend_factory=FakeBackend, on_backend_removed=lambda b: removed.append(b.address)
+    )
+    return table, removed
+
+
+def test_no_version_means_the_newest_ready_version() -> None:
+    table, _ = _table()
+    table.reset(
+        dict(
+            [
+                _endpoint("m", "2", "a", "a:1"),
+                _endpoint("m", "10", "b", "b:1"),
+                _endpoint("m", "10", "c", "c:1"),
+            ]
+        )
+    )
+    assert {route.node for route in table.candidates("m", "")} == {"nodes/b", "nodes/c"}
+    assert [route.node for route in table.candidates("m", "2")] == ["nodes/a"]
+    assert table.candidates("m", "3") == []
+    assert table.candidates("other", "") == []
+    assert table.models() == {"m": ["2", "10"]}
+
+
+def test_nodes_share_one_backend_per_address_released_with_the_last_endpoint() -> None:
+    table, removed = _table()
+    key_simple, value_simple = _endpoint("simple", "1", "a", "a:1")
+    key_string, value_string = _endpoint("simple_string", "1", "a", "a:1")
+    table.put(key_simple, value_simple)
+    table.put(key_string, value_string)
+    first = table.candidates("simple", "")[0].backend
+    assert table.candidates("simple_string", "")[0].backend is first
+
+    table.delete(key_simple)
+    assert removed == []
+    table.reset({})
+    assert removed == ["a:1"]
+    assert table.models() == {}
+
+
+def test_unreadable_records_are_ignored() -> None:
+    table, _ = _table()
+    table.put("endpoints/m/1/a", b"\xff\xff not a protobuf")
+    assert table.models() == {}
+
+
+def test_power_of_two_choices_prefers_the_less_loaded_replica() -> None:
+    table, _ = _table()
+    table.reset(dict([_endpoint("m", "1", "busy", "busy:1"), _endpoint("m", "1", "idle", "i:1")]))
+    routes = table.candidates("m", "1")
+    next(route for route in routes if route.node == "nodes/busy").backend.in_flight = 5
+
+    picks = collections.Counter(pick_order(routes, 1)[0].node for _ in range(200))
+
+    assert picks == {"nodes/idle": 200}
+
+
+def test_retry_order_has_distinct_replicas() -> None:
+    table, _ = _table()
+    table.reset(dict(_endpoint("m", "1", name, f"{name}:1") for name in "abcd"))
+    routes: list[Route[FakeBackend]] = table.candidates("m", "1")
+    for _ in range(50):
+        order = pick_order(routes, 3)
+        assert len(order) == 3
+        assert len({route.node for route in order}) == 3
+    assert pick_order(routes[:1], 3) == routes[:1]

@@ -1,0 +1,82 @@
+"""`shard up`: the whole shard from one command, and nothing left behind after SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import tritonclient.grpc as triton
+
+from shard_tool.local import MeshPorts
+from tests.conftest import MODEL_REPOSITORY, REPO
+
+
+def _wait_for_line(process: subprocess.Popen[str], marker: str, timeout: float) -> list[str]:
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    assert process.stdout is not None
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            raise AssertionError(f"shard up exited early:\n{''.join(lines)}")
+        lines.append(line)
+        if marker in line:
+            return lines
+    raise AssertionError(f"no {marker!r} within {timeout}s:\n{''.join(lines)}")
+
+
+def test_shard_up_serves_the_demo_models_and_sigterm_leaves_no_process(tmp_path: Path) -> None:
+    ports = MeshPorts.free()
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "shard_tool", "up",
+            "--state-dir", str(tmp_path),
+            "--models", str(MODEL_REPOSITORY),
+            "--router-port", str(ports.router),
+            "--gateway-port", str(ports.gateway),
+            "--registry-port", str(ports.registry),
+            "--etcd-port", str(ports.etcd),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    try:
+        lines = _wait_for_line(process, "ready:", timeout=120)
+        output = "".join(lines)
+        assert f"127.0.0.1:{ports.router}" in output
+        assert f"http://127.0.0.1:{ports.gateway}" in output
+
+        client = triton.InferenceServerClient(f"127.0.0.1:{ports.router}")
+        data = np.arange(16, dtype=np.int32).reshape(1, 16)
+        inputs = []
+        for name in ("INPUT0", "INPUT1"):
+            tensor = triton.InferInput(name, [1, 16], "INT32")
+            tensor.set_data_from_numpy(data)
+            inputs.append(tensor)
+        np.testing.assert_array_equal(
+            client.infer("simple", inputs).as_numpy("OUTPUT0"), data * 2
+        )
+
+        state = json.loads((tmp_path / "mesh.json").read_text())
+        launched = [psutil.Process(pid) for pid in state["processes"].values()]
+        tree = launched + [child for p in launched for child in p.children(recursive=True)]
+        names = {p.name() for p in tree}
+        assert {"etcd", "tritonserver"} <= names
+        assert len(tree) >= 6  # etcd, registry, router, gateway, node agent, Triton (+ stubs)
+
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+        _, alive = psutil.wait_procs(tree, timeout=10)
+        assert not alive, f"left behind: {[(p.pid, p.name()) for p in alive]}"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

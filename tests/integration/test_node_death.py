@@ -1,0 +1,80 @@
+"""A node that dies stops getting traffic once its lease expires."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+
+from shard_core.net import free_port
+from shard_node.triton import TritonPorts, TritonProcess
+from shard_tool.local import LocalMesh
+from tests.conftest import MODEL_REPOSITORY
+
+NODE = "doomed"
+
+
+@pytest.fixture
+async def own_triton(tmp_path: Path) -> AsyncIterator[TritonProcess]:
+    """A Triton the test owns, so it outlives the node agent the test kills."""
+    process = TritonProcess(
+        model_repository=MODEL_REPOSITORY,
+        state_dir=tmp_path,
+        ports=TritonPorts(grpc=free_port(), http=free_port(), metrics=free_port()),
+    )
+    await process.start()
+    yield process
+    process.stop()
+
+
+def _infer_simple(client: triton.InferenceServerClient) -> None:
+    data = np.arange(16, dtype=np.int32).reshape(1, 16)
+    inputs = []
+    for name in ("INPUT0", "INPUT1"):
+        tensor = triton.InferInput(name, [1, 16], "INT32")
+        tensor.set_data_from_numpy(data)
+        inputs.append(tensor)
+    result = client.infer("simple", inputs)
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), data * 2)
+
+
+def _inference_count(client: triton.InferenceServerClient) -> int:
+    stats = client.get_inference_statistics("simple")
+    return sum(model.inference_count for model in stats.model_stats)
+
+
+async def test_sigkilled_node_stops_being_routed_to_after_its_lease_ttl(
+    mesh: LocalMesh, own_triton: TritonProcess
+) -> None:
+    node = await mesh.start_node(NODE, triton_url=own_triton.grpc_url)
+    router = triton.InferenceServerClient(mesh.router_address)
+    doomed_triton = triton.InferenceServerClient(own_triton.grpc_url)
+
+    # While the node lives, the router sends it a share of the traffic.
+    before = _inference_count(doomed_triton)
+    for _ in range(60):
+        _infer_simple(router)
+    assert _inference_count(doomed_triton) > before
+
+    os.kill(node.process.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    while await mesh.find_node(NODE) is not None:
+        assert time.monotonic() - killed_at < mesh.timing.lease_ttl_s + 2, "lease never expired"
+        await asyncio.sleep(0.1)
+    gone_after = time.monotonic() - killed_at
+    assert gone_after <= mesh.timing.lease_ttl_s + 1
+
+    # The node's Triton is still up and would answer: only the routing keeps traffic away.
+    await asyncio.sleep(0.5)  # the router's watch delivers the deletion
+    assert own_triton.process.running()
+    settled = _inference_count(doomed_triton)
+    for _ in range(60):
+        _infer_simple(router)
+    assert _inference_count(doomed_triton) == settled
