@@ -103,9 +103,7 @@ def lint() -> int:
         lint_rc = subprocess.run(
             [buf, "lint", str(image), "--path", PACKAGE, "--config", config], check=False
         )
-    format_rc = subprocess.run(
-        [buf, "format", "--diff", "--exit-code", str(PROTOS)], check=False
-    )
+    format_rc = subprocess.run([buf, "format", "--diff", "--exit-code", str(PROTOS)], check=False)
     return 1 if lint_rc.returncode or format_rc.returncode else 0
 
 

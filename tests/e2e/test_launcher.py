@@ -61,9 +61,7 @@ def test_shard_up_serves_the_demo_models_and_sigterm_leaves_no_process(tmp_path:
             tensor = triton.InferInput(name, [1, 16], "INT32")
             tensor.set_data_from_numpy(data)
             inputs.append(tensor)
-        np.testing.assert_array_equal(
-            client.infer("simple", inputs).as_numpy("OUTPUT0"), data * 2
-        )
+        np.testing.assert_array_equal(client.infer("simple", inputs).as_numpy("OUTPUT0"), data * 2)
 
         state = json.loads((tmp_path / "mesh.json").read_text())
         launched = [psutil.Process(pid) for pid in state["processes"].values()]

@@ -1,0 +1,109 @@
+"""Triton direct against the shard's router, side by side in one run.
+
+Starts a local shard with one node, then drives `simple` with tritonclient's asyncio gRPC client
+at concurrency 1 and 16, first straight at the node's Triton, then through the router. Prints
+throughput, p50/p99 latency, the ratios to direct, and the router's CPU time per request.
+
+    uv run python bench/router_vs_direct.py [--seconds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import psutil
+import tritonclient.grpc.aio as triton
+
+from shard_tool.local import LocalMesh, MeshPorts
+
+MODELS = Path(__file__).resolve().parent.parent / "infra" / "triton" / "models"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Result:
+    requests: int
+    seconds: float
+    latencies_ms: list[float]
+    router_cpu_s: float
+
+    @property
+    def throughput(self) -> float:
+        return self.requests / self.seconds
+
+    def percentile(self, q: float) -> float:
+        return statistics.quantiles(self.latencies_ms, n=100)[int(q) - 1]
+
+
+def _inputs() -> list[triton.InferInput]:
+    data = np.arange(16, dtype=np.int32).reshape(1, 16)
+    inputs = []
+    for name in ("INPUT0", "INPUT1"):
+        tensor = triton.InferInput(name, [1, 16], "INT32")
+        tensor.set_data_from_numpy(data)
+        inputs.append(tensor)
+    return inputs
+
+
+async def _drive(url: str, concurrency: int, seconds: float, router: psutil.Process) -> Result:
+    async with triton.InferenceServerClient(url) as client:
+        inputs = _inputs()
+        for _ in range(50):  # warm up channels and Triton
+            await client.infer("simple", inputs)
+        latencies: list[float] = []
+        deadline = time.perf_counter() + seconds
+
+        async def worker() -> None:
+            while time.perf_counter() < deadline:
+                start = time.perf_counter()
+                await client.infer("simple", inputs)
+                latencies.append((time.perf_counter() - start) * 1000)
+
+        cpu_before = sum(router.cpu_times()[:2])
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+        cpu = sum(router.cpu_times()[:2]) - cpu_before
+    return Result(
+        requests=len(latencies), seconds=elapsed, latencies_ms=latencies, router_cpu_s=cpu
+    )
+
+
+async def main(seconds: float) -> None:
+    with tempfile.TemporaryDirectory() as state:
+        mesh = LocalMesh(state_dir=Path(state), model_repository=MODELS, ports=MeshPorts.free())
+        try:
+            await mesh.start(nodes=1)
+            router = psutil.Process(mesh.services["inference"].pid)
+            direct_url = f"127.0.0.1:{mesh.nodes['node-0'].triton_grpc_port}"
+            print(
+                f"{'target':<8} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+                f"{'x direct':>9} {'+p50 ms':>8} {'router µs/req':>14}"
+            )
+            for concurrency in (1, 16):
+                direct = await _drive(direct_url, concurrency, seconds, router)
+                routed = await _drive(mesh.router_address, concurrency, seconds, router)
+                for name, result in (("direct", direct), ("router", routed)):
+                    ratio = result.throughput / direct.throughput
+                    added = result.percentile(50) - direct.percentile(50)
+                    cpu_us = result.router_cpu_s / result.requests * 1e6
+                    print(
+                        f"{name:<8} {concurrency:>4} {result.throughput:>9.0f} "
+                        f"{result.percentile(50):>8.2f} {result.percentile(99):>8.2f} "
+                        f"{ratio:>9.2f} {added:>8.2f} "
+                        f"{cpu_us if name == 'router' else 0:>14.0f}"
+                    )
+        finally:
+            mesh.stop()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="duration of each run")
+    asyncio.run(main(parser.parse_args().seconds))
