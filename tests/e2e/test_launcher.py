@@ -9,12 +9,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 import tritonclient.grpc as triton
 
 from shard_tool.local import MeshPorts
 from tests.conftest import MODEL_REPOSITORY, REPO
+from tests.demo import infer_simple
 
 
 def _wait_for_line(process: subprocess.Popen[str], marker: str, timeout: float) -> list[str]:
@@ -54,14 +54,7 @@ def test_shard_up_serves_the_demo_models_and_sigterm_leaves_no_process(tmp_path:
         assert f"127.0.0.1:{ports.router}" in output
         assert f"http://127.0.0.1:{ports.gateway}" in output
 
-        client = triton.InferenceServerClient(f"127.0.0.1:{ports.router}")
-        data = np.arange(16, dtype=np.int32).reshape(1, 16)
-        inputs = []
-        for name in ("INPUT0", "INPUT1"):
-            tensor = triton.InferInput(name, [1, 16], "INT32")
-            tensor.set_data_from_numpy(data)
-            inputs.append(tensor)
-        np.testing.assert_array_equal(client.infer("simple", inputs).as_numpy("OUTPUT0"), data * 2)
+        infer_simple(triton.InferenceServerClient(f"127.0.0.1:{ports.router}"))
 
         state = json.loads((tmp_path / "mesh.json").read_text())
         launched = [psutil.Process(pid) for pid in state["processes"].values()]

@@ -14,6 +14,7 @@ from google.protobuf import json_format
 from tritonclient.utils import InferenceServerException
 
 from shard_tool.local import LocalMesh
+from tests.demo import simple_inputs
 
 
 @pytest.fixture
@@ -28,15 +29,6 @@ def direct(mesh: LocalMesh) -> triton.InferenceServerClient:
     return triton.InferenceServerClient(f"127.0.0.1:{port}")
 
 
-def _int_inputs(a: npt.NDArray[Any], b: npt.NDArray[Any]) -> list[triton.InferInput]:
-    inputs = []
-    for name, data in (("INPUT0", a), ("INPUT1", b)):
-        tensor = triton.InferInput(name, list(data.shape), "INT32")
-        tensor.set_data_from_numpy(data)
-        inputs.append(tensor)
-    return inputs
-
-
 def _bytes_input(name: str, data: npt.NDArray[Any]) -> triton.InferInput:
     tensor = triton.InferInput(name, list(data.shape), "BYTES")
     tensor.set_data_from_numpy(data)
@@ -48,7 +40,7 @@ def test_simple_returns_sums_and_differences(client: triton.InferenceServerClien
     a = rng.integers(-1000, 1000, size=(3, 16), dtype=np.int32)
     b = rng.integers(-1000, 1000, size=(3, 16), dtype=np.int32)
 
-    result = client.infer("simple", _int_inputs(a, b))
+    result = client.infer("simple", simple_inputs(a, b))
 
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
     np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), a - b)
@@ -92,7 +84,7 @@ async def test_aio_client_works_unchanged(mesh: LocalMesh) -> None:
 def test_unknown_model_is_not_found_naming_the_model(client: triton.InferenceServerClient) -> None:
     a = np.zeros((1, 16), dtype=np.int32)
     with pytest.raises(InferenceServerException) as raised:
-        client.infer("no_such_model", _int_inputs(a, a))
+        client.infer("no_such_model", simple_inputs(a, a))
     assert raised.value.status() == "StatusCode.NOT_FOUND"
     assert "'no_such_model'" in raised.value.message()
 
@@ -100,7 +92,7 @@ def test_unknown_model_is_not_found_naming_the_model(client: triton.InferenceSer
 def test_unknown_version_is_not_found_naming_it(client: triton.InferenceServerClient) -> None:
     a = np.zeros((1, 16), dtype=np.int32)
     with pytest.raises(InferenceServerException) as raised:
-        client.infer("simple", _int_inputs(a, a), model_version="42")
+        client.infer("simple", simple_inputs(a, a), model_version="42")
     assert raised.value.status() == "StatusCode.NOT_FOUND"
     assert "'simple' version 42" in raised.value.message()
 
@@ -113,7 +105,7 @@ def test_bad_input_gets_triton_s_own_error(
     errors = []
     for target in (client, direct):
         with pytest.raises(InferenceServerException) as raised:
-            target.infer("simple", _int_inputs(right_shape, wrong_shape))
+            target.infer("simple", simple_inputs(right_shape, wrong_shape))
         errors.append((raised.value.status(), raised.value.message()))
     assert errors[0] == errors[1]
     assert errors[0][0] == "StatusCode.INVALID_ARGUMENT"

@@ -9,7 +9,6 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import tritonclient.grpc as triton
 
@@ -17,6 +16,7 @@ from shard_core.net import free_port
 from shard_node.triton import TritonPorts, TritonProcess
 from shard_tool.local import LocalMesh
 from tests.conftest import MODEL_REPOSITORY
+from tests.demo import infer_simple
 
 NODE = "doomed"
 
@@ -34,17 +34,6 @@ async def own_triton(tmp_path: Path) -> AsyncIterator[TritonProcess]:
     process.stop()
 
 
-def _infer_simple(client: triton.InferenceServerClient) -> None:
-    data = np.arange(16, dtype=np.int32).reshape(1, 16)
-    inputs = []
-    for name in ("INPUT0", "INPUT1"):
-        tensor = triton.InferInput(name, [1, 16], "INT32")
-        tensor.set_data_from_numpy(data)
-        inputs.append(tensor)
-    result = client.infer("simple", inputs)
-    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), data * 2)
-
-
 def _inference_count(client: triton.InferenceServerClient) -> int:
     stats = client.get_inference_statistics("simple")
     return sum(model.inference_count for model in stats.model_stats)
@@ -60,7 +49,7 @@ async def test_sigkilled_node_stops_being_routed_to_after_its_lease_ttl(
     # While the node lives, the router sends it a share of the traffic.
     before = _inference_count(doomed_triton)
     for _ in range(60):
-        _infer_simple(router)
+        infer_simple(router)
     assert _inference_count(doomed_triton) > before
 
     os.kill(node.process.pid, signal.SIGKILL)
@@ -76,5 +65,5 @@ async def test_sigkilled_node_stops_being_routed_to_after_its_lease_ttl(
     assert own_triton.process.running()
     settled = _inference_count(doomed_triton)
     for _ in range(60):
-        _infer_simple(router)
+        infer_simple(router)
     assert _inference_count(doomed_triton) == settled

@@ -249,10 +249,8 @@ def _decode_token(token: str) -> str:
         return ""
     try:
         key = base64.urlsafe_b64decode(token.encode()).decode()
-    except ValueError as error:
-        raise InvalidArgumentError(
-            "page_token is not a token this API returned", metadata={"field": "page_token"}
-        ) from error
+    except ValueError:
+        key = ""
     if not key.startswith(keys.NODES):
         raise InvalidArgumentError(
             "page_token is not a token this API returned", metadata={"field": "page_token"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -116,6 +117,9 @@ class LocalMesh:
     async def start(self, *, nodes: int = 1) -> None:
         """Start every part and wait until each is ready, the nodes' models included."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        # The local mesh's etcd starts empty: records of an earlier run would point the router
+        # at Tritons that are gone. Node identities, under nodes/, are kept.
+        shutil.rmtree(self.etcd.data_dir / "data", ignore_errors=True)
         await self.etcd.start()
         etcd = {"etcd_port": self.ports.etcd}
         self.services["registry"] = self._service(
