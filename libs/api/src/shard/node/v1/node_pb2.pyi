@@ -9,6 +9,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from shard.model.v1 import model_pb2 as _model_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -32,6 +33,10 @@ class _NodeStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NodeState.V
     """The node has connected but is not yet serving."""
     NODE_STATE_ACTIVE: _NodeState.ValueType  # 2
     """The node is registered, heartbeating and may receive traffic."""
+    NODE_STATE_CORDONED: _NodeState.ValueType  # 3
+    """The node keeps its replicas and serves, but gets no new ones."""
+    NODE_STATE_DRAINING: _NodeState.ValueType  # 4
+    """The node's replicas are being moved elsewhere; it gets no new ones."""
 
 class NodeState(_NodeState, metaclass=_NodeStateEnumTypeWrapper):
     """The lifecycle state of a node."""
@@ -42,6 +47,10 @@ NODE_STATE_PENDING: NodeState.ValueType  # 1
 """The node has connected but is not yet serving."""
 NODE_STATE_ACTIVE: NodeState.ValueType  # 2
 """The node is registered, heartbeating and may receive traffic."""
+NODE_STATE_CORDONED: NodeState.ValueType  # 3
+"""The node keeps its replicas and serves, but gets no new ones."""
+NODE_STATE_DRAINING: NodeState.ValueType  # 4
+"""The node's replicas are being moved elsewhere; it gets no new ones."""
 Global___NodeState: _TypeAlias = NodeState  # noqa: Y015
 
 class _ModelState:
@@ -112,6 +121,8 @@ class Node(_message.Message):
     REGISTER_TIME_FIELD_NUMBER: _builtins.int
     HEARTBEAT_TIME_FIELD_NUMBER: _builtins.int
     PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    CAPACITY_FIELD_NUMBER: _builtins.int
+    STATE_REASON_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The resource name of the node, `nodes/{node}`, where `{node}` is the node id derived from the
     node's public identity key.
@@ -126,6 +137,8 @@ class Node(_message.Message):
     """The version of the Triton server the node runs."""
     public_key: _builtins.bytes
     """The Ed25519 public identity key of the node, raw 32 bytes."""
+    state_reason: _builtins.str
+    """Why the node is in its state, when an operator or the shard put it there."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Labels the provider gave the node, for selection and filtering."""
@@ -142,6 +155,10 @@ class Node(_message.Message):
     def heartbeat_time(self) -> _timestamp_pb2.Timestamp:
         """When the registry last heard a heartbeat from the node."""
 
+    @_builtins.property
+    def capacity(self) -> Global___NodeResources:
+        """What the node has to give to model replicas."""
+
     def __init__(
         self,
         *,
@@ -155,14 +172,74 @@ class Node(_message.Message):
         register_time: _timestamp_pb2.Timestamp | None = ...,
         heartbeat_time: _timestamp_pb2.Timestamp | None = ...,
         public_key: _builtins.bytes = ...,
+        capacity: Global___NodeResources | None = ...,
+        state_reason: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_time", b"heartbeat_time", "register_time", b"register_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "heartbeat_time", b"heartbeat_time", "register_time", b"register_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "heartbeat_time", b"heartbeat_time", "inference_address", b"inference_address", "labels", b"labels", "models", b"models", "name", b"name", "public_key", b"public_key", "register_time", b"register_time", "state", b"state", "triton_version", b"triton_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "capacity", b"capacity", "heartbeat_time", b"heartbeat_time", "inference_address", b"inference_address", "labels", b"labels", "models", b"models", "name", b"name", "public_key", b"public_key", "register_time", b"register_time", "state", b"state", "state_reason", b"state_reason", "triton_version", b"triton_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Node: _TypeAlias = Node  # noqa: Y015
+
+@_typing.final
+class NodeResources(_message.Message):
+    """What a node has to give to model replicas."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CPU_MILLIS_FIELD_NUMBER: _builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    GPUS_FIELD_NUMBER: _builtins.int
+    cpu_millis: _builtins.int
+    """CPU, in thousandths of a core."""
+    memory_bytes: _builtins.int
+    """Host memory, in bytes."""
+    @_builtins.property
+    def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___Gpu]:
+        """The node's GPUs."""
+
+    def __init__(
+        self,
+        *,
+        cpu_millis: _builtins.int = ...,
+        memory_bytes: _builtins.int = ...,
+        gpus: _abc.Iterable[Global___Gpu] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_millis", b"cpu_millis", "gpus", b"gpus", "memory_bytes", b"memory_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeResources: _TypeAlias = NodeResources  # noqa: Y015
+
+@_typing.final
+class Gpu(_message.Message):
+    """One GPU of a node."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The GPU's model name, as NVML reports it."""
+    memory_bytes: _builtins.int
+    """The GPU's memory, in bytes."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        memory_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["memory_bytes", b"memory_bytes", "model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Gpu: _TypeAlias = Gpu  # noqa: Y015
 
 @_typing.final
 class ModelStatus(_message.Message):
@@ -174,6 +251,8 @@ class ModelStatus(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    GPU_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """The Triton model name."""
     model_version: _builtins.str
@@ -182,6 +261,10 @@ class ModelStatus(_message.Message):
     """Whether the model version can serve."""
     reason: _builtins.str
     """Why the model version is in its state, when Triton gives a reason."""
+    memory_bytes: _builtins.int
+    """Host memory the model version took when it loaded, as the node measured it, in bytes."""
+    gpu_memory_bytes: _builtins.int
+    """GPU memory the model version took when it loaded, as the node measured it, in bytes."""
     def __init__(
         self,
         *,
@@ -189,14 +272,60 @@ class ModelStatus(_message.Message):
         model_version: _builtins.str = ...,
         state: Global___ModelState.ValueType = ...,
         reason: _builtins.str = ...,
+        memory_bytes: _builtins.int = ...,
+        gpu_memory_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_name", b"model_name", "model_version", b"model_version", "reason", b"reason", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpu_memory_bytes", b"gpu_memory_bytes", "memory_bytes", b"memory_bytes", "model_name", b"model_name", "model_version", b"model_version", "reason", b"reason", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelStatus: _TypeAlias = ModelStatus  # noqa: Y015
+
+@_typing.final
+class ModelAssignment(_message.Message):
+    """A model version a node must serve: the registry's side of the control loop."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    CONFIG_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    model_name: _builtins.str
+    """The Triton model name."""
+    model_version: _builtins.str
+    """The model version number."""
+    config: _builtins.str
+    """The Triton model configuration (`config.pbtxt`) in protobuf text format."""
+    deployment: _builtins.str
+    """The deployment the replica belongs to, `deployments/{deployment}`."""
+    reason: _builtins.str
+    """Why the scheduler put the replica on this node."""
+    @_builtins.property
+    def files(self) -> _containers.RepeatedCompositeFieldContainer[_model_pb2.ModelFile]:
+        """The files of the version, to fetch from the artifact store and verify before loading."""
+
+    def __init__(
+        self,
+        *,
+        model_name: _builtins.str = ...,
+        model_version: _builtins.str = ...,
+        config: _builtins.str = ...,
+        files: _abc.Iterable[_model_pb2.ModelFile] | None = ...,
+        deployment: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "deployment", b"deployment", "files", b"files", "model_name", b"model_name", "model_version", b"model_version", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelAssignment: _TypeAlias = ModelAssignment  # noqa: Y015
 
 @_typing.final
 class ModelEndpoint(_message.Message):

@@ -28,7 +28,7 @@ from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from shard.node.v1 import node_pb2 as shard_dot_node_dot_v1_dot_node__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n shard/node/v1/node_service.proto\x12\rshard.node.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x18shard/node/v1/node.proto\"\xb8\x01\n\x0e\x43onnectRequest\x12\x33\n\x0cregistration\x18\x01 \x01(\x0b\x32\x1b.shard.node.v1.RegistrationH\x00\x12-\n\theartbeat\x18\x02 \x01(\x0b\x32\x18.shard.node.v1.HeartbeatH\x00\x12\x37\n\x0e\x64\x65registration\x18\x03 \x01(\x0b\x32\x1d.shard.node.v1.DeregistrationH\x00\x42\t\n\x07message\"\xa3\x02\n\x0cRegistration\x12\x15\n\x07node_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\npublic_key\x18\x02 \x01(\x0c\x42\x04\xe2\x41\x01\x02\x12\x1f\n\x11inference_address\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x37\n\x06labels\x18\x04 \x03(\x0b\x32\'.shard.node.v1.Registration.LabelsEntry\x12\x15\n\ragent_version\x18\x05 \x01(\t\x12\x16\n\x0etriton_version\x18\x06 \x01(\t\x12*\n\x06models\x18\x07 \x03(\x0b\x32\x1a.shard.node.v1.ModelStatus\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"7\n\tHeartbeat\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.shard.node.v1.ModelStatus\" \n\x0e\x44\x65registration\x12\x0e\n\x06reason\x18\x01 \x01(\t\"M\n\x0f\x43onnectResponse\x12/\n\nregistered\x18\x01 \x01(\x0b\x32\x19.shard.node.v1.RegisteredH\x00\x42\t\n\x07message\"O\n\nRegistered\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x14\n\x0clease_ttl_ms\x18\x03 \x01(\r\"6\n\x0eGetNodeRequest\x12$\n\x04name\x18\x01 \x01(\tB\x16\xe2\x41\x01\x02\xfa\x41\x0f\n\rshard.ai/Node\"4\n\x0fGetNodeResponse\x12!\n\x04node\x18\x01 \x01(\x0b\x32\x13.shard.node.v1.Node\"E\n\x10ListNodesRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"P\n\x11ListNodesResponse\x12\"\n\x05nodes\x18\x01 \x03(\x0b\x32\x13.shard.node.v1.Node\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xaa\x02\n\x0bNodeService\x12L\n\x07\x43onnect\x12\x1d.shard.node.v1.ConnectRequest\x1a\x1e.shard.node.v1.ConnectResponse(\x01\x30\x01\x12g\n\x07GetNode\x12\x1d.shard.node.v1.GetNodeRequest\x1a\x1e.shard.node.v1.GetNodeResponse\"\x1d\x90\x02\x01\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/{name=nodes/*}\x12\x64\n\tListNodes\x12\x1f.shard.node.v1.ListNodesRequest\x1a .shard.node.v1.ListNodesResponse\"\x14\x90\x02\x01\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/nodesb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n shard/node/v1/node_service.proto\x12\rshard.node.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x18shard/node/v1/node.proto\"\xb8\x01\n\x0e\x43onnectRequest\x12\x33\n\x0cregistration\x18\x01 \x01(\x0b\x32\x1b.shard.node.v1.RegistrationH\x00\x12-\n\theartbeat\x18\x02 \x01(\x0b\x32\x18.shard.node.v1.HeartbeatH\x00\x12\x37\n\x0e\x64\x65registration\x18\x03 \x01(\x0b\x32\x1d.shard.node.v1.DeregistrationH\x00\x42\t\n\x07message\"\xd3\x02\n\x0cRegistration\x12\x15\n\x07node_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\npublic_key\x18\x02 \x01(\x0c\x42\x04\xe2\x41\x01\x02\x12\x1f\n\x11inference_address\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x37\n\x06labels\x18\x04 \x03(\x0b\x32\'.shard.node.v1.Registration.LabelsEntry\x12\x15\n\ragent_version\x18\x05 \x01(\t\x12\x16\n\x0etriton_version\x18\x06 \x01(\t\x12*\n\x06models\x18\x07 \x03(\x0b\x32\x1a.shard.node.v1.ModelStatus\x12.\n\x08\x63\x61pacity\x18\x08 \x01(\x0b\x32\x1c.shard.node.v1.NodeResources\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"7\n\tHeartbeat\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.shard.node.v1.ModelStatus\" \n\x0e\x44\x65registration\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x80\x01\n\x0f\x43onnectResponse\x12/\n\nregistered\x18\x01 \x01(\x0b\x32\x19.shard.node.v1.RegisteredH\x00\x12\x31\n\x0b\x61ssignments\x18\x02 \x01(\x0b\x32\x1a.shard.node.v1.AssignmentsH\x00\x42\t\n\x07message\"=\n\x0b\x41ssignments\x12.\n\x06models\x18\x01 \x03(\x0b\x32\x1e.shard.node.v1.ModelAssignment\"O\n\nRegistered\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x14\n\x0clease_ttl_ms\x18\x03 \x01(\r\"6\n\x0eGetNodeRequest\x12$\n\x04name\x18\x01 \x01(\tB\x16\xe2\x41\x01\x02\xfa\x41\x0f\n\rshard.ai/Node\"4\n\x0fGetNodeResponse\x12!\n\x04node\x18\x01 \x01(\x0b\x32\x13.shard.node.v1.Node\"E\n\x10ListNodesRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"P\n\x11ListNodesResponse\x12\"\n\x05nodes\x18\x01 \x03(\x0b\x32\x13.shard.node.v1.Node\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"O\n\x11\x43ordonNodeRequest\x12$\n\x04name\x18\x01 \x01(\tB\x16\xe2\x41\x01\x02\xfa\x41\x0f\n\rshard.ai/Node\x12\x14\n\x06reason\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"7\n\x12\x43ordonNodeResponse\x12!\n\x04node\x18\x01 \x01(\x0b\x32\x13.shard.node.v1.Node\";\n\x13UncordonNodeRequest\x12$\n\x04name\x18\x01 \x01(\tB\x16\xe2\x41\x01\x02\xfa\x41\x0f\n\rshard.ai/Node\"9\n\x14UncordonNodeResponse\x12!\n\x04node\x18\x01 \x01(\x0b\x32\x13.shard.node.v1.Node\"N\n\x10\x44rainNodeRequest\x12$\n\x04name\x18\x01 \x01(\tB\x16\xe2\x41\x01\x02\xfa\x41\x0f\n\rshard.ai/Node\x12\x14\n\x06reason\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"6\n\x11\x44rainNodeResponse\x12!\n\x04node\x18\x01 \x01(\x0b\x32\x13.shard.node.v1.Node2\x99\x05\n\x0bNodeService\x12L\n\x07\x43onnect\x12\x1d.shard.node.v1.ConnectRequest\x1a\x1e.shard.node.v1.ConnectResponse(\x01\x30\x01\x12g\n\x07GetNode\x12\x1d.shard.node.v1.GetNodeRequest\x1a\x1e.shard.node.v1.GetNodeResponse\"\x1d\x90\x02\x01\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/{name=nodes/*}\x12\x64\n\tListNodes\x12\x1f.shard.node.v1.ListNodesRequest\x1a .shard.node.v1.ListNodesResponse\"\x14\x90\x02\x01\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/nodes\x12w\n\nCordonNode\x12 .shard.node.v1.CordonNodeRequest\x1a!.shard.node.v1.CordonNodeResponse\"$\x82\xd3\xe4\x93\x02\x1e\"\x19/v1/{name=nodes/*}:cordon:\x01*\x12\x7f\n\x0cUncordonNode\x12\".shard.node.v1.UncordonNodeRequest\x1a#.shard.node.v1.UncordonNodeResponse\"&\x82\xd3\xe4\x93\x02 \"\x1b/v1/{name=nodes/*}:uncordon:\x01*\x12s\n\tDrainNode\x12\x1f.shard.node.v1.DrainNodeRequest\x1a .shard.node.v1.DrainNodeResponse\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/{name=nodes/*}:drain:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,32 +49,62 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTNODESREQUEST'].fields_by_name['page_size']._serialized_options = b'\342A\001\001'
   _globals['_LISTNODESREQUEST'].fields_by_name['page_token']._loaded_options = None
   _globals['_LISTNODESREQUEST'].fields_by_name['page_token']._serialized_options = b'\342A\001\001'
+  _globals['_CORDONNODEREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_CORDONNODEREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\017\n\rshard.ai/Node'
+  _globals['_CORDONNODEREQUEST'].fields_by_name['reason']._loaded_options = None
+  _globals['_CORDONNODEREQUEST'].fields_by_name['reason']._serialized_options = b'\342A\001\001'
+  _globals['_UNCORDONNODEREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_UNCORDONNODEREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\017\n\rshard.ai/Node'
+  _globals['_DRAINNODEREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_DRAINNODEREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\017\n\rshard.ai/Node'
+  _globals['_DRAINNODEREQUEST'].fields_by_name['reason']._loaded_options = None
+  _globals['_DRAINNODEREQUEST'].fields_by_name['reason']._serialized_options = b'\342A\001\001'
   _globals['_NODESERVICE'].methods_by_name['GetNode']._loaded_options = None
   _globals['_NODESERVICE'].methods_by_name['GetNode']._serialized_options = b'\220\002\001\202\323\344\223\002\024\022\022/v1/{name=nodes/*}'
   _globals['_NODESERVICE'].methods_by_name['ListNodes']._loaded_options = None
   _globals['_NODESERVICE'].methods_by_name['ListNodes']._serialized_options = b'\220\002\001\202\323\344\223\002\013\022\t/v1/nodes'
+  _globals['_NODESERVICE'].methods_by_name['CordonNode']._loaded_options = None
+  _globals['_NODESERVICE'].methods_by_name['CordonNode']._serialized_options = b'\202\323\344\223\002\036\"\031/v1/{name=nodes/*}:cordon:\001*'
+  _globals['_NODESERVICE'].methods_by_name['UncordonNode']._loaded_options = None
+  _globals['_NODESERVICE'].methods_by_name['UncordonNode']._serialized_options = b'\202\323\344\223\002 \"\033/v1/{name=nodes/*}:uncordon:\001*'
+  _globals['_NODESERVICE'].methods_by_name['DrainNode']._loaded_options = None
+  _globals['_NODESERVICE'].methods_by_name['DrainNode']._serialized_options = b'\202\323\344\223\002\035\"\030/v1/{name=nodes/*}:drain:\001*'
   _globals['_CONNECTREQUEST']._serialized_start=168
   _globals['_CONNECTREQUEST']._serialized_end=352
   _globals['_REGISTRATION']._serialized_start=355
-  _globals['_REGISTRATION']._serialized_end=646
-  _globals['_REGISTRATION_LABELSENTRY']._serialized_start=601
-  _globals['_REGISTRATION_LABELSENTRY']._serialized_end=646
-  _globals['_HEARTBEAT']._serialized_start=648
-  _globals['_HEARTBEAT']._serialized_end=703
-  _globals['_DEREGISTRATION']._serialized_start=705
-  _globals['_DEREGISTRATION']._serialized_end=737
-  _globals['_CONNECTRESPONSE']._serialized_start=739
-  _globals['_CONNECTRESPONSE']._serialized_end=816
-  _globals['_REGISTERED']._serialized_start=818
-  _globals['_REGISTERED']._serialized_end=897
-  _globals['_GETNODEREQUEST']._serialized_start=899
-  _globals['_GETNODEREQUEST']._serialized_end=953
-  _globals['_GETNODERESPONSE']._serialized_start=955
-  _globals['_GETNODERESPONSE']._serialized_end=1007
-  _globals['_LISTNODESREQUEST']._serialized_start=1009
-  _globals['_LISTNODESREQUEST']._serialized_end=1078
-  _globals['_LISTNODESRESPONSE']._serialized_start=1080
-  _globals['_LISTNODESRESPONSE']._serialized_end=1160
-  _globals['_NODESERVICE']._serialized_start=1163
-  _globals['_NODESERVICE']._serialized_end=1461
+  _globals['_REGISTRATION']._serialized_end=694
+  _globals['_REGISTRATION_LABELSENTRY']._serialized_start=649
+  _globals['_REGISTRATION_LABELSENTRY']._serialized_end=694
+  _globals['_HEARTBEAT']._serialized_start=696
+  _globals['_HEARTBEAT']._serialized_end=751
+  _globals['_DEREGISTRATION']._serialized_start=753
+  _globals['_DEREGISTRATION']._serialized_end=785
+  _globals['_CONNECTRESPONSE']._serialized_start=788
+  _globals['_CONNECTRESPONSE']._serialized_end=916
+  _globals['_ASSIGNMENTS']._serialized_start=918
+  _globals['_ASSIGNMENTS']._serialized_end=979
+  _globals['_REGISTERED']._serialized_start=981
+  _globals['_REGISTERED']._serialized_end=1060
+  _globals['_GETNODEREQUEST']._serialized_start=1062
+  _globals['_GETNODEREQUEST']._serialized_end=1116
+  _globals['_GETNODERESPONSE']._serialized_start=1118
+  _globals['_GETNODERESPONSE']._serialized_end=1170
+  _globals['_LISTNODESREQUEST']._serialized_start=1172
+  _globals['_LISTNODESREQUEST']._serialized_end=1241
+  _globals['_LISTNODESRESPONSE']._serialized_start=1243
+  _globals['_LISTNODESRESPONSE']._serialized_end=1323
+  _globals['_CORDONNODEREQUEST']._serialized_start=1325
+  _globals['_CORDONNODEREQUEST']._serialized_end=1404
+  _globals['_CORDONNODERESPONSE']._serialized_start=1406
+  _globals['_CORDONNODERESPONSE']._serialized_end=1461
+  _globals['_UNCORDONNODEREQUEST']._serialized_start=1463
+  _globals['_UNCORDONNODEREQUEST']._serialized_end=1522
+  _globals['_UNCORDONNODERESPONSE']._serialized_start=1524
+  _globals['_UNCORDONNODERESPONSE']._serialized_end=1581
+  _globals['_DRAINNODEREQUEST']._serialized_start=1583
+  _globals['_DRAINNODEREQUEST']._serialized_end=1661
+  _globals['_DRAINNODERESPONSE']._serialized_start=1663
+  _globals['_DRAINNODERESPONSE']._serialized_end=1717
+  _globals['_NODESERVICE']._serialized_start=1720
+  _globals['_NODESERVICE']._serialized_end=2385
 # @@protoc_insertion_point(module_scope)

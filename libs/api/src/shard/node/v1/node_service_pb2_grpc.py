@@ -50,6 +50,21 @@ class NodeServiceStub:
                 request_serializer=shard_dot_node_dot_v1_dot_node__service__pb2.ListNodesRequest.SerializeToString,
                 response_deserializer=shard_dot_node_dot_v1_dot_node__service__pb2.ListNodesResponse.FromString,
                 _registered_method=True)
+        self.CordonNode = channel.unary_unary(
+                '/shard.node.v1.NodeService/CordonNode',
+                request_serializer=shard_dot_node_dot_v1_dot_node__service__pb2.CordonNodeRequest.SerializeToString,
+                response_deserializer=shard_dot_node_dot_v1_dot_node__service__pb2.CordonNodeResponse.FromString,
+                _registered_method=True)
+        self.UncordonNode = channel.unary_unary(
+                '/shard.node.v1.NodeService/UncordonNode',
+                request_serializer=shard_dot_node_dot_v1_dot_node__service__pb2.UncordonNodeRequest.SerializeToString,
+                response_deserializer=shard_dot_node_dot_v1_dot_node__service__pb2.UncordonNodeResponse.FromString,
+                _registered_method=True)
+        self.DrainNode = channel.unary_unary(
+                '/shard.node.v1.NodeService/DrainNode',
+                request_serializer=shard_dot_node_dot_v1_dot_node__service__pb2.DrainNodeRequest.SerializeToString,
+                response_deserializer=shard_dot_node_dot_v1_dot_node__service__pb2.DrainNodeResponse.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -81,6 +96,27 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CordonNode(self, request, context):
+        """Cordons a node: it keeps serving its replicas but gets no new ones.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UncordonNode(self, request, context):
+        """Uncordons a cordoned or draining node: it may get replicas again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DrainNode(self, request, context):
+        """Drains a node: its replicas are placed elsewhere first, then taken off it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -98,6 +134,21 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.ListNodes,
                     request_deserializer=shard_dot_node_dot_v1_dot_node__service__pb2.ListNodesRequest.FromString,
                     response_serializer=shard_dot_node_dot_v1_dot_node__service__pb2.ListNodesResponse.SerializeToString,
+            ),
+            'CordonNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.CordonNode,
+                    request_deserializer=shard_dot_node_dot_v1_dot_node__service__pb2.CordonNodeRequest.FromString,
+                    response_serializer=shard_dot_node_dot_v1_dot_node__service__pb2.CordonNodeResponse.SerializeToString,
+            ),
+            'UncordonNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.UncordonNode,
+                    request_deserializer=shard_dot_node_dot_v1_dot_node__service__pb2.UncordonNodeRequest.FromString,
+                    response_serializer=shard_dot_node_dot_v1_dot_node__service__pb2.UncordonNodeResponse.SerializeToString,
+            ),
+            'DrainNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainNode,
+                    request_deserializer=shard_dot_node_dot_v1_dot_node__service__pb2.DrainNodeRequest.FromString,
+                    response_serializer=shard_dot_node_dot_v1_dot_node__service__pb2.DrainNodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -182,6 +233,87 @@ class NodeService:
             '/shard.node.v1.NodeService/ListNodes',
             shard_dot_node_dot_v1_dot_node__service__pb2.ListNodesRequest.SerializeToString,
             shard_dot_node_dot_v1_dot_node__service__pb2.ListNodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CordonNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shard.node.v1.NodeService/CordonNode',
+            shard_dot_node_dot_v1_dot_node__service__pb2.CordonNodeRequest.SerializeToString,
+            shard_dot_node_dot_v1_dot_node__service__pb2.CordonNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UncordonNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shard.node.v1.NodeService/UncordonNode',
+            shard_dot_node_dot_v1_dot_node__service__pb2.UncordonNodeRequest.SerializeToString,
+            shard_dot_node_dot_v1_dot_node__service__pb2.UncordonNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shard.node.v1.NodeService/DrainNode',
+            shard_dot_node_dot_v1_dot_node__service__pb2.DrainNodeRequest.SerializeToString,
+            shard_dot_node_dot_v1_dot_node__service__pb2.DrainNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,6 +27,12 @@ class NodeServiceStub:
     """Gets one node."""
     ListNodes: _aio.UnaryUnaryMultiCallable[_node_service_pb2.ListNodesRequest, _node_service_pb2.ListNodesResponse]
     """Lists the nodes that are alive, ordered by name."""
+    CordonNode: _aio.UnaryUnaryMultiCallable[_node_service_pb2.CordonNodeRequest, _node_service_pb2.CordonNodeResponse]
+    """Cordons a node: it keeps serving its replicas but gets no new ones."""
+    UncordonNode: _aio.UnaryUnaryMultiCallable[_node_service_pb2.UncordonNodeRequest, _node_service_pb2.UncordonNodeResponse]
+    """Uncordons a cordoned or draining node: it may get replicas again."""
+    DrainNode: _aio.UnaryUnaryMultiCallable[_node_service_pb2.DrainNodeRequest, _node_service_pb2.DrainNodeResponse]
+    """Drains a node: its replicas are placed elsewhere first, then taken off it."""
 
 class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
     """The registry's API for node agents and for everyone who asks about nodes."""
@@ -59,5 +65,29 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _aio.ServicerContext[_node_service_pb2.ListNodesRequest, _abc.Awaitable[_node_service_pb2.ListNodesResponse]],
     ) -> _abc.Awaitable[_node_service_pb2.ListNodesResponse]:
         """Lists the nodes that are alive, ordered by name."""
+
+    @_abc_1.abstractmethod
+    def CordonNode(
+        self,
+        request: _node_service_pb2.CordonNodeRequest,
+        context: _aio.ServicerContext[_node_service_pb2.CordonNodeRequest, _abc.Awaitable[_node_service_pb2.CordonNodeResponse]],
+    ) -> _abc.Awaitable[_node_service_pb2.CordonNodeResponse]:
+        """Cordons a node: it keeps serving its replicas but gets no new ones."""
+
+    @_abc_1.abstractmethod
+    def UncordonNode(
+        self,
+        request: _node_service_pb2.UncordonNodeRequest,
+        context: _aio.ServicerContext[_node_service_pb2.UncordonNodeRequest, _abc.Awaitable[_node_service_pb2.UncordonNodeResponse]],
+    ) -> _abc.Awaitable[_node_service_pb2.UncordonNodeResponse]:
+        """Uncordons a cordoned or draining node: it may get replicas again."""
+
+    @_abc_1.abstractmethod
+    def DrainNode(
+        self,
+        request: _node_service_pb2.DrainNodeRequest,
+        context: _aio.ServicerContext[_node_service_pb2.DrainNodeRequest, _abc.Awaitable[_node_service_pb2.DrainNodeResponse]],
+    ) -> _abc.Awaitable[_node_service_pb2.DrainNodeResponse]:
+        """Drains a node: its replicas are placed elsewhere first, then taken off it."""
 
 def add_NodeServiceServicer_to_server(servicer: NodeServiceServicer, server: _aio.Server) -> None: ...
