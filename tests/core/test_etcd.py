@@ -66,10 +66,10 @@ async def test_page_walks_a_prefix_in_bounded_reads(store: EtcdStore) -> None:
     assert seen == [str(index).encode() for index in range(7)]
 
 
-async def test_commit_is_all_or_nothing_and_bound_to_the_lease(store: EtcdStore) -> None:
+async def test_write_is_all_or_nothing_and_bound_to_the_lease(store: EtcdStore) -> None:
     lease = await store.grant_lease(2)
     await store.put("gone/soon", b"x")
-    await store.commit(puts={"a": b"1", "b": b"2"}, deletes=["gone/soon"], lease=lease)
+    await store.write(puts={"a": b"1", "b": b"2"}, deletes=["gone/soon"], lease=lease)
     a, b = await store.get("a"), await store.get("b")
     assert a is not None
     assert b is not None

@@ -110,24 +110,41 @@ async def test_health_and_reflection_are_served(channel: grpc.aio.Channel) -> No
     assert {SERVICE, "grpc.health.v1.Health"} <= names
 
 
-async def test_stop_reports_not_serving_before_running_hooks(channel: grpc.aio.Channel) -> None:
-    server = GrpcServer(address="127.0.0.1:0", services=[SERVICE], register=_register, grace_s=1)
+async def test_stop_runs_hooks_after_calls_in_flight_finish() -> None:
+    order: list[str] = []
+    release = asyncio.Event()
+
+    async def slow(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        await release.wait()
+        order.append("call finished")
+        return request
+
+    def register(server: grpc.aio.Server) -> None:
+        server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    SERVICE, {"Slow": grpc.unary_unary_rpc_method_handler(slow)}
+                ),
+            )
+        )
+
+    server = GrpcServer(address="127.0.0.1:0", services=[SERVICE], register=register, grace_s=5)
     await server.start()
-    seen: list[int] = []
 
     async def hook() -> None:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as own:
-            reply = await health_pb2_grpc.HealthStub(own).Check(
-                health_pb2.HealthCheckRequest(), timeout=5
-            )
-            seen.append(reply.status)
+        order.append("hook")
 
     server.on_shutdown(hook)
-    await server.stop()
-    assert seen == [health_pb2.HealthCheckResponse.NOT_SERVING]
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as own:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        call = channel.unary_unary(f"/{SERVICE}/Slow", None, None)(b"x", timeout=10)
+        await asyncio.sleep(0.2)  # the call is in flight
+        health = health_pb2_grpc.HealthStub(channel)
+        stopping = asyncio.ensure_future(server.stop())
+        await asyncio.sleep(0.2)
+        assert order == []  # the hook waits for the call
+        release.set()
+        assert await call == b"x"
+        await stopping
         with pytest.raises(grpc.aio.AioRpcError):
-            await asyncio.wait_for(
-                health_pb2_grpc.HealthStub(own).Check(health_pb2.HealthCheckRequest(), timeout=2),
-                5,
-            )
+            await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+    assert order == ["call finished", "hook"]

@@ -58,11 +58,18 @@ async def test_list_nodes(http: aiohttp.ClientSession) -> None:
 
 @pytest.mark.parametrize(
     ("params", "field"),
-    [({"page_size": "ten"}, "page_size"), ({"page_token": "garbage!"}, "page_token")],
+    [
+        ({"page_size": "ten"}, "page_size"),
+        ({"page_size": "99999999999"}, "page_size"),
+        ({"page_size": "-1"}, "page_size"),
+        ({"page_token": "garbage!"}, "page_token"),
+    ],
 )
 async def test_list_nodes_bad_input_is_400_naming_the_field(
     http: aiohttp.ClientSession, params: dict[str, str], field: str
 ) -> None:
     async with http.get("/v1/nodes", params=params) as response:
         assert response.status == 400
-        assert field in (await response.json())["error"]
+        body = await response.json()
+    assert field in body["error"]
+    assert body["reason"] == "INVALID_ARGUMENT"

@@ -16,3 +16,61 @@ def node(node_id: str) -> str:
 
 def endpoint(model_name: str, model_version: str, node_id: str) -> str:
     return f"{ENDPOINTS}{model_name}/{model_version}/{node_id}"
+
+
+MODELS = "models/"
+VERSIONS = "versions/"
+
+
+def model(model_id: str) -> str:
+    return f"{MODELS}{model_id}"
+
+
+def versions(model_id: str) -> str:
+    """The prefix of a model's versions; zero-padding keeps them in numeric order."""
+    return f"{VERSIONS}{model_id}/"
+
+
+def version(model_id: str, version_id: str) -> str:
+    return f"{versions(model_id)}{int(version_id):010d}"
+
+
+DEPLOYMENTS = "deployments/"
+DEPLOYMENT_STATUS = "deployment-status/"
+DECISIONS = "decisions/"
+ASSIGNMENTS = "assignments/"
+NODE_ADMIN = "node-admin/"
+LEADER = "leader/"
+
+
+def deployment(deployment_id: str) -> str:
+    return f"{DEPLOYMENTS}{deployment_id}"
+
+
+def deployment_status(deployment_id: str) -> str:
+    return f"{DEPLOYMENT_STATUS}{deployment_id}"
+
+
+def decisions(deployment_id: str) -> str:
+    return f"{DECISIONS}{deployment_id}/"
+
+
+def decision(deployment_id: str, sequence: int) -> str:
+    return f"{decisions(deployment_id)}{sequence:020d}"
+
+
+def assignments(node_id: str) -> str:
+    return f"{ASSIGNMENTS}{node_id}/"
+
+
+def assignment(node_id: str, model_name: str) -> str:
+    """One replica per model per node: versions of a model share its Triton name."""
+    return f"{assignments(node_id)}{model_name}"
+
+
+def node_admin(node_id: str) -> str:
+    return f"{NODE_ADMIN}{node_id}"
+
+
+def leader(role: str) -> str:
+    return f"{LEADER}{role}"

@@ -21,9 +21,12 @@ _log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 
 
+# Loaded once here: dlopen between fork and exec in a threaded process could deadlock.
+_LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
+
+
 def _die_with_parent() -> None:
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class ManagedProcess:
@@ -62,7 +65,7 @@ class ManagedProcess:
                 env=self.env,
                 cwd=self.cwd,
                 start_new_session=True,
-                # Only prctl runs between fork and exec; no lock is taken there.
+                # Only the prctl system call runs between fork and exec.
                 preexec_fn=_die_with_parent,  # noqa: PLW1509
             )
         _log.info("started %s (pid %d)", self.name, self._popen.pid)

@@ -11,19 +11,11 @@ from collections.abc import Awaitable, Callable
 import grpc
 from aiohttp import web
 
+from shard_core.errors import error_info, http_status
+from shard_core.etcd.paging import MAX_PAGE_SIZE
 from shard_gateway.service import Shard
 
 SHARD_KEY = web.AppKey("shard", Shard)
-
-_HTTP_STATUS = {
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -34,8 +26,18 @@ async def grpc_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     try:
         return await handler(request)
     except grpc.aio.AioRpcError as error:
-        status = _HTTP_STATUS.get(error.code(), 502)
-        return web.json_response({"error": error.details() or error.code().name}, status=status)
+        info = error_info(error)
+        body = {"error": error.details() or error.code().name, "code": error.code().name}
+        if info is not None:
+            body["reason"] = info.reason
+        return web.json_response(body, status=http_status(error.code()))
+
+
+def _bad_request(field: str, message: str) -> web.Response:
+    return web.json_response(
+        {"error": f"{field} {message}", "code": "INVALID_ARGUMENT", "reason": "INVALID_ARGUMENT"},
+        status=400,
+    )
 
 
 async def live(request: web.Request) -> web.Response:
@@ -63,7 +65,9 @@ async def list_nodes(request: web.Request) -> web.Response:
     try:
         page_size = int(request.query.get("page_size", "0"))
     except ValueError:
-        return web.json_response({"error": "page_size must be an integer"}, status=400)
+        return _bad_request("page_size", "must be an integer")
+    if not 0 <= page_size <= MAX_PAGE_SIZE:
+        return _bad_request("page_size", f"must be between 0 and {MAX_PAGE_SIZE}")
     body = await request.app[SHARD_KEY].list_nodes(
         page_size=page_size, page_token=request.query.get("page_token", "")
     )

@@ -11,7 +11,7 @@ from shard_core.etcd.mirror import PrefixMirror
 from shard_core.etcd.store import EtcdStore
 from shard_core.grpc.server import GrpcServer
 from shard_inference.backends import SERVICE, NodeChannel
-from shard_inference.routing import EndpointTable
+from shard_inference.routing import EndpointTable, TrafficSplit
 from shard_inference.servicer import InferenceRouter
 from shard_inference.settings import InferenceSettings
 
@@ -25,6 +25,10 @@ async def serve(settings: InferenceSettings) -> None:
     )
     mirror = PrefixMirror(store, keys.ENDPOINTS, table)
     mirror.start()
+    split = TrafficSplit()
+    # Each mirror reconnects its own client on failure, so each gets one of its own.
+    deployments = PrefixMirror(EtcdStore(settings), keys.DEPLOYMENTS, split)
+    deployments.start()
     meter = metrics.get_meter("shard.inference")
     meter.create_observable_gauge(
         "shard_router_routes",
@@ -36,7 +40,12 @@ async def serve(settings: InferenceSettings) -> None:
         callbacks=[lambda _: [metrics.Observation(int(mirror.stale))]],
         description="1 while the router serves from its last known view because etcd is away.",
     )
-    router = InferenceRouter(table, max_attempts=settings.max_attempts, ready=lambda: mirror.synced)
+    router = InferenceRouter(
+        table,
+        split=split,
+        max_attempts=settings.max_attempts,
+        ready=lambda: mirror.synced and deployments.synced,
+    )
     # No interceptors on the data plane: every request pays for them, and the router answers
     # with Triton's own status codes rather than the management APIs' error details.
     server = GrpcServer(
@@ -46,6 +55,7 @@ async def serve(settings: InferenceSettings) -> None:
         interceptors=(),
     )
     server.on_shutdown(mirror.stop)
+    server.on_shutdown(deployments.stop)
     server.on_shutdown(store.close)
     await server.start()
     _log.info("inference router serving on port %d", server.port)

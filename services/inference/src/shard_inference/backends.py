@@ -8,9 +8,13 @@ from typing import Any
 
 import grpc
 
-from shard_core.grpc.server import SERVER_OPTIONS
-
 SERVICE = "inference.GRPCInferenceService"
+# No keepalive pings: Triton's defaults answer pings more often than every 5 minutes with GOAWAY
+# too_many_pings. Large tensors need the message limits raised.
+CHANNEL_OPTIONS = (
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+)
 
 
 @dataclass(eq=False, kw_only=True)
@@ -24,7 +28,7 @@ class NodeChannel:
 
     @classmethod
     def open(cls, address: str) -> NodeChannel:
-        return cls(address=address, channel=grpc.aio.insecure_channel(address, SERVER_OPTIONS))
+        return cls(address=address, channel=grpc.aio.insecure_channel(address, CHANNEL_OPTIONS))
 
     def method(self, name: str) -> Any:
         """The unary callable for `name`, passing serialized bytes both ways."""
@@ -37,4 +41,9 @@ class NodeChannel:
 
     def close_later(self, grace_s: float = 5.0) -> None:
         """Close once requests in flight have had `grace_s` to finish."""
-        asyncio.get_running_loop().create_task(self.channel.close(grace_s))
+        task = asyncio.get_running_loop().create_task(self.channel.close(grace_s))
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
+
+
+_closing: set[asyncio.Task[None]] = set()

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
+from shard.deployment.v1 import deployment_pb2
 from shard.node.v1 import node_pb2
 
 _log = logging.getLogger(__name__)
@@ -73,14 +74,23 @@ class EndpointTable(Generic[B]):
         except Exception:
             _log.warning("ignoring unreadable endpoint record %s", key)
             return
-        if key in self._by_key:
-            self.delete(key)
+        old = self._by_key.get(key)
+        if (
+            old is not None
+            and old.backend.address == endpoint.inference_address
+            and (old.model_name, old.model_version, old.node)
+            == (endpoint.model_name, endpoint.model_version, endpoint.node)
+        ):
+            return  # unchanged: keep the route, its channel and its in-flight count
+        # Acquire before releasing, so a record that moves nothing keeps its channel open.
         route = Route(
             model_name=endpoint.model_name,
             model_version=endpoint.model_version,
             node=endpoint.node,
             backend=self._acquire(endpoint.inference_address),
         )
+        if old is not None:
+            self.delete(key)
         self._by_key[key] = route
         versions = self._routes.setdefault(route.model_name, {})
         versions.setdefault(route.model_version, {})[route.node] = route
@@ -133,6 +143,52 @@ class EndpointTable(Generic[B]):
         if not model_version:
             model_version = max(versions, key=_version_order)
         return list(versions.get(model_version, {}).values())
+
+    def choose_version(self, model_name: str, weights: Mapping[str, int]) -> str:
+        """The version a request that names none goes to: drawn by the deployment's traffic
+        weights among the versions with a ready replica, else the newest ready version."""
+        ready = self._routes.get(model_name, {})
+        weighted = [(version, weight) for version, weight in weights.items() if version in ready]
+        if any(weight > 0 for _, weight in weighted):
+            names = [version for version, _ in weighted]
+            shares = [weight for _, weight in weighted]
+            chosen: str = random.choices(names, weights=shares)[0]
+            return chosen
+        return max(ready, key=_version_order) if ready else ""
+
+
+class TrafficSplit:
+    """Model → version → weight, mirrored from the deployments in etcd."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[str, tuple[str, dict[str, int]]] = {}
+        self._by_model: dict[str, dict[str, int]] = {}
+
+    def weights(self, model_name: str) -> Mapping[str, int]:
+        return self._by_model.get(model_name, {})
+
+    def reset(self, entries: Mapping[str, bytes]) -> None:
+        self._by_key.clear()
+        self._by_model.clear()
+        for key, value in entries.items():
+            self.put(key, value)
+
+    def put(self, key: str, value: bytes) -> None:
+        try:
+            deployment = deployment_pb2.Deployment.FromString(value)
+        except Exception:
+            _log.warning("ignoring unreadable deployment record %s", key)
+            return
+        self.delete(key)
+        model_name = deployment.model.removeprefix("models/")
+        weights = {target.version: target.weight for target in deployment.targets}
+        self._by_key[key] = (model_name, weights)
+        self._by_model[model_name] = weights
+
+    def delete(self, key: str) -> None:
+        found = self._by_key.pop(key, None)
+        if found is not None:
+            self._by_model.pop(found[0], None)
 
 
 def pick_order(routes: list[Route[B]], attempts: int) -> list[Route[B]]:

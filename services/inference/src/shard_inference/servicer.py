@@ -17,8 +17,8 @@ from grpc.aio import ServicerContext
 from tritonclient.grpc import service_pb2
 
 from shard_inference.backends import SERVICE, NodeChannel
-from shard_inference.routing import EndpointTable, pick_order
-from shard_inference.wire import MalformedRequestError, model_route
+from shard_inference.routing import EndpointTable, TrafficSplit, pick_order
+from shard_inference.wire import MalformedRequestError, model_route, with_version
 
 _log = logging.getLogger(__name__)
 
@@ -49,10 +49,12 @@ class InferenceRouter:
         self,
         table: EndpointTable[NodeChannel],
         *,
+        split: TrafficSplit,
         max_attempts: int,
         ready: Callable[[], bool],
     ) -> None:
         self._table = table
+        self._split = split
         self._max_attempts = max_attempts
         self._ready = ready
 
@@ -103,6 +105,11 @@ class InferenceRouter:
     def _forwarder(self, method: str) -> Callable[[bytes, _Context], Awaitable[bytes]]:
         async def forward(request: bytes, context: _Context) -> bytes:  # noqa: RET503
             name, model_version = await self._route_fields(request, context)
+            if not model_version:
+                # Follow the deployment's traffic split, and tell the node which version won.
+                model_version = self._table.choose_version(name, self._split.weights(name))
+                if model_version:
+                    request = with_version(request, model_version)
             routes = pick_order(self._table.candidates(name, model_version), self._max_attempts)
             if not routes:
                 await context.abort(grpc.StatusCode.NOT_FOUND, _unknown_model(name, model_version))

@@ -58,3 +58,27 @@ def model_route(data: bytes) -> tuple[str, str]:
         return name.decode(), version.decode()
     except UnicodeDecodeError as error:
         raise MalformedRequestError("model name or version is not UTF-8") from error
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def with_version(data: bytes, version: str) -> bytes:
+    """The request with its version set to `version`. Protobuf keeps the last occurrence of a
+    singular field, so appending the field overrides any earlier one without parsing the rest."""
+    encoded = version.encode()
+    return (
+        data
+        + bytes([_VERSION_FIELD << 3 | _LENGTH_DELIMITED])
+        + _encode_varint(len(encoded))
+        + encoded
+    )

@@ -1,9 +1,11 @@
-"""The node agent: keeps its Triton serving and the registry informed.
+"""The node agent: keeps the registry informed and its Triton converged to its assignments.
 
 The agent holds one Connect stream to the registry: a registration, then a heartbeat with the
-state of every model each interval the registry asked for. If the stream breaks it reconnects
-with backoff and registers again (keeping its lease if it is back within the lease TTL). On
-SIGTERM it says goodbye, which deregisters the node at once.
+state of every assigned model each interval the registry asked for. The registry sends back the
+node's complete set of assignments whenever it changes; the `ModelManager` converges Triton to
+it. If the stream breaks the agent reconnects with backoff and registers again (keeping its lease
+if it is back within the lease TTL). On SIGTERM it says goodbye, which deregisters the node at
+once.
 """
 
 from __future__ import annotations
@@ -11,19 +13,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from importlib.metadata import version
 
 import grpc
+import psutil
+from tritonclient.utils import InferenceServerException
 
-from shard.node.v1 import node_service_pb2, node_service_pb2_grpc
+from shard.node.v1 import node_pb2, node_service_pb2, node_service_pb2_grpc
 from shard_node.identity import NodeIdentity
+from shard_node.models import ModelManager
 from shard_node.triton import TritonControl
 
 _log = logging.getLogger(__name__)
 
 AGENT_VERSION = version("shard-node")
+
+
+def measure_capacity() -> node_pb2.NodeResources:
+    """What this machine has for model replicas. GPUs are added with NVML support."""
+    return node_pb2.NodeResources(
+        cpu_millis=(os.cpu_count() or 1) * 1000, memory_bytes=psutil.virtual_memory().total
+    )
 
 
 class NodeAgent:
@@ -32,14 +45,16 @@ class NodeAgent:
         *,
         identity: NodeIdentity,
         triton: TritonControl,
-        registry_address: str,
+        models: ModelManager,
+        channel: grpc.aio.Channel,
         advertise_address: str,
         labels: Mapping[str, str],
         reconnect_max_backoff_s: float,
     ) -> None:
         self._identity = identity
         self._triton = triton
-        self._registry_address = registry_address
+        self._models = models
+        self._stub = node_service_pb2_grpc.NodeServiceStub(channel)
         self._advertise_address = advertise_address
         self._labels = dict(labels)
         self._max_backoff_s = reconnect_max_backoff_s
@@ -49,28 +64,18 @@ class NodeAgent:
     def stop(self) -> None:
         self._stopping.set()
 
-    async def load_models(self, models: list[str] | None) -> None:
-        """Load `models` (every model in the repository when None) into Triton, concurrently."""
-        names = models if models is not None else await self._triton.repository_models()
-        await asyncio.gather(*(self._triton.load(name) for name in names))
-
     async def run(self) -> None:
         """Stay connected to the registry until `stop()`."""
+        converging = asyncio.ensure_future(self._models.run())
         backoff = 0.1
-        async with grpc.aio.insecure_channel(self._registry_address) as channel:
-            stub = node_service_pb2_grpc.NodeServiceStub(channel)
+        try:
             while not self._stopping.is_set():
                 try:
-                    await self._session(stub)
+                    await self._session()
                     backoff = 0.1
                 except grpc.aio.AioRpcError as error:
-                    _log.warning(
-                        "registry stream to %s ended: %s %s",
-                        self._registry_address,
-                        error.code().name,
-                        error.details(),
-                    )
-                except (ConnectionError, OSError) as error:
+                    _log.warning("registry stream ended: %s %s", error.code().name, error.details())
+                except (ConnectionError, OSError, InferenceServerException) as error:
                     _log.warning("registry stream failed: %s", error)
                 self.registered.clear()
                 if self._stopping.is_set():
@@ -80,6 +85,9 @@ class NodeAgent:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), delay)
                 backoff = min(backoff * 2, self._max_backoff_s)
+        finally:
+            converging.cancel()
+            await asyncio.gather(converging, return_exceptions=True)
 
     async def _registration(self) -> node_service_pb2.ConnectRequest:
         return node_service_pb2.ConnectRequest(
@@ -90,11 +98,19 @@ class NodeAgent:
                 labels=self._labels,
                 agent_version=AGENT_VERSION,
                 triton_version=await self._triton.version(),
-                models=await self._triton.model_statuses(),
+                models=await self._models.statuses(),
+                capacity=measure_capacity(),
             )
         )
 
-    async def _session(self, stub: node_service_pb2_grpc.NodeServiceStub) -> None:
+    async def _receive(self, call: AsyncIterable[node_service_pb2.ConnectResponse]) -> None:
+        """Take everything the registry sends after the registration: assignments."""
+        async for reply in call:
+            if reply.WhichOneof("message") == "assignments":
+                self._models.assign(list(reply.assignments.models))
+        raise ConnectionError("the registry ended the stream")
+
+    async def _session(self) -> None:
         outbox: asyncio.Queue[node_service_pb2.ConnectRequest | None] = asyncio.Queue()
 
         async def requests() -> AsyncIterator[node_service_pb2.ConnectRequest]:
@@ -102,8 +118,8 @@ class NodeAgent:
                 yield request
 
         outbox.put_nowait(await self._registration())
-        call = stub.Connect(requests())
-        ended: asyncio.Future[object] | None = None
+        call = self._stub.Connect(requests())
+        receiving: asyncio.Future[None] | None = None
         stopping = asyncio.ensure_future(self._stopping.wait())
         try:
             reply = await call.read()
@@ -112,15 +128,13 @@ class NodeAgent:
             interval = reply.registered.heartbeat_interval_ms / 1000
             _log.info("registered as %s; heartbeat every %.1fs", reply.registered.name, interval)
             self.registered.set()
-            # The registry sends nothing more until it ends the stream: reading tells us when.
-            ended = asyncio.ensure_future(call.read())
+            receiving = asyncio.ensure_future(self._receive(call))
             while True:
                 await asyncio.wait(
-                    {ended, stopping}, timeout=interval, return_when=asyncio.FIRST_COMPLETED
+                    {receiving, stopping}, timeout=interval, return_when=asyncio.FIRST_COMPLETED
                 )
-                if ended.done():
-                    ended.result()  # raises the status the registry ended the stream with
-                    raise ConnectionError("the registry ended the stream")
+                if receiving.done():
+                    receiving.result()  # raises why the stream ended
                 if stopping.done():
                     goodbye = node_service_pb2.Deregistration(reason="agent shutting down")
                     outbox.put_nowait(node_service_pb2.ConnectRequest(deregistration=goodbye))
@@ -129,14 +143,10 @@ class NodeAgent:
                         await asyncio.wait_for(call.code(), timeout=5)
                     _log.info("deregistered")
                     return
-                models = await self._triton.model_statuses()
-                outbox.put_nowait(
-                    node_service_pb2.ConnectRequest(
-                        heartbeat=node_service_pb2.Heartbeat(models=models)
-                    )
-                )
+                heartbeat = node_service_pb2.Heartbeat(models=await self._models.statuses())
+                outbox.put_nowait(node_service_pb2.ConnectRequest(heartbeat=heartbeat))
         finally:
             stopping.cancel()
-            if ended is not None:
-                ended.cancel()
+            if receiving is not None:
+                receiving.cancel()
             call.cancel()

@@ -24,16 +24,14 @@ class NodeSettings(ServiceSettings):
         default=None,
         description="gRPC address of a running Triton to attach to; unset to launch one.",
     )
-    model_repository: Path | None = Field(
-        default=None, description="Model repository of the Triton the agent launches."
+    repository: Path | None = Field(
+        default=None,
+        description="The Triton model repository the agent manages; default: state_dir/repository."
+        " When attaching to a running Triton, that Triton's repository.",
     )
     triton_grpc_port: int = Field(default=8101, ge=1, le=65535)
     triton_http_port: int = Field(default=8100, ge=1, le=65535)
     triton_metrics_port: int = Field(default=8102, ge=1, le=65535)
-    models: list[str] | None = Field(
-        default=None,
-        description="Models to load into Triton at start; unset for every model in the repository.",
-    )
     advertise_address: str | None = Field(
         default=None,
         description="Triton's gRPC address as the control plane reaches it; default: triton's.",

@@ -10,6 +10,7 @@ resolves this virtual environment, with its numpy < 2, which the stub was built 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -19,6 +20,7 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import tritonclient.grpc.aio as triton_grpc
 from tritonclient.utils import InferenceServerException
 
@@ -116,6 +118,7 @@ class TritonControl:
     def __init__(self, url: str) -> None:
         self.url = url
         self._client = triton_grpc.InferenceServerClient(url)
+        self._pid: int | None = None
 
     async def __aenter__(self) -> TritonControl:
         return self
@@ -136,13 +139,37 @@ class TritonControl:
         metadata = await self._client.get_server_metadata(client_timeout=5.0)
         return str(metadata.version)
 
-    async def repository_models(self) -> list[str]:
-        index = await self._client.get_model_repository_index(client_timeout=5.0)
-        return sorted({model.name for model in index.models})
-
     async def load(self, model_name: str) -> None:
         _log.info("loading model %s", model_name)
         await self._client.load_model(model_name, client_timeout=300.0)
+
+    async def unload(self, model_name: str) -> None:
+        _log.info("unloading model %s", model_name)
+        await self._client.unload_model(model_name, client_timeout=60.0)
+
+    def memory_bytes(self) -> int | None:
+        """Resident memory of Triton and its backend processes, or None if it cannot be seen."""
+        process = self._process()
+        if process is None:
+            return None
+        total = 0
+        for member in [process, *process.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                total += member.memory_info().rss
+        return total
+
+    def _process(self) -> psutil.Process | None:
+        """The local tritonserver serving `url`, found by its --grpc-port."""
+        port = self.url.rsplit(":", 1)[-1]
+        if self._pid is not None:
+            with contextlib.suppress(psutil.Error):
+                return psutil.Process(self._pid)
+        for candidate in psutil.process_iter(["name", "cmdline"]):
+            cmdline = candidate.info.get("cmdline") or []
+            if candidate.info.get("name") == "tritonserver" and f"--grpc-port={port}" in cmdline:
+                self._pid = candidate.pid
+                return candidate
+        return None
 
     async def model_statuses(self) -> list[node_pb2.ModelStatus]:
         """Every model version Triton knows, with its state; loaded versions only have numbers."""

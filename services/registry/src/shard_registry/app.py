@@ -2,19 +2,62 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import uuid
 
+import grpc
+
+from shard.artifact.v1 import artifact_service_pb2, artifact_service_pb2_grpc
+from shard.deployment.v1 import deployment_service_pb2, deployment_service_pb2_grpc
+from shard.model.v1 import model_service_pb2, model_service_pb2_grpc
 from shard.node.v1 import node_service_pb2, node_service_pb2_grpc
+from shard_core import keys
+from shard_core.etcd.election import Election
 from shard_core.etcd.lease import LeaseKeeper
+from shard_core.etcd.mirror import PrefixMirror
 from shard_core.etcd.store import EtcdStore
 from shard_core.grpc.server import GrpcServer
-from shard_registry.service import NodeRegistry, NodeTiming
-from shard_registry.servicer import NodeServicer
+from shard_registry.artifacts import BlobStore
+from shard_registry.control import ControlLoop
+from shard_registry.deployments import DeploymentRegistry
+from shard_registry.models import ModelRegistry
+from shard_registry.nodes import AssignmentHub, NodeRegistry, NodeTiming
+from shard_registry.servicer import (
+    ArtifactServicer,
+    DeploymentServicer,
+    ModelServicer,
+    NodeServicer,
+)
 from shard_registry.settings import RegistrySettings
 
 _log = logging.getLogger(__name__)
 
-SERVICE_NAMES = [node_service_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name]
+SERVICE_NAMES = [
+    module.DESCRIPTOR.services_by_name[name].full_name
+    for module, name in (
+        (node_service_pb2, "NodeService"),
+        (artifact_service_pb2, "ArtifactService"),
+        (model_service_pb2, "ModelService"),
+        (deployment_service_pb2, "DeploymentService"),
+    )
+]
+
+
+def blob_store(settings: RegistrySettings) -> BlobStore:
+    if settings.blob_bucket is None:
+        return BlobStore.local(settings.blob_dir)
+    secret = settings.s3_secret_access_key
+    return BlobStore.s3(
+        bucket=settings.blob_bucket,
+        prefix=settings.blob_prefix,
+        endpoint=settings.s3_endpoint,
+        region=settings.s3_region,
+        access_key_id=settings.s3_access_key_id,
+        secret_access_key=secret.get_secret_value() if secret else None,
+        allow_http=settings.s3_allow_http,
+    )
 
 
 async def serve(settings: RegistrySettings) -> None:
@@ -22,20 +65,55 @@ async def serve(settings: RegistrySettings) -> None:
     await store.connect()
     keeper = LeaseKeeper(store)
     keeper.start()
-    registry = NodeRegistry(
+    # The mirror reconnects its own client on failure, so it gets one of its own.
+    hub = AssignmentHub()
+    assignments = PrefixMirror(EtcdStore(settings), keys.ASSIGNMENTS, hub)
+    assignments.start()
+    await assignments.wait_synced(settings.etcd_timeout_s * 3)
+    blobs = blob_store(settings)
+    nodes = NodeRegistry(
         store=store,
         keeper=keeper,
         timing=NodeTiming(
             heartbeat_interval_s=settings.heartbeat_interval_s, lease_ttl_s=settings.lease_ttl_s
         ),
+        hub=hub,
     )
-    server = GrpcServer(
-        address=settings.address,
-        services=SERVICE_NAMES,
-        register=lambda s: node_service_pb2_grpc.add_NodeServiceServicer_to_server(
-            NodeServicer(registry), s
-        ),
+    models = ModelRegistry(store=store, blobs=blobs)
+    deployments = DeploymentRegistry(store=store, models=models)
+    election = Election(
+        store=store,
+        keeper=keeper,
+        role="scheduler",
+        candidate=f"registry-{uuid.uuid4().hex[:8]}",
+        ttl_s=settings.leader_ttl_s,
     )
+    control = ControlLoop(
+        store=store, election_key=election.key, period_s=settings.control_period_s
+    )
+    leading = asyncio.ensure_future(election.lead(control.run))
+
+    def register(server: grpc.aio.Server) -> None:
+        node_service_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(nodes), server)
+        artifact_service_pb2_grpc.add_ArtifactServiceServicer_to_server(
+            ArtifactServicer(blobs), server
+        )
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(
+            ModelServicer(models, deployments), server
+        )
+        deployment_service_pb2_grpc.add_DeploymentServiceServicer_to_server(
+            DeploymentServicer(deployments), server
+        )
+
+    server = GrpcServer(address=settings.address, services=SERVICE_NAMES, register=register)
+
+    async def stop_leading() -> None:
+        leading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await leading
+
+    server.on_shutdown(stop_leading)
+    server.on_shutdown(assignments.stop)
     server.on_shutdown(keeper.stop)
     server.on_shutdown(store.close)
     await server.start()

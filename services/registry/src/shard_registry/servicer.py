@@ -1,15 +1,26 @@
-"""gRPC face of the registry: translates protobuf to the node domain and back, nothing more."""
+"""gRPC face of the registry: translates protobuf to the domain and back, nothing more."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
-from shard.node.v1 import node_service_pb2, node_service_pb2_grpc
-from shard_core.errors import InvalidArgumentError
-from shard_registry.service import NodeRegistry
+from shard.artifact.v1 import artifact_service_pb2, artifact_service_pb2_grpc, blob_pb2
+from shard.deployment.v1 import deployment_service_pb2 as deployment_api
+from shard.deployment.v1 import deployment_service_pb2_grpc
+from shard.model.v1 import model_service_pb2 as model_api
+from shard.model.v1 import model_service_pb2_grpc
+from shard.node.v1 import node_pb2, node_service_pb2, node_service_pb2_grpc
+from shard_core.errors import InvalidArgumentError, NotFoundError
+from shard_registry.artifacts import BlobStore, StoredBlob, blob_sha256
+from shard_registry.deployments import DeploymentRegistry
+from shard_registry.models import ModelRegistry
+from shard_registry.nodes import NodeRegistry, NodeSession
+
+Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
@@ -17,9 +28,7 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
         self._registry = registry
 
     async def Connect(
-        self,
-        request_iterator: AsyncIterator[node_service_pb2.ConnectRequest],
-        context: grpc.aio.ServicerContext[Any, Any],
+        self, request_iterator: AsyncIterator[node_service_pb2.ConnectRequest], context: Context
     ) -> AsyncIterator[node_service_pb2.ConnectResponse]:
         first = await anext(aiter(request_iterator), None)
         if first is None:
@@ -38,6 +47,31 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
                 lease_ttl_ms=timing.lease_ttl_s * 1000,
             )
         )
+        outbox: asyncio.Queue[list[node_pb2.ModelAssignment]] = asyncio.Queue()
+        hub = self._registry.hub
+        hub.subscribe(session.node_id, outbox.put_nowait)
+        reader = asyncio.ensure_future(self._read(session, request_iterator))
+        try:
+            while True:
+                pushed = asyncio.ensure_future(outbox.get())
+                await asyncio.wait({pushed, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if not pushed.done():
+                    pushed.cancel()
+                    reader.result()  # the stream ended: raise its error, if any
+                    return
+                assignments = pushed.result()
+                yield node_service_pb2.ConnectResponse(
+                    assignments=node_service_pb2.Assignments(models=assignments)
+                )
+                await session.publish(record=False)  # evicted replicas stop being routable now
+        finally:
+            hub.unsubscribe(session.node_id, outbox.put_nowait)
+            reader.cancel()
+
+    @staticmethod
+    async def _read(
+        session: NodeSession, request_iterator: AsyncIterator[node_service_pb2.ConnectRequest]
+    ) -> None:
         async for request in request_iterator:
             kind = request.WhichOneof("message")
             if kind == "heartbeat":
@@ -54,18 +88,193 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
         # lease expires, free to reconnect and keep it.
 
     async def GetNode(
-        self,
-        request: node_service_pb2.GetNodeRequest,
-        context: grpc.aio.ServicerContext[Any, Any],
+        self, request: node_service_pb2.GetNodeRequest, context: Context
     ) -> node_service_pb2.GetNodeResponse:
-        return node_service_pb2.GetNodeResponse(node=await self._registry.get(request.name))
+        return node_service_pb2.GetNodeResponse(node=await self._registry.get_node(request.name))
 
     async def ListNodes(
-        self,
-        request: node_service_pb2.ListNodesRequest,
-        context: grpc.aio.ServicerContext[Any, Any],
+        self, request: node_service_pb2.ListNodesRequest, context: Context
     ) -> node_service_pb2.ListNodesResponse:
-        nodes, token = await self._registry.list(
+        nodes, token = await self._registry.list_nodes(
             page_size=request.page_size, page_token=request.page_token
         )
         return node_service_pb2.ListNodesResponse(nodes=nodes, next_page_token=token)
+
+    async def CordonNode(
+        self, request: node_service_pb2.CordonNodeRequest, context: Context
+    ) -> node_service_pb2.CordonNodeResponse:
+        node = await self._registry.set_admin_state(
+            request.name, node_pb2.NODE_STATE_CORDONED, request.reason
+        )
+        return node_service_pb2.CordonNodeResponse(node=node)
+
+    async def UncordonNode(
+        self, request: node_service_pb2.UncordonNodeRequest, context: Context
+    ) -> node_service_pb2.UncordonNodeResponse:
+        node = await self._registry.set_admin_state(request.name, node_pb2.NODE_STATE_ACTIVE, "")
+        return node_service_pb2.UncordonNodeResponse(node=node)
+
+    async def DrainNode(
+        self, request: node_service_pb2.DrainNodeRequest, context: Context
+    ) -> node_service_pb2.DrainNodeResponse:
+        node = await self._registry.set_admin_state(
+            request.name, node_pb2.NODE_STATE_DRAINING, request.reason
+        )
+        return node_service_pb2.DrainNodeResponse(node=node)
+
+
+def _blob(stored: StoredBlob) -> blob_pb2.Blob:
+    return blob_pb2.Blob(name=stored.name, sha256=stored.sha256, size_bytes=stored.size_bytes)
+
+
+class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
+    def __init__(self, blobs: BlobStore) -> None:
+        self._blobs = blobs
+
+    async def UploadBlob(
+        self,
+        request_iterator: AsyncIterator[artifact_service_pb2.UploadBlobRequest],
+        context: Context,
+    ) -> artifact_service_pb2.UploadBlobResponse:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("message") != "header":
+            raise InvalidArgumentError(
+                "an upload must start with a header", metadata={"field": "header"}
+            )
+
+        async def chunks() -> AsyncIterator[bytes]:
+            async for request in request_iterator:
+                if request.WhichOneof("message") != "chunk":
+                    raise InvalidArgumentError(
+                        "an upload carries one header, then chunks", metadata={"field": "chunk"}
+                    )
+                yield request.chunk
+
+        stored = await self._blobs.put(first.header.sha256, first.header.size_bytes, chunks())
+        return artifact_service_pb2.UploadBlobResponse(blob=_blob(stored))
+
+    async def GetBlob(
+        self, request: artifact_service_pb2.GetBlobRequest, context: Context
+    ) -> artifact_service_pb2.GetBlobResponse:
+        sha = blob_sha256(request.name)
+        stored = await self._blobs.stat(sha)
+        if stored is None:
+            raise NotFoundError(f"blob {request.name} not found", metadata={"name": request.name})
+        return artifact_service_pb2.GetBlobResponse(blob=_blob(stored))
+
+    async def ReadBlob(
+        self, request: artifact_service_pb2.ReadBlobRequest, context: Context
+    ) -> AsyncIterator[artifact_service_pb2.ReadBlobResponse]:
+        sha = blob_sha256(request.name)
+        async for chunk in self._blobs.read(sha, offset=request.offset):
+            yield artifact_service_pb2.ReadBlobResponse(data=chunk)
+
+
+class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
+    def __init__(self, models: ModelRegistry, deployments: DeploymentRegistry) -> None:
+        self._models = models
+        self._deployments = deployments
+
+    async def CreateModel(
+        self, request: model_api.CreateModelRequest, context: Context
+    ) -> model_api.CreateModelResponse:
+        model = await self._models.create_model(request.model_id, request.model)
+        return model_api.CreateModelResponse(model=model)
+
+    async def GetModel(
+        self, request: model_api.GetModelRequest, context: Context
+    ) -> model_api.GetModelResponse:
+        return model_api.GetModelResponse(model=await self._models.get_model(request.name))
+
+    async def ListModels(
+        self, request: model_api.ListModelsRequest, context: Context
+    ) -> model_api.ListModelsResponse:
+        models, token = await self._models.list_models(
+            page_size=request.page_size, page_token=request.page_token
+        )
+        return model_api.ListModelsResponse(models=models, next_page_token=token)
+
+    async def UpdateModel(
+        self, request: model_api.UpdateModelRequest, context: Context
+    ) -> model_api.UpdateModelResponse:
+        model = await self._models.update_model(request.model, request.update_mask)
+        return model_api.UpdateModelResponse(model=model)
+
+    async def DeleteModel(
+        self, request: model_api.DeleteModelRequest, context: Context
+    ) -> model_api.DeleteModelResponse:
+        await self._models.delete_model(request.name, request.etag)
+        return model_api.DeleteModelResponse()
+
+    async def CreateModelVersion(
+        self, request: model_api.CreateModelVersionRequest, context: Context
+    ) -> model_api.CreateModelVersionResponse:
+        version = await self._models.create_version(
+            request.parent, request.model_version_id, request.model_version
+        )
+        return model_api.CreateModelVersionResponse(model_version=version)
+
+    async def GetModelVersion(
+        self, request: model_api.GetModelVersionRequest, context: Context
+    ) -> model_api.GetModelVersionResponse:
+        version = await self._models.get_version(request.name)
+        return model_api.GetModelVersionResponse(model_version=version)
+
+    async def ListModelVersions(
+        self, request: model_api.ListModelVersionsRequest, context: Context
+    ) -> model_api.ListModelVersionsResponse:
+        versions, token = await self._models.list_versions(
+            request.parent, page_size=request.page_size, page_token=request.page_token
+        )
+        return model_api.ListModelVersionsResponse(model_versions=versions, next_page_token=token)
+
+    async def DeleteModelVersion(
+        self, request: model_api.DeleteModelVersionRequest, context: Context
+    ) -> model_api.DeleteModelVersionResponse:
+        await self._models.delete_version(request.name, in_use=self._deployments.uses_version)
+        return model_api.DeleteModelVersionResponse()
+
+
+class DeploymentServicer(deployment_service_pb2_grpc.DeploymentServiceServicer):
+    def __init__(self, deployments: DeploymentRegistry) -> None:
+        self._deployments = deployments
+
+    async def CreateDeployment(
+        self, request: deployment_api.CreateDeploymentRequest, context: Context
+    ) -> deployment_api.CreateDeploymentResponse:
+        deployment = await self._deployments.create(request.deployment_id, request.deployment)
+        return deployment_api.CreateDeploymentResponse(deployment=deployment)
+
+    async def GetDeployment(
+        self, request: deployment_api.GetDeploymentRequest, context: Context
+    ) -> deployment_api.GetDeploymentResponse:
+        deployment = await self._deployments.get_deployment(request.name)
+        return deployment_api.GetDeploymentResponse(deployment=deployment)
+
+    async def ListDeployments(
+        self, request: deployment_api.ListDeploymentsRequest, context: Context
+    ) -> deployment_api.ListDeploymentsResponse:
+        deployments, token = await self._deployments.list_deployments(
+            page_size=request.page_size, page_token=request.page_token
+        )
+        return deployment_api.ListDeploymentsResponse(
+            deployments=deployments, next_page_token=token
+        )
+
+    async def UpdateDeployment(
+        self, request: deployment_api.UpdateDeploymentRequest, context: Context
+    ) -> deployment_api.UpdateDeploymentResponse:
+        deployment = await self._deployments.update(request.deployment, request.update_mask)
+        return deployment_api.UpdateDeploymentResponse(deployment=deployment)
+
+    async def DeleteDeployment(
+        self, request: deployment_api.DeleteDeploymentRequest, context: Context
+    ) -> deployment_api.DeleteDeploymentResponse:
+        await self._deployments.delete(request.name, request.etag)
+        return deployment_api.DeleteDeploymentResponse()
+
+    async def ExplainDeployment(
+        self, request: deployment_api.ExplainDeploymentRequest, context: Context
+    ) -> deployment_api.ExplainDeploymentResponse:
+        placements, history = await self._deployments.explain(request.name)
+        return deployment_api.ExplainDeploymentResponse(placements=placements, history=history)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pathlib import Path
+
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from shard_core.settings import EtcdSettings, ServiceSettings
@@ -18,3 +20,24 @@ class RegistrySettings(ServiceSettings, EtcdSettings):
     lease_ttl_s: int = Field(
         default=10, ge=2, description="How long a node stays in the shard without a heartbeat."
     )
+    control_period_s: float = Field(
+        default=2.0, gt=0, description="How often the scheduler reconciles the shard."
+    )
+    leader_ttl_s: int = Field(
+        default=6, ge=2, description="How long a dead scheduler leader keeps the role."
+    )
+    blob_dir: Path = Field(
+        default=Path(".shard/registry/blobs"),
+        description="Local directory of the blob store, used unless blob_bucket is set.",
+    )
+    blob_bucket: str | None = Field(
+        default=None, description="S3 bucket of the blob store; unset for the local directory."
+    )
+    blob_prefix: str = Field(default="", description="Key prefix of blobs in the bucket.")
+    s3_endpoint: str | None = Field(
+        default=None, description="S3-compatible endpoint URL; unset for AWS."
+    )
+    s3_region: str = Field(default="us-east-1")
+    s3_access_key_id: str | None = Field(default=None)
+    s3_secret_access_key: SecretStr | None = Field(default=None)
+    s3_allow_http: bool = Field(default=False, description="Allow a plain-HTTP S3 endpoint.")

@@ -18,8 +18,17 @@ class TritonPythonModel:
     def execute(self, requests):
         responses = []
         for request in requests:
-            in0 = _as_ints(pb_utils.get_input_tensor_by_name(request, "INPUT0"))
-            in1 = _as_ints(pb_utils.get_input_tensor_by_name(request, "INPUT1"))
+            try:
+                in0 = _as_ints(pb_utils.get_input_tensor_by_name(request, "INPUT0"))
+                in1 = _as_ints(pb_utils.get_input_tensor_by_name(request, "INPUT1"))
+            except ValueError as error:
+                message = f"INPUT0 and INPUT1 must hold decimal integers: {error}"
+                responses.append(
+                    pb_utils.InferenceResponse(
+                        error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
+                    )
+                )
+                continue
             responses.append(
                 pb_utils.InferenceResponse(
                     output_tensors=[

@@ -29,7 +29,9 @@ class LeaseKeeper:
 
     def __init__(self, store: EtcdStore) -> None:
         self._store = store
-        self._requests: asyncio.Queue[int] = asyncio.Queue()
+        # One queue per stream: a broken stream's request iterator ends with it (None), so no
+        # leftover iterator can swallow the lease ids meant for the next stream.
+        self._requests: asyncio.Queue[int | None] = asyncio.Queue()
         self._waiters: defaultdict[int, list[asyncio.Future[int]]] = defaultdict(list)
         self._task: asyncio.Task[None] | None = None
 
@@ -47,21 +49,27 @@ class LeaseKeeper:
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._waiters[lease_id].append(future)
         self._requests.put_nowait(lease_id)
-        ttl = await asyncio.wait_for(future, timeout)
+        try:
+            ttl = await asyncio.wait_for(future, timeout)
+        except TimeoutError as error:
+            raise UnavailableError(f"etcd did not refresh lease {lease_id:x} in time") from error
         if ttl <= 0:
             raise LeaseExpiredError(f"lease {lease_id:x} has expired")
         return ttl
 
-    async def _requests_stream(self) -> AsyncIterator[rpc.LeaseKeepAliveRequest]:
-        while True:
-            yield rpc.LeaseKeepAliveRequest(ID=await self._requests.get())
+    @staticmethod
+    async def _requests_stream(
+        queue: asyncio.Queue[int | None],
+    ) -> AsyncIterator[rpc.LeaseKeepAliveRequest]:
+        while (lease_id := await queue.get()) is not None:
+            yield rpc.LeaseKeepAliveRequest(ID=lease_id)
 
     async def _run(self) -> None:
         while True:
             try:
                 await self._store.connect()
                 stream = self._store.client.leasestub.LeaseKeepAlive(
-                    self._requests_stream(), metadata=self._store.client.metadata
+                    self._requests_stream(self._requests), metadata=self._store.client.metadata
                 )
                 async for reply in stream:
                     for future in self._waiters.pop(reply.ID, ()):
@@ -71,6 +79,8 @@ class LeaseKeeper:
                 raise
             except Exception as error:
                 _log.warning("lease keepalive stream broke: %s", error)
+                broken, self._requests = self._requests, asyncio.Queue()
+                broken.put_nowait(None)
                 self._fail_all(UnavailableError(f"etcd lease keepalive failed: {error}"))
                 await asyncio.sleep(0.2)
 

@@ -104,17 +104,42 @@ class EtcdStore:
         )
         return [self._entry(kv) for kv in reply.kvs], reply.more
 
-    async def commit(
+    async def write(
         self,
         *,
-        puts: Mapping[str, bytes],
+        puts: Mapping[str, bytes] | None = None,
         deletes: Iterable[str] = (),
         lease: int | None = None,
-    ) -> None:
-        """Apply puts (bound to `lease`) and deletes in one transaction: readers see all or none."""
-        ops = [self.client.transactions.put(self.key(k), v, lease=lease) for k, v in puts.items()]
-        ops += [self.client.transactions.delete(self.key(k)) for k in deletes]
-        await self.client.transaction(compare=[], success=ops, failure=[])
+        expect: Mapping[str, int] | None = None,
+    ) -> int | None:
+        """One transaction: if every key in `expect` is at that mod revision (0: the key must not
+        exist), apply the puts (bound to `lease`) and deletes together. Returns the revision the
+        write created, or None when an expectation failed and nothing was written."""
+        await self.client.connect()
+        compare = [
+            rpc.Compare(
+                result=rpc.Compare.EQUAL,
+                target=rpc.Compare.MOD,
+                key=self.key(key),
+                mod_revision=revision,
+            )
+            for key, revision in (expect or {}).items()
+        ]
+        ops = [
+            rpc.RequestOp(request_put=rpc.PutRequest(key=self.key(k), value=v, lease=lease or 0))
+            for k, v in (puts or {}).items()
+        ]
+        ops += [
+            rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=self.key(k)))
+            for k in deletes
+        ]
+        reply = await self.client.kvstub.Txn(
+            rpc.TxnRequest(compare=compare, success=ops, failure=[]),
+            timeout=self.settings.etcd_timeout_s,
+            metadata=self.client.metadata,
+        )
+        revision: int = reply.header.revision
+        return revision if reply.succeeded else None
 
     async def grant_lease(self, ttl_s: int) -> int:
         lease = await self.client.lease(ttl_s)

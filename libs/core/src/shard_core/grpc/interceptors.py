@@ -6,10 +6,11 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import aetcd.exceptions
 import grpc
 from grpc.aio import AbortError, ServicerContext
 
-from shard_core.errors import ShardError
+from shard_core.errors import ShardError, UnavailableError
 
 _log = logging.getLogger(__name__)
 
@@ -18,6 +19,12 @@ _Streaming = Callable[[Any, ServicerContext[Any, Any]], AsyncIterator[Any]]
 
 
 async def _abort(error: Exception, context: ServicerContext[Any, Any], method: str) -> None:
+    if isinstance(error, aetcd.exceptions.ClientError):
+        _log.warning("etcd failed in %s: %r", method, error)
+        error = UnavailableError(
+            "the shard's coordination store is unavailable; retry shortly",
+            reason="STORE_UNAVAILABLE",
+        )
     if isinstance(error, ShardError):
         status = error.to_status()
         await context.abort(status.code, status.details, status.trailing_metadata)
@@ -32,7 +39,8 @@ else:
 
 
 class ErrorInterceptor(_ServerInterceptor):
-    """Turn `ShardError` into `google.rpc.Status` with `ErrorInfo`; anything else into INTERNAL.
+    """Turn `ShardError` into `google.rpc.Status` with `ErrorInfo`, etcd failures into
+    UNAVAILABLE, and anything else into INTERNAL.
 
     Unknown exceptions never reach the client: it gets a generic message and the traceback goes to
     the log.

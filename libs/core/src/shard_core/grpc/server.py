@@ -1,8 +1,9 @@
 """The one gRPC server bootstrap every service uses.
 
 Health (`grpc.health.v1`), reflection and the error interceptor come with every server. On
-SIGTERM or SIGINT the server reports NOT_SERVING, runs the service's shutdown hooks (revoking
-leases, closing streams) and stops with a grace period for calls in flight.
+SIGTERM or SIGINT the server reports NOT_SERVING, stops with a grace period for calls in flight,
+then runs the service's shutdown hooks (stopping background work, closing etcd), so calls that
+finish during the grace period still have what they need.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class GrpcServer:
         self._stopped = asyncio.Event()
 
     def on_shutdown(self, hook: ShutdownHook) -> None:
-        """Run `hook` after the server stops taking calls and before it stops for good."""
+        """Run `hook` once the server has stopped and calls in flight have finished."""
         self._shutdown_hooks.append(hook)
 
     async def start(self) -> None:
@@ -81,17 +82,17 @@ class GrpcServer:
             await self._health.set(name, status)
 
     async def stop(self) -> None:
-        """Graceful shutdown: NOT_SERVING, shutdown hooks, then stop with the grace period."""
+        """Graceful shutdown: NOT_SERVING, stop with the grace period, then shutdown hooks."""
         if self._stopped.is_set():
             return
         self._stopped.set()
         await self.set_serving(serving=False)
+        await self._server.stop(self._grace_s)
         for hook in self._shutdown_hooks:
             try:
                 await hook()
             except Exception:
                 _log.exception("shutdown hook failed")
-        await self._server.stop(self._grace_s)
 
     async def serve_until_signalled(self) -> None:
         """Serve until SIGTERM or SIGINT, then shut down gracefully."""
