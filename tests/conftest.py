@@ -6,16 +6,18 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import pytest
 import pytest_asyncio
 
 from shard_core.settings import EtcdSettings
 from shard_tool.local import LocalMesh, MeshPorts, MeshTiming
+from shard_tool.publish import Publisher
+from tests.demo import MODEL_REPOSITORY
 
 REPO = Path(__file__).resolve().parent.parent
-MODEL_REPOSITORY = REPO / "infra" / "triton" / "models"
 # Short enough to keep the tests quick, long enough for a loaded 2-core CI machine.
-TEST_TIMING = MeshTiming(heartbeat_interval_s=0.5, lease_ttl_s=3)
+TEST_TIMING = MeshTiming(heartbeat_interval_s=0.5, lease_ttl_s=3, control_period_s=0.5)
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
@@ -39,3 +41,14 @@ def etcd_settings(mesh: LocalMesh, request: pytest.FixtureRequest) -> EtcdSettin
     return EtcdSettings(
         etcd_port=mesh.ports.etcd, etcd_prefix=f"/test/{request.node.name}/", etcd_timeout_s=5
     )
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def registry_channel(mesh: LocalMesh) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(mesh.registry_address) as channel:
+        yield channel
+
+
+@pytest.fixture
+def publisher(registry_channel: grpc.aio.Channel) -> Publisher:
+    return Publisher(channel=registry_channel)

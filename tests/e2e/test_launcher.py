@@ -13,8 +13,8 @@ import psutil
 import tritonclient.grpc as triton
 
 from shard_tool.local import MeshPorts
-from tests.conftest import MODEL_REPOSITORY, REPO
-from tests.demo import infer_simple
+from tests.conftest import REPO
+from tests.demo import MODEL_REPOSITORY, infer_simple
 
 
 def _wait_for_line(process: subprocess.Popen[str], marker: str, timeout: float) -> list[str]:

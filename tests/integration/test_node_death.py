@@ -15,8 +15,8 @@ import tritonclient.grpc as triton
 from shard_core.net import free_port
 from shard_node.triton import TritonPorts, TritonProcess
 from shard_tool.local import LocalMesh
-from tests.conftest import MODEL_REPOSITORY
-from tests.demo import infer_simple
+from shard_tool.publish import Publisher
+from tests.demo import infer_simple, target
 
 NODE = "doomed"
 
@@ -24,8 +24,10 @@ NODE = "doomed"
 @pytest.fixture
 async def own_triton(tmp_path: Path) -> AsyncIterator[TritonProcess]:
     """A Triton the test owns, so it outlives the node agent the test kills."""
+    repository = tmp_path / "repository"
+    repository.mkdir()
     process = TritonProcess(
-        model_repository=MODEL_REPOSITORY,
+        model_repository=repository,
         state_dir=tmp_path,
         ports=TritonPorts(grpc=free_port(), http=free_port(), metrics=free_port()),
     )
@@ -40,9 +42,23 @@ def _inference_count(client: triton.InferenceServerClient) -> int:
 
 
 async def test_sigkilled_node_stops_being_routed_to_after_its_lease_ttl(
-    mesh: LocalMesh, own_triton: TritonProcess
+    mesh: LocalMesh, own_triton: TritonProcess, publisher: Publisher
 ) -> None:
-    node = await mesh.start_node(NODE, triton_url=own_triton.grpc_url)
+    node = await mesh.start_node(
+        NODE, triton_url=own_triton.grpc_url, repository=own_triton.model_repository
+    )
+    # One more replica of `simple`: it can only go to the new node.
+    await publisher.deploy("simple", [target("1", replicas=len(mesh.nodes))])
+    await publisher.wait_available("deployments/simple", timeout=60)
+    try:
+        await _killed_node_gets_no_traffic(mesh, own_triton, node.process.pid)
+    finally:
+        await publisher.deploy("simple", [target("1", replicas=len(mesh.nodes) - 1)])
+
+
+async def _killed_node_gets_no_traffic(
+    mesh: LocalMesh, own_triton: TritonProcess, pid: int
+) -> None:
     router = triton.InferenceServerClient(mesh.router_address)
     doomed_triton = triton.InferenceServerClient(own_triton.grpc_url)
 
@@ -52,7 +68,7 @@ async def test_sigkilled_node_stops_being_routed_to_after_its_lease_ttl(
         infer_simple(router)
     assert _inference_count(doomed_triton) > before
 
-    os.kill(node.process.pid, signal.SIGKILL)
+    os.kill(pid, signal.SIGKILL)
     killed_at = time.monotonic()
     while await mesh.find_node(NODE) is not None:
         assert time.monotonic() - killed_at < mesh.timing.lease_ttl_s + 2, "lease never expired"

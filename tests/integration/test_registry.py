@@ -9,6 +9,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+from shard.deployment.v1 import deployment_pb2
+from shard.deployment.v1 import deployment_service_pb2 as deployment_api
 from shard.node.v1 import node_pb2, node_service_pb2, node_service_pb2_grpc
 from shard_core import keys
 from shard_core.errors import error_info
@@ -16,6 +18,8 @@ from shard_core.etcd.store import EtcdStore
 from shard_core.settings import EtcdSettings
 from shard_node.identity import NodeIdentity
 from shard_tool.local import LocalMesh
+from shard_tool.publish import Publisher
+from tests.demo import push_copy, target
 
 READY_SIMPLE = node_pb2.ModelStatus(
     model_name="simple", model_version="1", state=node_pb2.MODEL_STATE_READY
@@ -73,6 +77,9 @@ class FakeAgent:
         goodbye = node_service_pb2.Deregistration(reason="test done")
         await self.outbox.put(node_service_pb2.ConnectRequest(deregistration=goodbye))
         await self.outbox.put(None)
+        # gRPC reports the status only after every message before it has been read.
+        while await asyncio.wait_for(self.call.read(), 10) != grpc.aio.EOF:
+            pass
         return await asyncio.wait_for(self.call.code(), 10)
 
 
@@ -86,48 +93,80 @@ async def _refused(
     return raised.value
 
 
-async def test_registration_publishes_node_and_ready_endpoints(
-    stub: node_service_pb2_grpc.NodeServiceStub, shard_etcd: EtcdStore, tmp_path: Path
+async def _assignments(agent: FakeAgent) -> list[node_pb2.ModelAssignment]:
+    while True:
+        reply = await agent.read()
+        if reply.WhichOneof("message") == "assignments":
+            return list(reply.assignments.models)
+
+
+async def _eventually_present(store: EtcdStore, key: str, *, present: bool) -> None:
+    for _ in range(100):
+        if (await store.get(key) is not None) == present:
+            return
+        await asyncio.sleep(0.1)
+    pytest.fail(f"{key} never became {'present' if present else 'absent'}")
+
+
+async def test_assigned_ready_models_become_routable_and_unassigned_ones_stop(
+    stub: node_service_pb2_grpc.NodeServiceStub,
+    shard_etcd: EtcdStore,
+    publisher: Publisher,
+    tmp_path: Path,
 ) -> None:
     identity = NodeIdentity.load_or_create(tmp_path)
+    pool = {"pool": f"fake-{identity.node_id[:8]}"}
     agent = FakeAgent(stub)
-    loading = node_pb2.ModelStatus(
-        model_name="simple_string", model_version="1", state=node_pb2.MODEL_STATE_LOADING
-    )
-    await agent.send(_registration(identity, models=[READY_SIMPLE, loading]))
-
+    await agent.send(_registration(identity, models=[], labels=pool))
     reply = await agent.read()
-
     assert reply.registered.name == f"nodes/{identity.node_id}"
     assert reply.registered.lease_ttl_ms == 3000
     got = await stub.GetNode(node_service_pb2.GetNodeRequest(name=reply.registered.name))
     assert got.node.state == node_pb2.NODE_STATE_ACTIVE
-    assert got.node.labels["test"] == "registry"
     assert got.node.public_key == identity.public_key
-    # Only the READY model is routable.
-    assert await shard_etcd.get(keys.endpoint("simple", "1", identity.node_id)) is not None
-    assert await shard_etcd.get(keys.endpoint("simple_string", "1", identity.node_id)) is None
+    assert await _assignments(agent) == []
 
-    # A heartbeat in which the model became ready publishes its endpoint.
+    # A deployment that only this node may serve is assigned to it, files and all.
+    await push_copy(publisher, "fake-echo")
+    await publisher.deploy(
+        "fake-echo",
+        [target("1", replicas=1)],
+        node_selector=deployment_pb2.NodeSelector(labels=pool),
+    )
+    (assignment,) = await _assignments(agent)
+    assert (assignment.model_name, assignment.model_version) == ("fake-echo", "1")
+    assert {file.path for file in assignment.files} == {"model.py"}
+    assert assignment.deployment == "deployments/fake-echo"
+    endpoint = keys.endpoint("fake-echo", "1", identity.node_id)
+
+    # Loading: not routable. READY: routable.
+    loading = node_pb2.ModelStatus(
+        model_name="fake-echo", model_version="1", state=node_pb2.MODEL_STATE_LOADING
+    )
+    await agent.send(
+        node_service_pb2.ConnectRequest(heartbeat=node_service_pb2.Heartbeat(models=[loading]))
+    )
+    await asyncio.sleep(0.3)
+    assert await shard_etcd.get(endpoint) is None
     ready = node_pb2.ModelStatus()
     ready.CopyFrom(loading)
     ready.state = node_pb2.MODEL_STATE_READY
     await agent.send(
-        node_service_pb2.ConnectRequest(
-            heartbeat=node_service_pb2.Heartbeat(models=[READY_SIMPLE, ready])
-        )
+        node_service_pb2.ConnectRequest(heartbeat=node_service_pb2.Heartbeat(models=[ready]))
     )
-    for _ in range(50):
-        if await shard_etcd.get(keys.endpoint("simple_string", "1", identity.node_id)):
-            break
-        await asyncio.sleep(0.1)
-    else:
-        pytest.fail("the endpoint of the model that became ready was never published")
+    await _eventually_present(shard_etcd, endpoint, present=True)
+
+    # Deleting the deployment unassigns the model: it stops being routable at once, although
+    # the node still says READY.
+    await publisher.deployments.DeleteDeployment(
+        deployment_api.DeleteDeploymentRequest(name="deployments/fake-echo")
+    )
+    assert await _assignments(agent) == []
+    await _eventually_present(shard_etcd, endpoint, present=False)
 
     # A goodbye deregisters at once: no waiting for the lease to expire.
     assert await agent.close() == grpc.StatusCode.OK
     assert await shard_etcd.get(keys.node(identity.node_id)) is None
-    assert await shard_etcd.get(keys.endpoint("simple", "1", identity.node_id)) is None
 
 
 async def test_reconnect_within_the_ttl_keeps_the_lease(

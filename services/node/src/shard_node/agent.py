@@ -15,8 +15,9 @@ import contextlib
 import logging
 import os
 import random
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from importlib.metadata import version
+from typing import Any
 
 import grpc
 import psutil
@@ -103,9 +104,11 @@ class NodeAgent:
             )
         )
 
-    async def _receive(self, call: AsyncIterable[node_service_pb2.ConnectResponse]) -> None:
+    async def _receive(
+        self, call: grpc.aio.StreamStreamCall[Any, node_service_pb2.ConnectResponse]
+    ) -> None:
         """Take everything the registry sends after the registration: assignments."""
-        async for reply in call:
+        while isinstance(reply := await call.read(), node_service_pb2.ConnectResponse):
             if reply.WhichOneof("message") == "assignments":
                 self._models.assign(list(reply.assignments.models))
         raise ConnectionError("the registry ended the stream")

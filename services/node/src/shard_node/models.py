@@ -45,6 +45,15 @@ def pinned_config(config_text: str, model_name: str, version: str) -> str:
     return text_format.MessageToString(config)
 
 
+def _measured(before: tuple[int, int] | None, after: tuple[int, int] | None) -> int:
+    """Memory a load took: its own backend processes, plus what Triton itself grew by (in-process
+    backends). Loads run in parallel, so the second part can include a neighbour's growth: it
+    errs towards more, which never overcommits a node."""
+    if before is None or after is None:
+        return 0
+    return after[1] + max(after[0] - before[0], 0)
+
+
 class ModelManager:
     def __init__(
         self,
@@ -110,9 +119,9 @@ class ModelManager:
             target = self._repository / model
             shutil.rmtree(target, ignore_errors=True)
             staging.rename(target)
-            before = self._triton.memory_bytes()
+            before = self._triton.memory_bytes(target)
             await self._triton.load(model)
-            after = self._triton.memory_bytes()
+            after = self._triton.memory_bytes(target)
         except (FetchError, InferenceServerException, OSError, text_format.ParseError) as error:
             _log.warning("model %s version %s failed: %s", model, version, error)
             self._state(assignment, node_pb2.MODEL_STATE_FAILED, str(error)[:1000])
@@ -120,7 +129,7 @@ class ModelManager:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         self._states.pop(model, None)
-        measured = max((after or 0) - (before or 0), 0)
+        measured = _measured(before, after)
         self._memory[model] = measured
         _log.info("model %s version %s loaded, %d MiB", model, version, measured >> 20)
 

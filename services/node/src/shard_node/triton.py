@@ -62,6 +62,7 @@ class TritonProcess:
 
     def __init__(self, *, model_repository: Path, state_dir: Path, ports: TritonPorts) -> None:
         self.ports = ports
+        self.model_repository = model_repository
         self.grpc_url = f"127.0.0.1:{ports.grpc}"
         root = _pytriton_root()
         server = root / "tritonserver"
@@ -147,16 +148,22 @@ class TritonControl:
         _log.info("unloading model %s", model_name)
         await self._client.unload_model(model_name, client_timeout=60.0)
 
-    def memory_bytes(self) -> int | None:
-        """Resident memory of Triton and its backend processes, or None if it cannot be seen."""
+    def memory_bytes(self, model_dir: Path) -> tuple[int, int] | None:
+        """Resident memory of the Triton process itself, and of the backend processes serving
+        the model in `model_dir` (the Python backend runs each model in processes of its own);
+        None when this Triton's process cannot be seen."""
         process = self._process()
         if process is None:
             return None
-        total = 0
-        for member in [process, *process.children(recursive=True)]:
+        own = 0
+        with contextlib.suppress(psutil.Error):
+            own = process.memory_info().rss
+        models = 0
+        for child in process.children(recursive=True):
             with contextlib.suppress(psutil.Error):
-                total += member.memory_info().rss
-        return total
+                if any(str(model_dir) in part for part in child.cmdline()):
+                    models += child.memory_info().rss
+        return own, models
 
     def _process(self) -> psutil.Process | None:
         """The local tritonserver serving `url`, found by its --grpc-port."""

@@ -19,10 +19,13 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from shard.deployment.v1 import deployment_pb2
+from shard.model.v1 import model_pb2
 from shard.node.v1 import node_pb2, node_service_pb2, node_service_pb2_grpc
 from shard_core.etcd.server import EtcdServer
 from shard_core.net import free_port
 from shard_core.process import ManagedProcess
+from shard_tool.publish import Publisher
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,6 +51,7 @@ class MeshPorts:
 class MeshTiming:
     heartbeat_interval_s: float = 2.0
     lease_ttl_s: int = 10
+    control_period_s: float = 2.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,6 +137,9 @@ class LocalMesh:
                     "metrics_port": self.ports.registry_metrics,
                     "heartbeat_interval_s": self.timing.heartbeat_interval_s,
                     "lease_ttl_s": self.timing.lease_ttl_s,
+                    "control_period_s": self.timing.control_period_s,
+                    "leader_ttl_s": max(2, self.timing.lease_ttl_s),
+                    "blob_dir": self.state_dir / "blobs",
                 },
             ),
         )
@@ -171,16 +178,39 @@ class LocalMesh:
         )
         await asyncio.gather(*(self.start_node(f"node-{index}") for index in range(nodes)))
         self._write_state()
+        await self.publish_demo_models(replicas=nodes)
+
+    async def publish_demo_models(self, *, replicas: int, timeout: float = 120) -> None:
+        """Publish every model in the demo repository as a public model, deploy its newest
+        version on `replicas` nodes, and wait until every replica is ready."""
+        async with grpc.aio.insecure_channel(self.registry_address) as channel:
+            publisher = Publisher(channel=channel)
+            model_dirs = sorted(p for p in self.model_repository.iterdir() if p.is_dir())
+            for model_dir in model_dirs:
+                versions = await publisher.push_directory(
+                    model_dir, visibility=model_pb2.VISIBILITY_PUBLIC
+                )
+                target = deployment_pb2.DeploymentTarget(
+                    version=versions[-1], replicas=replicas, weight=1
+                )
+                await publisher.deploy(model_dir.name, [target])
+            await asyncio.gather(
+                *(
+                    publisher.wait_available(f"deployments/{model_dir.name}", timeout=timeout)
+                    for model_dir in model_dirs
+                )
+            )
 
     async def start_node(
         self,
         name: str,
         *,
         triton_url: str | None = None,
+        repository: Path | None = None,
         labels: Mapping[str, str] | None = None,
     ) -> NodeHandle:
-        """Start a node agent that launches its own Triton, or attaches to `triton_url`, and
-        wait until it has registered with every model READY."""
+        """Start a node agent that launches its own Triton, or attaches to the Triton at
+        `triton_url` serving `repository`, and wait until it has registered."""
         state_dir = self.state_dir / "nodes" / name
         settings: dict[str, object] = {
             "registry_address": self.registry_address,
@@ -191,29 +221,23 @@ class LocalMesh:
         if triton_url is None:
             triton_grpc_port = free_port()
             settings |= {
-                "model_repository": self.model_repository,
                 "triton_grpc_port": triton_grpc_port,
                 "triton_http_port": free_port(),
                 "triton_metrics_port": free_port(),
             }
         else:
-            settings["triton_url"] = triton_url
+            settings |= {"triton_url": triton_url, "repository": repository}
         process = self._service(f"node-{name}", "shard_node", _endpoint_env("NODE", settings))
         handle = NodeHandle(
             name=name, process=process, state_dir=state_dir, triton_grpc_port=triton_grpc_port
         )
         self.nodes[name] = handle
         process.start()
-        await process.wait_ready(lambda: self._node_serving(name), timeout=120, interval=0.25)
+        await process.wait_ready(lambda: self._node_registered(name), timeout=120, interval=0.2)
         return handle
 
-    async def _node_serving(self, name: str) -> bool:
-        node = await self.find_node(name)
-        return (
-            node is not None
-            and bool(node.models)
-            and all(model.state == node_pb2.MODEL_STATE_READY for model in node.models)
-        )
+    async def _node_registered(self, name: str) -> bool:
+        return await self.find_node(name) is not None
 
     async def find_node(self, name: str) -> node_pb2.Node | None:
         """The registry's record of the node this mesh started as `name`, if it is alive."""

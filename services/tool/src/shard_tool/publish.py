@@ -1,0 +1,194 @@
+"""Publishing models to the shard from a Triton model repository on disk, over the registry's
+gRPC API: upload each file as a blob (skipping blobs the store has), create the model and its
+versions, deploy. Used by `shard up` for the demo models and by the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from shard.artifact.v1 import artifact_service_pb2 as artifact_api
+from shard.artifact.v1 import artifact_service_pb2_grpc
+from shard.deployment.v1 import deployment_pb2, deployment_service_pb2_grpc
+from shard.deployment.v1 import deployment_service_pb2 as deployment_api
+from shard.model.v1 import model_pb2, model_service_pb2_grpc
+from shard.model.v1 import model_service_pb2 as model_api
+
+CHUNK_BYTES = 1024 * 1024
+TIMEOUT_S = 30.0
+
+
+def file_digest(path: Path) -> tuple[str, int]:
+    """SHA-256 and size of a file, read in chunks."""
+    hasher = hashlib.sha256()
+    size = 0
+    with path.open("rb") as file:
+        while chunk := file.read(CHUNK_BYTES):
+            hasher.update(chunk)
+            size += len(chunk)
+    return hasher.hexdigest(), size
+
+
+async def _chunks(
+    path: Path, sha256: str, size: int
+) -> AsyncIterator[artifact_api.UploadBlobRequest]:
+    yield artifact_api.UploadBlobRequest(
+        header=artifact_api.UploadBlobHeader(sha256=sha256, size_bytes=size)
+    )
+    with path.open("rb") as file:
+        while chunk := await asyncio.to_thread(file.read, CHUNK_BYTES):
+            yield artifact_api.UploadBlobRequest(chunk=chunk)
+
+
+def _files(version_dir: Path) -> list[Path]:
+    return sorted(
+        path
+        for path in version_dir.rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts
+    )
+
+
+def _version_dirs(model_dir: Path) -> list[Path]:
+    numbered = (path for path in model_dir.iterdir() if path.is_dir() and path.name.isdigit())
+    return sorted(numbered, key=lambda path: int(path.name))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Publisher:
+    """The registry's model APIs, as one client uses them."""
+
+    channel: grpc.aio.Channel
+
+    @property
+    def artifacts(self) -> artifact_service_pb2_grpc.ArtifactServiceStub:
+        return artifact_service_pb2_grpc.ArtifactServiceStub(self.channel)
+
+    @property
+    def models(self) -> model_service_pb2_grpc.ModelServiceStub:
+        return model_service_pb2_grpc.ModelServiceStub(self.channel)
+
+    @property
+    def deployments(self) -> deployment_service_pb2_grpc.DeploymentServiceStub:
+        return deployment_service_pb2_grpc.DeploymentServiceStub(self.channel)
+
+    async def upload(self, path: Path) -> model_pb2.ModelFile:
+        """Upload one file as a blob unless the store already has it."""
+        sha256, size = await asyncio.to_thread(file_digest, path)
+        try:
+            await self.artifacts.GetBlob(
+                artifact_api.GetBlobRequest(name=f"blobs/{sha256}"), timeout=TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            await self.artifacts.UploadBlob(_chunks(path, sha256, size), timeout=3600)
+        return model_pb2.ModelFile(sha256=sha256, size_bytes=size)
+
+    async def ensure_model(self, model_id: str, model: model_pb2.Model) -> None:
+        try:
+            await self.models.CreateModel(
+                model_api.CreateModelRequest(model_id=model_id, model=model), timeout=TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+
+    async def push_version(
+        self, model_id: str, version_dir: Path, config: str
+    ) -> model_pb2.ModelVersion:
+        """Upload a version directory's files and create the version (kept if it exists)."""
+        files = []
+        for path in await asyncio.to_thread(_files, version_dir):
+            uploaded = await self.upload(path)
+            uploaded.path = path.relative_to(version_dir).as_posix()
+            files.append(uploaded)
+        request = model_api.CreateModelVersionRequest(
+            parent=f"models/{model_id}",
+            model_version_id=version_dir.name,
+            model_version=model_pb2.ModelVersion(config=config, files=files),
+        )
+        try:
+            reply = await self.models.CreateModelVersion(request, timeout=TIMEOUT_S)
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+            return await self._version(model_id, version_dir.name)
+        return reply.model_version
+
+    async def _version(self, model_id: str, version: str) -> model_pb2.ModelVersion:
+        reply = await self.models.GetModelVersion(
+            model_api.GetModelVersionRequest(name=f"models/{model_id}/versions/{version}"),
+            timeout=TIMEOUT_S,
+        )
+        return reply.model_version
+
+    async def push_directory(
+        self, model_dir: Path, *, visibility: model_pb2.Visibility.ValueType
+    ) -> list[str]:
+        """Publish a Triton model directory (config.pbtxt and numbered version directories) as
+        the model named after the directory; return its version numbers."""
+        model_id = model_dir.name
+        config = await asyncio.to_thread((model_dir / "config.pbtxt").read_text)
+        await self.ensure_model(model_id, model_pb2.Model(visibility=visibility))
+        versions = await asyncio.to_thread(_version_dirs, model_dir)
+        for version_dir in versions:
+            await self.push_version(model_id, version_dir, config)
+        return [version_dir.name for version_dir in versions]
+
+    async def deploy(
+        self,
+        model_id: str,
+        targets: list[deployment_pb2.DeploymentTarget],
+        *,
+        resources: deployment_pb2.Resources | None = None,
+        node_selector: deployment_pb2.NodeSelector | None = None,
+    ) -> deployment_pb2.Deployment:
+        """Create the model's deployment (named after the model), or replace the spec of the
+        one it has."""
+        deployment = deployment_pb2.Deployment(
+            model=f"models/{model_id}",
+            targets=targets,
+            resources=resources,
+            node_selector=node_selector,
+        )
+        try:
+            reply = await self.deployments.CreateDeployment(
+                deployment_api.CreateDeploymentRequest(
+                    deployment_id=model_id, deployment=deployment
+                ),
+                timeout=TIMEOUT_S,
+            )
+            return reply.deployment
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+        deployment.name = f"deployments/{model_id}"
+        updated = await self.deployments.UpdateDeployment(
+            deployment_api.UpdateDeploymentRequest(deployment=deployment), timeout=TIMEOUT_S
+        )
+        return updated.deployment
+
+    async def wait_available(self, deployment: str, *, timeout: float) -> None:
+        """Wait until every desired replica of `deployment` is ready."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            reply = await self.deployments.GetDeployment(
+                deployment_api.GetDeploymentRequest(name=deployment), timeout=TIMEOUT_S
+            )
+            spec, status = reply.deployment, reply.deployment.status
+            conditions = {c.type: c for c in status.conditions}
+            desired = {t.version: t.replicas for t in spec.targets}
+            # The status must describe the current spec, not the one before it.
+            observed = {t.version: t.desired_replicas for t in status.targets}
+            ready = all(t.ready_replicas >= t.desired_replicas for t in status.targets)
+            if observed == desired and ready:
+                return
+            if asyncio.get_running_loop().time() > deadline:
+                why = "; ".join(f"{c.type}={c.status}: {c.message}" for c in conditions.values())
+                raise TimeoutError(f"{deployment} not available after {timeout:.0f}s ({why})")
+            await asyncio.sleep(0.2)
