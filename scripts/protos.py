@@ -40,7 +40,11 @@ def _sources() -> list[str]:
 
 def _protoc(*args: str) -> None:
     command = [sys.executable, "-m", "grpc_tools.protoc", *_includes(), *args, *_sources()]
-    subprocess.run(command, check=True, cwd=PROTOS)
+    # protoc-gen-mypy reports every file it writes; show protoc's output only when it fails.
+    result = subprocess.run(command, cwd=PROTOS, capture_output=True, text=True, check=False)
+    if result.returncode:
+        sys.stderr.write(result.stdout + result.stderr)
+        raise SystemExit(result.returncode)
 
 
 def generate(out: Path) -> None:

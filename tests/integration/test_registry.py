@@ -78,7 +78,9 @@ class FakeAgent:
         await self.outbox.put(node_service_pb2.ConnectRequest(deregistration=goodbye))
         await self.outbox.put(None)
         # gRPC reports the status only after every message before it has been read.
-        while await asyncio.wait_for(self.call.read(), 10) != grpc.aio.EOF:
+        while isinstance(
+            await asyncio.wait_for(self.call.read(), 10), node_service_pb2.ConnectResponse
+        ):
             pass
         return await asyncio.wait_for(self.call.code(), 10)
 

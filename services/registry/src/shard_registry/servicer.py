@@ -150,7 +150,14 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
                     )
                 yield request.chunk
 
-        stored = await self._blobs.put(first.header.sha256, first.header.size_bytes, chunks())
+        try:
+            stored = await self._blobs.put(first.header.sha256, first.header.size_bytes, chunks())
+        except InvalidArgumentError:
+            # Refusing while the client still sends makes its gRPC library report a failed send
+            # (INTERNAL) instead of our status: take the rest of the stream, then refuse.
+            async for _ in request_iterator:
+                pass
+            raise
         return artifact_service_pb2.UploadBlobResponse(blob=_blob(stored))
 
     async def GetBlob(
