@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc as triton
 
+from shard.deployment.v1 import deployment_service_pb2 as deployment_api
+from shard.node.v1.node_service_pb2 import ListNodesRequest
+from shard.node.v1.node_service_pb2_grpc import NodeServiceStub
 from shard_core.net import free_port
 from shard_node.triton import TritonPorts, TritonProcess
 from shard_tool.local import LocalMesh
@@ -47,13 +50,17 @@ async def test_sigkilled_node_stops_being_routed_to_after_its_lease_ttl(
     node = await mesh.start_node(
         NODE, triton_url=own_triton.grpc_url, repository=own_triton.model_repository
     )
-    # One more replica of `simple`: it can only go to the new node.
-    await publisher.deploy("simple", [target("1", replicas=len(mesh.nodes))])
+    # A replica of `simple` on every live node, the new one included.
+    before = await publisher.deployments.GetDeployment(
+        deployment_api.GetDeploymentRequest(name="deployments/simple")
+    )
+    live = await NodeServiceStub(publisher.channel).ListNodes(ListNodesRequest())
+    await publisher.deploy("simple", [target("1", replicas=len(live.nodes))])
     await publisher.wait_available("deployments/simple", timeout=60)
     try:
         await _killed_node_gets_no_traffic(mesh, own_triton, node.process.pid)
     finally:
-        await publisher.deploy("simple", [target("1", replicas=len(mesh.nodes) - 1)])
+        await publisher.deploy("simple", list(before.deployment.targets))
 
 
 async def _killed_node_gets_no_traffic(

@@ -95,11 +95,14 @@ async def _refused(
     return raised.value
 
 
-async def _assignments(agent: FakeAgent) -> list[node_pb2.ModelAssignment]:
+async def _assignments(agent: FakeAgent, *, models: set[str]) -> list[node_pb2.ModelAssignment]:
+    """Read the registry's pushes until one assigns exactly `models`; return it."""
     while True:
         reply = await agent.read()
         if reply.WhichOneof("message") == "assignments":
-            return list(reply.assignments.models)
+            assigned = list(reply.assignments.models)
+            if {a.model_name for a in assigned} == models:
+                return assigned
 
 
 async def _eventually_present(store: EtcdStore, key: str, *, present: bool) -> None:
@@ -126,7 +129,7 @@ async def test_assigned_ready_models_become_routable_and_unassigned_ones_stop(
     got = await stub.GetNode(node_service_pb2.GetNodeRequest(name=reply.registered.name))
     assert got.node.state == node_pb2.NODE_STATE_ACTIVE
     assert got.node.public_key == identity.public_key
-    assert await _assignments(agent) == []
+    assert await _assignments(agent, models=set()) == []
 
     # A deployment that only this node may serve is assigned to it, files and all.
     await push_copy(publisher, "fake-echo")
@@ -135,7 +138,7 @@ async def test_assigned_ready_models_become_routable_and_unassigned_ones_stop(
         [target("1", replicas=1)],
         node_selector=deployment_pb2.NodeSelector(labels=pool),
     )
-    (assignment,) = await _assignments(agent)
+    (assignment,) = await _assignments(agent, models={"fake-echo"})
     assert (assignment.model_name, assignment.model_version) == ("fake-echo", "1")
     assert {file.path for file in assignment.files} == {"model.py"}
     assert assignment.deployment == "deployments/fake-echo"
@@ -163,7 +166,7 @@ async def test_assigned_ready_models_become_routable_and_unassigned_ones_stop(
     await publisher.deployments.DeleteDeployment(
         deployment_api.DeleteDeploymentRequest(name="deployments/fake-echo")
     )
-    assert await _assignments(agent) == []
+    assert await _assignments(agent, models=set()) == []
     await _eventually_present(shard_etcd, endpoint, present=False)
 
     # A goodbye deregisters at once: no waiting for the lease to expire.

@@ -27,6 +27,15 @@ from shard.model.v1 import model_pb2
 from shard.node.v1 import node_pb2
 
 GIB = 1024**3
+# The order a node is checked in: a later refusal means the node came closer to fitting.
+REFUSAL_ORDER = [
+    "NODE_NOT_ACTIVE",
+    "SELECTOR_MISMATCH",
+    "ALREADY_SERVES_MODEL",
+    "INSUFFICIENT_CPU",
+    "INSUFFICIENT_MEMORY",
+    "INSUFFICIENT_GPU",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -281,7 +290,8 @@ class Scheduler:
                 message = f"0 of {len(self._nodes)} nodes fit" + (
                     ": " + "; ".join(parts) if parts else ""
                 )
-                reason = refusals.most_common(1)[0][0] if refusals else "NO_NODES"
+                # The reason of the node that came closest to fitting: the most telling one.
+                reason = max(refusals, key=REFUSAL_ORDER.index) if refusals else "NO_NODES"
             self.plan.decide(
                 deployment.name,
                 deployment_pb2.PlacementDecision(

@@ -257,6 +257,16 @@ class LocalMesh:
         writer.close()
         return b" 200 " in status_line
 
+    async def restart(self, service: str) -> None:
+        """Stop a control-plane service (SIGTERM) and start it again, as an upgrade would."""
+        old = self.services[service]
+        old.stop()
+        fresh = ManagedProcess(old.name, old.argv, log_path=old.log_path, env=old.env)
+        self.services[service] = fresh
+        fresh.start()
+        address = {"registry": self.registry_address, "inference": self.router_address}[service]
+        await fresh.wait_ready(lambda: _serving(address), timeout=30)
+
     def processes(self) -> list[ManagedProcess]:
         return [
             self.etcd.process,
