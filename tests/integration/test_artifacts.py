@@ -212,6 +212,7 @@ async def test_a_200_mb_upload_keeps_the_registry_s_memory_flat(
         sampler.join()
     assert reply.blob.size_bytes == size
     growth = peak - baseline
+    print(f"200 MiB upload: registry RSS {baseline / MIB:.0f} MiB, peak +{growth / MIB:.1f} MiB")
     # Streaming holds a few parts in flight (8 MiB each), never the 200 MB.
     assert growth < 64 * MIB, f"registry grew by {growth / MIB:.0f} MiB during the upload"
 

@@ -7,6 +7,7 @@ import asyncio
 import collections
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -16,11 +17,12 @@ import tritonclient.grpc as triton
 
 from shard.deployment.v1 import deployment_pb2
 from shard.deployment.v1 import deployment_service_pb2 as api
+from shard.model.v1 import model_pb2
 from shard.node.v1 import node_pb2, node_service_pb2, node_service_pb2_grpc
 from shard_core.errors import error_info
 from shard_tool.local import LocalMesh
 from shard_tool.publish import Publisher
-from tests.demo import push_copy, simple_inputs, target
+from tests.demo import MODEL_REPOSITORY, push_copy, simple_inputs, target
 
 POOL = {"pool": "scheduling"}
 SELECTOR = deployment_pb2.NodeSelector(labels=POOL)
@@ -132,6 +134,7 @@ async def test_a_killed_node_s_replica_is_placed_elsewhere_and_served_again(
 
     await _until(replaced, timeout=mesh.timing.lease_ttl_s + 60)
     recovered_after = time.monotonic() - killed_at
+    print(f"killed node's replica ready elsewhere after {recovered_after:.1f}s")
     history = (
         await publisher.deployments.ExplainDeployment(
             api.ExplainDeploymentRequest(name="deployments/pooled")
@@ -207,6 +210,7 @@ async def test_canary_weights_split_traffic(
     client = triton.InferenceServerClient(mesh.router_address)
 
     served = collections.Counter(_infer(client, "canary") for _ in range(1000))
+    print(f"canary 90/10 over 1000 requests: {dict(served)}")
 
     assert set(served) == {"1", "2"}
     assert sum(served.values()) == 1000
@@ -255,3 +259,42 @@ async def test_a_model_has_one_deployment(pool: list[str], publisher: Publisher)
             )
         )
     assert raised.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+async def test_a_node_refuses_files_that_do_not_verify(
+    mesh: LocalMesh, pool: list[str], publisher: Publisher, tmp_path: Path
+) -> None:
+    model_py = tmp_path / "1" / "model.py"
+    model_py.parent.mkdir()
+    source = (MODEL_REPOSITORY / "simple" / "1" / "model.py").read_text()
+    model_py.write_text(source + "\n# a blob of its own\n")
+    config = (MODEL_REPOSITORY / "simple" / "config.pbtxt").read_text()
+    config = config.replace('name: "simple"', "")
+    await publisher.ensure_model("tampered", model_pb2.Model())
+    version = await publisher.push_version("tampered", model_py.parent, config)
+    # Someone with access to the blob store flips a byte, keeping the size.
+    sha = version.files[0].sha256
+    stored = mesh.state_dir / "blobs" / "sha256" / sha[:2] / sha
+    data = bytearray(stored.read_bytes())
+    data[0] ^= 0xFF
+    stored.write_bytes(bytes(data))
+
+    await publisher.deploy("tampered", [target("1", replicas=1)], node_selector=SELECTOR)
+
+    async def failed() -> bool:
+        deployment = await _deployment(publisher, "deployments/tampered")
+        nodes = deployment.status.targets[0].nodes if deployment.status.targets else []
+        for name in nodes:
+            node = await mesh.find_node(await _node_of(mesh, name))
+            states = {m.model_name: m for m in node.models} if node else {}
+            if "tampered" in states and states["tampered"].state == node_pb2.MODEL_STATE_FAILED:
+                return "did not verify" in states["tampered"].reason
+        return False
+
+    await _until(failed)
+    deployment = await _deployment(publisher, "deployments/tampered")
+    assert deployment.status.targets[0].ready_replicas == 0
+    assert not triton.InferenceServerClient(mesh.router_address).is_model_ready("tampered")
+    await publisher.deployments.DeleteDeployment(
+        api.DeleteDeploymentRequest(name="deployments/tampered")
+    )
