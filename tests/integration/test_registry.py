@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shard.deployment.v1 import deployment_pb2
 from shard.deployment.v1 import deployment_service_pb2 as deployment_api
 from shard.node.v1 import node_pb2, node_service_pb2, node_service_pb2_grpc
 from shard_core import keys
+from shard_core.attestation import signed_bytes
 from shard_core.errors import error_info
 from shard_core.etcd.store import EtcdStore
 from shard_core.settings import EtcdSettings
@@ -21,23 +25,9 @@ from shard_tool.local import LocalMesh
 from shard_tool.publish import Publisher
 from tests.demo import push_copy, target
 
-READY_SIMPLE = node_pb2.ModelStatus(
-    model_name="simple", model_version="1", state=node_pb2.MODEL_STATE_READY
+INVENTORY = node_pb2.Inventory(
+    cpu_model="test", cpu_cores=4, memory_bytes=8 << 30, agent_version="0.1.0"
 )
-
-
-def _registration(identity: NodeIdentity, **overrides: object) -> node_service_pb2.ConnectRequest:
-    fields: dict[str, object] = {
-        "node_id": identity.node_id,
-        "public_key": identity.public_key,
-        "inference_address": "127.0.0.1:1",
-        "models": [READY_SIMPLE],
-        "labels": {"test": "registry"},
-    }
-    fields.update(overrides)
-    return node_service_pb2.ConnectRequest(
-        registration=node_service_pb2.Registration(**fields)  # type: ignore[arg-type]
-    )
 
 
 @pytest.fixture
@@ -52,6 +42,24 @@ async def shard_etcd(mesh: LocalMesh) -> AsyncIterator[EtcdStore]:
     store = EtcdStore(EtcdSettings(etcd_port=mesh.ports.etcd))
     yield store
     await store.close()
+
+
+def attestation(
+    identity: NodeIdentity,
+    nonce: bytes,
+    *,
+    inventory: node_pb2.Inventory = INVENTORY,
+    signer: Ed25519PrivateKey | None = None,
+    time_ms: int | None = None,
+) -> node_service_pb2.Attestation:
+    when = int(time.time() * 1000) if time_ms is None else time_ms
+    message = signed_bytes(nonce=nonce, inventory=inventory, time_ms=when, node_id=identity.node_id)
+    return node_service_pb2.Attestation(
+        nonce=nonce,
+        inventory=inventory,
+        time_ms=when,
+        signature=(signer or identity.private_key).sign(message),
+    )
 
 
 class FakeAgent:
@@ -73,6 +81,34 @@ class FakeAgent:
         assert isinstance(reply, node_service_pb2.ConnectResponse)
         return reply
 
+    async def hello(self, identity: NodeIdentity, *, node_id: str | None = None) -> bytes:
+        """Say who we are; return the registry's challenge nonce."""
+        hello = node_service_pb2.Hello(
+            node_id=node_id or identity.node_id, public_key=identity.public_key
+        )
+        await self.send(node_service_pb2.ConnectRequest(hello=hello))
+        return (await self.read()).challenge.nonce
+
+    async def register(
+        self,
+        identity: NodeIdentity,
+        *,
+        token: str,
+        proof: node_service_pb2.Attestation | None = None,
+        nonce: bytes | None = None,
+        **fields: Any,
+    ) -> node_service_pb2.ConnectResponse:
+        """Hello, then a registration signing the challenge (or `proof`); the answer."""
+        challenge = await self.hello(identity)
+        registration = node_service_pb2.Registration(
+            inference_address=fields.pop("inference_address", "127.0.0.1:1"),
+            join_token=token,
+            attestation=proof or attestation(identity, nonce or challenge),
+            **fields,
+        )
+        await self.send(node_service_pb2.ConnectRequest(registration=registration))
+        return await self.read()
+
     async def close(self) -> grpc.StatusCode:
         goodbye = node_service_pb2.Deregistration(reason="test done")
         await self.outbox.put(node_service_pb2.ConnectRequest(deregistration=goodbye))
@@ -85,13 +121,24 @@ class FakeAgent:
         return await asyncio.wait_for(self.call.code(), 10)
 
 
-async def _refused(
-    stub: node_service_pb2_grpc.NodeServiceStub, first: node_service_pb2.ConnectRequest
-) -> grpc.aio.AioRpcError:
-    agent = FakeAgent(stub)
-    await agent.send(first)
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
+async def _heartbeats(agent: FakeAgent) -> None:
+    while True:
+        await agent.send(node_service_pb2.ConnectRequest(heartbeat=node_service_pb2.Heartbeat()))
+        await asyncio.sleep(0.5)
+
+
+async def _read_until_closed(agent: FakeAgent) -> None:
+    while True:
         await agent.read()
+
+
+async def _refused(awaitable: Any, code: grpc.StatusCode, reason: str) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await awaitable
+    assert raised.value.code() == code, raised.value.details()
+    info = error_info(raised.value)
+    assert info is not None
+    assert info.reason == reason, raised.value.details()
     return raised.value
 
 
@@ -113,7 +160,19 @@ async def _eventually_present(store: EtcdStore, key: str, *, present: bool) -> N
     pytest.fail(f"{key} never became {'present' if present else 'absent'}")
 
 
+async def _until_state(
+    stub: node_service_pb2_grpc.NodeServiceStub, name: str, state: node_pb2.NodeState.ValueType
+) -> node_pb2.Node:
+    for _ in range(100):
+        node = (await stub.GetNode(node_service_pb2.GetNodeRequest(name=name))).node
+        if node.state == state:
+            return node
+        await asyncio.sleep(0.1)
+    pytest.fail(f"{name} never became {node_pb2.NodeState.Name(state)}")
+
+
 async def test_assigned_ready_models_become_routable_and_unassigned_ones_stop(
+    mesh: LocalMesh,
     stub: node_service_pb2_grpc.NodeServiceStub,
     shard_etcd: EtcdStore,
     publisher: Publisher,
@@ -122,13 +181,16 @@ async def test_assigned_ready_models_become_routable_and_unassigned_ones_stop(
     identity = NodeIdentity.load_or_create(tmp_path)
     pool = {"pool": f"fake-{identity.node_id[:8]}"}
     agent = FakeAgent(stub)
-    await agent.send(_registration(identity, models=[], labels=pool))
-    reply = await agent.read()
+    reply = await agent.register(identity, token=await mesh.join_token("test"), labels=pool)
     assert reply.registered.name == f"nodes/{identity.node_id}"
     assert reply.registered.lease_ttl_ms == 3000
     got = await stub.GetNode(node_service_pb2.GetNodeRequest(name=reply.registered.name))
-    assert got.node.state == node_pb2.NODE_STATE_ACTIVE
+    assert got.node.state == node_pb2.NODE_STATE_PENDING
     assert got.node.public_key == identity.public_key
+    assert got.node.inventory == INVENTORY
+    # The first healthy heartbeat makes it ACTIVE, and only ACTIVE nodes get replicas.
+    await agent.send(node_service_pb2.ConnectRequest(heartbeat=node_service_pb2.Heartbeat()))
+    await _until_state(stub, reply.registered.name, node_pb2.NODE_STATE_ACTIVE)
     assert await _assignments(agent, models=set()) == []
 
     # A deployment that only this node may serve is assigned to it, files and all.
@@ -174,19 +236,20 @@ async def test_assigned_ready_models_become_routable_and_unassigned_ones_stop(
     assert await shard_etcd.get(keys.node(identity.node_id)) is None
 
 
-async def test_reconnect_within_the_ttl_keeps_the_lease(
-    stub: node_service_pb2_grpc.NodeServiceStub, shard_etcd: EtcdStore, tmp_path: Path
+async def test_reconnect_within_the_ttl_keeps_the_lease_and_needs_no_token(
+    mesh: LocalMesh,
+    stub: node_service_pb2_grpc.NodeServiceStub,
+    shard_etcd: EtcdStore,
+    tmp_path: Path,
 ) -> None:
     identity = NodeIdentity.load_or_create(tmp_path)
     first = FakeAgent(stub)
-    await first.send(_registration(identity))
-    await first.read()
+    await first.register(identity, token=await mesh.join_token("test"))
     lease = (await shard_etcd.get(keys.node(identity.node_id))).lease  # type: ignore[union-attr]
     first.call.cancel()  # the connection breaks; the node did not say goodbye
 
     second = FakeAgent(stub)
-    await second.send(_registration(identity))
-    await second.read()
+    await second.register(identity, token="")  # enrolled already: its key is enough
 
     record = await shard_etcd.get(keys.node(identity.node_id))
     assert record is not None
@@ -199,52 +262,280 @@ async def test_id_that_does_not_match_the_key_is_refused(
 ) -> None:
     identity = NodeIdentity.load_or_create(tmp_path / "a")
     other = NodeIdentity.load_or_create(tmp_path / "b")
+    error = await _refused(
+        FakeAgent(stub).hello(identity, node_id=other.node_id),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "NODE_ID_MISMATCH",
+    )
+    assert error_info(error).metadata["field"] == "hello.node_id"  # type: ignore[union-attr]
 
-    error = await _refused(stub, _registration(identity, node_id=other.node_id))
 
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "registration.node_id" in (error.details() or "")
-    info = error_info(error)
-    assert info is not None
-    assert info.reason == "NODE_ID_MISMATCH"
-    assert info.metadata["field"] == "registration.node_id"
+async def test_a_forged_signature_is_refused(
+    mesh: LocalMesh, stub: node_service_pb2_grpc.NodeServiceStub, tmp_path: Path
+) -> None:
+    identity = NodeIdentity.load_or_create(tmp_path / "a")
+    impostor = NodeIdentity.load_or_create(tmp_path / "b")
+    agent = FakeAgent(stub)
+    challenge = await agent.hello(identity)
+    forged = attestation(identity, challenge, signer=impostor.private_key)
+    registration = node_service_pb2.Registration(
+        inference_address="127.0.0.1:1", join_token=await mesh.join_token("t"), attestation=forged
+    )
+    await agent.send(node_service_pb2.ConnectRequest(registration=registration))
+    await _refused(agent.read(), grpc.StatusCode.UNAUTHENTICATED, "BAD_SIGNATURE")
+
+
+async def test_a_replayed_nonce_is_refused(
+    mesh: LocalMesh, stub: node_service_pb2_grpc.NodeServiceStub, tmp_path: Path
+) -> None:
+    identity = NodeIdentity.load_or_create(tmp_path)
+    first = FakeAgent(stub)
+    old_nonce = await first.hello(identity)
+    recorded = attestation(identity, old_nonce)  # a valid answer, captured
+    first.call.cancel()
+
+    replay = FakeAgent(stub)
+    await _refused(
+        replay.register(identity, token=await mesh.join_token("t"), proof=recorded),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "NONCE_MISMATCH",
+    )
+
+
+async def test_a_stale_attestation_time_is_refused(
+    mesh: LocalMesh, stub: node_service_pb2_grpc.NodeServiceStub, tmp_path: Path
+) -> None:
+    identity = NodeIdentity.load_or_create(tmp_path)
+    agent = FakeAgent(stub)
+    challenge = await agent.hello(identity)
+    stale = attestation(identity, challenge, time_ms=int(time.time() * 1000) - 3_600_000)
+    registration = node_service_pb2.Registration(
+        inference_address="127.0.0.1:1", join_token=await mesh.join_token("t"), attestation=stale
+    )
+    await agent.send(node_service_pb2.ConnectRequest(registration=registration))
+    await _refused(agent.read(), grpc.StatusCode.UNAUTHENTICATED, "CLOCK_SKEW")
+
+
+async def test_join_tokens_are_needed_single_use_and_expire(
+    mesh: LocalMesh, stub: node_service_pb2_grpc.NodeServiceStub, tmp_path: Path
+) -> None:
+    def node(name: str) -> NodeIdentity:
+        return NodeIdentity.load_or_create(tmp_path / name)
+
+    await _refused(
+        FakeAgent(stub).register(node("none"), token=""),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "JOIN_TOKEN_REQUIRED",
+    )
+    await _refused(
+        FakeAgent(stub).register(node("unknown"), token="abcdef.not-a-real-secret"),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "JOIN_TOKEN_UNKNOWN",
+    )
+    token = await mesh.join_token("one use")
+    first = FakeAgent(stub)
+    await first.register(node("first"), token=token)
+    await _refused(
+        FakeAgent(stub).register(node("second"), token=token),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "JOIN_TOKEN_USED",
+    )
+    await first.close()
+    token_id, _, secret = token.partition(".")
+    await _refused(
+        FakeAgent(stub).register(node("guess"), token=f"{token_id}.{secret[:-2]}xx"),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "JOIN_TOKEN_UNKNOWN",
+    )
+    short = await stub.CreateJoinToken(
+        node_service_pb2.CreateJoinTokenRequest(
+            join_token=node_service_pb2.JoinToken(ttl_seconds=1, description="short")
+        )
+    )
+    assert short.join_token.token
+    assert short.join_token.name.startswith("joinTokens/")
+    await asyncio.sleep(1.2)
+    await _refused(
+        FakeAgent(stub).register(node("late"), token=short.join_token.token),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "JOIN_TOKEN_EXPIRED",
+    )
+
+
+async def test_tokens_are_stored_only_as_hashes(mesh: LocalMesh, shard_etcd: EtcdStore) -> None:
+    token = await mesh.join_token("hash check")
+    token_id, _, secret = token.partition(".")
+    stored = await shard_etcd.get(keys.join_token(token_id))
+    assert stored is not None
+    assert secret.encode() not in stored.value
+
+
+async def test_a_node_that_breaks_the_policy_is_refused(
+    mesh: LocalMesh, stub: node_service_pb2_grpc.NodeServiceStub, tmp_path: Path
+) -> None:
+    identity = NodeIdentity.load_or_create(tmp_path)
+    agent = FakeAgent(stub)
+    challenge = await agent.hello(identity)
+    phantom_gpu = node_pb2.Inventory()
+    phantom_gpu.CopyFrom(INVENTORY)
+    phantom_gpu.gpus.add(model="NVIDIA H100", memory_bytes=80 << 30, pci_bus_id="00000000:99:00.0")
+    phantom_gpu.gpus_cross_checked = False  # NVML says a GPU that the PCI bus does not have
+    registration = node_service_pb2.Registration(
+        inference_address="127.0.0.1:1",
+        join_token=await mesh.join_token("t"),
+        attestation=attestation(identity, challenge, inventory=phantom_gpu),
+    )
+    await agent.send(node_service_pb2.ConnectRequest(registration=registration))
+    error = await _refused(agent.read(), grpc.StatusCode.PERMISSION_DENIED, "POLICY_VIOLATION")
+    assert "GPU_NOT_ON_PCI_BUS" in (error.details() or "")
+
+
+async def test_re_attestation_notices_a_changed_inventory_and_quarantines_a_bad_one(
+    mesh: LocalMesh, stub: node_service_pb2_grpc.NodeServiceStub, tmp_path: Path
+) -> None:
+    identity = NodeIdentity.load_or_create(tmp_path)
+    agent = FakeAgent(stub)
+    reply = await agent.register(identity, token=await mesh.join_token("t"))
+    name = reply.registered.name
+    beating = asyncio.ensure_future(_heartbeats(agent))  # challenges come slower than the TTL
+
+    async def next_challenge() -> bytes:
+        while True:
+            message = await agent.read()
+            if message.WhichOneof("message") == "challenge":
+                return message.challenge.nonce
+
+    bigger = node_pb2.Inventory()
+    bigger.CopyFrom(INVENTORY)
+    bigger.memory_bytes *= 2
+    proof = attestation(identity, await next_challenge(), inventory=bigger)
+    await agent.send(node_service_pb2.ConnectRequest(attestation=proof))
+    for _ in range(50):
+        node = (await stub.GetNode(node_service_pb2.GetNodeRequest(name=name))).node
+        if node.inventory.memory_bytes == bigger.memory_bytes:
+            break
+        await asyncio.sleep(0.1)
+    assert node.inventory.memory_bytes == bigger.memory_bytes
+    assert node.transitions[0].reason == "INVENTORY_CHANGED"
+
+    phantom = node_pb2.Inventory()
+    phantom.CopyFrom(bigger)
+    phantom.gpus.add(model="NVIDIA H100", memory_bytes=80 << 30)
+    proof = attestation(identity, await next_challenge(), inventory=phantom)
+    await agent.send(node_service_pb2.ConnectRequest(attestation=proof))
+    node = await _until_state(stub, name, node_pb2.NODE_STATE_QUARANTINED)
+    assert "GPU_NOT_ON_PCI_BUS" in node.state_reason
+    assert node.transitions[0].reason.startswith("QUARANTINED")
+    beating.cancel()
+    await agent.close()
+
+
+async def test_delete_node_disconnects_it_and_it_needs_a_new_token(
+    mesh: LocalMesh, stub: node_service_pb2_grpc.NodeServiceStub, tmp_path: Path
+) -> None:
+    identity = NodeIdentity.load_or_create(tmp_path)
+    agent = FakeAgent(stub)
+    name = (await agent.register(identity, token=await mesh.join_token("t"))).registered.name
+    await stub.DeleteNode(node_service_pb2.DeleteNodeRequest(name=name))
+    with pytest.raises(grpc.aio.AioRpcError) as gone:
+        await stub.GetNode(node_service_pb2.GetNodeRequest(name=name))
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+    # Its next heartbeat finds its lease revoked: the registry ends the stream.
+    await agent.send(node_service_pb2.ConnectRequest(heartbeat=node_service_pb2.Heartbeat()))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await _read_until_closed(agent)
+    await _refused(
+        FakeAgent(stub).register(identity, token=""),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "JOIN_TOKEN_REQUIRED",
+    )
+
+
+async def test_watch_nodes_streams_arrivals_and_departures(
+    mesh: LocalMesh, stub: node_service_pb2_grpc.NodeServiceStub, tmp_path: Path
+) -> None:
+    watch: Any = stub.WatchNodes(node_service_pb2.WatchNodesRequest())
+    listed = await stub.ListNodes(node_service_pb2.ListNodesRequest())
+    initial = set()
+    for _ in listed.nodes:
+        change = await asyncio.wait_for(watch.read(), 10)
+        assert change.kind == node_service_pb2.CHANGE_KIND_UPSERTED
+        initial.add(change.node.name)
+    assert initial == {node.name for node in listed.nodes}
+
+    identity = NodeIdentity.load_or_create(tmp_path)
+    agent = FakeAgent(stub)
+    await agent.register(identity, token=await mesh.join_token("watched"))
+    name = f"nodes/{identity.node_id}"
+    seen: list[int] = []
+    await agent.close()
+    while node_service_pb2.CHANGE_KIND_REMOVED not in seen:
+        change = await asyncio.wait_for(watch.read(), 10)
+        if change.node.name == name:
+            seen.append(change.kind)
+    assert seen[0] == node_service_pb2.CHANGE_KIND_UPSERTED
+    watch.cancel()
+
+
+async def test_list_nodes_filters_by_state_and_labels(
+    mesh: LocalMesh, stub: node_service_pb2_grpc.NodeServiceStub
+) -> None:
+    active = await stub.ListNodes(node_service_pb2.ListNodesRequest(filter="state=ACTIVE"))
+    assert active.nodes
+    assert all(node.state == node_pb2.NODE_STATE_ACTIVE for node in active.nodes)
+    one = await stub.ListNodes(
+        node_service_pb2.ListNodesRequest(filter="state=ACTIVE AND labels.shard.local/name=node-0")
+    )
+    assert [node.labels["shard.local/name"] for node in one.nodes] == ["node-0"]
+    for bad in ("state", "state=SLEEPY", "color=red"):
+        await _refused(
+            stub.ListNodes(node_service_pb2.ListNodesRequest(filter=bad)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_ARGUMENT",
+        )
 
 
 @pytest.mark.parametrize(
-    ("overrides", "field"),
+    ("hello", "field"),
     [
-        ({"public_key": b"short"}, "registration.public_key"),
-        ({"public_key": b""}, "registration.public_key"),
-        ({"node_id": ""}, "registration.node_id"),
-        ({"inference_address": ""}, "registration.inference_address"),
-        ({"inference_address": "no-port"}, "registration.inference_address"),
+        (node_service_pb2.Hello(node_id="n1", public_key=b"short"), "hello.public_key"),
+        (node_service_pb2.Hello(node_id="n1"), "hello.public_key"),
+        (node_service_pb2.Hello(public_key=b"k" * 32), "hello.node_id"),
     ],
 )
-async def test_bad_registrations_name_the_field(
-    stub: node_service_pb2_grpc.NodeServiceStub,
-    tmp_path: Path,
-    overrides: dict[str, object],
-    field: str,
+async def test_bad_hellos_name_the_field(
+    stub: node_service_pb2_grpc.NodeServiceStub, hello: node_service_pb2.Hello, field: str
 ) -> None:
-    identity = NodeIdentity.load_or_create(tmp_path)
-
-    error = await _refused(stub, _registration(identity, **overrides))
-
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert field in (error.details() or "")
-    info = error_info(error)
-    assert info is not None
-    assert info.metadata["field"] == field
+    agent = FakeAgent(stub)
+    await agent.send(node_service_pb2.ConnectRequest(hello=hello))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await agent.read()
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(raised.value).metadata["field"] == field  # type: ignore[union-attr]
 
 
-async def test_stream_must_start_with_a_registration(
+@pytest.mark.parametrize("address", ["", "no-port", "host:port", "a b:1"])
+async def test_bad_inference_addresses_are_refused(
+    mesh: LocalMesh, stub: node_service_pb2_grpc.NodeServiceStub, tmp_path: Path, address: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await FakeAgent(stub).register(
+            NodeIdentity.load_or_create(tmp_path), token="", inference_address=address
+        )
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    field = error_info(raised.value).metadata["field"]  # type: ignore[union-attr]
+    assert field == "registration.inference_address"
+
+
+async def test_stream_must_start_with_a_hello(
     stub: node_service_pb2_grpc.NodeServiceStub,
 ) -> None:
-    error = await _refused(
-        stub, node_service_pb2.ConnectRequest(heartbeat=node_service_pb2.Heartbeat())
-    )
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "registration" in (error.details() or "")
+    agent = FakeAgent(stub)
+    await agent.send(node_service_pb2.ConnectRequest(heartbeat=node_service_pb2.Heartbeat()))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await agent.read()
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "hello" in (raised.value.details() or "")
 
 
 async def test_get_node_errors(stub: node_service_pb2_grpc.NodeServiceStub) -> None:

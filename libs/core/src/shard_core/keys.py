@@ -74,3 +74,21 @@ def node_admin(node_id: str) -> str:
 
 def leader(role: str) -> str:
     return f"{LEADER}{role}"
+
+
+ENROLLED = "enrolled/"
+JOIN_TOKENS = "join-tokens/"
+NODE_TRANSITIONS = "node-transitions/"
+
+
+def enrolled(node_id: str) -> str:
+    """A node admitted with a join token: its public key. Deleting the node removes it."""
+    return f"{ENROLLED}{node_id}"
+
+
+def join_token(token_id: str) -> str:
+    return f"{JOIN_TOKENS}{token_id}"
+
+
+def node_transitions(node_id: str) -> str:
+    return f"{NODE_TRANSITIONS}{node_id}"

@@ -1,16 +1,18 @@
 """Child processes the shard starts for itself (etcd, Triton, services), stopped without leftovers.
 
 Each child runs in its own process group and gets SIGTERM if its parent dies, so neither a
-Ctrl-C, a SIGTERM nor a crash of the parent leaves a process behind.
+Ctrl-C, a SIGTERM nor a crash of the parent leaves a process behind. The parent-death signal is
+set by util-linux's `setpriv --pdeathsig`, which then execs the command: setting it from Python
+between fork and exec (`preexec_fn`) can crash the child of a process with gRPC threads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -18,15 +20,13 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 
 _log = logging.getLogger(__name__)
-_PR_SET_PDEATHSIG = 1
 
 
-# Loaded once here: dlopen between fork and exec in a threaded process could deadlock.
-_LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
+_SETPRIV = shutil.which("setpriv")
 
 
-def _die_with_parent() -> None:
-    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def _dying_with_parent(argv: list[str]) -> list[str]:
+    return [_SETPRIV, "--pdeathsig", "TERM", "--", *argv] if _SETPRIV else argv
 
 
 class ManagedProcess:
@@ -58,15 +58,13 @@ class ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self._popen = subprocess.Popen(
-                self.argv,
+                _dying_with_parent(self.argv),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self.env,
                 cwd=self.cwd,
                 start_new_session=True,
-                # Only the prctl system call runs between fork and exec.
-                preexec_fn=_die_with_parent,  # noqa: PLW1509
             )
         _log.info("started %s (pid %d)", self.name, self._popen.pid)
 

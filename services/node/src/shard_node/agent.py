@@ -1,11 +1,13 @@
 """The node agent: keeps the registry informed and its Triton converged to its assignments.
 
-The agent holds one Connect stream to the registry: a registration, then a heartbeat with the
-state of every assigned model each interval the registry asked for. The registry sends back the
-node's complete set of assignments whenever it changes; the `ModelManager` converges Triton to
-it. If the stream breaks the agent reconnects with backoff and registers again (keeping its lease
-if it is back within the lease TTL). On SIGTERM it says goodbye, which deregisters the node at
-once.
+The agent holds one Connect stream to the registry: a hello; a registration that answers the
+registry's challenge with a signed attestation (and, the first time, a join token); then each
+interval the registry asked for, a heartbeat with the state of every assigned model, the
+machine's load and its self-check; and a fresh attestation whenever the registry challenges
+again. The registry sends the node's complete set of assignments whenever it changes; the
+`ModelManager` converges Triton to it. If the stream breaks the agent reconnects with backoff and
+registers again (keeping its lease if it is back within the lease TTL). On SIGTERM it says
+goodbye, which deregisters the node at once.
 """
 
 from __future__ import annotations
@@ -13,31 +15,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import random
+import time
 from collections.abc import AsyncIterator, Mapping
 from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
 import grpc
-import psutil
 from tritonclient.utils import InferenceServerException
 
-from shard.node.v1 import node_pb2, node_service_pb2, node_service_pb2_grpc
+from shard.node.v1 import node_service_pb2, node_service_pb2_grpc
+from shard_core.attestation import signed_bytes
+from shard_node.health import HealthCheck
 from shard_node.identity import NodeIdentity
+from shard_node.inventory import capacity, read_inventory, read_metrics
 from shard_node.models import ModelManager
 from shard_node.triton import TritonControl
 
 _log = logging.getLogger(__name__)
 
 AGENT_VERSION = version("shard-node")
-
-
-def measure_capacity() -> node_pb2.NodeResources:
-    """What this machine has for model replicas. GPUs are added with NVML support."""
-    return node_pb2.NodeResources(
-        cpu_millis=(os.cpu_count() or 1) * 1000, memory_bytes=psutil.virtual_memory().total
-    )
 
 
 class NodeAgent:
@@ -51,6 +49,10 @@ class NodeAgent:
         advertise_address: str,
         labels: Mapping[str, str],
         reconnect_max_backoff_s: float,
+        state_dir: Path,
+        join_token: str,
+        health: HealthCheck,
+        metrics_url: str | None,
     ) -> None:
         self._identity = identity
         self._triton = triton
@@ -59,6 +61,10 @@ class NodeAgent:
         self._advertise_address = advertise_address
         self._labels = dict(labels)
         self._max_backoff_s = reconnect_max_backoff_s
+        self._state_dir = state_dir
+        self._join_token = join_token
+        self._health = health
+        self._metrics_url = metrics_url
         self._stopping = asyncio.Event()
         self.registered = asyncio.Event()
 
@@ -90,27 +96,61 @@ class NodeAgent:
             converging.cancel()
             await asyncio.gather(converging, return_exceptions=True)
 
-    async def _registration(self) -> node_service_pb2.ConnectRequest:
+    async def _attestation(self, nonce: bytes) -> node_service_pb2.Attestation:
+        """Sign the registry's nonce with what this machine has, now."""
+        inventory = await asyncio.to_thread(
+            read_inventory,
+            state_dir=self._state_dir,
+            triton_version=await self._triton.version(),
+            agent_version=AGENT_VERSION,
+        )
+        time_ms = int(time.time() * 1000)
+        message = signed_bytes(
+            nonce=nonce, inventory=inventory, time_ms=time_ms, node_id=self._identity.node_id
+        )
+        return node_service_pb2.Attestation(
+            nonce=nonce,
+            inventory=inventory,
+            time_ms=time_ms,
+            signature=self._identity.private_key.sign(message),
+        )
+
+    async def _registration(self, nonce: bytes) -> node_service_pb2.ConnectRequest:
+        attestation = await self._attestation(nonce)
         return node_service_pb2.ConnectRequest(
             registration=node_service_pb2.Registration(
-                node_id=self._identity.node_id,
-                public_key=self._identity.public_key,
                 inference_address=self._advertise_address,
                 labels=self._labels,
-                agent_version=AGENT_VERSION,
-                triton_version=await self._triton.version(),
                 models=await self._models.statuses(),
-                capacity=measure_capacity(),
+                capacity=capacity(attestation.inventory),
+                join_token=self._join_token,
+                attestation=attestation,
+            )
+        )
+
+    async def _heartbeat(self) -> node_service_pb2.ConnectRequest:
+        return node_service_pb2.ConnectRequest(
+            heartbeat=node_service_pb2.Heartbeat(
+                models=await self._models.statuses(),
+                metrics=await asyncio.to_thread(read_metrics, self._metrics_url),
+                problems=await self._health.problems(),
             )
         )
 
     async def _receive(
-        self, call: grpc.aio.StreamStreamCall[Any, node_service_pb2.ConnectResponse]
+        self,
+        call: grpc.aio.StreamStreamCall[Any, node_service_pb2.ConnectResponse],
+        outbox: asyncio.Queue[node_service_pb2.ConnectRequest | None],
     ) -> None:
-        """Take everything the registry sends after the registration: assignments."""
+        """Take everything the registry sends after the registration: assignments to converge
+        to, and challenges to attest to."""
         while isinstance(reply := await call.read(), node_service_pb2.ConnectResponse):
-            if reply.WhichOneof("message") == "assignments":
+            kind = reply.WhichOneof("message")
+            if kind == "assignments":
                 self._models.assign(list(reply.assignments.models))
+            elif kind == "challenge":
+                attestation = await self._attestation(reply.challenge.nonce)
+                outbox.put_nowait(node_service_pb2.ConnectRequest(attestation=attestation))
         raise ConnectionError("the registry ended the stream")
 
     async def _session(self) -> None:
@@ -120,18 +160,25 @@ class NodeAgent:
             while (request := await outbox.get()) is not None:
                 yield request
 
-        outbox.put_nowait(await self._registration())
+        hello = node_service_pb2.Hello(
+            node_id=self._identity.node_id, public_key=self._identity.public_key
+        )
+        outbox.put_nowait(node_service_pb2.ConnectRequest(hello=hello))
         call = self._stub.Connect(requests())
         receiving: asyncio.Future[None] | None = None
         stopping = asyncio.ensure_future(self._stopping.wait())
         try:
+            challenge = await call.read()
+            if not isinstance(challenge, node_service_pb2.ConnectResponse):
+                raise ConnectionError("the registry closed the stream without a challenge")
+            outbox.put_nowait(await self._registration(challenge.challenge.nonce))
             reply = await call.read()
             if not isinstance(reply, node_service_pb2.ConnectResponse):
                 raise ConnectionError("the registry closed the stream without an answer")
             interval = reply.registered.heartbeat_interval_ms / 1000
             _log.info("registered as %s; heartbeat every %.1fs", reply.registered.name, interval)
             self.registered.set()
-            receiving = asyncio.ensure_future(self._receive(call))
+            receiving = asyncio.ensure_future(self._receive(call, outbox))
             while True:
                 await asyncio.wait(
                     {receiving, stopping}, timeout=interval, return_when=asyncio.FIRST_COMPLETED
@@ -146,8 +193,7 @@ class NodeAgent:
                         await asyncio.wait_for(call.code(), timeout=5)
                     _log.info("deregistered")
                     return
-                heartbeat = node_service_pb2.Heartbeat(models=await self._models.statuses())
-                outbox.put_nowait(node_service_pb2.ConnectRequest(heartbeat=heartbeat))
+                outbox.put_nowait(await self._heartbeat())
         finally:
             stopping.cancel()
             if receiving is not None:

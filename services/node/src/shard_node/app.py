@@ -9,8 +9,10 @@ import signal
 import grpc
 
 from shard.artifact.v1 import artifact_service_pb2_grpc
-from shard_node.agent import NodeAgent
+from shard_node.agent import AGENT_VERSION, NodeAgent
+from shard_node.health import HealthCheck, supervise
 from shard_node.identity import NodeIdentity
+from shard_node.inventory import read_inventory
 from shard_node.models import ModelManager
 from shard_node.settings import NodeSettings
 from shard_node.triton import TritonControl, TritonPorts, TritonProcess
@@ -50,6 +52,21 @@ async def serve(settings: NodeSettings) -> None:
                 repository=repository,
                 artifacts=artifact_service_pb2_grpc.ArtifactServiceStub(channel),
             )
+            inventory = await asyncio.to_thread(
+                read_inventory,
+                state_dir=settings.state_dir,
+                triton_version=await triton.version(),
+                agent_version=AGENT_VERSION,
+            )
+            health = HealthCheck(
+                triton=triton,
+                state_dir=settings.state_dir,
+                min_free_disk_bytes=settings.min_free_disk_bytes,
+                expected_gpus=len(inventory.gpus),
+            )
+            metrics_url = settings.triton_metrics_url or (
+                f"http://127.0.0.1:{launched.ports.metrics}/metrics" if launched else None
+            )
             agent = NodeAgent(
                 identity=identity,
                 triton=triton,
@@ -58,11 +75,20 @@ async def serve(settings: NodeSettings) -> None:
                 advertise_address=settings.advertise_address or triton_url,
                 labels=settings.labels,
                 reconnect_max_backoff_s=settings.reconnect_max_backoff_s,
+                state_dir=settings.state_dir,
+                join_token=settings.join_token,
+                health=health,
+                metrics_url=metrics_url,
             )
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, agent.stop)
-            await agent.run()
+            supervising = asyncio.ensure_future(supervise(launched, models)) if launched else None
+            try:
+                await agent.run()
+            finally:
+                if supervising is not None:
+                    supervising.cancel()
     finally:
         if launched is not None:
             launched.stop()

@@ -73,6 +73,12 @@ class ModelManager:
         repository.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(repository / STAGING, ignore_errors=True)
 
+    def reload(self) -> None:
+        """Triton started afresh with nothing loaded: install every assignment again."""
+        self._installed.clear()
+        self._states.clear()
+        self._changed.set()
+
     def assign(self, assignments: list[node_pb2.ModelAssignment]) -> None:
         """Take the registry's complete set of assignments; converging happens in `run`."""
         self._desired = {assignment.model_name: assignment for assignment in assignments}

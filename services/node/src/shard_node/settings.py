@@ -37,3 +37,13 @@ class NodeSettings(ServiceSettings):
         description="Triton's gRPC address as the control plane reaches it; default: triton's.",
     )
     reconnect_max_backoff_s: float = Field(default=5.0, gt=0)
+    join_token: str = Field(
+        default="", description="One-time join token for the node's first registration."
+    )
+    triton_metrics_url: str | None = Field(
+        default=None,
+        description="Prometheus metrics URL of an attached Triton; launched ones are known.",
+    )
+    min_free_disk_bytes: int = Field(
+        default=1 << 30, ge=0, description="Self-check: free disk below this degrades the node."
+    )

@@ -136,6 +136,12 @@ class TritonControl:
         except InferenceServerException:
             return False
 
+    async def live(self) -> bool:
+        try:
+            return bool(await self._client.is_server_live(client_timeout=2.0))
+        except InferenceServerException:
+            return False
+
     async def version(self) -> str:
         metadata = await self._client.get_server_metadata(client_timeout=5.0)
         return str(metadata.version)

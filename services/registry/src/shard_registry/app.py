@@ -22,8 +22,10 @@ from shard_core.grpc.server import GrpcServer
 from shard_registry.artifacts import BlobStore
 from shard_registry.control import ControlLoop
 from shard_registry.deployments import DeploymentRegistry
+from shard_registry.directory import NodeDirectory
+from shard_registry.enrollment import NodePolicy
 from shard_registry.models import ModelRegistry
-from shard_registry.nodes import AssignmentHub, NodeRegistry, NodeTiming
+from shard_registry.nodes import NodeRegistry, NodeTiming
 from shard_registry.servicer import (
     ArtifactServicer,
     DeploymentServicer,
@@ -65,19 +67,34 @@ async def serve(settings: RegistrySettings) -> None:
     await store.connect()
     keeper = LeaseKeeper(store)
     keeper.start()
-    # The mirror reconnects its own client on failure, so it gets one of its own.
-    hub = AssignmentHub()
-    assignments = PrefixMirror(EtcdStore(settings), keys.ASSIGNMENTS, hub)
-    assignments.start()
-    await assignments.wait_synced(settings.etcd_timeout_s * 3)
+    # Each mirror reconnects its own client on failure, so each gets one of its own.
+    directory = NodeDirectory()
+    mirrors = [
+        PrefixMirror(EtcdStore(settings), keys.NODES, directory.records),
+        PrefixMirror(EtcdStore(settings), keys.NODE_ADMIN, directory.admin),
+        PrefixMirror(EtcdStore(settings), keys.ASSIGNMENTS, directory.assignment_records),
+    ]
+    for mirror in mirrors:
+        mirror.start()
+    for mirror in mirrors:
+        await mirror.wait_synced(settings.etcd_timeout_s * 3)
     blobs = blob_store(settings)
     nodes = NodeRegistry(
         store=store,
         keeper=keeper,
         timing=NodeTiming(
-            heartbeat_interval_s=settings.heartbeat_interval_s, lease_ttl_s=settings.lease_ttl_s
+            heartbeat_interval_s=settings.heartbeat_interval_s,
+            lease_ttl_s=settings.lease_ttl_s,
+            attest_interval_s=settings.attest_interval_s,
         ),
-        hub=hub,
+        directory=directory,
+        policy=NodePolicy(
+            min_gpu_memory_bytes=settings.min_gpu_memory_bytes,
+            allowed_gpu_models=settings.allowed_gpu_models,
+            min_agent_version=settings.min_agent_version,
+            require_gpu_cross_check=settings.require_gpu_cross_check,
+            require_join_token=settings.require_join_token,
+        ),
     )
     models = ModelRegistry(store=store, blobs=blobs)
     deployments = DeploymentRegistry(store=store, models=models)
@@ -113,7 +130,8 @@ async def serve(settings: RegistrySettings) -> None:
             await leading
 
     server.on_shutdown(stop_leading)
-    server.on_shutdown(assignments.stop)
+    for mirror in mirrors:
+        server.on_shutdown(mirror.stop)
     server.on_shutdown(keeper.stop)
     server.on_shutdown(store.close)
     await server.start()

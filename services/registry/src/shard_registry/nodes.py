@@ -1,10 +1,13 @@
-"""The registry's node domain: who is in the shard, what each node must serve and can serve.
+"""The registry's node domain: who is in the shard, in what state, and what it serves.
 
 A node's record and its model endpoints are bound to one etcd lease. Heartbeats refresh the
 lease; when they stop, etcd deletes every record of the node at once, so a dead node disappears
-from every view together. An endpoint is published only for a model version the node is assigned
-(by the scheduler) and reports READY. Operator states (cordoned, draining) live apart from the
-leased record, in `node-admin/`, so they outlast the node's sessions.
+from every view together. A node proves its identity and inventory when it registers and again
+on a schedule (see `enrollment`). Its state is PENDING until its first healthy heartbeat, then
+ACTIVE, or DEGRADED while its self-check fails; an operator's CORDONED or DRAINING and the
+shard's QUARANTINED lie over that, in `node-admin/`, and outlast its sessions. Endpoints are
+published only for model versions the node is assigned and reports READY, and only while its
+state lets it take traffic.
 """
 
 from __future__ import annotations
@@ -12,18 +15,25 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from opentelemetry import metrics
 
 from shard.node.v1 import node_pb2, node_service_pb2
 from shard_core import keys
-from shard_core.errors import InvalidArgumentError, NotFoundError, require
+from shard_core.errors import (
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    require,
+)
 from shard_core.etcd import paging
 from shard_core.etcd.lease import LeaseExpiredError, LeaseKeeper
 from shard_core.etcd.store import EtcdStore
 from shard_core.identity import ED25519_PUBLIC_KEY_BYTES, node_id_for
+from shard_registry.directory import NodeDirectory
+from shard_registry.enrollment import Challenge, Enrollment, NodePolicy, verify_attestation
 from shard_registry.models import RESOURCE_ID, VERSION_ID, parse_name, timestamp
 
 _log = logging.getLogger(__name__)
@@ -32,9 +42,15 @@ _log = logging.getLogger(__name__)
 RECORD_REFRESH_S = 30.0
 MAX_MODELS_PER_NODE = 1000
 MAX_REASON_CHARS = 1000
+MAX_PROBLEMS = 20
+TRANSITIONS_KEPT = 20
 ADDRESS = re.compile(r"[A-Za-z0-9.\-\[\]:]{1,253}:[0-9]{1,5}")
-
-AssignmentListener = Callable[[list[node_pb2.ModelAssignment]], None]
+SERVING_STATES = frozenset(
+    {node_pb2.NODE_STATE_ACTIVE, node_pb2.NODE_STATE_CORDONED, node_pb2.NODE_STATE_DRAINING}
+)
+OPERATOR_STATES = frozenset(
+    {node_pb2.NODE_STATE_CORDONED, node_pb2.NODE_STATE_DRAINING, node_pb2.NODE_STATE_QUARANTINED}
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,58 +59,11 @@ class NodeTiming:
 
     heartbeat_interval_s: float
     lease_ttl_s: int
+    attest_interval_s: float = 300.0
 
 
-class AssignmentHub:
-    """Every node's assignments, mirrored from `assignments/` once for the whole registry, and
-    handed to the session of each connected node when they change."""
-
-    def __init__(self) -> None:
-        self._by_node: dict[str, dict[str, node_pb2.ModelAssignment]] = {}
-        self._listeners: dict[str, AssignmentListener] = {}
-
-    def of(self, node_id: str) -> dict[str, node_pb2.ModelAssignment]:
-        return self._by_node.get(node_id, {})
-
-    def subscribe(self, node_id: str, listener: AssignmentListener) -> None:
-        self._listeners[node_id] = listener
-        listener(list(self.of(node_id).values()))
-
-    def unsubscribe(self, node_id: str, listener: AssignmentListener) -> None:
-        if self._listeners.get(node_id) is listener:
-            del self._listeners[node_id]
-
-    def _notify(self, node_id: str) -> None:
-        listener = self._listeners.get(node_id)
-        if listener is not None:
-            listener(list(self.of(node_id).values()))
-
-    @staticmethod
-    def _split(key: str) -> tuple[str, str]:
-        node_id, _, model = key.removeprefix(keys.ASSIGNMENTS).partition("/")
-        return node_id, model
-
-    def reset(self, entries: Mapping[str, bytes]) -> None:
-        before = self._by_node
-        self._by_node = {}
-        for key, value in entries.items():
-            node_id, model = self._split(key)
-            self._by_node.setdefault(node_id, {})[model] = node_pb2.ModelAssignment.FromString(
-                value
-            )
-        for node_id in set(before) | set(self._by_node):
-            if before.get(node_id) != self._by_node.get(node_id):
-                self._notify(node_id)
-
-    def put(self, key: str, value: bytes) -> None:
-        node_id, model = self._split(key)
-        self._by_node.setdefault(node_id, {})[model] = node_pb2.ModelAssignment.FromString(value)
-        self._notify(node_id)
-
-    def delete(self, key: str) -> None:
-        node_id, model = self._split(key)
-        self._by_node.get(node_id, {}).pop(model, None)
-        self._notify(node_id)
+def _state_name(state: node_pb2.NodeState.ValueType) -> str:
+    return node_pb2.NodeState.Name(state).removeprefix("NODE_STATE_")
 
 
 def _validate_models(models: Sequence[node_pb2.ModelStatus], field: str) -> None:
@@ -122,35 +91,39 @@ def _validate_models(models: Sequence[node_pb2.ModelStatus], field: str) -> None
             )
 
 
-def _validate(registration: node_service_pb2.Registration) -> str:
-    require(registration.node_id, "registration.node_id")
-    require(registration.public_key, "registration.public_key")
-    require(registration.inference_address, "registration.inference_address")
-    if len(registration.public_key) != ED25519_PUBLIC_KEY_BYTES:
+def validate_hello(hello: node_service_pb2.Hello) -> str:
+    require(hello.node_id, "hello.node_id")
+    require(hello.public_key, "hello.public_key")
+    if len(hello.public_key) != ED25519_PUBLIC_KEY_BYTES:
         raise InvalidArgumentError(
-            f"registration.public_key must be a raw Ed25519 key of {ED25519_PUBLIC_KEY_BYTES} "
-            f"bytes, got {len(registration.public_key)}",
-            metadata={"field": "registration.public_key"},
+            f"hello.public_key must be a raw Ed25519 key of {ED25519_PUBLIC_KEY_BYTES} "
+            f"bytes, got {len(hello.public_key)}",
+            metadata={"field": "hello.public_key"},
         )
-    expected = node_id_for(registration.public_key)
-    if registration.node_id != expected:
+    expected = node_id_for(hello.public_key)
+    if hello.node_id != expected:
         raise InvalidArgumentError(
-            f"registration.node_id {registration.node_id!r} does not belong to the public key",
+            f"hello.node_id {hello.node_id!r} does not belong to the public key",
             reason="NODE_ID_MISMATCH",
-            metadata={"field": "registration.node_id"},
+            metadata={"field": "hello.node_id"},
         )
+    return expected
+
+
+def _validate_registration(registration: node_service_pb2.Registration) -> None:
+    require(registration.inference_address, "registration.inference_address")
     if not ADDRESS.fullmatch(registration.inference_address):
         raise InvalidArgumentError(
             f"registration.inference_address must be host:port, got "
             f"{registration.inference_address[:80]!r}",
             metadata={"field": "registration.inference_address"},
         )
+    require(registration.HasField("attestation"), "registration.attestation")
     _validate_models(registration.models, "registration.models")
-    return expected
 
 
 class NodeSession:
-    """One connected node: its lease, its record, and the endpoints it publishes."""
+    """One connected, attested node: its lease, its record, the endpoints it publishes."""
 
     def __init__(
         self,
@@ -165,14 +138,22 @@ class NodeSession:
         self.lease_id = lease_id
         self._published = published
         self._written_at = 0.0
+        self.challenge: Challenge | None = None
 
     @property
     def node_id(self) -> str:
         return self.node.name.removeprefix("nodes/")
 
+    def effective_state(self) -> node_pb2.NodeState.ValueType:
+        admin = self._registry.directory.admin_state(self.node_id)
+        return admin.state if admin is not None else self.node.state
+
     def _endpoints(self) -> dict[str, bytes]:
-        """Endpoints for the model versions the node is assigned and reports READY."""
-        assigned = self._registry.hub.of(self.node_id)
+        """Endpoints for the model versions the node is assigned and reports READY, while its
+        state lets it take traffic."""
+        if self.effective_state() not in SERVING_STATES:
+            return {}
+        assigned = self._registry.directory.assignments(self.node_id)
         endpoints = {}
         for model in self.node.models:
             assignment = assigned.get(model.model_name)
@@ -205,18 +186,64 @@ class NodeSession:
         if record:
             self._written_at = self._registry.clock()
 
-    async def heartbeat(self, models: Sequence[node_pb2.ModelStatus]) -> None:
-        """Refresh the lease; republish when the node's models changed or the record aged."""
-        _validate_models(models, "heartbeat.models")
+    async def heartbeat(self, heartbeat: node_service_pb2.Heartbeat) -> None:
+        """Refresh the lease; follow the self-check (PENDING/DEGRADED -> ACTIVE and back);
+        republish when something changed or the record aged."""
+        _validate_models(heartbeat.models, "heartbeat.models")
+        problems = [problem[:MAX_REASON_CHARS] for problem in heartbeat.problems[:MAX_PROBLEMS]]
         registry = self._registry
         await registry.keeper.refresh(self.lease_id, timeout=registry.timing.lease_ttl_s / 2)
         registry.heartbeats.add(1)
-        now = registry.clock()
-        if list(self.node.models) == list(models) and now - self._written_at < RECORD_REFRESH_S:
+        state = node_pb2.NODE_STATE_DEGRADED if problems else node_pb2.NODE_STATE_ACTIVE
+        if state != self.node.state:
+            reason = "SELF_CHECK_FAILED: " + "; ".join(problems) if problems else "HEALTHY"
+            await registry.record_transition(self.node_id, self.node.state, state, reason)
+            self.node.state = state
+        elif (
+            list(self.node.models) == list(heartbeat.models)
+            and list(self.node.problems) == problems
+            and registry.clock() - self._written_at < RECORD_REFRESH_S
+        ):
             return
         del self.node.models[:]
-        self.node.models.extend(models)
-        self.node.heartbeat_time.CopyFrom(timestamp(now))
+        self.node.models.extend(heartbeat.models)
+        del self.node.problems[:]
+        self.node.problems.extend(problems)
+        self.node.metrics.CopyFrom(heartbeat.metrics)
+        self.node.heartbeat_time.CopyFrom(timestamp(registry.clock()))
+        await self.publish()
+
+    def new_challenge(self) -> node_service_pb2.Challenge:
+        self.challenge = Challenge.new(self._registry.clock)
+        return node_service_pb2.Challenge(nonce=self.challenge.nonce)
+
+    async def attest(self, attestation: node_service_pb2.Attestation) -> None:
+        """Check a re-attestation; a changed inventory is recorded, one that breaks the policy
+        quarantines the node."""
+        registry = self._registry
+        challenge, self.challenge = self.challenge, None
+        verify_attestation(
+            attestation=attestation,
+            challenge=challenge,
+            node_id=self.node_id,
+            public_key=self.node.public_key,
+            policy=registry.policy,
+            now=registry.clock(),
+            field="attestation",
+        )
+        inventory = attestation.inventory
+        if inventory != self.node.inventory:
+            _log.warning("node %s reports a changed inventory", self.node_id)
+            await registry.record_transition(
+                self.node_id, self.node.state, self.node.state, "INVENTORY_CHANGED"
+            )
+            self.node.inventory.CopyFrom(inventory)
+        self.node.attest_time.CopyFrom(timestamp(registry.clock()))
+        violations = registry.policy.violations(inventory)
+        if violations:
+            await registry.set_admin_state(
+                self.node.name, node_pb2.NODE_STATE_QUARANTINED, "; ".join(violations)
+            )
         await self.publish()
 
     async def close(self, reason: str) -> None:
@@ -226,7 +253,7 @@ class NodeSession:
 
 
 class NodeRegistry:
-    """Registers nodes, holds their leases, and answers questions about them."""
+    """Admits nodes, holds their leases, and answers questions about them."""
 
     def __init__(
         self,
@@ -234,14 +261,17 @@ class NodeRegistry:
         store: EtcdStore,
         keeper: LeaseKeeper,
         timing: NodeTiming,
-        hub: AssignmentHub,
+        directory: NodeDirectory,
+        policy: NodePolicy,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.keeper = keeper
         self.timing = timing
-        self.hub = hub
+        self.directory = directory
+        self.policy = policy
         self.clock = clock
+        self.enrollment = Enrollment(store=store, clock=clock)
         meter = metrics.get_meter("shard.registry")
         self.heartbeats = meter.create_counter(
             "shard_registry_heartbeats", description="Heartbeats received from node agents."
@@ -250,42 +280,85 @@ class NodeRegistry:
             "shard_registry_registrations", description="Node registrations accepted."
         )
 
-    async def register(self, registration: node_service_pb2.Registration) -> NodeSession:
-        """Admit a node; a node that reconnects within its lease keeps its lease and records."""
-        node_id = _validate(registration)
+    async def register(
+        self,
+        node_id: str,
+        public_key: bytes,
+        registration: node_service_pb2.Registration,
+        challenge: Challenge,
+    ) -> NodeSession:
+        """Admit a node that proved itself; one that reconnects within its lease keeps it."""
+        _validate_registration(registration)
+        verify_attestation(
+            attestation=registration.attestation,
+            challenge=challenge,
+            node_id=node_id,
+            public_key=public_key,
+            policy=self.policy,
+            now=self.clock(),
+            field="registration.attestation",
+        )
+        inventory = registration.attestation.inventory
+        violations = self.policy.violations(inventory)
+        if violations:
+            raise PermissionDeniedError(
+                "the node does not meet the shard's policy: " + "; ".join(violations),
+                reason="POLICY_VIOLATION",
+                metadata={"field": "registration.attestation.inventory"},
+            )
+        if not await self.enrollment.is_enrolled(node_id):
+            if self.policy.require_join_token:
+                await self.enrollment.enroll(
+                    node_id=node_id, public_key=public_key, token=registration.join_token
+                )
+            else:
+                await self.enrollment.enroll_without_token(node_id=node_id, public_key=public_key)
         existing = await self.store.get(keys.node(node_id))
         lease_id = await self._reuse_lease(existing.lease) if existing else None
+        reconnected = existing is not None and lease_id is not None
         published: set[str] = set()
         if lease_id is None:
             lease_id = await self.store.grant_lease(self.timing.lease_ttl_s)
-        elif existing is not None:
+        else:
             previous = await self.store.snapshot(keys.ENDPOINTS)
             published = {
                 entry.key for entry in previous.entries if entry.key.endswith(f"/{node_id}")
             }
         now = timestamp(self.clock())
+        # A node back within its lease keeps the state it had; a new one starts PENDING.
+        state = (
+            node_pb2.Node.FromString(existing.value).state
+            if existing is not None and reconnected
+            else node_pb2.NODE_STATE_PENDING
+        )
         node = node_pb2.Node(
             name=f"nodes/{node_id}",
-            state=node_pb2.NODE_STATE_ACTIVE,
+            state=state,
             labels=registration.labels,
             inference_address=registration.inference_address,
-            agent_version=registration.agent_version,
-            triton_version=registration.triton_version,
+            agent_version=inventory.agent_version,
+            triton_version=inventory.triton_version,
             models=registration.models,
             register_time=now,
             heartbeat_time=now,
-            public_key=registration.public_key,
+            attest_time=now,
+            public_key=public_key,
             capacity=registration.capacity,
+            inventory=inventory,
         )
+        if state == node_pb2.NODE_STATE_PENDING:
+            await self.record_transition(
+                node_id, node_pb2.NODE_STATE_UNSPECIFIED, state, "REGISTERED"
+            )
         session = NodeSession(registry=self, node=node, lease_id=lease_id, published=published)
         await session.publish()
-        self._registrations.add(1, {"reconnect": bool(published) or existing is not None})
+        self._registrations.add(1, {"reconnect": reconnected})
         _log.info(
             "node %s registered at %s (lease %x%s)",
             node_id,
             registration.inference_address,
             lease_id,
-            ", reconnected" if existing else "",
+            ", reconnected" if reconnected else "",
         )
         return session
 
@@ -298,11 +371,45 @@ class NodeRegistry:
             return None
         return lease_id
 
-    async def _with_admin_state(self, node: node_pb2.Node) -> node_pb2.Node:
-        admin = await self.store.get(keys.node_admin(node.name.removeprefix("nodes/")))
+    async def record_transition(
+        self,
+        node_id: str,
+        before: node_pb2.NodeState.ValueType,
+        after: node_pb2.NodeState.ValueType,
+        reason: str,
+    ) -> None:
+        """Keep the node's last state changes, newest first (a read-modify-write that retries
+        when another replica wrote in between)."""
+        key = keys.node_transitions(node_id)
+        transition = node_pb2.StateTransition(
+            to=after, reason=reason[:MAX_REASON_CHARS], time=timestamp(self.clock())
+        )
+        setattr(transition, "from", before)
+        for _ in range(5):
+            found = await self.store.get(key)
+            history = node_pb2.Node.FromString(found.value) if found else node_pb2.Node()
+            kept = [transition, *history.transitions][:TRANSITIONS_KEPT]
+            record = node_pb2.Node(transitions=kept)
+            expect = {key: found.mod_revision if found else 0}
+            if await self.store.write(puts={key: record.SerializeToString()}, expect=expect):
+                _log.info(
+                    "node %s: %s -> %s (%s)",
+                    node_id,
+                    _state_name(before),
+                    _state_name(after),
+                    reason,
+                )
+                return
+
+    async def _complete(self, node: node_pb2.Node) -> node_pb2.Node:
+        node_id = node.name.removeprefix("nodes/")
+        admin = await self.store.get(keys.node_admin(node_id))
         if admin is not None:
             state = node_pb2.Node.FromString(admin.value)
             node.state, node.state_reason = state.state, state.state_reason
+        history = await self.store.get(keys.node_transitions(node_id))
+        if history is not None:
+            node.transitions.extend(node_pb2.Node.FromString(history.value).transitions)
         return node
 
     async def get_node(self, name: str) -> node_pb2.Node:
@@ -310,32 +417,102 @@ class NodeRegistry:
         found = await self.store.get(keys.node(node_id))
         if found is None:
             raise NotFoundError(f"node {name!r} not found", metadata={"name": name})
-        return await self._with_admin_state(node_pb2.Node.FromString(found.value))
+        return await self._complete(node_pb2.Node.FromString(found.value))
 
     async def list_nodes(
-        self, *, page_size: int, page_token: str
+        self, *, page_size: int, page_token: str, filter_: str = ""
     ) -> tuple[list[node_pb2.Node], str]:
-        """One page of live nodes ordered by name, and the token of the next page."""
+        """One page of live nodes ordered by name, and the token of the next page. A filter
+        applies within the page, so a page can hold fewer nodes than asked for."""
+        matches = parse_filter(filter_)
         entries, token = await paging.page(
             self.store, keys.NODES, page_size=page_size, page_token=page_token
         )
-        nodes = [
-            await self._with_admin_state(node_pb2.Node.FromString(entry.value)) for entry in entries
-        ]
+        nodes = []
+        for entry in entries:
+            node = await self._complete(node_pb2.Node.FromString(entry.value))
+            if matches(node):
+                nodes.append(node)
         return nodes, token
 
     async def set_admin_state(
         self, name: str, state: node_pb2.NodeState.ValueType, reason: str
     ) -> node_pb2.Node:
-        """Cordon or drain a node (ACTIVE lifts either); the state outlasts its sessions."""
+        """Cordon, drain or quarantine a node; ACTIVE lifts any of them. The state outlasts
+        the node's sessions."""
         node = await self.get_node(name)
-        key = keys.node_admin(node.name.removeprefix("nodes/"))
+        node_id = node.name.removeprefix("nodes/")
+        key = keys.node_admin(node_id)
+        before = node.state
         if state == node_pb2.NODE_STATE_ACTIVE:
             await self.store.delete(key)
-            node.state, node.state_reason = node_pb2.NODE_STATE_ACTIVE, ""
+            found = await self.store.get(keys.node(node_id))
+            record = node_pb2.Node.FromString(found.value) if found else node
+            node.state, node.state_reason = record.state, ""
         else:
             record = node_pb2.Node(name=node.name, state=state, state_reason=reason)
             await self.store.put(key, record.SerializeToString())
             node.state, node.state_reason = state, reason
-        _log.info("node %s is now %s: %s", name, node_pb2.NodeState.Name(state), reason)
-        return node
+        if before != node.state:
+            label = {
+                node_pb2.NODE_STATE_CORDONED: "CORDONED",
+                node_pb2.NODE_STATE_DRAINING: "DRAINING",
+                node_pb2.NODE_STATE_QUARANTINED: "QUARANTINED",
+            }.get(state, "UNCORDONED")
+            await self.record_transition(
+                node_id, before, node.state, f"{label}: {reason}" if reason else label
+            )
+        return await self.get_node(name)
+
+    async def delete_node(self, name: str) -> None:
+        """Remove a node: its lease (and so its records and endpoints), its operator state and
+        history, and its enrollment, so it needs a new join token to come back."""
+        (node_id,) = parse_name(name, "nodes/{}")
+        found = await self.store.get(keys.node(node_id))
+        enrolled = await self.enrollment.is_enrolled(node_id)
+        if found is None and not enrolled:
+            raise NotFoundError(f"node {name!r} not found", metadata={"name": name})
+        await self.store.write(
+            deletes=[
+                keys.enrolled(node_id),
+                keys.node_admin(node_id),
+                keys.node_transitions(node_id),
+            ]
+        )
+        if found is not None and found.lease:
+            await self.store.revoke_lease(found.lease)
+        _log.info("node %s deleted", node_id)
+
+
+def _state_is(state: node_pb2.NodeState.ValueType) -> Callable[[node_pb2.Node], bool]:
+    return lambda node: node.state == state
+
+
+def _label_is(label: str, value: str) -> Callable[[node_pb2.Node], bool]:
+    return lambda node: node.labels.get(label) == value
+
+
+def parse_filter(text: str) -> Callable[[node_pb2.Node], bool]:
+    """`state=ACTIVE AND labels.pool=a`: conditions joined by AND, each `key=value`."""
+    conditions: list[Callable[[node_pb2.Node], bool]] = []
+    for part in filter(None, (p.strip() for p in re.split(r"\s+AND\s+", text.strip()))):
+        key, sep, value = (piece.strip() for piece in part.partition("="))
+        if not sep or not value:
+            raise InvalidArgumentError(
+                f"filter term {part!r} must be key=value", metadata={"field": "filter"}
+            )
+        if key == "state":
+            wanted = f"NODE_STATE_{value.upper()}"
+            if wanted not in node_pb2.NodeState.keys():  # noqa: SIM118 (an enum wrapper)
+                raise InvalidArgumentError(
+                    f"filter: {value!r} is not a node state", metadata={"field": "filter"}
+                )
+            conditions.append(_state_is(node_pb2.NodeState.Value(wanted)))
+        elif key.startswith("labels."):
+            conditions.append(_label_is(key.removeprefix("labels."), value))
+        else:
+            raise InvalidArgumentError(
+                f"filter: cannot filter on {key!r}; use state or labels.<name>",
+                metadata={"field": "filter"},
+            )
+    return lambda node: all(condition(node) for condition in conditions)

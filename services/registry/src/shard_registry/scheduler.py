@@ -203,6 +203,8 @@ class Scheduler:
             deployment = self._deployments.get(replica.assignment.deployment)
             if replica.node_id not in self._nodes:
                 self._evict(replica, "NODE_LOST", f"node {replica.node_id} left the shard")
+            elif self._nodes[replica.node_id].state == node_pb2.NODE_STATE_QUARANTINED:
+                self._evict(replica, "NODE_QUARANTINED", f"node {replica.node_id} is quarantined")
             elif deployment is None:
                 self._evict(replica, "DEPLOYMENT_DELETED", "the deployment was deleted")
             elif replica.assignment.model_version not in {t.version for t in deployment.targets}:

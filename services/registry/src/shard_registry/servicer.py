@@ -17,8 +17,9 @@ from shard.node.v1 import node_pb2, node_service_pb2, node_service_pb2_grpc
 from shard_core.errors import InvalidArgumentError, NotFoundError
 from shard_registry.artifacts import BlobStore, StoredBlob, blob_sha256
 from shard_registry.deployments import DeploymentRegistry
+from shard_registry.enrollment import Challenge
 from shard_registry.models import ModelRegistry
-from shard_registry.nodes import NodeRegistry, NodeSession
+from shard_registry.nodes import NodeRegistry, NodeSession, validate_hello
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -30,15 +31,31 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
     async def Connect(
         self, request_iterator: AsyncIterator[node_service_pb2.ConnectRequest], context: Context
     ) -> AsyncIterator[node_service_pb2.ConnectResponse]:
-        first = await anext(aiter(request_iterator), None)
-        if first is None:
+        requests = aiter(request_iterator)
+        hello = await anext(requests, None)
+        if hello is None:
             return
-        if first.WhichOneof("message") != "registration":
+        if hello.WhichOneof("message") != "hello":
             raise InvalidArgumentError(
-                "the first message on a Connect stream must be a registration",
+                "the first message on a Connect stream must be a hello",
+                metadata={"field": "hello"},
+            )
+        node_id = validate_hello(hello.hello)
+        challenge = Challenge.new(self._registry.clock)
+        yield node_service_pb2.ConnectResponse(
+            challenge=node_service_pb2.Challenge(nonce=challenge.nonce)
+        )
+        second = await anext(requests, None)
+        if second is None:
+            return
+        if second.WhichOneof("message") != "registration":
+            raise InvalidArgumentError(
+                "the answer to the first challenge must be a registration",
                 metadata={"field": "registration"},
             )
-        session = await self._registry.register(first.registration)
+        session = await self._registry.register(
+            node_id, hello.hello.public_key, second.registration, challenge
+        )
         timing = self._registry.timing
         yield node_service_pb2.ConnectResponse(
             registered=node_service_pb2.Registered(
@@ -47,42 +64,58 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
                 lease_ttl_ms=timing.lease_ttl_s * 1000,
             )
         )
-        outbox: asyncio.Queue[list[node_pb2.ModelAssignment]] = asyncio.Queue()
-        hub = self._registry.hub
-        hub.subscribe(session.node_id, outbox.put_nowait)
-        reader = asyncio.ensure_future(self._read(session, request_iterator))
+        changed = asyncio.Event()
+        directory = self._registry.directory
+        directory.subscribe(session.node_id, changed.set)
+        reader = asyncio.ensure_future(self._read(session, requests))
+        pushed: list[node_pb2.ModelAssignment] | None = None
         try:
             while True:
-                pushed = asyncio.ensure_future(outbox.get())
-                await asyncio.wait({pushed, reader}, return_when=asyncio.FIRST_COMPLETED)
-                if not pushed.done():
-                    pushed.cancel()
+                woken = asyncio.ensure_future(changed.wait())
+                await asyncio.wait(
+                    {woken, reader},
+                    timeout=timing.attest_interval_s,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                woken.cancel()
+                if reader.done():
                     reader.result()  # the stream ended: raise its error, if any
                     return
-                assignments = pushed.result()
-                yield node_service_pb2.ConnectResponse(
-                    assignments=node_service_pb2.Assignments(models=assignments)
-                )
-                await session.publish(record=False)  # evicted replicas stop being routable now
+                if not changed.is_set():  # the attestation interval passed
+                    yield node_service_pb2.ConnectResponse(challenge=session.new_challenge())
+                    continue
+                changed.clear()
+                assignments = list(directory.assignments(session.node_id).values())
+                if assignments != pushed:
+                    pushed = assignments
+                    yield node_service_pb2.ConnectResponse(
+                        assignments=node_service_pb2.Assignments(models=assignments)
+                    )
+                # Evicted replicas, and nodes that may no longer take traffic, stop being
+                # routable now.
+                await session.publish(record=False)
         finally:
-            hub.unsubscribe(session.node_id, outbox.put_nowait)
+            directory.unsubscribe(session.node_id, changed.set)
             reader.cancel()
 
     @staticmethod
     async def _read(
-        session: NodeSession, request_iterator: AsyncIterator[node_service_pb2.ConnectRequest]
+        session: NodeSession, requests: AsyncIterator[node_service_pb2.ConnectRequest]
     ) -> None:
-        async for request in request_iterator:
+        async for request in requests:
             kind = request.WhichOneof("message")
             if kind == "heartbeat":
-                await session.heartbeat(request.heartbeat.models)
+                await session.heartbeat(request.heartbeat)
+            elif kind == "attestation":
+                await session.attest(request.attestation)
             elif kind == "deregistration":
                 await session.close(request.deregistration.reason)
                 return
             else:
                 raise InvalidArgumentError(
-                    "a Connect stream carries one registration, then heartbeats",
-                    metadata={"field": "registration"},
+                    "after registering, a Connect stream carries heartbeats, attestations and "
+                    "a deregistration",
+                    metadata={"field": kind or "message"},
                 )
         # The stream ended without a goodbye: the connection broke. The node stays until its
         # lease expires, free to reconnect and keep it.
@@ -96,7 +129,7 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
         self, request: node_service_pb2.ListNodesRequest, context: Context
     ) -> node_service_pb2.ListNodesResponse:
         nodes, token = await self._registry.list_nodes(
-            page_size=request.page_size, page_token=request.page_token
+            page_size=request.page_size, page_token=request.page_token, filter_=request.filter
         )
         return node_service_pb2.ListNodesResponse(nodes=nodes, next_page_token=token)
 
@@ -113,6 +146,29 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
     ) -> node_service_pb2.UncordonNodeResponse:
         node = await self._registry.set_admin_state(request.name, node_pb2.NODE_STATE_ACTIVE, "")
         return node_service_pb2.UncordonNodeResponse(node=node)
+
+    async def WatchNodes(
+        self, request: node_service_pb2.WatchNodesRequest, context: Context
+    ) -> AsyncIterator[node_service_pb2.WatchNodesResponse]:
+        directory = self._registry.directory
+        changes = directory.watch()
+        try:
+            while True:
+                yield await changes.get()
+        finally:
+            directory.unwatch(changes)
+
+    async def DeleteNode(
+        self, request: node_service_pb2.DeleteNodeRequest, context: Context
+    ) -> node_service_pb2.DeleteNodeResponse:
+        await self._registry.delete_node(request.name)
+        return node_service_pb2.DeleteNodeResponse()
+
+    async def CreateJoinToken(
+        self, request: node_service_pb2.CreateJoinTokenRequest, context: Context
+    ) -> node_service_pb2.CreateJoinTokenResponse:
+        token = await self._registry.enrollment.create_token(request.join_token)
+        return node_service_pb2.CreateJoinTokenResponse(join_token=token)
 
     async def DrainNode(
         self, request: node_service_pb2.DrainNodeRequest, context: Context

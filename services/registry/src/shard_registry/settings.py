@@ -26,6 +26,22 @@ class RegistrySettings(ServiceSettings, EtcdSettings):
     leader_ttl_s: int = Field(
         default=6, ge=2, description="How long a dead scheduler leader keeps the role."
     )
+    attest_interval_s: float = Field(
+        default=300.0, gt=0, description="How often connected nodes must attest again."
+    )
+    require_join_token: bool = Field(
+        default=True, description="New nodes need a one-time join token made by an admin."
+    )
+    min_gpu_memory_bytes: int = Field(
+        default=0, ge=0, description="Policy: every GPU of a node has at least this memory."
+    )
+    allowed_gpu_models: list[str] = Field(
+        default_factory=list, description="Policy: the GPU models a node may have; empty for any."
+    )
+    min_agent_version: str = Field(default="0", description="Policy: the oldest node agent.")
+    require_gpu_cross_check: bool = Field(
+        default=True, description="Policy: every GPU NVML reports must be on the PCI bus."
+    )
     blob_dir: Path = Field(
         default=Path(".shard/registry/blobs"),
         description="Local directory of the blob store, used unless blob_bucket is set.",

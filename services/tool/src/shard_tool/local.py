@@ -52,6 +52,7 @@ class MeshTiming:
     heartbeat_interval_s: float = 2.0
     lease_ttl_s: int = 10
     control_period_s: float = 2.0
+    attest_interval_s: float = 300.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,6 +139,7 @@ class LocalMesh:
                     "heartbeat_interval_s": self.timing.heartbeat_interval_s,
                     "lease_ttl_s": self.timing.lease_ttl_s,
                     "control_period_s": self.timing.control_period_s,
+                    "attest_interval_s": self.timing.attest_interval_s,
                     "leader_ttl_s": max(2, self.timing.lease_ttl_s),
                     "blob_dir": self.state_dir / "blobs",
                 },
@@ -216,6 +218,7 @@ class LocalMesh:
             "registry_address": self.registry_address,
             "state_dir": state_dir,
             "labels": {**(labels or {}), LOCAL_NAME_LABEL: name},
+            "join_token": await self.join_token(f"local node {name}"),
         }
         triton_grpc_port = None
         if triton_url is None:
@@ -235,6 +238,17 @@ class LocalMesh:
         process.start()
         await process.wait_ready(lambda: self._node_registered(name), timeout=120, interval=0.2)
         return handle
+
+    async def join_token(self, description: str) -> str:
+        """A one-time join token from the registry, as an admin would make one."""
+        async with grpc.aio.insecure_channel(self.registry_address) as channel:
+            reply = await node_service_pb2_grpc.NodeServiceStub(channel).CreateJoinToken(
+                node_service_pb2.CreateJoinTokenRequest(
+                    join_token=node_service_pb2.JoinToken(description=description)
+                ),
+                timeout=10,
+            )
+        return reply.join_token.token
 
     async def _node_registered(self, name: str) -> bool:
         return await self.find_node(name) is not None

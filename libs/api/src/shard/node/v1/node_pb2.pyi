@@ -37,6 +37,12 @@ class _NodeStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NodeState.V
     """The node keeps its replicas and serves, but gets no new ones."""
     NODE_STATE_DRAINING: _NodeState.ValueType  # 4
     """The node's replicas are being moved elsewhere; it gets no new ones."""
+    NODE_STATE_DEGRADED: _NodeState.ValueType  # 5
+    """The node's self-check failed (its Triton is down, say): it gets no traffic until it passes."""
+    NODE_STATE_QUARANTINED: _NodeState.ValueType  # 6
+    """The node answered a known-answer request wrong or failed attestation policy: it gets no
+    traffic and loses its replicas until an operator uncordons it.
+    """
 
 class NodeState(_NodeState, metaclass=_NodeStateEnumTypeWrapper):
     """The lifecycle state of a node."""
@@ -51,6 +57,12 @@ NODE_STATE_CORDONED: NodeState.ValueType  # 3
 """The node keeps its replicas and serves, but gets no new ones."""
 NODE_STATE_DRAINING: NodeState.ValueType  # 4
 """The node's replicas are being moved elsewhere; it gets no new ones."""
+NODE_STATE_DEGRADED: NodeState.ValueType  # 5
+"""The node's self-check failed (its Triton is down, say): it gets no traffic until it passes."""
+NODE_STATE_QUARANTINED: NodeState.ValueType  # 6
+"""The node answered a known-answer request wrong or failed attestation policy: it gets no
+traffic and loses its replicas until an operator uncordons it.
+"""
 Global___NodeState: _TypeAlias = NodeState  # noqa: Y015
 
 class _ModelState:
@@ -123,6 +135,11 @@ class Node(_message.Message):
     PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     CAPACITY_FIELD_NUMBER: _builtins.int
     STATE_REASON_FIELD_NUMBER: _builtins.int
+    INVENTORY_FIELD_NUMBER: _builtins.int
+    TRANSITIONS_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    ATTEST_TIME_FIELD_NUMBER: _builtins.int
+    PROBLEMS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The resource name of the node, `nodes/{node}`, where `{node}` is the node id derived from the
     node's public identity key.
@@ -159,6 +176,26 @@ class Node(_message.Message):
     def capacity(self) -> Global___NodeResources:
         """What the node has to give to model replicas."""
 
+    @_builtins.property
+    def inventory(self) -> Global___Inventory:
+        """What the node attested it has, as of its last attestation."""
+
+    @_builtins.property
+    def transitions(self) -> _containers.RepeatedCompositeFieldContainer[Global___StateTransition]:
+        """The node's recent state changes, newest first."""
+
+    @_builtins.property
+    def metrics(self) -> Global___NodeMetrics:
+        """The node's live load, from its last heartbeat that changed the record."""
+
+    @_builtins.property
+    def attest_time(self) -> _timestamp_pb2.Timestamp:
+        """When the node last proved its identity and inventory."""
+
+    @_builtins.property
+    def problems(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What the node's self-check found wrong, if anything."""
+
     def __init__(
         self,
         *,
@@ -174,14 +211,236 @@ class Node(_message.Message):
         public_key: _builtins.bytes = ...,
         capacity: Global___NodeResources | None = ...,
         state_reason: _builtins.str = ...,
+        inventory: Global___Inventory | None = ...,
+        transitions: _abc.Iterable[Global___StateTransition] | None = ...,
+        metrics: Global___NodeMetrics | None = ...,
+        attest_time: _timestamp_pb2.Timestamp | None = ...,
+        problems: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "heartbeat_time", b"heartbeat_time", "register_time", b"register_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attest_time", b"attest_time", "capacity", b"capacity", "heartbeat_time", b"heartbeat_time", "inventory", b"inventory", "metrics", b"metrics", "register_time", b"register_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "capacity", b"capacity", "heartbeat_time", b"heartbeat_time", "inference_address", b"inference_address", "labels", b"labels", "models", b"models", "name", b"name", "public_key", b"public_key", "register_time", b"register_time", "state", b"state", "state_reason", b"state_reason", "triton_version", b"triton_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "attest_time", b"attest_time", "capacity", b"capacity", "heartbeat_time", b"heartbeat_time", "inference_address", b"inference_address", "inventory", b"inventory", "labels", b"labels", "metrics", b"metrics", "models", b"models", "name", b"name", "problems", b"problems", "public_key", b"public_key", "register_time", b"register_time", "state", b"state", "state_reason", b"state_reason", "transitions", b"transitions", "triton_version", b"triton_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Node: _TypeAlias = Node  # noqa: Y015
+
+@_typing.final
+class StateTransition(_message.Message):
+    """A change of a node's state."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROM_FIELD_NUMBER: _builtins.int
+    TO_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    to: Global___NodeState.ValueType
+    """The state after."""
+    reason: _builtins.str
+    """Why, as an UPPER_SNAKE reason and a message for people: `REASON: message`."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When."""
+
+    def __init__(
+        self,
+        *,
+        to: Global___NodeState.ValueType = ...,
+        reason: _builtins.str = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from", b"from", "reason", b"reason", "time", b"time", "to", b"to"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StateTransition: _TypeAlias = StateTransition  # noqa: Y015
+
+@_typing.final
+class Inventory(_message.Message):
+    """What a node has, as it attests: read from the machine, not configured."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GPUS_FIELD_NUMBER: _builtins.int
+    GPUS_CROSS_CHECKED_FIELD_NUMBER: _builtins.int
+    CPU_MODEL_FIELD_NUMBER: _builtins.int
+    CPU_CORES_FIELD_NUMBER: _builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    DISK_BYTES_FIELD_NUMBER: _builtins.int
+    DISK_FREE_BYTES_FIELD_NUMBER: _builtins.int
+    TRITON_VERSION_FIELD_NUMBER: _builtins.int
+    AGENT_VERSION_FIELD_NUMBER: _builtins.int
+    gpus_cross_checked: _builtins.bool
+    """Whether every GPU NVML reported was also found among the PCI devices in sysfs."""
+    cpu_model: _builtins.str
+    """The CPU model name."""
+    cpu_cores: _builtins.int
+    """Logical CPU cores."""
+    memory_bytes: _builtins.int
+    """Host memory, in bytes."""
+    disk_bytes: _builtins.int
+    """Size of the disk holding the node's state, in bytes."""
+    disk_free_bytes: _builtins.int
+    """Free space on that disk, in bytes."""
+    triton_version: _builtins.str
+    """The version of the Triton server."""
+    agent_version: _builtins.str
+    """The version of the node agent software."""
+    @_builtins.property
+    def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___GpuDevice]:
+        """The node's GPUs, from NVML."""
+
+    def __init__(
+        self,
+        *,
+        gpus: _abc.Iterable[Global___GpuDevice] | None = ...,
+        gpus_cross_checked: _builtins.bool = ...,
+        cpu_model: _builtins.str = ...,
+        cpu_cores: _builtins.int = ...,
+        memory_bytes: _builtins.int = ...,
+        disk_bytes: _builtins.int = ...,
+        disk_free_bytes: _builtins.int = ...,
+        triton_version: _builtins.str = ...,
+        agent_version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "cpu_cores", b"cpu_cores", "cpu_model", b"cpu_model", "disk_bytes", b"disk_bytes", "disk_free_bytes", b"disk_free_bytes", "gpus", b"gpus", "gpus_cross_checked", b"gpus_cross_checked", "memory_bytes", b"memory_bytes", "triton_version", b"triton_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Inventory: _TypeAlias = Inventory  # noqa: Y015
+
+@_typing.final
+class GpuDevice(_message.Message):
+    """One GPU as NVML reports it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    UUID_FIELD_NUMBER: _builtins.int
+    PCI_BUS_ID_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model name, such as `NVIDIA H100 80GB HBM3`."""
+    memory_bytes: _builtins.int
+    """Total memory, in bytes."""
+    uuid: _builtins.str
+    """The GPU's UUID."""
+    pci_bus_id: _builtins.str
+    """The PCI bus id, such as `00000000:65:00.0`."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        memory_bytes: _builtins.int = ...,
+        uuid: _builtins.str = ...,
+        pci_bus_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["memory_bytes", b"memory_bytes", "model", b"model", "pci_bus_id", b"pci_bus_id", "uuid", b"uuid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GpuDevice: _TypeAlias = GpuDevice  # noqa: Y015
+
+@_typing.final
+class NodeMetrics(_message.Message):
+    """A node's live load."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GPUS_FIELD_NUMBER: _builtins.int
+    CPU_PERCENT_FIELD_NUMBER: _builtins.int
+    MEMORY_USED_BYTES_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
+    cpu_percent: _builtins.float
+    """CPU utilisation of the whole machine, 0 to 100."""
+    memory_used_bytes: _builtins.int
+    """Host memory in use, in bytes."""
+    @_builtins.property
+    def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___GpuLoad]:
+        """Per GPU: utilisation and memory in use."""
+
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelLoad]:
+        """Per model: requests Triton has accepted and not yet answered."""
+
+    def __init__(
+        self,
+        *,
+        gpus: _abc.Iterable[Global___GpuLoad] | None = ...,
+        cpu_percent: _builtins.float = ...,
+        memory_used_bytes: _builtins.int = ...,
+        models: _abc.Iterable[Global___ModelLoad] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_percent", b"cpu_percent", "gpus", b"gpus", "memory_used_bytes", b"memory_used_bytes", "models", b"models"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeMetrics: _TypeAlias = NodeMetrics  # noqa: Y015
+
+@_typing.final
+class GpuLoad(_message.Message):
+    """One GPU's load."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UUID_FIELD_NUMBER: _builtins.int
+    UTILIZATION_PERCENT_FIELD_NUMBER: _builtins.int
+    MEMORY_USED_BYTES_FIELD_NUMBER: _builtins.int
+    uuid: _builtins.str
+    """The GPU's UUID."""
+    utilization_percent: _builtins.float
+    """Utilisation, 0 to 100."""
+    memory_used_bytes: _builtins.int
+    """Memory in use, in bytes."""
+    def __init__(
+        self,
+        *,
+        uuid: _builtins.str = ...,
+        utilization_percent: _builtins.float = ...,
+        memory_used_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["memory_used_bytes", b"memory_used_bytes", "utilization_percent", b"utilization_percent", "uuid", b"uuid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GpuLoad: _TypeAlias = GpuLoad  # noqa: Y015
+
+@_typing.final
+class ModelLoad(_message.Message):
+    """One model's load on a node."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
+    model_name: _builtins.str
+    """The Triton model name."""
+    pending: _builtins.int
+    """Requests queued or executing in Triton (its `nv_inference_pending_request_count`)."""
+    def __init__(
+        self,
+        *,
+        model_name: _builtins.str = ...,
+        pending: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_name", b"model_name", "pending", b"pending"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelLoad: _TypeAlias = ModelLoad  # noqa: Y015
 
 @_typing.final
 class NodeResources(_message.Message):

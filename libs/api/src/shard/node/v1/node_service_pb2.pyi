@@ -6,7 +6,9 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from shard.node.v1 import node_pb2 as _node_pb2
 import builtins as _builtins
 import sys
@@ -19,6 +21,70 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _ChangeKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ChangeKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ChangeKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CHANGE_KIND_UNSPECIFIED: _ChangeKind.ValueType  # 0
+    """Not set."""
+    CHANGE_KIND_UPSERTED: _ChangeKind.ValueType  # 1
+    """The node exists now, or is in the first listing."""
+    CHANGE_KIND_REMOVED: _ChangeKind.ValueType  # 2
+    """The node left the shard."""
+
+class ChangeKind(_ChangeKind, metaclass=_ChangeKindEnumTypeWrapper):
+    """What happened to a node."""
+
+CHANGE_KIND_UNSPECIFIED: ChangeKind.ValueType  # 0
+"""Not set."""
+CHANGE_KIND_UPSERTED: ChangeKind.ValueType  # 1
+"""The node exists now, or is in the first listing."""
+CHANGE_KIND_REMOVED: ChangeKind.ValueType  # 2
+"""The node left the shard."""
+Global___ChangeKind: _TypeAlias = ChangeKind  # noqa: Y015
+
+@_typing.final
+class JoinToken(_message.Message):
+    """A one-time secret that lets one new node join the shard."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The resource name, `joinTokens/{join_token}`."""
+    token: _builtins.str
+    """The secret to give the node, shown once at creation and stored only as a hash."""
+    ttl_seconds: _builtins.int
+    """How long the token works, in seconds from creation; at most 7 days, 1 hour when unset."""
+    description: _builtins.str
+    """What the token is for, for people."""
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the token stops working."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        token: _builtins.str = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        ttl_seconds: _builtins.int = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "expire_time", b"expire_time", "name", b"name", "token", b"token", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JoinToken: _TypeAlias = JoinToken  # noqa: Y015
+
 @_typing.final
 class ConnectRequest(_message.Message):
     """A message from a node agent on its stream."""
@@ -28,17 +94,29 @@ class ConnectRequest(_message.Message):
     REGISTRATION_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
     DEREGISTRATION_FIELD_NUMBER: _builtins.int
+    HELLO_FIELD_NUMBER: _builtins.int
+    ATTESTATION_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def registration(self) -> Global___Registration:
-        """The first message on every stream: who the node is and what it serves."""
+        """The second message: who the node is, what it has and serves, proven by signing the
+        registry's challenge.
+        """
 
     @_builtins.property
     def heartbeat(self) -> Global___Heartbeat:
-        """Every later message: the node is alive, and its models' states."""
+        """Every later message: the node is alive, its models' states and its load."""
 
     @_builtins.property
     def deregistration(self) -> Global___Deregistration:
         """The last message of an agent that is shutting down: remove the node now."""
+
+    @_builtins.property
+    def hello(self) -> Global___Hello:
+        """The first message on every stream: the identity the node claims."""
+
+    @_builtins.property
+    def attestation(self) -> Global___Attestation:
+        """The answer to a later challenge: the node proves its identity and inventory again."""
 
     def __init__(
         self,
@@ -46,16 +124,84 @@ class ConnectRequest(_message.Message):
         registration: Global___Registration | None = ...,
         heartbeat: Global___Heartbeat | None = ...,
         deregistration: Global___Deregistration | None = ...,
+        hello: Global___Hello | None = ...,
+        attestation: Global___Attestation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["deregistration", b"deregistration", "heartbeat", b"heartbeat", "message", b"message", "registration", b"registration"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attestation", b"attestation", "deregistration", b"deregistration", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "registration", b"registration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deregistration", b"deregistration", "heartbeat", b"heartbeat", "message", b"message", "registration", b"registration"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attestation", b"attestation", "deregistration", b"deregistration", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "registration", b"registration"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["registration", "heartbeat", "deregistration"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["registration", "heartbeat", "deregistration", "hello", "attestation"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
 Global___ConnectRequest: _TypeAlias = ConnectRequest  # noqa: Y015
+
+@_typing.final
+class Hello(_message.Message):
+    """The identity a node claims, before it proves it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    """The node id the agent claims: it must be derived from `public_key`."""
+    public_key: _builtins.bytes
+    """The node's Ed25519 public identity key, raw 32 bytes."""
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        public_key: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "public_key", b"public_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Hello: _TypeAlias = Hello  # noqa: Y015
+
+@_typing.final
+class Attestation(_message.Message):
+    """A signed statement by a node: "I hold this key, and this is my inventory, now".
+    The signature covers, in order: the bytes `shard-attestation-v1`, a zero byte, the nonce, the
+    SHA-256 of the serialized inventory, the time in milliseconds since the epoch as 8 big-endian
+    bytes, and the node id.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NONCE_FIELD_NUMBER: _builtins.int
+    INVENTORY_FIELD_NUMBER: _builtins.int
+    TIME_MS_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    nonce: _builtins.bytes
+    """The registry's single-use nonce, from the challenge being answered."""
+    time_ms: _builtins.int
+    """When the node signed, in milliseconds since the epoch."""
+    signature: _builtins.bytes
+    """The Ed25519 signature."""
+    @_builtins.property
+    def inventory(self) -> _node_pb2.Inventory:
+        """What the node has."""
+
+    def __init__(
+        self,
+        *,
+        nonce: _builtins.bytes = ...,
+        inventory: _node_pb2.Inventory | None = ...,
+        time_ms: _builtins.int = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["inventory", b"inventory"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inventory", b"inventory", "nonce", b"nonce", "signature", b"signature", "time_ms", b"time_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Attestation: _TypeAlias = Attestation  # noqa: Y015
 
 @_typing.final
 class Registration(_message.Message):
@@ -83,24 +229,22 @@ class Registration(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-    NODE_ID_FIELD_NUMBER: _builtins.int
-    PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     INFERENCE_ADDRESS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
     TRITON_VERSION_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
     CAPACITY_FIELD_NUMBER: _builtins.int
-    node_id: _builtins.str
-    """The node id the agent claims: it must be derived from `public_key`."""
-    public_key: _builtins.bytes
-    """The node's Ed25519 public identity key, raw 32 bytes."""
+    JOIN_TOKEN_FIELD_NUMBER: _builtins.int
+    ATTESTATION_FIELD_NUMBER: _builtins.int
     inference_address: _builtins.str
     """The KServe v2 gRPC address of the node's Triton, reachable from the control plane."""
     agent_version: _builtins.str
     """The version of the node agent software."""
     triton_version: _builtins.str
     """The version of the Triton server the node runs."""
+    join_token: _builtins.str
+    """The one-time join token an admin made, needed the first time a node joins the shard."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Labels the provider gave the node."""
@@ -113,21 +257,25 @@ class Registration(_message.Message):
     def capacity(self) -> _node_pb2.NodeResources:
         """What the node has to give to model replicas."""
 
+    @_builtins.property
+    def attestation(self) -> Global___Attestation:
+        """The answer to the registry's challenge."""
+
     def __init__(
         self,
         *,
-        node_id: _builtins.str = ...,
-        public_key: _builtins.bytes = ...,
         inference_address: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         agent_version: _builtins.str = ...,
         triton_version: _builtins.str = ...,
         models: _abc.Iterable[_node_pb2.ModelStatus] | None = ...,
         capacity: _node_pb2.NodeResources | None = ...,
+        join_token: _builtins.str = ...,
+        attestation: Global___Attestation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attestation", b"attestation", "capacity", b"capacity"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "capacity", b"capacity", "inference_address", b"inference_address", "labels", b"labels", "models", b"models", "node_id", b"node_id", "public_key", b"public_key", "triton_version", b"triton_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "attestation", b"attestation", "capacity", b"capacity", "inference_address", b"inference_address", "join_token", b"join_token", "labels", b"labels", "models", b"models", "triton_version", b"triton_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -140,20 +288,32 @@ class Heartbeat(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MODELS_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    PROBLEMS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[_node_pb2.ModelStatus]:
         """The state of every model in the node's Triton. The list is complete: a model missing from it
         is no longer served by the node.
         """
 
+    @_builtins.property
+    def metrics(self) -> _node_pb2.NodeMetrics:
+        """The node's live load."""
+
+    @_builtins.property
+    def problems(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What the node's self-check found wrong; empty when everything is healthy."""
+
     def __init__(
         self,
         *,
         models: _abc.Iterable[_node_pb2.ModelStatus] | None = ...,
+        metrics: _node_pb2.NodeMetrics | None = ...,
+        problems: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics", "models", b"models", "problems", b"problems"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -189,6 +349,7 @@ class ConnectResponse(_message.Message):
 
     REGISTERED_FIELD_NUMBER: _builtins.int
     ASSIGNMENTS_FIELD_NUMBER: _builtins.int
+    CHALLENGE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def registered(self) -> Global___Registered:
         """The answer to the registration."""
@@ -199,21 +360,50 @@ class ConnectResponse(_message.Message):
         whenever it changes. A model missing from it must be unloaded.
         """
 
+    @_builtins.property
+    def challenge(self) -> Global___Challenge:
+        """A request to prove identity and inventory: the answer to the first challenge is the
+        registration, to later ones an attestation.
+        """
+
     def __init__(
         self,
         *,
         registered: Global___Registered | None = ...,
         assignments: Global___Assignments | None = ...,
+        challenge: Global___Challenge | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "message", b"message", "registered", b"registered"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "challenge", b"challenge", "message", b"message", "registered", b"registered"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "message", b"message", "registered", b"registered"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "challenge", b"challenge", "message", b"message", "registered", b"registered"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["registered", "assignments"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["registered", "assignments", "challenge"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
 Global___ConnectResponse: _TypeAlias = ConnectResponse  # noqa: Y015
+
+@_typing.final
+class Challenge(_message.Message):
+    """The registry's request for an attestation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NONCE_FIELD_NUMBER: _builtins.int
+    nonce: _builtins.bytes
+    """A single-use random nonce to sign."""
+    def __init__(
+        self,
+        *,
+        nonce: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nonce", b"nonce"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Challenge: _TypeAlias = Challenge  # noqa: Y015
 
 @_typing.final
 class Assignments(_message.Message):
@@ -323,19 +513,23 @@ class ListNodesRequest(_message.Message):
 
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """The most nodes to return; at most 1000, and 100 when unset."""
     page_token: _builtins.str
     """The `next_page_token` of a previous response, to get the page after it."""
+    filter: _builtins.str
+    """Conditions joined by `AND`: `state=ACTIVE`, `labels.pool=a`. Empty for every node."""
     def __init__(
         self,
         *,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        filter: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -514,3 +708,135 @@ class DrainNodeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DrainNodeResponse: _TypeAlias = DrainNodeResponse  # noqa: Y015
+
+@_typing.final
+class WatchNodesRequest(_message.Message):
+    """The request to watch nodes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchNodesRequest: _TypeAlias = WatchNodesRequest  # noqa: Y015
+
+@_typing.final
+class WatchNodesResponse(_message.Message):
+    """A change of one node."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    kind: Global___ChangeKind.ValueType
+    """The kind of change."""
+    @_builtins.property
+    def node(self) -> _node_pb2.Node:
+        """The node as it is now; for a removal, as it was last seen."""
+
+    def __init__(
+        self,
+        *,
+        kind: Global___ChangeKind.ValueType = ...,
+        node: _node_pb2.Node | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchNodesResponse: _TypeAlias = WatchNodesResponse  # noqa: Y015
+
+@_typing.final
+class DeleteNodeRequest(_message.Message):
+    """The request to delete a node."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The resource name of the node, `nodes/{node}`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteNodeRequest: _TypeAlias = DeleteNodeRequest  # noqa: Y015
+
+@_typing.final
+class DeleteNodeResponse(_message.Message):
+    """The answer to a deletion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteNodeResponse: _TypeAlias = DeleteNodeResponse  # noqa: Y015
+
+@_typing.final
+class CreateJoinTokenRequest(_message.Message):
+    """The request to make a join token."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOIN_TOKEN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def join_token(self) -> Global___JoinToken:
+        """The token's description and lifetime."""
+
+    def __init__(
+        self,
+        *,
+        join_token: Global___JoinToken | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["join_token", b"join_token"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["join_token", b"join_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateJoinTokenRequest: _TypeAlias = CreateJoinTokenRequest  # noqa: Y015
+
+@_typing.final
+class CreateJoinTokenResponse(_message.Message):
+    """The new join token, with its secret."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOIN_TOKEN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def join_token(self) -> Global___JoinToken:
+        """The token; `token` holds the secret, which is never shown again."""
+
+    def __init__(
+        self,
+        *,
+        join_token: Global___JoinToken | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["join_token", b"join_token"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["join_token", b"join_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateJoinTokenResponse: _TypeAlias = CreateJoinTokenResponse  # noqa: Y015

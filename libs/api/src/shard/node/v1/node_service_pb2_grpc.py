@@ -65,6 +65,21 @@ class NodeServiceStub:
                 request_serializer=shard_dot_node_dot_v1_dot_node__service__pb2.DrainNodeRequest.SerializeToString,
                 response_deserializer=shard_dot_node_dot_v1_dot_node__service__pb2.DrainNodeResponse.FromString,
                 _registered_method=True)
+        self.WatchNodes = channel.unary_stream(
+                '/shard.node.v1.NodeService/WatchNodes',
+                request_serializer=shard_dot_node_dot_v1_dot_node__service__pb2.WatchNodesRequest.SerializeToString,
+                response_deserializer=shard_dot_node_dot_v1_dot_node__service__pb2.WatchNodesResponse.FromString,
+                _registered_method=True)
+        self.DeleteNode = channel.unary_unary(
+                '/shard.node.v1.NodeService/DeleteNode',
+                request_serializer=shard_dot_node_dot_v1_dot_node__service__pb2.DeleteNodeRequest.SerializeToString,
+                response_deserializer=shard_dot_node_dot_v1_dot_node__service__pb2.DeleteNodeResponse.FromString,
+                _registered_method=True)
+        self.CreateJoinToken = channel.unary_unary(
+                '/shard.node.v1.NodeService/CreateJoinToken',
+                request_serializer=shard_dot_node_dot_v1_dot_node__service__pb2.CreateJoinTokenRequest.SerializeToString,
+                response_deserializer=shard_dot_node_dot_v1_dot_node__service__pb2.CreateJoinTokenResponse.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -90,7 +105,7 @@ class NodeServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListNodes(self, request, context):
-        """Lists the nodes that are alive, ordered by name.
+        """Lists the nodes that are alive, ordered by name, optionally filtered.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -112,6 +127,28 @@ class NodeServiceServicer:
 
     def DrainNode(self, request, context):
         """Drains a node: its replicas are placed elsewhere first, then taken off it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchNodes(self, request, context):
+        """Streams node changes: the current nodes first, then every change as it happens.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteNode(self, request, context):
+        """Removes a node from the shard: it is disconnected, its replicas move elsewhere, and it
+        needs a new join token to come back.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateJoinToken(self, request, context):
+        """Makes a one-time join token for enrolling a node.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -149,6 +186,21 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.DrainNode,
                     request_deserializer=shard_dot_node_dot_v1_dot_node__service__pb2.DrainNodeRequest.FromString,
                     response_serializer=shard_dot_node_dot_v1_dot_node__service__pb2.DrainNodeResponse.SerializeToString,
+            ),
+            'WatchNodes': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchNodes,
+                    request_deserializer=shard_dot_node_dot_v1_dot_node__service__pb2.WatchNodesRequest.FromString,
+                    response_serializer=shard_dot_node_dot_v1_dot_node__service__pb2.WatchNodesResponse.SerializeToString,
+            ),
+            'DeleteNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteNode,
+                    request_deserializer=shard_dot_node_dot_v1_dot_node__service__pb2.DeleteNodeRequest.FromString,
+                    response_serializer=shard_dot_node_dot_v1_dot_node__service__pb2.DeleteNodeResponse.SerializeToString,
+            ),
+            'CreateJoinToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateJoinToken,
+                    request_deserializer=shard_dot_node_dot_v1_dot_node__service__pb2.CreateJoinTokenRequest.FromString,
+                    response_serializer=shard_dot_node_dot_v1_dot_node__service__pb2.CreateJoinTokenResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -314,6 +366,87 @@ class NodeService:
             '/shard.node.v1.NodeService/DrainNode',
             shard_dot_node_dot_v1_dot_node__service__pb2.DrainNodeRequest.SerializeToString,
             shard_dot_node_dot_v1_dot_node__service__pb2.DrainNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchNodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/shard.node.v1.NodeService/WatchNodes',
+            shard_dot_node_dot_v1_dot_node__service__pb2.WatchNodesRequest.SerializeToString,
+            shard_dot_node_dot_v1_dot_node__service__pb2.WatchNodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shard.node.v1.NodeService/DeleteNode',
+            shard_dot_node_dot_v1_dot_node__service__pb2.DeleteNodeRequest.SerializeToString,
+            shard_dot_node_dot_v1_dot_node__service__pb2.DeleteNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateJoinToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shard.node.v1.NodeService/CreateJoinToken',
+            shard_dot_node_dot_v1_dot_node__service__pb2.CreateJoinTokenRequest.SerializeToString,
+            shard_dot_node_dot_v1_dot_node__service__pb2.CreateJoinTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,

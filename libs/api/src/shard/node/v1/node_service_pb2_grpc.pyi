@@ -26,13 +26,21 @@ class NodeServiceStub:
     GetNode: _aio.UnaryUnaryMultiCallable[_node_service_pb2.GetNodeRequest, _node_service_pb2.GetNodeResponse]
     """Gets one node."""
     ListNodes: _aio.UnaryUnaryMultiCallable[_node_service_pb2.ListNodesRequest, _node_service_pb2.ListNodesResponse]
-    """Lists the nodes that are alive, ordered by name."""
+    """Lists the nodes that are alive, ordered by name, optionally filtered."""
     CordonNode: _aio.UnaryUnaryMultiCallable[_node_service_pb2.CordonNodeRequest, _node_service_pb2.CordonNodeResponse]
     """Cordons a node: it keeps serving its replicas but gets no new ones."""
     UncordonNode: _aio.UnaryUnaryMultiCallable[_node_service_pb2.UncordonNodeRequest, _node_service_pb2.UncordonNodeResponse]
     """Uncordons a cordoned or draining node: it may get replicas again."""
     DrainNode: _aio.UnaryUnaryMultiCallable[_node_service_pb2.DrainNodeRequest, _node_service_pb2.DrainNodeResponse]
     """Drains a node: its replicas are placed elsewhere first, then taken off it."""
+    WatchNodes: _aio.UnaryStreamMultiCallable[_node_service_pb2.WatchNodesRequest, _node_service_pb2.WatchNodesResponse]
+    """Streams node changes: the current nodes first, then every change as it happens."""
+    DeleteNode: _aio.UnaryUnaryMultiCallable[_node_service_pb2.DeleteNodeRequest, _node_service_pb2.DeleteNodeResponse]
+    """Removes a node from the shard: it is disconnected, its replicas move elsewhere, and it
+    needs a new join token to come back.
+    """
+    CreateJoinToken: _aio.UnaryUnaryMultiCallable[_node_service_pb2.CreateJoinTokenRequest, _node_service_pb2.CreateJoinTokenResponse]
+    """Makes a one-time join token for enrolling a node."""
 
 class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
     """The registry's API for node agents and for everyone who asks about nodes."""
@@ -64,7 +72,7 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _node_service_pb2.ListNodesRequest,
         context: _aio.ServicerContext[_node_service_pb2.ListNodesRequest, _abc.Awaitable[_node_service_pb2.ListNodesResponse]],
     ) -> _abc.Awaitable[_node_service_pb2.ListNodesResponse]:
-        """Lists the nodes that are alive, ordered by name."""
+        """Lists the nodes that are alive, ordered by name, optionally filtered."""
 
     @_abc_1.abstractmethod
     def CordonNode(
@@ -89,5 +97,31 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _aio.ServicerContext[_node_service_pb2.DrainNodeRequest, _abc.Awaitable[_node_service_pb2.DrainNodeResponse]],
     ) -> _abc.Awaitable[_node_service_pb2.DrainNodeResponse]:
         """Drains a node: its replicas are placed elsewhere first, then taken off it."""
+
+    @_abc_1.abstractmethod
+    def WatchNodes(
+        self,
+        request: _node_service_pb2.WatchNodesRequest,
+        context: _aio.ServicerContext[_node_service_pb2.WatchNodesRequest, _abc.AsyncIterator[_node_service_pb2.WatchNodesResponse]],
+    ) -> _abc.AsyncIterator[_node_service_pb2.WatchNodesResponse]:
+        """Streams node changes: the current nodes first, then every change as it happens."""
+
+    @_abc_1.abstractmethod
+    def DeleteNode(
+        self,
+        request: _node_service_pb2.DeleteNodeRequest,
+        context: _aio.ServicerContext[_node_service_pb2.DeleteNodeRequest, _abc.Awaitable[_node_service_pb2.DeleteNodeResponse]],
+    ) -> _abc.Awaitable[_node_service_pb2.DeleteNodeResponse]:
+        """Removes a node from the shard: it is disconnected, its replicas move elsewhere, and it
+        needs a new join token to come back.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateJoinToken(
+        self,
+        request: _node_service_pb2.CreateJoinTokenRequest,
+        context: _aio.ServicerContext[_node_service_pb2.CreateJoinTokenRequest, _abc.Awaitable[_node_service_pb2.CreateJoinTokenResponse]],
+    ) -> _abc.Awaitable[_node_service_pb2.CreateJoinTokenResponse]:
+        """Makes a one-time join token for enrolling a node."""
 
 def add_NodeServiceServicer_to_server(servicer: NodeServiceServicer, server: _aio.Server) -> None: ...

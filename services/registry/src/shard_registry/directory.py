@@ -1,0 +1,123 @@
+"""The registry's live view of every node: records, operator states and assignments, mirrored
+from etcd once for the whole process and handed to whoever needs them.
+
+Sessions subscribe for their own node (new assignments to push, a state that stops or allows
+traffic); `WatchNodes` callers subscribe to every node change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+
+from shard.node.v1 import node_pb2, node_service_pb2
+from shard_core import keys
+
+NodeListener = Callable[[], None]
+ChangeQueue = asyncio.Queue[node_service_pb2.WatchNodesResponse]
+
+UPSERTED = node_service_pb2.CHANGE_KIND_UPSERTED
+REMOVED = node_service_pb2.CHANGE_KIND_REMOVED
+
+
+class _Prefix:
+    """One mirrored prefix: key suffix -> value, calling back with the node id of each change."""
+
+    def __init__(self, prefix: str, changed: Callable[[str], None]) -> None:
+        self.prefix = prefix
+        self.values: dict[str, bytes] = {}
+        self._changed = changed
+
+    def _node_id(self, key: str) -> str:
+        return key.removeprefix(self.prefix).split("/", 1)[0]
+
+    def reset(self, entries: Mapping[str, bytes]) -> None:
+        before = self.values
+        self.values = {key.removeprefix(self.prefix): value for key, value in entries.items()}
+        for suffix in set(before) | set(self.values):
+            if before.get(suffix) != self.values.get(suffix):
+                self._changed(suffix.split("/", 1)[0])
+
+    def put(self, key: str, value: bytes) -> None:
+        self.values[key.removeprefix(self.prefix)] = value
+        self._changed(self._node_id(key))
+
+    def delete(self, key: str) -> None:
+        self.values.pop(key.removeprefix(self.prefix), None)
+        self._changed(self._node_id(key))
+
+
+class NodeDirectory:
+    def __init__(self) -> None:
+        self.records = _Prefix(keys.NODES, self._changed)
+        self.admin = _Prefix(keys.NODE_ADMIN, self._changed)
+        self.assignment_records = _Prefix(keys.ASSIGNMENTS, self._changed)
+        self._listeners: dict[str, NodeListener] = {}
+        self._watchers: set[ChangeQueue] = set()
+        self._last: dict[str, node_pb2.Node] = {}
+
+    # -- what sessions ask ------------------------------------------------------------------
+
+    def assignments(self, node_id: str) -> dict[str, node_pb2.ModelAssignment]:
+        prefix = f"{node_id}/"
+        return {
+            suffix.removeprefix(prefix): node_pb2.ModelAssignment.FromString(value)
+            for suffix, value in self.assignment_records.values.items()
+            if suffix.startswith(prefix)
+        }
+
+    def admin_state(self, node_id: str) -> node_pb2.Node | None:
+        value = self.admin.values.get(node_id)
+        return node_pb2.Node.FromString(value) if value is not None else None
+
+    def node(self, node_id: str) -> node_pb2.Node | None:
+        """The node's record with its operator state laid over it."""
+        value = self.records.values.get(node_id)
+        if value is None:
+            return None
+        node = node_pb2.Node.FromString(value)
+        admin = self.admin_state(node_id)
+        if admin is not None:
+            node.state, node.state_reason = admin.state, admin.state_reason
+        return node
+
+    def subscribe(self, node_id: str, listener: NodeListener) -> None:
+        self._listeners[node_id] = listener
+        listener()
+
+    def unsubscribe(self, node_id: str, listener: NodeListener) -> None:
+        if self._listeners.get(node_id) == listener:
+            del self._listeners[node_id]
+
+    # -- watchers ---------------------------------------------------------------------------
+
+    def watch(self) -> ChangeQueue:
+        """A queue of changes that starts with every current node."""
+        queue: ChangeQueue = asyncio.Queue()
+        for node_id in sorted(self.records.values):
+            node = self.node(node_id)
+            if node is not None:
+                queue.put_nowait(node_service_pb2.WatchNodesResponse(kind=UPSERTED, node=node))
+        self._watchers.add(queue)
+        return queue
+
+    def unwatch(self, queue: ChangeQueue) -> None:
+        self._watchers.discard(queue)
+
+    def _changed(self, node_id: str) -> None:
+        listener = self._listeners.get(node_id)
+        if listener is not None:
+            listener()
+        node = self.node(node_id)
+        if node is not None:
+            if self._last.get(node_id) == node:
+                return
+            self._last[node_id] = node
+            change = node_service_pb2.WatchNodesResponse(kind=UPSERTED, node=node)
+        else:
+            gone = self._last.pop(node_id, None)
+            if gone is None:
+                return
+            change = node_service_pb2.WatchNodesResponse(kind=REMOVED, node=gone)
+        for queue in self._watchers:
+            queue.put_nowait(change)
