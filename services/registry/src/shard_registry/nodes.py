@@ -66,6 +66,14 @@ def _state_name(state: node_pb2.NodeState.ValueType) -> str:
     return node_pb2.NodeState.Name(state).removeprefix("NODE_STATE_")
 
 
+def _stable(inventory: node_pb2.Inventory) -> node_pb2.Inventory:
+    """The inventory without what changes on its own (free disk): what a change means."""
+    stable = node_pb2.Inventory()
+    stable.CopyFrom(inventory)
+    stable.ClearField("disk_free_bytes")
+    return stable
+
+
 def _validate_models(models: Sequence[node_pb2.ModelStatus], field: str) -> None:
     """Model states come from nodes we do not trust: names must be names, sizes bounded."""
     if len(models) > MAX_MODELS_PER_NODE:
@@ -232,7 +240,7 @@ class NodeSession:
             field="attestation",
         )
         inventory = attestation.inventory
-        if inventory != self.node.inventory:
+        if _stable(inventory) != _stable(self.node.inventory):
             _log.warning("node %s reports a changed inventory", self.node_id)
             await registry.record_transition(
                 self.node_id, self.node.state, self.node.state, "INVENTORY_CHANGED"
