@@ -14,7 +14,7 @@ import tritonclient.grpc as triton
 
 from shard.deployment.v1 import deployment_pb2
 from shard.model.v1 import model_pb2
-from shard_tool.publish import Publisher
+from shard_tool.publish import Publisher, read_canaries
 
 MODEL_REPOSITORY = Path(__file__).resolve().parent.parent / "infra" / "triton" / "models"
 
@@ -51,7 +51,7 @@ async def push_copy(
         with tempfile.TemporaryDirectory() as tmp:
             version_dir = Path(tmp) / version
             shutil.copytree(source_dir / "1", version_dir)
-            await publisher.push_version(model_id, version_dir, config)
+            await publisher.push_version(model_id, version_dir, config, read_canaries(source_dir))
 
 
 def target(version: str, replicas: int, weight: int = 1) -> deployment_pb2.DeploymentTarget:

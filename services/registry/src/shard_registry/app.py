@@ -12,7 +12,7 @@ import grpc
 from shard.artifact.v1 import artifact_service_pb2, artifact_service_pb2_grpc
 from shard.deployment.v1 import deployment_service_pb2, deployment_service_pb2_grpc
 from shard.model.v1 import model_service_pb2, model_service_pb2_grpc
-from shard.node.v1 import node_service_pb2, node_service_pb2_grpc
+from shard.node.v1 import node_pb2, node_service_pb2, node_service_pb2_grpc
 from shard_core import keys
 from shard_core.etcd.election import Election
 from shard_core.etcd.lease import LeaseKeeper
@@ -20,6 +20,7 @@ from shard_core.etcd.mirror import PrefixMirror
 from shard_core.etcd.store import EtcdStore
 from shard_core.grpc.server import GrpcServer
 from shard_registry.artifacts import BlobStore
+from shard_registry.canary import CanaryProber
 from shard_registry.control import ControlLoop
 from shard_registry.deployments import DeploymentRegistry
 from shard_registry.directory import NodeDirectory
@@ -108,7 +109,18 @@ async def serve(settings: RegistrySettings) -> None:
     control = ControlLoop(
         store=store, election_key=election.key, period_s=settings.control_period_s
     )
-    leading = asyncio.ensure_future(election.lead(control.run))
+    prober = CanaryProber(
+        store=store,
+        quarantine=lambda node, reason: nodes.set_admin_state(
+            node, node_pb2.NODE_STATE_QUARANTINED, reason
+        ),
+        interval_s=settings.canary_interval_s,
+    )
+
+    async def lead(leader_revision: int) -> None:
+        await asyncio.gather(control.run(leader_revision), prober.run())
+
+    leading = asyncio.ensure_future(election.lead(lead))
 
     def register(server: grpc.aio.Server) -> None:
         node_service_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(nodes), server)

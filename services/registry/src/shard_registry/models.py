@@ -29,6 +29,7 @@ from shard_core.errors import (
 from shard_core.etcd import paging
 from shard_core.etcd.store import EtcdStore
 from shard_registry.artifacts import SHA256, BlobStore
+from shard_registry.canary import check_canaries
 
 RESOURCE_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 VERSION_ID = re.compile(r"[1-9][0-9]{0,8}")
@@ -303,6 +304,7 @@ class ModelRegistry:
         await self._read_model(model_id)
         config = parse_config(version.config, model_id)
         await self._check_files(version.files, config)
+        check_canaries(version.canaries, {tensor.name for tensor in config.input})
         record = model_pb2.ModelVersion(
             name=f"{parent}/versions/{version_id}",
             config=version.config,
@@ -312,6 +314,7 @@ class ModelRegistry:
             inputs=_tensor_specs(config.input),
             outputs=_tensor_specs(config.output),
             size_bytes=sum(file.size_bytes for file in version.files),
+            canaries=version.canaries,
             create_time=timestamp(self._clock()),
         )
         key = keys.version(model_id, version_id)

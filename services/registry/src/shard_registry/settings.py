@@ -29,6 +29,9 @@ class RegistrySettings(ServiceSettings, EtcdSettings):
     attest_interval_s: float = Field(
         default=300.0, gt=0, description="How often connected nodes must attest again."
     )
+    canary_interval_s: float = Field(
+        default=30.0, gt=0, description="About how often each node gets a known-answer request."
+    )
     require_join_token: bool = Field(
         default=True, description="New nodes need a one-time join token made by an admin."
     )

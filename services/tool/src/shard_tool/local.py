@@ -53,6 +53,7 @@ class MeshTiming:
     lease_ttl_s: int = 10
     control_period_s: float = 2.0
     attest_interval_s: float = 300.0
+    canary_interval_s: float = 30.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,6 +141,7 @@ class LocalMesh:
                     "lease_ttl_s": self.timing.lease_ttl_s,
                     "control_period_s": self.timing.control_period_s,
                     "attest_interval_s": self.timing.attest_interval_s,
+                    "canary_interval_s": self.timing.canary_interval_s,
                     "leader_ttl_s": max(2, self.timing.lease_ttl_s),
                     "blob_dir": self.state_dir / "blobs",
                 },
@@ -210,9 +212,10 @@ class LocalMesh:
         triton_url: str | None = None,
         repository: Path | None = None,
         labels: Mapping[str, str] | None = None,
+        advertise_address: str | None = None,
     ) -> NodeHandle:
         """Start a node agent that launches its own Triton, or attaches to the Triton at
-        `triton_url` serving `repository`, and wait until it has registered."""
+        `triton_url` serving `repository`, and wait until it is ACTIVE."""
         state_dir = self.state_dir / "nodes" / name
         settings: dict[str, object] = {
             "registry_address": self.registry_address,
@@ -230,6 +233,8 @@ class LocalMesh:
             }
         else:
             settings |= {"triton_url": triton_url, "repository": repository}
+        if advertise_address is not None:
+            settings["advertise_address"] = advertise_address
         process = self._service(f"node-{name}", "shard_node", _endpoint_env("NODE", settings))
         handle = NodeHandle(
             name=name, process=process, state_dir=state_dir, triton_grpc_port=triton_grpc_port

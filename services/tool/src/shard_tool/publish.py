@@ -1,16 +1,22 @@
 """Publishing models to the shard from a Triton model repository on disk, over the registry's
 gRPC API: upload each file as a blob (skipping blobs the store has), create the model and its
-versions, deploy. Used by `shard up` for the demo models and by the CLI."""
+versions, deploy. A model directory may hold `canaries.json`: requests with known answers that
+the shard uses to check nodes. Used by `shard up` for the demo models and by the CLI."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
+import json
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2
+from tritonclient.utils import serialize_byte_tensor, triton_to_np_dtype
 
 from shard.artifact.v1 import artifact_service_pb2 as artifact_api
 from shard.artifact.v1 import artifact_service_pb2_grpc
@@ -43,6 +49,43 @@ async def _chunks(
     with path.open("rb") as file:
         while chunk := await asyncio.to_thread(file.read, CHUNK_BYTES):
             yield artifact_api.UploadBlobRequest(chunk=chunk)
+
+
+def _raw(tensor: Mapping[str, Any]) -> bytes:
+    """A JSON tensor's data as KServe raw contents: little-endian values, or length-prefixed
+    strings for BYTES."""
+    if tensor["datatype"] == "BYTES":
+        values = np.array([str(value).encode() for value in tensor["data"]], dtype=object)
+        serialized: bytes = serialize_byte_tensor(values).item()
+        return serialized
+    dtype = triton_to_np_dtype(tensor["datatype"])
+    return np.asarray(tensor["data"], dtype=dtype).tobytes()
+
+
+def canary_from_json(item: Mapping[str, Any]) -> model_pb2.Canary:
+    """A canary from `{"inputs": [tensor...], "outputs": [tensor...]}`, where a tensor is
+    `{"name", "datatype", "shape", "data"}` with `data` flat, as in KServe's JSON."""
+    request = service_pb2.ModelInferRequest()
+    for tensor in item["inputs"]:
+        request.inputs.add(name=tensor["name"], datatype=tensor["datatype"], shape=tensor["shape"])
+        request.raw_input_contents.append(_raw(tensor))
+    response = service_pb2.ModelInferResponse()
+    for tensor in item["outputs"]:
+        response.outputs.add(
+            name=tensor["name"], datatype=tensor["datatype"], shape=tensor["shape"]
+        )
+        response.raw_output_contents.append(_raw(tensor))
+    return model_pb2.Canary(
+        request=request.SerializeToString(), response=response.SerializeToString()
+    )
+
+
+def read_canaries(model_dir: Path) -> list[model_pb2.Canary]:
+    """The model directory's `canaries.json`, if it has one."""
+    path = model_dir / "canaries.json"
+    if not path.exists():
+        return []
+    return [canary_from_json(item) for item in json.loads(path.read_text())]
 
 
 def _files(version_dir: Path) -> list[Path]:
@@ -99,7 +142,11 @@ class Publisher:
                 raise
 
     async def push_version(
-        self, model_id: str, version_dir: Path, config: str
+        self,
+        model_id: str,
+        version_dir: Path,
+        config: str,
+        canaries: Sequence[model_pb2.Canary] = (),
     ) -> model_pb2.ModelVersion:
         """Upload a version directory's files and create the version (kept if it exists)."""
         files = []
@@ -110,7 +157,7 @@ class Publisher:
         request = model_api.CreateModelVersionRequest(
             parent=f"models/{model_id}",
             model_version_id=version_dir.name,
-            model_version=model_pb2.ModelVersion(config=config, files=files),
+            model_version=model_pb2.ModelVersion(config=config, files=files, canaries=canaries),
         )
         try:
             reply = await self.models.CreateModelVersion(request, timeout=TIMEOUT_S)
@@ -136,8 +183,9 @@ class Publisher:
         config = await asyncio.to_thread((model_dir / "config.pbtxt").read_text)
         await self.ensure_model(model_id, model_pb2.Model(visibility=visibility))
         versions = await asyncio.to_thread(_version_dirs, model_dir)
+        canaries = await asyncio.to_thread(read_canaries, model_dir)
         for version_dir in versions:
-            await self.push_version(model_id, version_dir, config)
+            await self.push_version(model_id, version_dir, config, canaries)
         return [version_dir.name for version_dir in versions]
 
     async def deploy(

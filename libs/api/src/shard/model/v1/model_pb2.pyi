@@ -137,6 +137,7 @@ class ModelVersion(_message.Message):
     OUTPUTS_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    CANARIES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The resource name, `models/{model}/versions/{version}`; `{version}` is a positive decimal
     number, as Triton numbers versions.
@@ -169,6 +170,12 @@ class ModelVersion(_message.Message):
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the version was created."""
 
+    @_builtins.property
+    def canaries(self) -> _containers.RepeatedCompositeFieldContainer[Global___Canary]:
+        """Requests with known answers. The shard sends them, at random times, to every node serving
+        the version; a node that answers one wrong is quarantined.
+        """
+
     def __init__(
         self,
         *,
@@ -181,14 +188,45 @@ class ModelVersion(_message.Message):
         outputs: _abc.Iterable[Global___TensorSpec] | None = ...,
         size_bytes: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        canaries: _abc.Iterable[Global___Canary] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "config", b"config", "create_time", b"create_time", "files", b"files", "inputs", b"inputs", "max_batch_size", b"max_batch_size", "name", b"name", "outputs", b"outputs", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "canaries", b"canaries", "config", b"config", "create_time", b"create_time", "files", b"files", "inputs", b"inputs", "max_batch_size", b"max_batch_size", "name", b"name", "outputs", b"outputs", "size_bytes", b"size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelVersion: _TypeAlias = ModelVersion  # noqa: Y015
+
+@_typing.final
+class Canary(_message.Message):
+    """A request with a known answer, to check that a node really runs the model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    request: _builtins.bytes
+    """A KServe v2 `inference.ModelInferRequest`, serialized, with its tensors in
+    `raw_input_contents`; the shard sets its model name and version.
+    """
+    response: _builtins.bytes
+    """The answer: a KServe v2 `inference.ModelInferResponse`, serialized; a node's answer must
+    have every output it has, with the same datatype, shape and raw contents.
+    """
+    def __init__(
+        self,
+        *,
+        request: _builtins.bytes = ...,
+        response: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request", b"request", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Canary: _TypeAlias = Canary  # noqa: Y015
 
 @_typing.final
 class ModelFile(_message.Message):
