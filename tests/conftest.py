@@ -51,7 +51,7 @@ def etcd_settings(mesh: LocalMesh, request: pytest.FixtureRequest) -> EtcdSettin
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def registry_channel(mesh: LocalMesh) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(mesh.registry_address) as channel:
+    async with mesh.admin_channel() as channel:
         yield channel
 
 

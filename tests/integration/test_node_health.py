@@ -67,7 +67,7 @@ async def test_a_killed_triton_is_restarted_and_its_node_degraded_meanwhile(
     await _until(degraded)
     node = await mesh.find_node("phoenix")
     assert node is not None
-    assert any(problem.startswith("TRITON_DOWN") for problem in node.problems)
+    assert any(p.startswith(("TRITON_DOWN", "TRITON_RESTARTED")) for p in node.problems)
 
     async def recovered() -> bool:
         node = await mesh.find_node("phoenix")

@@ -32,7 +32,7 @@ INVENTORY = node_pb2.Inventory(
 
 @pytest.fixture
 async def stub(mesh: LocalMesh) -> AsyncIterator[node_service_pb2_grpc.NodeServiceStub]:
-    async with grpc.aio.insecure_channel(mesh.registry_address) as channel:
+    async with mesh.admin_channel() as channel:
         yield node_service_pb2_grpc.NodeServiceStub(channel)
 
 
@@ -588,3 +588,29 @@ async def test_list_nodes_rejects_bad_paging(
         await stub.ListNodes(request_)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in (raised.value.details() or "")
+
+
+async def test_admin_calls_need_the_admin_token(mesh: LocalMesh, tmp_path: Path) -> None:
+    cordon = node_service_pb2.CordonNodeRequest(name="nodes/nany")
+    async with grpc.aio.insecure_channel(mesh.registry_address) as anonymous:
+        nodes = node_service_pb2_grpc.NodeServiceStub(anonymous)
+        await _refused(
+            nodes.CordonNode(cordon), grpc.StatusCode.UNAUTHENTICATED, "CREDENTIALS_MISSING"
+        )
+        await _refused(
+            nodes.CreateJoinToken(node_service_pb2.CreateJoinTokenRequest()),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "CREDENTIALS_MISSING",
+        )
+        await _refused(
+            nodes.CordonNode(cordon, metadata=(("authorization", "Bearer wrong"),)),
+            grpc.StatusCode.PERMISSION_DENIED,
+            "BAD_CREDENTIALS",
+        )
+        # What nodes and readers need stays open.
+        assert (await nodes.ListNodes(node_service_pb2.ListNodesRequest())).nodes
+        agent = FakeAgent(nodes)
+        await agent.register(
+            NodeIdentity.load_or_create(tmp_path), token=await mesh.join_token("open stream")
+        )
+        await agent.close()

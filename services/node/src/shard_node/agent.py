@@ -29,7 +29,7 @@ from shard.node.v1 import node_service_pb2, node_service_pb2_grpc
 from shard_core.attestation import signed_bytes
 from shard_node.health import HealthCheck
 from shard_node.identity import NodeIdentity
-from shard_node.inventory import capacity, read_inventory, read_metrics
+from shard_node.inventory import read_inventory, read_metrics
 from shard_node.models import ModelManager
 from shard_node.triton import TritonControl
 
@@ -122,7 +122,6 @@ class NodeAgent:
                 inference_address=self._advertise_address,
                 labels=self._labels,
                 models=await self._models.statuses(),
-                capacity=capacity(attestation.inventory),
                 join_token=self._join_token,
                 attestation=attestation,
             )

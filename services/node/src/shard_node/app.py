@@ -63,6 +63,7 @@ async def serve(settings: NodeSettings) -> None:
                 state_dir=settings.state_dir,
                 min_free_disk_bytes=settings.min_free_disk_bytes,
                 expected_gpus=len(inventory.gpus),
+                models=models,
             )
             metrics_url = settings.triton_metrics_url or (
                 f"http://127.0.0.1:{launched.ports.metrics}/metrics" if launched else None
@@ -83,7 +84,9 @@ async def serve(settings: NodeSettings) -> None:
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, agent.stop)
-            supervising = asyncio.ensure_future(supervise(launched, models)) if launched else None
+            supervising = (
+                asyncio.ensure_future(supervise(launched, models, health)) if launched else None
+            )
             try:
                 await agent.run()
             finally:

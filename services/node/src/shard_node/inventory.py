@@ -100,15 +100,6 @@ def read_inventory(
     )
 
 
-def capacity(inventory: node_pb2.Inventory) -> node_pb2.NodeResources:
-    """What the node offers replicas: all of its CPU, memory and GPUs."""
-    return node_pb2.NodeResources(
-        cpu_millis=inventory.cpu_cores * 1000,
-        memory_bytes=inventory.memory_bytes,
-        gpus=[node_pb2.Gpu(model=g.model, memory_bytes=g.memory_bytes) for g in inventory.gpus],
-    )
-
-
 def gpu_load() -> list[node_pb2.GpuLoad]:
     with _nvml() as present:
         if not present:

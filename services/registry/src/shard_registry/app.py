@@ -14,10 +14,12 @@ from shard.deployment.v1 import deployment_service_pb2, deployment_service_pb2_g
 from shard.model.v1 import model_service_pb2, model_service_pb2_grpc
 from shard.node.v1 import node_pb2, node_service_pb2, node_service_pb2_grpc
 from shard_core import keys
+from shard_core.auth import AdminOnlyInterceptor, token_hash
 from shard_core.etcd.election import Election
 from shard_core.etcd.lease import LeaseKeeper
 from shard_core.etcd.mirror import PrefixMirror
 from shard_core.etcd.store import EtcdStore
+from shard_core.grpc.interceptors import ErrorInterceptor
 from shard_core.grpc.server import GrpcServer
 from shard_registry.artifacts import BlobStore
 from shard_registry.canary import CanaryProber
@@ -46,6 +48,21 @@ SERVICE_NAMES = [
         (deployment_service_pb2, "DeploymentService"),
     )
 ]
+
+
+ADMIN_METHODS = [
+    f"/{service}/{method}"
+    for service, methods in (
+        ("shard.node.v1.NodeService", ("CordonNode", "UncordonNode", "DrainNode", "DeleteNode",
+                                       "CreateJoinToken")),
+        ("shard.artifact.v1.ArtifactService", ("UploadBlob",)),
+        ("shard.model.v1.ModelService", ("CreateModel", "UpdateModel", "DeleteModel",
+                                         "CreateModelVersion", "DeleteModelVersion")),
+        ("shard.deployment.v1.DeploymentService", ("CreateDeployment", "UpdateDeployment",
+                                                   "DeleteDeployment")),
+    )
+    for method in methods
+]  # fmt: skip
 
 
 def blob_store(settings: RegistrySettings) -> BlobStore:
@@ -134,7 +151,15 @@ async def serve(settings: RegistrySettings) -> None:
             DeploymentServicer(deployments), server
         )
 
-    server = GrpcServer(address=settings.address, services=SERVICE_NAMES, register=register)
+    admin_only = AdminOnlyInterceptor(
+        token_sha256=token_hash(settings.admin_token.get_secret_value()), protected=ADMIN_METHODS
+    )
+    server = GrpcServer(
+        address=settings.address,
+        services=SERVICE_NAMES,
+        register=register,
+        interceptors=(ErrorInterceptor(), admin_only),
+    )
 
     async def stop_leading() -> None:
         leading.cancel()

@@ -14,6 +14,7 @@ import random
 from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2
 
 from shard.model.v1 import model_pb2
@@ -25,6 +26,7 @@ from shard_core.etcd.store import EtcdStore
 _log = logging.getLogger(__name__)
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+PARALLEL_PROBES = 8
 
 
 def check_canaries(canaries: Sequence[model_pb2.Canary], input_names: set[str]) -> None:
@@ -109,6 +111,7 @@ class CanaryProber:
             for entry in (await self._store.snapshot(keys.ENDPOINTS)).entries
         ]
         versions: dict[tuple[str, str], model_pb2.ModelVersion | None] = {}
+        probes = []
         for endpoint in endpoints:
             key = (endpoint.model_name, endpoint.model_version)
             if key not in versions:
@@ -116,7 +119,18 @@ class CanaryProber:
                 versions[key] = model_pb2.ModelVersion.FromString(found.value) if found else None
             version = versions[key]
             if version is not None and version.canaries:
-                await self._probe(endpoint, random.choice(list(version.canaries)))
+                probes.append(self._probe(endpoint, random.choice(list(version.canaries))))
+        # In parallel, a few at a time: a slow node must not hold up the others' checks.
+        limit = asyncio.Semaphore(PARALLEL_PROBES)
+
+        async def limited(probe: Awaitable[None]) -> None:
+            async with limit:
+                await probe
+
+        await asyncio.gather(*(limited(probe) for probe in probes))
+        live = {endpoint.inference_address for endpoint in endpoints}
+        for address in [a for a in self._channels if a not in live]:
+            await self._channels.pop(address).close(None)
 
     async def _probe(self, endpoint: node_pb2.ModelEndpoint, canary: model_pb2.Canary) -> None:
         request = service_pb2.ModelInferRequest.FromString(canary.request)
@@ -133,10 +147,12 @@ class CanaryProber:
         except grpc.aio.AioRpcError as error:
             _log.info("canary to %s not answered: %s", endpoint.node, error.code().name)
             return
-        wrong = mismatch(
-            service_pb2.ModelInferResponse.FromString(canary.response),
-            service_pb2.ModelInferResponse.FromString(raw),
-        )
+        try:
+            answer = service_pb2.ModelInferResponse.FromString(raw)
+        except DecodeError:
+            wrong = "the answer is not a ModelInferResponse"
+        else:
+            wrong = mismatch(service_pb2.ModelInferResponse.FromString(canary.response), answer)
         if wrong:
             reason = f"CANARY_FAILED: {endpoint.model_name} v{endpoint.model_version}: {wrong}"
             _log.warning("quarantining %s: %s", endpoint.node, reason)

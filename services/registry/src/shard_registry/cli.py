@@ -8,4 +8,5 @@ from shard_registry.settings import RegistrySettings
 
 
 def main() -> None:
-    run_service("registry", RegistrySettings(), serve)
+    # Required settings come from the environment, which mypy cannot see.
+    run_service("registry", RegistrySettings(), serve)  # type: ignore[call-arg]

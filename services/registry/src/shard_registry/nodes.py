@@ -12,6 +12,7 @@ state lets it take traffic.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -48,9 +49,6 @@ ADDRESS = re.compile(r"[A-Za-z0-9.\-\[\]:]{1,253}:[0-9]{1,5}")
 SERVING_STATES = frozenset(
     {node_pb2.NODE_STATE_ACTIVE, node_pb2.NODE_STATE_CORDONED, node_pb2.NODE_STATE_DRAINING}
 )
-OPERATOR_STATES = frozenset(
-    {node_pb2.NODE_STATE_CORDONED, node_pb2.NODE_STATE_DRAINING, node_pb2.NODE_STATE_QUARANTINED}
-)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,6 +62,16 @@ class NodeTiming:
 
 def _state_name(state: node_pb2.NodeState.ValueType) -> str:
     return node_pb2.NodeState.Name(state).removeprefix("NODE_STATE_")
+
+
+def capacity(inventory: node_pb2.Inventory) -> node_pb2.NodeResources:
+    """What a node offers replicas, from its attested inventory: never from what it claims
+    apart from it."""
+    return node_pb2.NodeResources(
+        cpu_millis=inventory.cpu_cores * 1000,
+        memory_bytes=inventory.memory_bytes,
+        gpus=[node_pb2.Gpu(model=g.model, memory_bytes=g.memory_bytes) for g in inventory.gpus],
+    )
 
 
 def _stable(inventory: node_pb2.Inventory) -> node_pb2.Inventory:
@@ -146,6 +154,7 @@ class NodeSession:
         self.lease_id = lease_id
         self._published = published
         self._written_at = 0.0
+        self._publishing = asyncio.Lock()
         self.challenge: Challenge | None = None
 
     @property
@@ -182,7 +191,13 @@ class NodeSession:
 
     async def publish(self, *, record: bool = True) -> None:
         """Write the record (when `record`) and the endpoints that appeared, delete the ones
-        that went: in one transaction, so readers never see half of a change."""
+        that went: in one transaction, so readers never see half of a change. Heartbeats and
+        assignment changes publish from different tasks: one at a time, or an endpoint written
+        by one could be forgotten by the other and outlive its assignment."""
+        async with self._publishing:
+            await self._publish(record=record)
+
+    async def _publish(self, *, record: bool) -> None:
         endpoints = self._endpoints()
         added = {key: value for key, value in endpoints.items() if key not in self._published}
         gone = self._published - endpoints.keys()
@@ -246,6 +261,7 @@ class NodeSession:
                 self.node_id, self.node.state, self.node.state, "INVENTORY_CHANGED"
             )
             self.node.inventory.CopyFrom(inventory)
+            self.node.capacity.CopyFrom(capacity(inventory))
         self.node.attest_time.CopyFrom(timestamp(registry.clock()))
         violations = registry.policy.violations(inventory)
         if violations:
@@ -351,7 +367,7 @@ class NodeRegistry:
             heartbeat_time=now,
             attest_time=now,
             public_key=public_key,
-            capacity=registration.capacity,
+            capacity=capacity(inventory),
             inventory=inventory,
         )
         if state == node_pb2.NODE_STATE_PENDING:

@@ -14,7 +14,7 @@ from shard.deployment.v1 import deployment_service_pb2_grpc
 from shard.model.v1 import model_service_pb2 as model_api
 from shard.model.v1 import model_service_pb2_grpc
 from shard.node.v1 import node_pb2, node_service_pb2, node_service_pb2_grpc
-from shard_core.errors import InvalidArgumentError, NotFoundError
+from shard_core.errors import InvalidArgumentError, NotFoundError, UnauthenticatedError
 from shard_registry.artifacts import BlobStore, StoredBlob, blob_sha256
 from shard_registry.deployments import DeploymentRegistry
 from shard_registry.enrollment import Challenge
@@ -32,7 +32,8 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
         self, request_iterator: AsyncIterator[node_service_pb2.ConnectRequest], context: Context
     ) -> AsyncIterator[node_service_pb2.ConnectResponse]:
         requests = aiter(request_iterator)
-        hello = await anext(requests, None)
+        answer_within = self._registry.policy.nonce_ttl_s
+        hello = await _next(requests, answer_within, "hello")
         if hello is None:
             return
         if hello.WhichOneof("message") != "hello":
@@ -45,7 +46,7 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
         yield node_service_pb2.ConnectResponse(
             challenge=node_service_pb2.Challenge(nonce=challenge.nonce)
         )
-        second = await anext(requests, None)
+        second = await _next(requests, answer_within, "registration")
         if second is None:
             return
         if second.WhichOneof("message") != "registration":
@@ -69,20 +70,36 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
         directory.subscribe(session.node_id, changed.set)
         reader = asyncio.ensure_future(self._read(session, requests))
         pushed: list[node_pb2.ModelAssignment] | None = None
+        loop = asyncio.get_running_loop()
+        challenged_at = loop.time()  # the registration answered the first challenge
         try:
             while True:
+                # With a challenge out, the answer is due within the nonce's life; without one,
+                # the next challenge is due an attestation interval after the last.
+                outstanding = session.challenge is not None
+                deadline = challenged_at + (
+                    answer_within if outstanding else timing.attest_interval_s
+                )
                 woken = asyncio.ensure_future(changed.wait())
                 await asyncio.wait(
                     {woken, reader},
-                    timeout=timing.attest_interval_s,
+                    timeout=max(deadline - loop.time(), 0),
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 woken.cancel()
                 if reader.done():
                     reader.result()  # the stream ended: raise its error, if any
                     return
-                if not changed.is_set():  # the attestation interval passed
-                    yield node_service_pb2.ConnectResponse(challenge=session.new_challenge())
+                if loop.time() >= deadline and not changed.is_set():
+                    if session.challenge is not None:
+                        raise UnauthenticatedError(
+                            "the node did not answer its attestation challenge in time",
+                            reason="ATTESTATION_MISSED",
+                            metadata={"field": "attestation"},
+                        )
+                    if not outstanding:
+                        challenged_at = loop.time()
+                        yield node_service_pb2.ConnectResponse(challenge=session.new_challenge())
                     continue
                 changed.clear()
                 assignments = list(directory.assignments(session.node_id).values())
@@ -177,6 +194,19 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
             request.name, node_pb2.NODE_STATE_DRAINING, request.reason
         )
         return node_service_pb2.DrainNodeResponse(node=node)
+
+
+async def _next(
+    requests: AsyncIterator[node_service_pb2.ConnectRequest], within_s: float, expected: str
+) -> node_service_pb2.ConnectRequest | None:
+    """The stream's next message, which must come within `within_s`: a stream that says
+    nothing is not held open."""
+    try:
+        return await asyncio.wait_for(anext(requests, None), within_s)
+    except TimeoutError as error:
+        raise UnauthenticatedError(
+            f"no {expected} within {within_s:.0f}s", reason="TOO_SLOW", metadata={"field": expected}
+        ) from error
 
 
 def _blob(stored: StoredBlob) -> blob_pb2.Blob:

@@ -14,6 +14,10 @@ class RegistrySettings(ServiceSettings, EtcdSettings):
     model_config = SettingsConfigDict(env_prefix="SHARD_REGISTRY_", frozen=True, extra="forbid")
 
     address: str = Field(default="0.0.0.0:7070", description="gRPC listen address.")
+    admin_token: SecretStr = Field(
+        description="The token admin calls (cordon, drain, delete, join tokens, model and "
+        "deployment writes) must carry; required: there is no unauthenticated mode."
+    )
     heartbeat_interval_s: float = Field(
         default=2.0, gt=0, description="How often node agents must send a heartbeat."
     )

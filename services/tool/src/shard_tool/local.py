@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import shutil
 import sys
 from collections.abc import Mapping
@@ -22,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shard.deployment.v1 import deployment_pb2
 from shard.model.v1 import model_pb2
 from shard.node.v1 import node_pb2, node_service_pb2, node_service_pb2_grpc
+from shard_core.auth import bearer_interceptors
 from shard_core.etcd.server import EtcdServer
 from shard_core.net import free_port
 from shard_core.process import ManagedProcess
@@ -99,6 +101,14 @@ class LocalMesh:
         )
         self.services: dict[str, ManagedProcess] = {}
         self.nodes: dict[str, NodeHandle] = {}
+        # The local mesh's admin credential: made fresh for every run, never written to a log.
+        self.admin_token = secrets.token_urlsafe(32)
+
+    def admin_channel(self) -> grpc.aio.Channel:
+        """A channel to the registry that carries the admin token on every call."""
+        return grpc.aio.insecure_channel(
+            self.registry_address, interceptors=bearer_interceptors(self.admin_token)
+        )
 
     @property
     def registry_address(self) -> str:
@@ -144,6 +154,7 @@ class LocalMesh:
                     "canary_interval_s": self.timing.canary_interval_s,
                     "leader_ttl_s": max(2, self.timing.lease_ttl_s),
                     "blob_dir": self.state_dir / "blobs",
+                    "admin_token": self.admin_token,
                 },
             ),
         )
@@ -187,7 +198,7 @@ class LocalMesh:
     async def publish_demo_models(self, *, replicas: int, timeout: float = 120) -> None:
         """Publish every model in the demo repository as a public model, deploy its newest
         version on `replicas` nodes, and wait until every replica is ready."""
-        async with grpc.aio.insecure_channel(self.registry_address) as channel:
+        async with self.admin_channel() as channel:
             publisher = Publisher(channel=channel)
             model_dirs = sorted(p for p in self.model_repository.iterdir() if p.is_dir())
             for model_dir in model_dirs:
@@ -246,7 +257,7 @@ class LocalMesh:
 
     async def join_token(self, description: str) -> str:
         """A one-time join token from the registry, as an admin would make one."""
-        async with grpc.aio.insecure_channel(self.registry_address) as channel:
+        async with self.admin_channel() as channel:
             reply = await node_service_pb2_grpc.NodeServiceStub(channel).CreateJoinToken(
                 node_service_pb2.CreateJoinTokenRequest(
                     join_token=node_service_pb2.JoinToken(description=description)

@@ -231,18 +231,11 @@ class Registration(_message.Message):
 
     INFERENCE_ADDRESS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
-    AGENT_VERSION_FIELD_NUMBER: _builtins.int
-    TRITON_VERSION_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
-    CAPACITY_FIELD_NUMBER: _builtins.int
     JOIN_TOKEN_FIELD_NUMBER: _builtins.int
     ATTESTATION_FIELD_NUMBER: _builtins.int
     inference_address: _builtins.str
     """The KServe v2 gRPC address of the node's Triton, reachable from the control plane."""
-    agent_version: _builtins.str
-    """The version of the node agent software."""
-    triton_version: _builtins.str
-    """The version of the Triton server the node runs."""
     join_token: _builtins.str
     """The one-time join token an admin made, needed the first time a node joins the shard."""
     @_builtins.property
@@ -254,10 +247,6 @@ class Registration(_message.Message):
         """The state of the node's models at registration."""
 
     @_builtins.property
-    def capacity(self) -> _node_pb2.NodeResources:
-        """What the node has to give to model replicas."""
-
-    @_builtins.property
     def attestation(self) -> Global___Attestation:
         """The answer to the registry's challenge."""
 
@@ -266,16 +255,13 @@ class Registration(_message.Message):
         *,
         inference_address: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
-        agent_version: _builtins.str = ...,
-        triton_version: _builtins.str = ...,
         models: _abc.Iterable[_node_pb2.ModelStatus] | None = ...,
-        capacity: _node_pb2.NodeResources | None = ...,
         join_token: _builtins.str = ...,
         attestation: Global___Attestation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["attestation", b"attestation", "capacity", b"capacity"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attestation", b"attestation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "attestation", b"attestation", "capacity", b"capacity", "inference_address", b"inference_address", "join_token", b"join_token", "labels", b"labels", "models", b"models", "triton_version", b"triton_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attestation", b"attestation", "inference_address", b"inference_address", "join_token", b"join_token", "labels", b"labels", "models", b"models"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
