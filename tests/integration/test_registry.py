@@ -614,3 +614,17 @@ async def test_admin_calls_need_the_admin_token(mesh: LocalMesh, tmp_path: Path)
             NodeIdentity.load_or_create(tmp_path), token=await mesh.join_token("open stream")
         )
         await agent.close()
+
+
+async def test_a_node_cannot_point_traffic_elsewhere(
+    mesh: LocalMesh, stub: node_service_pb2_grpc.NodeServiceStub, tmp_path: Path
+) -> None:
+    await _refused(
+        FakeAgent(stub).register(
+            NodeIdentity.load_or_create(tmp_path),
+            token=await mesh.join_token("elsewhere"),
+            inference_address="10.20.30.40:8001",
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "ADDRESS_NOT_PEER",
+    )

@@ -11,11 +11,11 @@ every heartbeat.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import shutil
 import uuid
-from collections.abc import Mapping
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -29,6 +29,7 @@ from shard_node.triton import TritonControl
 _log = logging.getLogger(__name__)
 
 STAGING = ".staging"
+RETRY_S = 30.0
 
 
 class FetchError(Exception):
@@ -85,11 +86,16 @@ class ModelManager:
         self._changed.set()
 
     async def run(self) -> None:
-        """Converge Triton to the assignments, again each time they change."""
+        """Converge Triton to the assignments each time they change, and retry failed models
+        every `RETRY_S` until they load."""
         while True:
-            await self._changed.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), RETRY_S)
             self._changed.clear()
-            await self._converge()
+            try:
+                await self._converge()
+            except Exception:
+                _log.exception("converging Triton failed; retrying")
 
     async def _converge(self) -> None:
         for model in [m for m in self._installed if m not in self._desired]:
@@ -199,6 +205,3 @@ class ModelManager:
                 status.reason = unreachable
             statuses.append(status)
         return statuses
-
-    def installed(self) -> Mapping[str, str]:
-        return dict(self._installed)

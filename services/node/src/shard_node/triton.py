@@ -165,10 +165,11 @@ class TritonControl:
         with contextlib.suppress(psutil.Error):
             own = process.memory_info().rss
         models = 0
-        for child in process.children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                if any(str(model_dir) in part for part in child.cmdline()):
-                    models += child.memory_info().rss
+        with contextlib.suppress(psutil.Error):
+            for child in process.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    if any(str(model_dir) in part for part in child.cmdline()):
+                        models += child.memory_info().rss
         return own, models
 
     def _process(self) -> psutil.Process | None:

@@ -112,6 +112,7 @@ async def serve(settings: RegistrySettings) -> None:
             min_agent_version=settings.min_agent_version,
             require_gpu_cross_check=settings.require_gpu_cross_check,
             require_join_token=settings.require_join_token,
+            trust_node_addresses=settings.trust_node_addresses,
         ),
     )
     models = ModelRegistry(store=store, blobs=blobs)

@@ -54,6 +54,8 @@ class ControlLoop:
             await asyncio.sleep(self._period_s)
 
     async def reconcile(self, leader_revision: int) -> None:
+        # Decision keys follow the clock, so a replica that takes over later keeps them in order.
+        self._sequence = max(self._sequence, time.time_ns())
         nodes = await self._nodes()
         deployments = [
             deployment_pb2.Deployment.FromString(entry.value)

@@ -14,7 +14,9 @@ from shard.node.v1 import node_pb2, node_service_pb2
 from shard_core import keys
 
 NodeListener = Callable[[], None]
-ChangeQueue = asyncio.Queue[node_service_pb2.WatchNodesResponse]
+# None tells a watcher it fell too far behind and must start again.
+ChangeQueue = asyncio.Queue[node_service_pb2.WatchNodesResponse | None]
+WATCH_BACKLOG = 1000
 
 UPSERTED = node_service_pb2.CHANGE_KIND_UPSERTED
 REMOVED = node_service_pb2.CHANGE_KIND_REMOVED
@@ -93,7 +95,7 @@ class NodeDirectory:
 
     def watch(self) -> ChangeQueue:
         """A queue of changes that starts with every current node."""
-        queue: ChangeQueue = asyncio.Queue()
+        queue: ChangeQueue = asyncio.Queue(maxsize=WATCH_BACKLOG + len(self.records.values))
         for node_id in sorted(self.records.values):
             node = self.node(node_id)
             if node is not None:
@@ -119,5 +121,11 @@ class NodeDirectory:
             if gone is None:
                 return
             change = node_service_pb2.WatchNodesResponse(kind=REMOVED, node=gone)
-        for queue in self._watchers:
-            queue.put_nowait(change)
+        for queue in list(self._watchers):
+            try:
+                queue.put_nowait(change)
+            except asyncio.QueueFull:
+                while not queue.empty():
+                    queue.get_nowait()
+                queue.put_nowait(None)
+                self._watchers.discard(queue)

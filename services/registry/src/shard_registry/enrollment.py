@@ -49,6 +49,7 @@ class NodePolicy:
     require_join_token: bool = True
     max_clock_skew_s: float = 30.0
     nonce_ttl_s: float = 30.0
+    trust_node_addresses: bool = False
 
     def violations(self, inventory: node_pb2.Inventory) -> list[str]:
         """Every way the inventory breaks this policy, as `REASON: detail`."""

@@ -74,6 +74,30 @@ def capacity(inventory: node_pb2.Inventory) -> node_pb2.NodeResources:
     )
 
 
+def peer_host(peer: str) -> str:
+    """The host of a gRPC peer string: `ipv4:1.2.3.4:5678` or `ipv6:[::1]:5678`."""
+    address = peer.split(":", 1)[1] if ":" in peer else peer
+    host = address.rsplit(":", 1)[0]
+    return host.strip("[]")
+
+
+async def _check_address(address: str, peer: str) -> None:
+    """A node may only send traffic to itself: the host it names for its Triton must be the
+    address its stream comes from (directly, or by name)."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, None)
+    except OSError:
+        infos = []
+    if peer not in {info[4][0] for info in infos}:
+        raise PermissionDeniedError(
+            f"registration.inference_address {address!r} is not where this node connects from "
+            f"({peer})",
+            reason="ADDRESS_NOT_PEER",
+            metadata={"field": "registration.inference_address"},
+        )
+
+
 def _stable(inventory: node_pb2.Inventory) -> node_pb2.Inventory:
     """The inventory without what changes on its own (free disk): what a change means."""
     stable = node_pb2.Inventory()
@@ -310,9 +334,12 @@ class NodeRegistry:
         public_key: bytes,
         registration: node_service_pb2.Registration,
         challenge: Challenge,
+        peer_host: str,
     ) -> NodeSession:
         """Admit a node that proved itself; one that reconnects within its lease keeps it."""
         _validate_registration(registration)
+        if not self.policy.trust_node_addresses:
+            await _check_address(registration.inference_address, peer_host)
         verify_attestation(
             attestation=registration.attestation,
             challenge=challenge,

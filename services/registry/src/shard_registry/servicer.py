@@ -14,12 +14,17 @@ from shard.deployment.v1 import deployment_service_pb2_grpc
 from shard.model.v1 import model_service_pb2 as model_api
 from shard.model.v1 import model_service_pb2_grpc
 from shard.node.v1 import node_pb2, node_service_pb2, node_service_pb2_grpc
-from shard_core.errors import InvalidArgumentError, NotFoundError, UnauthenticatedError
+from shard_core.errors import (
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+)
 from shard_registry.artifacts import BlobStore, StoredBlob, blob_sha256
 from shard_registry.deployments import DeploymentRegistry
 from shard_registry.enrollment import Challenge
 from shard_registry.models import ModelRegistry
-from shard_registry.nodes import NodeRegistry, NodeSession, validate_hello
+from shard_registry.nodes import NodeRegistry, NodeSession, peer_host, validate_hello
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -55,7 +60,11 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
                 metadata={"field": "registration"},
             )
         session = await self._registry.register(
-            node_id, hello.hello.public_key, second.registration, challenge
+            node_id,
+            hello.hello.public_key,
+            second.registration,
+            challenge,
+            peer_host(context.peer()),
         )
         timing = self._registry.timing
         yield node_service_pb2.ConnectResponse(
@@ -170,10 +179,14 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
         directory = self._registry.directory
         changes = directory.watch()
         try:
-            while True:
-                yield await changes.get()
+            while (change := await changes.get()) is not None:
+                yield change
         finally:
             directory.unwatch(changes)
+        raise ResourceExhaustedError(
+            "this watcher fell more than 1000 changes behind; watch again to start over",
+            reason="WATCH_TOO_SLOW",
+        )
 
     async def DeleteNode(
         self, request: node_service_pb2.DeleteNodeRequest, context: Context

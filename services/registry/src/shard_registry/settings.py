@@ -36,6 +36,11 @@ class RegistrySettings(ServiceSettings, EtcdSettings):
     canary_interval_s: float = Field(
         default=30.0, gt=0, description="About how often each node gets a known-answer request."
     )
+    trust_node_addresses: bool = Field(
+        default=False,
+        description="Accept a node's Triton address even if it is not where the node connects "
+        "from (for nodes behind NAT); by default a node can only point traffic at itself.",
+    )
     require_join_token: bool = Field(
         default=True, description="New nodes need a one-time join token made by an admin."
     )
