@@ -37,6 +37,7 @@ def version(model_id: str, version_id: str) -> str:
 
 DEPLOYMENTS = "deployments/"
 DEPLOYMENT_STATUS = "deployment-status/"
+DEPLOYMENT_OF = "deployment-of/"
 DECISIONS = "decisions/"
 ASSIGNMENTS = "assignments/"
 NODE_ADMIN = "node-admin/"
@@ -92,3 +93,8 @@ def join_token(token_id: str) -> str:
 
 def node_transitions(node_id: str) -> str:
     return f"{NODE_TRANSITIONS}{node_id}"
+
+
+def deployment_of(model_id: str) -> str:
+    """The one deployment of a model: its id, written with the deployment in one transaction."""
+    return f"{DEPLOYMENT_OF}{model_id}"

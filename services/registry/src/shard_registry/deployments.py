@@ -110,12 +110,6 @@ class DeploymentRegistry:
         await self._models.get_model(deployment.model)
         _check_spec(deployment)
         await self._check_versions_exist(deployment)
-        if await self._deployment_of(deployment.model) is not None:
-            raise AlreadyExistsError(
-                f"{deployment.model} already has a deployment; update that one",
-                reason="MODEL_ALREADY_DEPLOYED",
-                metadata={"field": "deployment.model"},
-            )
         record = deployment_pb2.Deployment()
         record.CopyFrom(deployment)
         record.name = f"deployments/{deployment_id}"
@@ -125,9 +119,18 @@ class DeploymentRegistry:
         now = timestamp(self._clock())
         record.create_time.CopyFrom(now)
         record.update_time.CopyFrom(now)
-        key = keys.deployment(deployment_id)
-        revision = await self._store.write(puts={key: record.SerializeToString()}, expect={key: 0})
+        key, owner = keys.deployment(deployment_id), keys.deployment_of(model_id)
+        revision = await self._store.write(
+            puts={key: record.SerializeToString(), owner: deployment_id.encode()},
+            expect={key: 0, owner: 0},
+        )
         if revision is None:
+            if await self._deployment_of(deployment.model) is not None:
+                raise AlreadyExistsError(
+                    f"{deployment.model} already has a deployment; update that one",
+                    reason="MODEL_ALREADY_DEPLOYED",
+                    metadata={"field": "deployment.model"},
+                )
             raise AlreadyExistsError(
                 f"{record.name} already exists", metadata={"name": record.name}
             )
@@ -135,12 +138,11 @@ class DeploymentRegistry:
         return record
 
     async def _deployment_of(self, model: str) -> deployment_pb2.Deployment | None:
-        snapshot = await self._store.snapshot(keys.DEPLOYMENTS)
-        for entry in snapshot.entries:
-            deployment = deployment_pb2.Deployment.FromString(entry.value)
-            if deployment.model == model:
-                return deployment
-        return None
+        owner = await self._store.get(keys.deployment_of(model.removeprefix("models/")))
+        if owner is None:
+            return None
+        found = await self._store.get(keys.deployment(owner.value.decode()))
+        return deployment_pb2.Deployment.FromString(found.value) if found else None
 
     async def _read(self, deployment_id: str) -> tuple[deployment_pb2.Deployment, int]:
         found = await self._store.get(keys.deployment(deployment_id))
@@ -201,10 +203,11 @@ class DeploymentRegistry:
 
     async def delete(self, name: str, etag: str) -> None:
         (deployment_id,) = parse_name(name, "deployments/{}")
-        _, revision = await self._read(deployment_id)
+        current, revision = await self._read(deployment_id)
         check_etag(etag, revision, name)
         key = keys.deployment(deployment_id)
-        if await self._store.write(deletes=[key], expect={key: revision}) is None:
+        owner = keys.deployment_of(current.model.removeprefix("models/"))
+        if await self._store.write(deletes=[key, owner], expect={key: revision}) is None:
             raise AbortedError(f"{name} changed during the delete", reason="ETAG_MISMATCH")
 
     async def explain(
