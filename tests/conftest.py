@@ -10,7 +10,10 @@ import grpc
 import pytest
 import pytest_asyncio
 
+from shard_core.etcd.store import EtcdStore
+from shard_core.net import free_port
 from shard_core.settings import EtcdSettings
+from shard_node.triton import TritonPorts, TritonProcess
 from shard_tool.local import LocalMesh, MeshPorts, MeshTiming
 from shard_tool.publish import Publisher
 from tests.demo import MODEL_REPOSITORY
@@ -58,3 +61,27 @@ async def registry_channel(mesh: LocalMesh) -> AsyncIterator[grpc.aio.Channel]:
 @pytest.fixture
 def publisher(registry_channel: grpc.aio.Channel) -> Publisher:
     return Publisher(channel=registry_channel)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def store(etcd_settings: EtcdSettings) -> AsyncIterator[EtcdStore]:
+    """A connected store on the session's etcd, under this test's own prefix."""
+    store = EtcdStore(etcd_settings)
+    await store.connect()
+    yield store
+    await store.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def spare_triton(tmp_path: Path) -> AsyncIterator[TritonProcess]:
+    """A Triton the test owns, with an empty repository, outside any node agent."""
+    repository = tmp_path / "repository"
+    repository.mkdir()
+    process = TritonProcess(
+        model_repository=repository,
+        state_dir=tmp_path,
+        ports=TritonPorts(grpc=free_port(), http=free_port(), metrics=free_port()),
+    )
+    await process.start()
+    yield process
+    process.stop()

@@ -3,22 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-
-import pytest
+from collections.abc import Awaitable, Callable
 
 from shard_core.etcd.election import Election
 from shard_core.etcd.lease import LeaseKeeper
 from shard_core.etcd.store import EtcdStore
-from shard_core.settings import EtcdSettings
-
-
-@pytest.fixture
-async def store(etcd_settings: EtcdSettings) -> AsyncIterator[EtcdStore]:
-    store = EtcdStore(etcd_settings)
-    await store.connect()
-    yield store
-    await store.close()
 
 
 async def test_one_leader_and_a_successor_when_it_goes(store: EtcdStore) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -40,14 +40,6 @@ async def _eventually(condition: object, timeout: float = 10.0) -> None:
         if asyncio.get_running_loop().time() > deadline:
             pytest.fail("condition not met in time")
         await asyncio.sleep(0.05)
-
-
-@pytest.fixture
-async def store(etcd_settings: EtcdSettings) -> AsyncIterator[EtcdStore]:
-    store = EtcdStore(etcd_settings)
-    await store.connect()
-    yield store
-    await store.close()
 
 
 async def test_page_walks_a_prefix_in_bounded_reads(store: EtcdStore) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -18,8 +17,7 @@ from shard.deployment.v1 import deployment_pb2
 from shard.deployment.v1 import deployment_service_pb2 as api
 from shard.node.v1 import node_pb2
 from shard_core.grpc.server import GrpcServer
-from shard_core.net import free_port
-from shard_node.triton import TritonPorts, TritonProcess
+from shard_node.triton import TritonProcess
 from shard_tool.local import LocalMesh
 from shard_tool.publish import Publisher
 from tests.demo import push_copy, target
@@ -63,20 +61,11 @@ class LyingTriton:
 
 
 @pytest.fixture
-async def liar(tmp_path: Path) -> AsyncIterator[tuple[TritonProcess, LyingTriton]]:
-    repository = tmp_path / "repository"
-    repository.mkdir()
-    honest = TritonProcess(
-        model_repository=repository,
-        state_dir=tmp_path,
-        ports=TritonPorts(grpc=free_port(), http=free_port(), metrics=free_port()),
-    )
-    await honest.start()
-    front = LyingTriton(honest.grpc_url)
+async def liar(spare_triton: TritonProcess) -> AsyncIterator[tuple[TritonProcess, LyingTriton]]:
+    front = LyingTriton(spare_triton.grpc_url)
     await front.server.start()
-    yield honest, front
+    yield spare_triton, front
     await front.server.stop()
-    honest.stop()
 
 
 async def test_a_node_that_answers_wrong_is_quarantined_and_unrouted(

@@ -6,37 +6,18 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 
-import pytest
 import tritonclient.grpc as triton
 
 from shard.deployment.v1 import deployment_service_pb2 as deployment_api
 from shard.node.v1.node_service_pb2 import ListNodesRequest
 from shard.node.v1.node_service_pb2_grpc import NodeServiceStub
-from shard_core.net import free_port
-from shard_node.triton import TritonPorts, TritonProcess
+from shard_node.triton import TritonProcess
 from shard_tool.local import LocalMesh
 from shard_tool.publish import Publisher
 from tests.demo import infer_simple, target
 
 NODE = "doomed"
-
-
-@pytest.fixture
-async def own_triton(tmp_path: Path) -> AsyncIterator[TritonProcess]:
-    """A Triton the test owns, so it outlives the node agent the test kills."""
-    repository = tmp_path / "repository"
-    repository.mkdir()
-    process = TritonProcess(
-        model_repository=repository,
-        state_dir=tmp_path,
-        ports=TritonPorts(grpc=free_port(), http=free_port(), metrics=free_port()),
-    )
-    await process.start()
-    yield process
-    process.stop()
 
 
 def _inference_count(client: triton.InferenceServerClient) -> int:
@@ -45,10 +26,10 @@ def _inference_count(client: triton.InferenceServerClient) -> int:
 
 
 async def test_sigkilled_node_stops_being_routed_to_after_its_lease_ttl(
-    mesh: LocalMesh, own_triton: TritonProcess, publisher: Publisher
+    mesh: LocalMesh, spare_triton: TritonProcess, publisher: Publisher
 ) -> None:
     node = await mesh.start_node(
-        NODE, triton_url=own_triton.grpc_url, repository=own_triton.model_repository
+        NODE, triton_url=spare_triton.grpc_url, repository=spare_triton.model_repository
     )
     # A replica of `simple` on every live node, the new one included.
     before = await publisher.deployments.GetDeployment(
@@ -58,16 +39,16 @@ async def test_sigkilled_node_stops_being_routed_to_after_its_lease_ttl(
     await publisher.deploy("simple", [target("1", replicas=len(live.nodes))])
     await publisher.wait_available("deployments/simple", timeout=60)
     try:
-        await _killed_node_gets_no_traffic(mesh, own_triton, node.process.pid)
+        await _killed_node_gets_no_traffic(mesh, spare_triton, node.process.pid)
     finally:
         await publisher.deploy("simple", list(before.deployment.targets))
 
 
 async def _killed_node_gets_no_traffic(
-    mesh: LocalMesh, own_triton: TritonProcess, pid: int
+    mesh: LocalMesh, spare_triton: TritonProcess, pid: int
 ) -> None:
     router = triton.InferenceServerClient(mesh.router_address)
-    doomed_triton = triton.InferenceServerClient(own_triton.grpc_url)
+    doomed_triton = triton.InferenceServerClient(spare_triton.grpc_url)
 
     # While the node lives, the router sends it a share of the traffic.
     before = _inference_count(doomed_triton)
@@ -85,7 +66,7 @@ async def _killed_node_gets_no_traffic(
 
     # The node's Triton is still up and would answer: only the routing keeps traffic away.
     await asyncio.sleep(0.5)  # the router's watch delivers the deletion
-    assert own_triton.process.running()
+    assert spare_triton.process.running()
     settled = _inference_count(doomed_triton)
     for _ in range(60):
         infer_simple(router)

@@ -55,29 +55,32 @@ class ErrorInterceptor(_ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _guard_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                _guard_unary(handler.stream_unary, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _guard_streaming(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            _guard_streaming(handler.stream_stream, method),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        kind = handler_kind(handler)
+        behaviour = getattr(handler, kind)
+        guard = _guard_unary if kind.endswith("_unary") else _guard_streaming
+        return with_behaviour(handler, kind, guard(behaviour, method))
+
+
+_HANDLERS = {
+    "unary_unary": grpc.unary_unary_rpc_method_handler,
+    "unary_stream": grpc.unary_stream_rpc_method_handler,
+    "stream_unary": grpc.stream_unary_rpc_method_handler,
+    "stream_stream": grpc.stream_stream_rpc_method_handler,
+}
+
+
+def handler_kind(handler: Any) -> str:
+    """Which of the four call shapes a method handler serves."""
+    return next(kind for kind in _HANDLERS if getattr(handler, kind) is not None)
+
+
+def with_behaviour(handler: Any, kind: str, behaviour: Any) -> Any:
+    """A handler like `handler` (shape and (de)serializers) that runs `behaviour` instead."""
+    return _HANDLERS[kind](
+        behaviour,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
 
 def _guard_unary(behaviour: _Unary, method: str) -> _Unary:
