@@ -164,9 +164,68 @@ async def test_malformed_requests_are_invalid_argument(
     assert message in (raised.value.details() or "")
 
 
+def test_statistics_are_summed_over_every_replica(
+    mesh: LocalMesh, client: triton.InferenceServerClient
+) -> None:
+    a = np.ones((1, 16), dtype=np.int32)
+    for _ in range(10):
+        client.infer("simple", simple_inputs(a, a))
+    replicas = [
+        triton.InferenceServerClient(f"127.0.0.1:{node.triton_grpc_port}")
+        for node in mesh.nodes.values()
+        if node.triton_grpc_port is not None and node.process.running()
+    ]
+    direct = [r.get_inference_statistics("simple").model_stats for r in replicas]
+    via_router = client.get_inference_statistics("simple").model_stats
+    (stats,) = via_router
+    assert stats.name == "simple"
+    assert stats.inference_count == sum(s.inference_count for d in direct for s in d)
+    assert stats.inference_stats.success.count == sum(
+        s.inference_stats.success.count for d in direct for s in d
+    )
+    assert stats.inference_count >= 10
+    everything = client.get_inference_statistics().model_stats
+    assert {s.name for s in everything} >= {"simple", "simple_string", "simple_identity"}
+    with pytest.raises(InferenceServerException) as raised:
+        client.get_inference_statistics("no_such_model")
+    assert raised.value.status() == "StatusCode.NOT_FOUND"
+
+
+def test_repository_index_lists_the_shard_s_models(client: triton.InferenceServerClient) -> None:
+    index = client.get_model_repository_index()
+    ready = {(m.name, m.version, m.state) for m in index.models}
+    assert {
+        ("simple", "1", "READY"),
+        ("simple_string", "1", "READY"),
+        ("simple_identity", "1", "READY"),
+    } <= ready
+
+
+def test_repository_load_and_unload_are_for_deployments(
+    client: triton.InferenceServerClient,
+) -> None:
+    for change in (client.load_model, client.unload_model):
+        with pytest.raises(InferenceServerException) as raised:
+            change("simple")
+        assert raised.value.status() == "StatusCode.PERMISSION_DENIED"
+        assert "DeploymentService" in raised.value.message()
+
+
+def test_shared_memory_explains_it_cannot_cross_the_network(
+    client: triton.InferenceServerClient,
+) -> None:
+    assert not client.get_system_shared_memory_status().regions
+    assert not client.get_cuda_shared_memory_status().regions
+    with pytest.raises(InferenceServerException) as raised:
+        client.register_system_shared_memory("region", "/shm-key", 1024)
+    assert raised.value.status() == "StatusCode.FAILED_PRECONDITION"
+    assert "cannot cross the network" in raised.value.message()
+    client.unregister_system_shared_memory()
+
+
 async def test_methods_not_yet_routed_say_unimplemented(mesh: LocalMesh) -> None:
     async with grpc.aio.insecure_channel(mesh.router_address) as channel:
-        index = channel.unary_unary("/inference.GRPCInferenceService/RepositoryIndex", None, None)
+        trace = channel.unary_unary("/inference.GRPCInferenceService/TraceSetting", None, None)
         with pytest.raises(grpc.aio.AioRpcError) as raised:
-            await index(b"", timeout=5)
+            await trace(b"", timeout=5)
     assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED

@@ -167,6 +167,10 @@ class TrafficSplit:
     def weights(self, model_name: str) -> Mapping[str, int]:
         return self._by_model.get(model_name, {})
 
+    def models(self) -> list[str]:
+        """Every deployed model."""
+        return sorted(self._by_model)
+
     def reset(self, entries: Mapping[str, bytes]) -> None:
         self._by_key.clear()
         self._by_model.clear()

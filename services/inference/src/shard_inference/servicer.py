@@ -7,6 +7,7 @@ or its error status, goes back to the client unchanged.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from importlib.metadata import version
@@ -18,13 +19,18 @@ from tritonclient.grpc import service_pb2
 
 from shard_inference.backends import SERVICE, NodeChannel
 from shard_inference.routing import EndpointTable, TrafficSplit, pick_order
+from shard_inference.statistics import summed
 from shard_inference.wire import MalformedRequestError, model_route, with_version
 
 _log = logging.getLogger(__name__)
 
 ROUTER_VERSION = version("shard-inference")
 SERVER_NAME = "ai-shard"
-EXTENSIONS = ["model_configuration", "parameters"]
+EXTENSIONS = ["model_configuration", "model_repository", "parameters", "statistics"]
+SHARED_MEMORY = (
+    "shared memory cannot cross the network: the shard's models run on other machines. "
+    "Send tensors in the request (raw_input_contents) instead"
+)
 # Methods answered by a node's Triton: the request names a model in fields 1 and 2.
 FORWARDED = ("ModelInfer", "ModelMetadata", "ModelConfig")
 
@@ -67,6 +73,18 @@ class InferenceRouter:
         }
         for name in FORWARDED:
             handlers[name] = self._forwarder(name)
+        handlers |= {
+            "ModelStatistics": self._model_statistics,
+            "RepositoryIndex": self._repository_index,
+            "RepositoryModelLoad": self._repository_change,
+            "RepositoryModelUnload": self._repository_change,
+            "SystemSharedMemoryStatus": self._shared_memory_status,
+            "CudaSharedMemoryStatus": self._shared_memory_status,
+            "SystemSharedMemoryRegister": self._shared_memory_register,
+            "CudaSharedMemoryRegister": self._shared_memory_register,
+            "SystemSharedMemoryUnregister": self._shared_memory_unregister,
+            "CudaSharedMemoryUnregister": self._shared_memory_unregister,
+        }
         return grpc.method_handlers_generic_handler(
             SERVICE,
             {
@@ -92,6 +110,73 @@ class InferenceRouter:
         name, model_version = await self._route_fields(request, context)
         ready = bool(self._table.candidates(name, model_version))
         return _serialized(service_pb2.ModelReadyResponse(ready=ready))
+
+    async def _model_statistics(self, request: bytes, context: _Context) -> bytes:
+        """Every replica's statistics for the model (or for every model), summed."""
+        try:
+            name, model_version = model_route(request)
+        except MalformedRequestError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {error}")
+        if name and not self._table.candidates(name, model_version):
+            await context.abort(grpc.StatusCode.NOT_FOUND, _unknown_model(name, model_version))
+        names = [name] if name else list(self._table.models())
+        backends = {
+            route.backend.address: route.backend
+            for model in names
+            for version in ([model_version] if model_version else self._table.models()[model])
+            for route in self._table.candidates(model, version)
+        }
+        calls = [
+            backend.method("ModelStatistics")(request, timeout=context.time_remaining() or 10)
+            for backend in backends.values()
+        ]
+        replies = []
+        for answer in await asyncio.gather(*calls, return_exceptions=True):
+            if isinstance(answer, grpc.aio.AioRpcError):
+                _log.warning("statistics of a replica unavailable: %s", answer.details())
+                continue
+            if isinstance(answer, BaseException):
+                raise answer
+            reply = service_pb2.ModelStatisticsResponse.FromString(answer)
+            keep = [s for s in reply.model_stats if s.name in names]
+            del reply.model_stats[:]
+            reply.model_stats.extend(keep)
+            replies.append(reply)
+        return _serialized(summed(replies))
+
+    async def _repository_index(self, request: bytes, context: _Context) -> bytes:
+        """The shard's models: every deployed version, READY where a replica can serve it."""
+        ready_only = service_pb2.RepositoryIndexRequest.FromString(request).ready
+        routable = self._table.models()
+        index = service_pb2.RepositoryIndexResponse()
+        for name in sorted(set(routable) | set(self._split.models())):
+            versions = set(routable.get(name, ())) | set(self._split.weights(name))
+            for number in sorted(versions, key=lambda v: (len(v), v)):
+                ready = number in routable.get(name, ())
+                if ready or not ready_only:
+                    index.models.add(
+                        name=name,
+                        version=number,
+                        state="READY" if ready else "UNAVAILABLE",
+                        reason="" if ready else "no replica is ready",
+                    )
+        return _serialized(index)
+
+    async def _repository_change(self, request: bytes, context: _Context) -> bytes:
+        await context.abort(
+            grpc.StatusCode.PERMISSION_DENIED,
+            "the shard loads and unloads models through deployments: use the registry's "
+            "DeploymentService (or `shard deploy`) with admin credentials",
+        )
+
+    async def _shared_memory_status(self, request: bytes, context: _Context) -> bytes:
+        return b""  # truthfully empty: no region can be registered with a shard
+
+    async def _shared_memory_register(self, request: bytes, context: _Context) -> bytes:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, SHARED_MEMORY)
+
+    async def _shared_memory_unregister(self, request: bytes, context: _Context) -> bytes:
+        return b""  # nothing is ever registered, so unregistering anything succeeds
 
     async def _route_fields(self, request: bytes, context: _Context) -> tuple[str, str]:
         try:
