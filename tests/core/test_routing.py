@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from shard.node.v1 import node_pb2
 from shard_core import keys
-from shard_inference.routing import EndpointTable, Route, pick_order
+from shard_inference.routing import EndpointTable, Route, SequenceAffinity, pick_order
 
 
 @dataclass(eq=False)
@@ -91,3 +91,22 @@ def test_retry_order_has_distinct_replicas() -> None:
         assert len(order) == 3
         assert len({route.node for route in order}) == 3
     assert pick_order(routes[:1], 3) == routes[:1]
+
+
+def test_a_sequence_keeps_its_version_and_replica_until_the_replica_goes() -> None:
+    table, _ = _table()
+    table.reset(dict(_endpoint("m", "1", name, f"{name}:1") for name in "abc"))
+    affinity = SequenceAffinity(capacity=2)
+    routes = table.candidates("m", "1")
+    first = affinity.order(("m", "", "7"), "1", pick_order(routes, 3))[0]
+    for _ in range(20):
+        again = affinity.order(("m", "", "7"), "1", pick_order(routes, 3))
+        assert again[0].node == first.node
+    assert affinity.version(("m", "", "7")) == "1"
+    survivors = [route for route in routes if route.node != first.node]
+    moved = affinity.order(("m", "", "7"), "1", survivors)
+    assert moved[0].node != first.node
+    # Bounded: the least recently used sequences are forgotten.
+    affinity.order(("m", "", "8"), "1", routes)
+    affinity.order(("m", "", "9"), "1", routes)
+    assert affinity.version(("m", "", "7")) == ""

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from tritonclient.grpc import service_pb2
 
-from shard_inference.wire import MalformedRequestError, model_route
+from shard_inference.wire import MalformedRequestError, model_route, sequence_id
 
 
 def _infer_request() -> service_pb2.ModelInferRequest:
@@ -60,3 +60,16 @@ def test_later_occurrence_wins_as_in_protobuf() -> None:
 def test_malformed_bytes_are_refused(data: bytes) -> None:
     with pytest.raises(MalformedRequestError):
         model_route(data)
+
+
+def test_sequence_ids_are_read_from_the_parameters() -> None:
+    numbered = _infer_request()
+    numbered.parameters["sequence_id"].int64_param = 42
+    numbered.parameters["sequence_start"].bool_param = True
+    named = service_pb2.ModelInferRequest(model_name="m")
+    named.parameters["sequence_id"].string_param = "abc"
+    assert sequence_id(numbered.SerializeToString()) == "42"
+    assert sequence_id(named.SerializeToString()) == "s:abc"
+    assert sequence_id(_infer_request().SerializeToString()) == ""
+    with pytest.raises(MalformedRequestError):
+        sequence_id(b"\x22\x03\x0a\x05x")  # a parameters entry whose key overruns it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -13,8 +14,15 @@ import tritonclient.grpc.aio as triton_aio
 from google.protobuf import json_format
 from tritonclient.utils import InferenceServerException
 
+from shard.model.v1 import model_pb2
+from shard.node.v1.node_pb2 import MODEL_STATE_READY
+from shard.node.v1.node_service_pb2 import ListNodesRequest
+from shard.node.v1.node_service_pb2_grpc import NodeServiceStub
 from shard_tool.local import LocalMesh
-from tests.demo import simple_inputs
+from shard_tool.publish import Publisher
+from tests.demo import simple_inputs, target
+
+ACCUMULATOR = Path(__file__).resolve().parent.parent / "models" / "accumulator"
 
 
 @pytest.fixture
@@ -103,9 +111,9 @@ def test_bad_input_gets_triton_s_own_error(
     right_shape = np.zeros((1, 16), dtype=np.int32)
     wrong_shape = np.zeros((1, 3), dtype=np.int32)
     errors = []
-    for target in (client, direct):
+    for server in (client, direct):
         with pytest.raises(InferenceServerException) as raised:
-            target.infer("simple", simple_inputs(right_shape, wrong_shape))
+            server.infer("simple", simple_inputs(right_shape, wrong_shape))
         errors.append((raised.value.status(), raised.value.message()))
     assert errors[0] == errors[1]
     assert errors[0][0] == "StatusCode.INVALID_ARGUMENT"
@@ -164,18 +172,22 @@ async def test_malformed_requests_are_invalid_argument(
     assert message in (raised.value.details() or "")
 
 
-def test_statistics_are_summed_over_every_replica(
-    mesh: LocalMesh, client: triton.InferenceServerClient
+async def test_statistics_are_summed_over_every_replica(
+    registry_channel: grpc.aio.Channel, client: triton.InferenceServerClient
 ) -> None:
     a = np.ones((1, 16), dtype=np.int32)
     for _ in range(10):
         client.infer("simple", simple_inputs(a, a))
-    replicas = [
-        triton.InferenceServerClient(f"127.0.0.1:{node.triton_grpc_port}")
-        for node in mesh.nodes.values()
-        if node.triton_grpc_port is not None and node.process.running()
+    serving = [
+        node.inference_address
+        for node in (await NodeServiceStub(registry_channel).ListNodes(ListNodesRequest())).nodes
+        if any(m.model_name == "simple" and m.state == MODEL_STATE_READY for m in node.models)
     ]
-    direct = [r.get_inference_statistics("simple").model_stats for r in replicas]
+    direct = [
+        triton.InferenceServerClient(address).get_inference_statistics("simple").model_stats
+        for address in serving
+    ]
+    assert len(serving) >= 2
     via_router = client.get_inference_statistics("simple").model_stats
     (stats,) = via_router
     assert stats.name == "simple"
@@ -229,3 +241,27 @@ async def test_methods_not_yet_routed_say_unimplemented(mesh: LocalMesh) -> None
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await trace(b"", timeout=5)
     assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_a_sequence_stays_on_one_replica(
+    mesh: LocalMesh, publisher: Publisher, client: triton.InferenceServerClient
+) -> None:
+    await publisher.push_directory(ACCUMULATOR, visibility=model_pb2.VISIBILITY_PUBLIC)
+    await publisher.deploy("accumulator", [target("1", replicas=2)])
+    await publisher.wait_available("deployments/accumulator", timeout=60)
+
+    def add(sequence: int, value: int, *, start: bool = False, end: bool = False) -> int:
+        tensor = triton.InferInput("INPUT0", [1, 1], "INT32")
+        tensor.set_data_from_numpy(np.array([[value]], dtype=np.int32))
+        result = client.infer(
+            "accumulator", [tensor], sequence_id=sequence, sequence_start=start, sequence_end=end
+        )
+        return int(result.as_numpy("OUTPUT0")[0][0])
+
+    # Interleaved sequences, each summed on its own replica: with two replicas and no affinity,
+    # some step would land where the sequence's state is not.
+    expected = dict.fromkeys(range(1001, 1009), 0)
+    for step in range(6):
+        for seq in expected:
+            expected[seq] += step + seq
+            assert add(seq, step + seq, start=step == 0, end=step == 5) == expected[seq]

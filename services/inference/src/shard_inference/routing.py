@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
@@ -206,3 +207,36 @@ def pick_order(routes: list[Route[B]], attempts: int) -> list[Route[B]]:
         return [best]
     rest = [route for route in routes if route is not best]
     return [best, *random.sample(rest, min(attempts - 1, len(rest)))]
+
+
+class SequenceAffinity:
+    """Keeps every request of a sequence (Triton's `sequence_id`) on the version and replica that
+    got its first request, so sequence batching and stateful models work through the shard.
+    Bounded: the least recently used sequences are forgotten first."""
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self._pins: OrderedDict[tuple[str, str, str], tuple[str, str]] = OrderedDict()
+        self._capacity = capacity
+
+    def version(self, key: tuple[str, str, str]) -> str:
+        """The version the sequence was pinned to, or an empty string."""
+        pinned = self._pins.get(key)
+        return pinned[0] if pinned else ""
+
+    def order(
+        self, key: tuple[str, str, str], version: str, routes: list[Route[B]]
+    ) -> list[Route[B]]:
+        """`routes` with the sequence's replica first, pinning the first route if it has none
+        (or if its replica is gone)."""
+        if not routes:
+            return routes
+        pinned = self._pins.get(key)
+        if pinned is not None and pinned[0] == version:
+            self._pins.move_to_end(key)
+            first = [route for route in routes if route.backend.address == pinned[1]]
+            if first:
+                return first + [route for route in routes if route.backend.address != pinned[1]]
+        self._pins[key] = (version, routes[0].backend.address)
+        if len(self._pins) > self._capacity:
+            self._pins.popitem(last=False)
+        return routes

@@ -18,15 +18,16 @@ from grpc.aio import ServicerContext
 from tritonclient.grpc import service_pb2
 
 from shard_inference.backends import SERVICE, NodeChannel
-from shard_inference.routing import EndpointTable, TrafficSplit, pick_order
+from shard_inference.routing import EndpointTable, SequenceAffinity, TrafficSplit, pick_order
 from shard_inference.statistics import summed
-from shard_inference.wire import MalformedRequestError, model_route, with_version
+from shard_inference.wire import MalformedRequestError, model_route, sequence_id, with_version
 
 _log = logging.getLogger(__name__)
 
 ROUTER_VERSION = version("shard-inference")
 SERVER_NAME = "ai-shard"
 EXTENSIONS = ["model_configuration", "model_repository", "parameters", "statistics"]
+SEQUENCE_ID = b"sequence_id"
 SHARED_MEMORY = (
     "shared memory cannot cross the network: the shard's models run on other machines. "
     "Send tensors in the request (raw_input_contents) instead"
@@ -61,6 +62,7 @@ class InferenceRouter:
     ) -> None:
         self._table = table
         self._split = split
+        self._affinity = SequenceAffinity()
         self._max_attempts = max_attempts
         self._ready = ready
 
@@ -190,12 +192,29 @@ class InferenceRouter:
     def _forwarder(self, method: str) -> Callable[[bytes, _Context], Awaitable[bytes]]:
         async def forward(request: bytes, context: _Context) -> bytes:  # noqa: RET503
             name, model_version = await self._route_fields(request, context)
+            sequence = ""
+            if method == "ModelInfer" and SEQUENCE_ID in request:
+                try:
+                    sequence = sequence_id(request)
+                except MalformedRequestError as error:
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT, f"malformed parameters: {error}"
+                    )
+            pin = (name, model_version, sequence)
             if not model_version:
-                # Follow the deployment's traffic split, and tell the node which version won.
-                model_version = self._table.choose_version(name, self._split.weights(name))
+                # Follow the deployment's traffic split (a sequence stays on the version its
+                # first request got), and tell the node which version won.
+                model_version = (sequence and self._affinity.version(pin)) or (
+                    self._table.choose_version(name, self._split.weights(name))
+                )
                 if model_version:
                     request = with_version(request, model_version)
-            routes = pick_order(self._table.candidates(name, model_version), self._max_attempts)
+            candidates = self._table.candidates(name, model_version)
+            if sequence:
+                ordered = pick_order(candidates, len(candidates))
+                routes = self._affinity.order(pin, model_version, ordered)[: self._max_attempts]
+            else:
+                routes = pick_order(candidates, self._max_attempts)
             if not routes:
                 await context.abort(grpc.StatusCode.NOT_FOUND, _unknown_model(name, model_version))
             last_error: grpc.aio.AioRpcError | None = None

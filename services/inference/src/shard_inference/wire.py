@@ -8,7 +8,10 @@ the bytes untouched: tensors are skipped over, never parsed or copied.
 from __future__ import annotations
 
 _VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
-_NAME_FIELD, _VERSION_FIELD = 1, 2
+_NAME_FIELD, _VERSION_FIELD, _PARAMETERS_FIELD = 1, 2, 4
+_SEQUENCE_ID = b"sequence_id"
+# InferParameter: int64_param = 2, string_param = 3, uint64_param = 5.
+_INT64_PARAM, _STRING_PARAM, _UINT64_PARAM = 2, 3, 5
 
 
 class MalformedRequestError(ValueError):
@@ -26,6 +29,58 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
         if not byte & 0x80:
             return result, pos
         shift += 7
+
+
+def _fields(data: bytes) -> list[tuple[int, int, int, int]]:
+    """(field, wire type, start, end) of each field of a message; for varints, the value is
+    read from data[start:end]."""
+    found = []
+    pos, end = 0, len(data)
+    while pos < end:
+        key, pos = _varint(data, pos)
+        field, wire_type = key >> 3, key & 7
+        start = pos
+        if wire_type == _LENGTH_DELIMITED:
+            length, start = _varint(data, pos)
+            pos = start + length
+            if pos > end:
+                raise MalformedRequestError("truncated field")
+        elif wire_type == _VARINT:
+            _, pos = _varint(data, pos)
+        elif wire_type == _FIXED64:
+            pos += 8
+        elif wire_type == _FIXED32:
+            pos += 4
+        else:
+            raise MalformedRequestError(f"unsupported wire type {wire_type}")
+        found.append((field, wire_type, start, pos))
+    if pos != end:
+        raise MalformedRequestError("truncated message")
+    return found
+
+
+def sequence_id(data: bytes) -> str:
+    """The `sequence_id` parameter of a ModelInferRequest, as text; empty when it has none.
+    Only the parameters are decoded: tensors are skipped as in `model_route`."""
+    found = ""
+    for field, wire_type, start, end in _fields(data):
+        if field != _PARAMETERS_FIELD or wire_type != _LENGTH_DELIMITED:
+            continue
+        entry = data[start:end]
+        key, value = b"", b""
+        for entry_field, _, entry_start, entry_end in _fields(entry):
+            if entry_field == 1:
+                key = entry[entry_start:entry_end]
+            elif entry_field == 2:
+                value = entry[entry_start:entry_end]
+        if key != _SEQUENCE_ID:
+            continue
+        for param_field, param_type, param_start, param_end in _fields(value):
+            if param_field in (_INT64_PARAM, _UINT64_PARAM) and param_type == _VARINT:
+                found = str(_varint(value, param_start)[0])
+            elif param_field == _STRING_PARAM and param_type == _LENGTH_DELIMITED:
+                found = "s:" + value[param_start:param_end].decode(errors="replace")
+    return found
 
 
 def model_route(data: bytes) -> tuple[str, str]:
