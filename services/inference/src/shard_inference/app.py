@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from opentelemetry import metrics
@@ -16,6 +17,9 @@ from shard_inference.servicer import InferenceRouter
 from shard_inference.settings import InferenceSettings
 
 _log = logging.getLogger(__name__)
+
+# Health of the router's view of the shard: NOT_SERVING while it serves from a stale copy.
+VIEW_HEALTH = "shard.inference.v1.EndpointView"
 
 
 async def serve(settings: InferenceSettings) -> None:
@@ -58,5 +62,21 @@ async def serve(settings: InferenceSettings) -> None:
     server.on_shutdown(deployments.stop)
     server.on_shutdown(store.close)
     await server.start()
+
+    async def report_view() -> None:
+        # The router keeps serving from its last known view while etcd is away; it says so
+        # here (and in the shard_router_view_stale gauge), not by refusing traffic.
+        while True:
+            fresh = not (mirror.stale or deployments.stale)
+            await server.set_component(VIEW_HEALTH, serving=fresh)
+            await asyncio.sleep(0.5)
+
+    reporting = asyncio.ensure_future(report_view())
+
+    async def stop_reporting() -> None:
+        reporting.cancel()
+        await asyncio.gather(reporting, return_exceptions=True)
+
+    server.on_shutdown(stop_reporting)
     _log.info("inference router serving on port %d", server.port)
     await server.serve_until_signalled()

@@ -81,6 +81,15 @@ class GrpcServer:
         for name in ["", *self._services]:
             await self._health.set(name, status)
 
+    async def set_component(self, name: str, *, serving: bool) -> None:
+        """Report one component's health under its own name, beside the services'."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        await self._health.set(name, status)
+
     async def stop(self) -> None:
         """Graceful shutdown: NOT_SERVING, stop with the grace period, then shutdown hooks."""
         if self._stopped.is_set():
