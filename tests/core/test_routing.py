@@ -7,7 +7,14 @@ from dataclasses import dataclass
 
 from shard.node.v1 import node_pb2
 from shard_core import keys
-from shard_inference.routing import EndpointTable, Route, SequenceAffinity, pick_order
+from shard_inference.routing import (
+    EndpointTable,
+    OutlierEjection,
+    RetryBudget,
+    Route,
+    SequenceAffinity,
+    pick_order,
+)
 
 
 @dataclass(eq=False)
@@ -110,3 +117,54 @@ def test_a_sequence_keeps_its_version_and_replica_until_the_replica_goes() -> No
     affinity.order(("m", "", "8"), "1", routes)
     affinity.order(("m", "", "9"), "1", routes)
     assert affinity.version(("m", "", "7")) == ""
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_replica_failing_in_a_row_is_ejected_with_a_growing_backoff() -> None:
+    clock = Clock()
+    ejection = OutlierEjection(threshold=3, base_s=1.0, max_s=4.0, clock=clock)
+    flaky, steady = FakeBackend("flaky:1"), FakeBackend("steady:1")
+    ejection.failed(flaky)
+    ejection.failed(flaky)
+    assert ejection.usable(flaky)  # two failures are not yet a pattern
+    ejection.failed(flaky)
+    assert not ejection.usable(flaky)
+    assert ejection.usable(steady)
+    clock.now += 1.0
+    assert ejection.usable(flaky)
+    for _ in range(3):
+        ejection.failed(flaky)
+    clock.now += 1.5
+    assert not ejection.usable(flaky)  # the second ejection lasts 2 s
+    ejection.succeeded(flaky)
+    assert ejection.usable(flaky)
+
+
+def test_picking_leaves_out_ejected_replicas_unless_all_are() -> None:
+    table, _ = _table()
+    table.reset(dict(_endpoint("m", "1", name, f"{name}:1") for name in "ab"))
+    routes = table.candidates("m", "1")
+    down = next(route.backend for route in routes if route.node == "nodes/a")
+    for _ in range(50):
+        (first, *_rest) = pick_order(routes, 2, lambda backend: backend is not down)
+        assert first.node == "nodes/b"
+    assert len(pick_order(routes, 2, lambda backend: False)) == 2
+
+
+def test_retries_stay_within_the_budget() -> None:
+    clock = Clock()
+    budget = RetryBudget(ratio=0.2, floor_per_s=2, clock=clock)
+    for _ in range(100):
+        budget.request()
+    allowed = sum(budget.retry() for _ in range(100))
+    assert allowed == 20
+    clock.now += 1
+    budget.request()
+    assert [budget.retry() for _ in range(3)] == [True, True, False]  # the floor

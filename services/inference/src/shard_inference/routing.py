@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -196,9 +197,15 @@ class TrafficSplit:
             self._by_model.pop(found[0], None)
 
 
-def pick_order(routes: list[Route[B]], attempts: int) -> list[Route[B]]:
+def pick_order(
+    routes: list[Route[B]], attempts: int, usable: Callable[[B], bool] | None = None
+) -> list[Route[B]]:
     """Up to `attempts` distinct routes: the first by power-of-two-choices on requests in
-    flight, the rest (for retries) at random."""
+    flight, the rest (for retries) at random. Routes whose backend is not `usable` (ejected)
+    are left out, unless that would leave none: then every route is tried."""
+    if usable is not None:
+        healthy = [route for route in routes if usable(route.backend)]
+        routes = healthy or routes
     if len(routes) <= 1:
         return routes
     first, second = random.sample(routes, 2)
@@ -240,3 +247,81 @@ class SequenceAffinity:
         if len(self._pins) > self._capacity:
             self._pins.popitem(last=False)
         return routes
+
+
+class OutlierEjection:
+    """Passive outlier detection: a replica that fails `threshold` requests in a row (the node
+    unreachable) is left out for a backoff that doubles with each ejection, up to `max_s`. The
+    first success brings it back."""
+
+    def __init__(
+        self,
+        *,
+        threshold: int = 3,
+        base_s: float = 1.0,
+        max_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._threshold = threshold
+        self._base_s = base_s
+        self._max_s = max_s
+        self._clock = clock
+        self._failures: dict[str, int] = {}
+        self._ejections: dict[str, int] = {}
+        self._until: dict[str, float] = {}
+
+    def usable(self, backend: Backend) -> bool:
+        until = self._until.get(backend.address)
+        return until is None or self._clock() >= until
+
+    def failed(self, backend: Backend) -> None:
+        address = backend.address
+        self._failures[address] = self._failures.get(address, 0) + 1
+        if self._failures[address] >= self._threshold:
+            ejections = self._ejections.get(address, 0)
+            self._until[address] = self._clock() + min(self._base_s * 2**ejections, self._max_s)
+            self._ejections[address] = ejections + 1
+            self._failures[address] = 0
+            _log.warning("ejected %s after repeated failures", address)
+
+    def succeeded(self, backend: Backend) -> None:
+        address = backend.address
+        self._failures.pop(address, None)
+        self._ejections.pop(address, None)
+        self._until.pop(address, None)
+
+
+class RetryBudget:
+    """Retries may add at most `ratio` of the requests of the last second, and at least
+    `floor_per_s`: when a failure is general, retries must not multiply the load."""
+
+    def __init__(
+        self,
+        *,
+        ratio: float = 0.2,
+        floor_per_s: int = 10,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._ratio = ratio
+        self._floor = floor_per_s
+        self._clock = clock
+        self._second = -1
+        self._requests = 0
+        self._retries = 0
+
+    def _roll(self) -> None:
+        second = int(self._clock())
+        if second != self._second:
+            self._second, self._requests, self._retries = second, 0, 0
+
+    def request(self) -> None:
+        self._roll()
+        self._requests += 1
+
+    def retry(self) -> bool:
+        """Whether one more retry fits; counts it if it does."""
+        self._roll()
+        if self._retries >= max(self._floor, self._ratio * self._requests):
+            return False
+        self._retries += 1
+        return True

@@ -18,7 +18,14 @@ from grpc.aio import ServicerContext
 from tritonclient.grpc import service_pb2
 
 from shard_inference.backends import SERVICE, NodeChannel
-from shard_inference.routing import EndpointTable, SequenceAffinity, TrafficSplit, pick_order
+from shard_inference.routing import (
+    EndpointTable,
+    OutlierEjection,
+    RetryBudget,
+    SequenceAffinity,
+    TrafficSplit,
+    pick_order,
+)
 from shard_inference.statistics import summed
 from shard_inference.wire import MalformedRequestError, model_route, sequence_id, with_version
 
@@ -63,6 +70,8 @@ class InferenceRouter:
         self._table = table
         self._split = split
         self._affinity = SequenceAffinity()
+        self._ejection = OutlierEjection()
+        self._budget = RetryBudget()
         self._max_attempts = max_attempts
         self._ready = ready
 
@@ -210,26 +219,32 @@ class InferenceRouter:
                 if model_version:
                     request = with_version(request, model_version)
             candidates = self._table.candidates(name, model_version)
+            usable = self._ejection.usable
             if sequence:
-                ordered = pick_order(candidates, len(candidates))
+                ordered = pick_order(candidates, len(candidates), usable)
                 routes = self._affinity.order(pin, model_version, ordered)[: self._max_attempts]
             else:
-                routes = pick_order(candidates, self._max_attempts)
+                routes = pick_order(candidates, self._max_attempts, usable)
+            self._budget.request()
             if not routes:
                 await context.abort(grpc.StatusCode.NOT_FOUND, _unknown_model(name, model_version))
             last_error: grpc.aio.AioRpcError | None = None
-            for route in routes:
+            for attempt, route in enumerate(routes):
+                if attempt and not self._budget.retry():
+                    break
                 backend = route.backend
                 backend.in_flight += 1
                 try:
                     response: bytes = await backend.method(method)(
                         request, timeout=context.time_remaining()
                     )
+                    self._ejection.succeeded(backend)
                     return response
                 except grpc.aio.AioRpcError as error:
                     if error.code() != grpc.StatusCode.UNAVAILABLE:
                         await context.abort(error.code(), error.details() or "")
                     _log.warning("%s unavailable for %s: %s", route.node, name, error.details())
+                    self._ejection.failed(backend)
                     last_error = error
                 finally:
                     backend.in_flight -= 1
