@@ -299,7 +299,7 @@ class RetryBudget:
         self,
         *,
         ratio: float = 0.2,
-        floor_per_s: int = 10,
+        floor_per_s: int = 50,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._ratio = ratio
