@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -20,42 +20,12 @@ from tritonclient.grpc import service_pb2
 from shard.model.v1 import model_pb2
 from shard.node.v1 import node_pb2
 from shard_core import keys
-from shard_core.errors import InvalidArgumentError
 from shard_core.etcd.store import EtcdStore
 
 _log = logging.getLogger(__name__)
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 PARALLEL_PROBES = 8
-
-
-def check_canaries(canaries: Sequence[model_pb2.Canary], input_names: set[str]) -> None:
-    """Refuse canaries that are not a request and an answer the version could give."""
-    for index, canary in enumerate(canaries):
-        where = f"model_version.canaries[{index}]"
-        try:
-            request = service_pb2.ModelInferRequest.FromString(canary.request)
-            response = service_pb2.ModelInferResponse.FromString(canary.response)
-        except Exception as error:
-            raise InvalidArgumentError(
-                f"{where} must hold a serialized ModelInferRequest and ModelInferResponse",
-                metadata={"field": where},
-            ) from error
-        names = {tensor.name for tensor in request.inputs}
-        if (
-            not names
-            or not names <= input_names
-            or len(request.raw_input_contents) != len(request.inputs)
-        ):
-            raise InvalidArgumentError(
-                f"{where}.request must give the version's inputs in raw_input_contents",
-                metadata={"field": f"{where}.request"},
-            )
-        if not response.outputs or len(response.raw_output_contents) != len(response.outputs):
-            raise InvalidArgumentError(
-                f"{where}.response must give outputs with raw_output_contents",
-                metadata={"field": f"{where}.response"},
-            )
 
 
 def mismatch(

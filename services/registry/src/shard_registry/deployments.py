@@ -25,8 +25,8 @@ from shard_core.errors import (
 )
 from shard_core.etcd import paging
 from shard_core.etcd.store import EtcdStore
-from shard_registry.models import (
-    ModelRegistry,
+from shard_registry.models import ModelRegistry
+from shard_registry.resources import (
     apply_mask,
     check_etag,
     check_id,

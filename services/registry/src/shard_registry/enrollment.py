@@ -31,7 +31,7 @@ from shard_core.errors import (
     UnauthenticatedError,
 )
 from shard_core.etcd.store import EtcdStore
-from shard_registry.models import timestamp
+from shard_registry.resources import timestamp
 
 NONCE_BYTES = 32
 MAX_TOKEN_TTL_S = 7 * 24 * 3600
@@ -217,6 +217,3 @@ class Enrollment:
         """For shards that admit any node (`require_join_token` off)."""
         enrolled = node_pb2.Node(name=f"nodes/{node_id}", public_key=public_key)
         await self._store.put(keys.enrolled(node_id), enrolled.SerializeToString())
-
-    async def forget(self, node_id: str) -> None:
-        await self._store.delete(keys.enrolled(node_id))

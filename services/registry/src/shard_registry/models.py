@@ -8,13 +8,12 @@ write against an older one is refused with ABORTED.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import PurePosixPath
 
-from google.protobuf import field_mask_pb2, text_format, timestamp_pb2
-from tritonclient.grpc import model_config_pb2
+from google.protobuf import field_mask_pb2, text_format
+from tritonclient.grpc import model_config_pb2, service_pb2
 
 from shard.model.v1 import model_pb2
 from shard_core import keys
@@ -29,78 +28,16 @@ from shard_core.errors import (
 from shard_core.etcd import paging
 from shard_core.etcd.store import EtcdStore
 from shard_registry.artifacts import SHA256, BlobStore
-from shard_registry.canary import check_canaries
+from shard_registry.resources import (
+    VERSION_ID,
+    apply_mask,
+    check_etag,
+    check_id,
+    parse_name,
+    timestamp,
+)
 
-RESOURCE_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
-VERSION_ID = re.compile(r"[1-9][0-9]{0,8}")
 MODEL_MUTABLE_FIELDS = ("description", "visibility", "labels")
-
-
-def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
-    return stamp
-
-
-def check_id(value: str, field: str) -> str:
-    require(value, field)
-    if not RESOURCE_ID.fullmatch(value):
-        raise InvalidArgumentError(
-            f"{field} {value!r} must be lowercase letters, digits, '_' or '-', starting with a "
-            "letter or digit, at most 63 characters",
-            metadata={"field": field},
-        )
-    return value
-
-
-def parse_name(name: str, pattern: str, field: str = "name") -> list[str]:
-    """The ids in a resource name that follows `pattern`, such as `models/{}/versions/{}`."""
-    require(name, field)
-    literal = pattern.split("/")
-    parts = name.split("/")
-    if len(parts) != len(literal) or any(
-        want not in ("{}", got) for want, got in zip(literal, parts, strict=True)
-    ):
-        raise InvalidArgumentError(
-            f"{field} must look like {pattern.replace('{}', '{id}')}, got {name!r}",
-            metadata={"field": field},
-        )
-    ids = [got for want, got in zip(literal, parts, strict=True) if want == "{}"]
-    if not all(ids):
-        raise InvalidArgumentError(f"{field} {name!r} has an empty id", metadata={"field": field})
-    return ids
-
-
-def check_etag(etag: str, revision: int, name: str) -> None:
-    if etag and etag != str(revision):
-        raise AbortedError(
-            f"{name} changed since etag {etag} was read (now {revision}); read it again",
-            reason="ETAG_MISMATCH",
-            metadata={"name": name},
-        )
-
-
-def apply_mask(
-    target: object, source: object, mask: field_mask_pb2.FieldMask, allowed: Sequence[str]
-) -> None:
-    """Copy the masked fields from `source` to `target`; an empty mask means every allowed one."""
-    paths = list(mask.paths) or list(allowed)
-    for path in paths:
-        if path not in allowed:
-            raise InvalidArgumentError(
-                f"update_mask path {path!r} cannot be updated; allowed: {', '.join(allowed)}",
-                metadata={"field": "update_mask"},
-            )
-    for path in paths:
-        target.ClearField(path)  # type: ignore[attr-defined]
-        if path in {"labels"}:
-            getattr(target, path).update(getattr(source, path))
-        elif hasattr(getattr(source, path), "CopyFrom"):
-            getattr(target, path).CopyFrom(getattr(source, path))
-        elif isinstance(getattr(source, path), str | int | bool | float | bytes):
-            setattr(target, path, getattr(source, path))
-        else:
-            getattr(target, path).extend(getattr(source, path))
 
 
 def _tensor_specs(tensors: Sequence[object]) -> list[model_pb2.TensorSpec]:
@@ -175,6 +112,35 @@ def parse_config(text: str, model_id: str) -> model_config_pb2.ModelConfig:
                     metadata={"field": f"{where}.dims"},
                 )
     return config
+
+
+def check_canaries(canaries: Sequence[model_pb2.Canary], input_names: set[str]) -> None:
+    """Refuse canaries that are not a request and an answer the version could give."""
+    for index, canary in enumerate(canaries):
+        where = f"model_version.canaries[{index}]"
+        try:
+            request = service_pb2.ModelInferRequest.FromString(canary.request)
+            response = service_pb2.ModelInferResponse.FromString(canary.response)
+        except Exception as error:
+            raise InvalidArgumentError(
+                f"{where} must hold a serialized ModelInferRequest and ModelInferResponse",
+                metadata={"field": where},
+            ) from error
+        names = {tensor.name for tensor in request.inputs}
+        if (
+            not names
+            or not names <= input_names
+            or len(request.raw_input_contents) != len(request.inputs)
+        ):
+            raise InvalidArgumentError(
+                f"{where}.request must give the version's inputs in raw_input_contents",
+                metadata={"field": f"{where}.request"},
+            )
+        if not response.outputs or len(response.raw_output_contents) != len(response.outputs):
+            raise InvalidArgumentError(
+                f"{where}.response must give outputs with raw_output_contents",
+                metadata={"field": f"{where}.response"},
+            )
 
 
 def _check_path(path: str, field: str) -> None:

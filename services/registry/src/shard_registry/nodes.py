@@ -35,7 +35,7 @@ from shard_core.etcd.store import EtcdStore
 from shard_core.identity import ED25519_PUBLIC_KEY_BYTES, node_id_for
 from shard_registry.directory import NodeDirectory
 from shard_registry.enrollment import Challenge, Enrollment, NodePolicy, verify_attestation
-from shard_registry.models import RESOURCE_ID, VERSION_ID, parse_name, timestamp
+from shard_registry.resources import RESOURCE_ID, VERSION_ID, parse_name, timestamp
 
 _log = logging.getLogger(__name__)
 
