@@ -6,8 +6,7 @@ import collections
 from dataclasses import dataclass
 
 from shard.node.v1 import node_pb2
-from shard_core import keys
-from shard_inference.routing import (
+from shard_client.routing import (
     EndpointTable,
     OutlierEjection,
     RetryBudget,
@@ -15,17 +14,28 @@ from shard_inference.routing import (
     SequenceAffinity,
     pick_order,
 )
+from shard_core import keys
 
 
 @dataclass(eq=False)
 class FakeBackend:
     address: str
     in_flight: int = 0
+    up: bool = True
+
+    def connected(self) -> bool:
+        return self.up
 
 
-def _endpoint(model: str, version: str, node: str, address: str) -> tuple[str, bytes]:
+def _endpoint(
+    model: str, version: str, node: str, address: str, pending: int = 0
+) -> tuple[str, bytes]:
     record = node_pb2.ModelEndpoint(
-        model_name=model, model_version=version, node=f"nodes/{node}", inference_address=address
+        model_name=model,
+        model_version=version,
+        node=f"nodes/{node}",
+        inference_address=address,
+        pending=pending,
     )
     return keys.endpoint(model, version, node), record.SerializeToString()
 
@@ -89,6 +99,50 @@ def test_power_of_two_choices_prefers_the_less_loaded_replica() -> None:
     assert picks == {"nodes/idle": 200}
 
 
+def test_balancing_counts_the_queue_a_node_reports() -> None:
+    """Another router (or direct clients) may be loading a node: its reported queue counts."""
+    table, removed = _table()
+    table.reset(
+        dict([_endpoint("m", "1", "queued", "q:1", pending=8), _endpoint("m", "1", "idle", "i:1")])
+    )
+    routes = table.candidates("m", "1")
+    next(route for route in routes if route.node == "nodes/idle").backend.in_flight = 3
+    picks = collections.Counter(pick_order(routes, 1)[0].node for _ in range(100))
+    assert picks == {"nodes/idle": 100}
+
+    # The queue drains: the same replica, channel and in-flight count, with the new depth.
+    queued = next(route for route in routes if route.node == "nodes/queued").backend
+    queued.in_flight = 1
+    table.put(*_endpoint("m", "1", "queued", "q:1", pending=0))
+    drained = next(r for r in table.candidates("m", "1") if r.node == "nodes/queued")
+    assert drained.backend is queued
+    assert drained.load() == 1
+    assert removed == []
+    picks = collections.Counter(
+        pick_order(table.candidates("m", "1"), 1)[0].node for _ in range(100)
+    )
+    assert picks == {"nodes/queued": 100}
+
+
+def test_a_snapshot_from_the_router_replaces_the_whole_view() -> None:
+    changes: list[None] = []
+    table: EndpointTable[FakeBackend] = EndpointTable(
+        backend_factory=FakeBackend, on_change=lambda: changes.append(None)
+    )
+    table.reset(dict([_endpoint("m", "1", "a", "a:1"), _endpoint("m", "1", "b", "b:1")]))
+    snapshot = table.endpoints()
+    assert {(e.node, e.inference_address) for e in snapshot} == {
+        ("nodes/a", "a:1"),
+        ("nodes/b", "b:1"),
+    }
+    mirror: EndpointTable[FakeBackend] = EndpointTable(backend_factory=FakeBackend)
+    mirror.replace_all(snapshot)
+    assert sorted(r.node for r in mirror.candidates("m", "")) == ["nodes/a", "nodes/b"]
+    mirror.replace_all(snapshot[:1])
+    assert len(mirror.candidates("m", "")) == 1
+    assert len(changes) == 2
+
+
 def test_retry_order_has_distinct_replicas() -> None:
     table, _ = _table()
     table.reset(dict(_endpoint("m", "1", name, f"{name}:1") for name in "abcd"))
@@ -145,6 +199,24 @@ def test_a_replica_failing_in_a_row_is_ejected_with_a_growing_backoff() -> None:
     assert not ejection.usable(flaky)  # the second ejection lasts 2 s
     ejection.succeeded(flaky)
     assert ejection.usable(flaky)
+
+
+def test_an_ejected_replica_returns_only_once_its_connection_is_up() -> None:
+    """A dead node is not probed with real requests: its channel must reconnect first."""
+    clock = Clock()
+    failures: list[str] = []
+    ejection = OutlierEjection(
+        threshold=1, base_s=1.0, recheck_s=0.25, clock=clock, on_failure=failures.append
+    )
+    dead = FakeBackend("dead:1", up=False)
+    ejection.failed(dead)
+    assert failures == ["dead:1"]
+    clock.now += 5
+    assert not ejection.usable(dead)
+    dead.up = True
+    assert not ejection.usable(dead)  # rechecked after recheck_s, not on every pick
+    clock.now += 0.25
+    assert ejection.usable(dead)
 
 
 def test_picking_leaves_out_ejected_replicas_unless_all_are() -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,7 @@ from shard.node.v1.node_service_pb2 import ListNodesRequest
 from shard.node.v1.node_service_pb2_grpc import NodeServiceStub
 from shard_tool.local import LocalMesh
 from shard_tool.publish import Publisher
-from tests.demo import simple_inputs, target
+from tests.demo import push_copy, simple_inputs, target
 
 ACCUMULATOR = Path(__file__).resolve().parent.parent / "models" / "accumulator"
 
@@ -213,14 +216,54 @@ def test_repository_index_lists_the_shard_s_models(client: triton.InferenceServe
     } <= ready
 
 
-def test_repository_load_and_unload_are_for_deployments(
-    client: triton.InferenceServerClient,
+def test_repository_load_and_unload_need_admin_credentials(
+    mesh: LocalMesh, client: triton.InferenceServerClient
 ) -> None:
-    for change in (client.load_model, client.unload_model):
-        with pytest.raises(InferenceServerException) as raised:
-            change("simple")
-        assert raised.value.status() == "StatusCode.PERMISSION_DENIED"
-        assert "DeploymentService" in raised.value.message()
+    for headers in (None, {"authorization": "Bearer not-the-admin-token"}):
+        for change in (client.load_model, client.unload_model):
+            with pytest.raises(InferenceServerException) as raised:
+                change("simple", headers=headers)
+            assert raised.value.status() == "StatusCode.PERMISSION_DENIED"
+            assert "admin credentials" in raised.value.message()
+    assert client.is_model_ready("simple")
+
+
+async def test_repository_load_deploys_and_unload_undeploys(
+    mesh: LocalMesh, publisher: Publisher, client: triton.InferenceServerClient
+) -> None:
+    await push_copy(publisher, "loadable", versions=("1", "2"))
+    admin = {"authorization": f"Bearer {mesh.admin_token}"}
+
+    # Triton's load returns once the model can serve: the newest version, through the shard.
+    client.load_model("loadable", headers=admin, client_timeout=60)
+    assert client.is_model_ready("loadable")
+    assert client.get_model_metadata("loadable").versions == ["2"]
+    data = np.ones((1, 16), dtype=np.int32)
+    result = client.infer("loadable", simple_inputs(data, data))
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), data * 2)
+    client.load_model("loadable", headers=admin, client_timeout=60)  # loading again is fine
+
+    client.unload_model("loadable", headers=admin)
+    deadline = asyncio.get_running_loop().time() + 30
+    while client.is_model_ready("loadable"):
+        assert asyncio.get_running_loop().time() < deadline, "the unloaded model stayed ready"
+        await asyncio.sleep(0.1)
+    with pytest.raises(InferenceServerException) as raised:
+        client.unload_model("loadable", headers=admin)
+    assert raised.value.status() == "StatusCode.NOT_FOUND"
+
+
+def test_repository_load_refuses_what_the_shard_cannot_do(
+    mesh: LocalMesh, client: triton.InferenceServerClient
+) -> None:
+    admin = {"authorization": f"Bearer {mesh.admin_token}"}
+    with pytest.raises(InferenceServerException) as raised:
+        client.load_model("simple", headers=admin, config='{"max_batch_size": 4}')
+    assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "parameters" in raised.value.message()
+    with pytest.raises(InferenceServerException) as raised:
+        client.load_model("no_such_model", headers=admin)
+    assert raised.value.status() == "StatusCode.NOT_FOUND"
 
 
 def test_shared_memory_explains_it_cannot_cross_the_network(
@@ -235,12 +278,110 @@ def test_shared_memory_explains_it_cannot_cross_the_network(
     client.unregister_system_shared_memory()
 
 
-async def test_methods_not_yet_routed_say_unimplemented(mesh: LocalMesh) -> None:
-    async with grpc.aio.insecure_channel(mesh.router_address) as channel:
-        trace = channel.unary_unary("/inference.GRPCInferenceService/TraceSetting", None, None)
-        with pytest.raises(grpc.aio.AioRpcError) as raised:
-            await trace(b"", timeout=5)
-    assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+def test_trace_and_log_settings_read_a_node_s_and_refuse_changes(
+    client: triton.InferenceServerClient, direct: triton.InferenceServerClient
+) -> None:
+    assert client.get_log_settings(as_json=True) == direct.get_log_settings(as_json=True)
+    assert client.get_trace_settings(as_json=True) == direct.get_trace_settings(as_json=True)
+    assert client.get_trace_settings("simple", as_json=True) == direct.get_trace_settings(
+        "simple", as_json=True
+    )
+    changes: list[Callable[[], object]] = [
+        lambda: client.update_log_settings({"log_verbose_level": 1}),
+        lambda: client.update_trace_settings(settings={"trace_rate": "1"}),
+    ]
+    for change in changes:
+        with pytest.raises(InferenceServerException) as raised:
+            change()
+        assert raised.value.status() == "StatusCode.PERMISSION_DENIED"
+        assert "provider" in raised.value.message()
+    with pytest.raises(InferenceServerException) as raised:
+        client.get_trace_settings("no_such_model")
+    assert raised.value.status() == "StatusCode.NOT_FOUND"
+
+
+class _Answers:
+    """Collects a stream's answers: (request id, result or error)."""
+
+    def __init__(self) -> None:
+        self.results: dict[str, Any] = {}
+        self.errors: list[str] = []
+        self.done = threading.Event()
+        self.expected = 0
+
+    def __call__(self, result: Any, error: InferenceServerException | None) -> None:
+        if error is not None:
+            self.errors.append(error.message())
+        else:
+            self.results[result.get_response().id] = result
+        if len(self.results) + len(self.errors) >= self.expected:
+            self.done.set()
+
+
+def test_stream_infer_matches_direct_triton(
+    client: triton.InferenceServerClient, direct: triton.InferenceServerClient
+) -> None:
+    rng = np.random.default_rng(11)
+    requests = {
+        f"r{i}": (
+            rng.integers(-99, 99, size=(1, 16), dtype=np.int32),
+            rng.integers(-99, 99, size=(1, 16), dtype=np.int32),
+        )
+        for i in range(20)
+    }
+    outputs = {}
+    for target_client in (client, direct):
+        answers = _Answers()
+        answers.expected = len(requests) + 2
+        target_client.start_stream(callback=answers)
+        for request_id, (a, b) in requests.items():
+            target_client.async_stream_infer("simple", simple_inputs(a, b), request_id=request_id)
+            if request_id == "r10":  # per-request errors come back on the stream, which goes on
+                target_client.async_stream_infer("no_such_model", simple_inputs(a, b))
+                target_client.async_stream_infer("simple", simple_inputs(a, b), model_version="7")
+        assert answers.done.wait(30)
+        target_client.stop_stream()
+        assert len(answers.errors) == 2, answers.errors
+        assert all("no_such_model" in e or "unknown model" in e for e in answers.errors[:1])
+        outputs[target_client] = {
+            request_id: (r.as_numpy("OUTPUT0"), r.as_numpy("OUTPUT1"))
+            for request_id, r in answers.results.items()
+        }
+    assert outputs[client].keys() == set(requests)
+    for request_id, (a, b) in requests.items():
+        total, difference = outputs[client][request_id]
+        np.testing.assert_array_equal(total, a + b)
+        np.testing.assert_array_equal(difference, a - b)
+        np.testing.assert_array_equal(total, outputs[direct][request_id][0])
+
+
+async def test_aio_stream_infer_mixes_models_on_one_stream(mesh: LocalMesh) -> None:
+    data = np.arange(16, dtype=np.int32).reshape(1, 16)
+    strings = np.vectorize(lambda v: str(v).encode(), otypes=[object])(data)
+
+    async def requests() -> Any:
+        for i in range(10):
+            yield {
+                "model_name": "simple",
+                "inputs": simple_inputs(data, data),
+                "request_id": f"s{i}",
+            }
+            yield {
+                "model_name": "simple_string",
+                "inputs": [_bytes_input("INPUT0", strings), _bytes_input("INPUT1", strings)],
+                "request_id": f"t{i}",
+            }
+
+    async with triton_aio.InferenceServerClient(mesh.router_address) as client:
+        answers = {}
+        async for result, error in client.stream_infer(requests(), stream_timeout=30):
+            assert error is None, error
+            answers[result.get_response().id] = result
+            if len(answers) == 20:
+                break
+    for i in range(10):
+        np.testing.assert_array_equal(answers[f"s{i}"].as_numpy("OUTPUT0"), data * 2)
+        assert answers[f"t{i}"].as_numpy("OUTPUT0")[0][3] == b"6"
 
 
 async def test_a_sequence_stays_on_one_replica(

@@ -1,11 +1,12 @@
 """A replica's node dies under load: retries and outlier ejection keep every client request
-succeeding."""
+succeeding, and the dead node stops getting requests within 3 s."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 
+import aiohttp
 import numpy as np
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.utils import InferenceServerException
@@ -16,6 +17,22 @@ from shard_tool.publish import Publisher
 from tests.demo import push_copy, target
 
 LABELS = {"pool": "failover"}
+FAILED_ATTEMPTS = "shard_router_failed_attempts_total"
+
+
+async def _failed_attempts(mesh: LocalMesh, address: str) -> float:
+    """The router's count of requests it could not get to the Triton at `address`."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{mesh.ports.router_metrics}/metrics") as response,
+    ):
+        text = await response.text()
+    label = f'address="{address}"'
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(FAILED_ATTEMPTS) and label in line
+    )
 
 
 async def test_sigkill_under_16_way_load_fails_no_request(
@@ -54,8 +71,21 @@ async def test_sigkill_under_16_way_load_fails_no_request(
 
     load = asyncio.gather(*(client() for _ in range(16)))
     await asyncio.sleep(2)
-    mesh.nodes["failover-b"].process.kill()  # the agent and, with it, its Triton
+    victim = mesh.nodes["failover-b"]
+    address = f"127.0.0.1:{victim.triton_grpc_port}"
+    victim.process.kill()  # the agent and, with it, its Triton
+    killed_at = time.monotonic()
+    # The router's every attempt on the dead node fails: watch when the last one happened.
+    attempts, last_attempt_after = 0.0, 0.0
+    while not load.done():
+        count = await _failed_attempts(mesh, address)
+        if count > attempts:
+            attempts, last_attempt_after = count, time.monotonic() - killed_at
+        await asyncio.sleep(0.05)
     await load
 
+    print(f"\n{attempts:.0f} attempts on the dead node, the last {last_attempt_after:.2f} s after")
     assert failures == []
     assert served > 100
+    assert attempts > 0  # it was getting traffic when it died...
+    assert last_attempt_after < 3.0  # ...and stopped getting any within 3 s

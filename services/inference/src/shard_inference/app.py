@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import grpc
 from opentelemetry import metrics
 
+from shard.inference.v1 import endpoint_service_pb2_grpc
+from shard_client.routing import EndpointTable, TrafficSplit
 from shard_core import keys
 from shard_core.etcd.mirror import PrefixMirror
 from shard_core.etcd.store import EtcdStore
 from shard_core.grpc.server import GrpcServer
 from shard_inference.backends import SERVICE, NodeChannel
-from shard_inference.routing import EndpointTable, TrafficSplit
+from shard_inference.endpoints import EndpointWatch, ViewChanges
+from shard_inference.repository import Repository
 from shard_inference.servicer import InferenceRouter
 from shard_inference.settings import InferenceSettings
 
@@ -20,16 +24,21 @@ _log = logging.getLogger(__name__)
 
 # Health of the router's view of the shard: NOT_SERVING while it serves from a stale copy.
 VIEW_HEALTH = "shard.inference.v1.EndpointView"
+ENDPOINT_SERVICE = "shard.inference.v1.EndpointService"
 
 
 async def serve(settings: InferenceSettings) -> None:
     store = EtcdStore(settings)
+    changes = ViewChanges()
     table: EndpointTable[NodeChannel] = EndpointTable(
-        backend_factory=NodeChannel.open, on_backend_removed=NodeChannel.close_later
+        backend_factory=NodeChannel.open,
+        on_backend_removed=NodeChannel.close_later,
+        on_change=changes.notify,
     )
     mirror = PrefixMirror(store, keys.ENDPOINTS, table)
     mirror.start()
-    split = TrafficSplit()
+    split = TrafficSplit(on_change=changes.notify)
+    watch = EndpointWatch(table, split, changes)
     # Each mirror reconnects its own client on failure, so each gets one of its own.
     deployments = PrefixMirror(EtcdStore(settings), keys.DEPLOYMENTS, split)
     deployments.start()
@@ -44,23 +53,41 @@ async def serve(settings: InferenceSettings) -> None:
         callbacks=[lambda _: [metrics.Observation(int(mirror.stale))]],
         description="1 while the router serves from its last known view because etcd is away.",
     )
+    failed_attempts = meter.create_counter(
+        "shard_router_failed_attempts",
+        description="Requests a node could not be reached for (each retried elsewhere if the "
+        "retry budget allowed), by node Triton address.",
+    )
+    registry = grpc.aio.insecure_channel(settings.registry_address)
     router = InferenceRouter(
         table,
         split=split,
         max_attempts=settings.max_attempts,
         ready=lambda: mirror.synced and deployments.synced,
+        repository=Repository(registry),
+        on_failure=lambda address: failed_attempts.add(1, {"address": address}),
     )
+
+    def register(server: grpc.aio.Server) -> None:
+        server.add_generic_rpc_handlers((router.handler(),))
+        endpoint_service_pb2_grpc.add_EndpointServiceServicer_to_server(watch, server)
+
     # No interceptors on the data plane: every request pays for them, and the router answers
     # with Triton's own status codes rather than the management APIs' error details.
     server = GrpcServer(
         address=settings.address,
-        services=[SERVICE],
-        register=lambda s: s.add_generic_rpc_handlers((router.handler(),)),
+        services=[SERVICE, ENDPOINT_SERVICE],
+        register=register,
         interceptors=(),
     )
     server.on_shutdown(mirror.stop)
     server.on_shutdown(deployments.stop)
     server.on_shutdown(store.close)
+
+    async def close_registry() -> None:
+        await registry.close(None)
+
+    server.on_shutdown(close_registry)
     await server.start()
 
     async def report_view() -> None:

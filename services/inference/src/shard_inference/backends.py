@@ -30,6 +30,10 @@ class NodeChannel:
     def open(cls, address: str) -> NodeChannel:
         return cls(address=address, channel=grpc.aio.insecure_channel(address, CHANNEL_OPTIONS))
 
+    def connected(self) -> bool:
+        state = self.channel.get_state(try_to_connect=True)
+        return state == grpc.ChannelConnectivity.READY
+
     def method(self, name: str) -> Any:
         """The unary callable for `name`, passing serialized bytes both ways."""
         callable_ = self._methods.get(name)
@@ -38,6 +42,12 @@ class NodeChannel:
                 f"/{SERVICE}/{name}", request_serializer=None, response_deserializer=None
             )
         return callable_
+
+    def stream(self, name: str) -> Any:
+        """The bidirectional-streaming callable for `name`, passing serialized bytes both ways."""
+        return self.channel.stream_stream(
+            f"/{SERVICE}/{name}", request_serializer=None, response_deserializer=None
+        )
 
     def close_later(self, grace_s: float = 5.0) -> None:
         """Close once requests in flight have had `grace_s` to finish."""

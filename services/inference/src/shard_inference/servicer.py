@@ -9,36 +9,41 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib.metadata import version
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc.aio import ServicerContext
 from tritonclient.grpc import service_pb2
 
+from shard_client.routing import Balancer, EndpointTable, TrafficSplit, unknown_model
 from shard_inference.backends import SERVICE, NodeChannel
-from shard_inference.routing import (
-    EndpointTable,
-    OutlierEjection,
-    RetryBudget,
-    SequenceAffinity,
-    TrafficSplit,
-    pick_order,
-)
+from shard_inference.repository import Repository
 from shard_inference.statistics import summed
+from shard_inference.streams import StreamRouting
 from shard_inference.wire import MalformedRequestError, model_route, sequence_id, with_version
 
 _log = logging.getLogger(__name__)
 
 ROUTER_VERSION = version("shard-inference")
 SERVER_NAME = "ai-shard"
-EXTENSIONS = ["model_configuration", "model_repository", "parameters", "statistics"]
+EXTENSIONS = [
+    "model_configuration",
+    "model_repository",
+    "parameters",
+    "statistics",
+    "logging",
+    "trace",
+]
 SEQUENCE_ID = b"sequence_id"
 SHARED_MEMORY = (
     "shared memory cannot cross the network: the shard's models run on other machines. "
     "Send tensors in the request (raw_input_contents) instead"
 )
+# How long a load waits for a ready replica when the client set no deadline.
+LOAD_WAIT_S = 300.0
 # Methods answered by a node's Triton: the request names a model in fields 1 and 2.
 FORWARDED = ("ModelInfer", "ModelMetadata", "ModelConfig")
 
@@ -48,12 +53,6 @@ _Context = ServicerContext[bytes, bytes]
 def _serialized(message: Any) -> bytes:
     data: bytes = message.SerializeToString()
     return data
-
-
-def _unknown_model(name: str, model_version: str) -> str:
-    if model_version:
-        return f"Request for unknown model: '{name}' version {model_version} is not found"
-    return f"Request for unknown model: '{name}' is not found"
 
 
 class InferenceRouter:
@@ -66,14 +65,14 @@ class InferenceRouter:
         split: TrafficSplit,
         max_attempts: int,
         ready: Callable[[], bool],
+        repository: Repository,
+        on_failure: Callable[[str], None] = lambda _: None,
     ) -> None:
         self._table = table
         self._split = split
-        self._affinity = SequenceAffinity()
-        self._ejection = OutlierEjection()
-        self._budget = RetryBudget()
-        self._max_attempts = max_attempts
+        self._balancer = Balancer(table, split, max_attempts=max_attempts, on_failure=on_failure)
         self._ready = ready
+        self._repository = repository
 
     def handler(self) -> grpc.GenericRpcHandler[bytes, bytes]:
         handlers: dict[str, Callable[[bytes, _Context], Awaitable[bytes]]] = {
@@ -87,8 +86,10 @@ class InferenceRouter:
         handlers |= {
             "ModelStatistics": self._model_statistics,
             "RepositoryIndex": self._repository_index,
-            "RepositoryModelLoad": self._repository_change,
-            "RepositoryModelUnload": self._repository_change,
+            "RepositoryModelLoad": self._repository_load,
+            "RepositoryModelUnload": self._repository_unload,
+            "TraceSetting": self._settings_reader("TraceSetting"),
+            "LogSettings": self._settings_reader("LogSettings"),
             "SystemSharedMemoryStatus": self._shared_memory_status,
             "CudaSharedMemoryStatus": self._shared_memory_status,
             "SystemSharedMemoryRegister": self._shared_memory_register,
@@ -96,13 +97,12 @@ class InferenceRouter:
             "SystemSharedMemoryUnregister": self._shared_memory_unregister,
             "CudaSharedMemoryUnregister": self._shared_memory_unregister,
         }
-        return grpc.method_handlers_generic_handler(
-            SERVICE,
-            {
-                name: grpc.unary_unary_rpc_method_handler(behaviour)
-                for name, behaviour in handlers.items()
-            },
-        )
+        methods: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {
+            name: grpc.unary_unary_rpc_method_handler(behaviour)
+            for name, behaviour in handlers.items()
+        }
+        methods["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(self._stream_infer)
+        return grpc.method_handlers_generic_handler(SERVICE, methods)
 
     async def _server_live(self, request: bytes, context: _Context) -> bytes:
         return _serialized(service_pb2.ServerLiveResponse(live=True))
@@ -129,7 +129,7 @@ class InferenceRouter:
         except MalformedRequestError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {error}")
         if name and not self._table.candidates(name, model_version):
-            await context.abort(grpc.StatusCode.NOT_FOUND, _unknown_model(name, model_version))
+            await context.abort(grpc.StatusCode.NOT_FOUND, unknown_model(name, model_version))
         names = [name] if name else list(self._table.models())
         backends = {
             route.backend.address: route.backend
@@ -173,12 +173,35 @@ class InferenceRouter:
                     )
         return _serialized(index)
 
-    async def _repository_change(self, request: bytes, context: _Context) -> bytes:
-        await context.abort(
-            grpc.StatusCode.PERMISSION_DENIED,
-            "the shard loads and unloads models through deployments: use the registry's "
-            "DeploymentService (or `shard deploy`) with admin credentials",
-        )
+    async def _repository_load(self, request: bytes, context: _Context) -> bytes:
+        """Load deploys the model's newest version (unless it is deployed) and waits, within
+        the client's deadline, until a replica is ready: Triton's load returns once it can
+        serve. The caller's credentials go to the registry, which decides."""
+        try:
+            load = service_pb2.RepositoryModelLoadRequest.FromString(request)
+        except DecodeError:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed request")
+        await self._repository.load(load, context)
+        waited = 0.0
+        while not self._table.candidates(load.model_name, ""):
+            if waited > LOAD_WAIT_S:
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"model '{load.model_name}' is deployed but no replica became ready in "
+                    f"{LOAD_WAIT_S:.0f} s: see `shard deploy explain {load.model_name}`",
+                )
+            await asyncio.sleep(0.1)  # the call's deadline, if it has one, may end this first
+            waited += 0.1
+        return b""
+
+    async def _repository_unload(self, request: bytes, context: _Context) -> bytes:
+        """Unload deletes the model's deployment (with the caller's credentials)."""
+        try:
+            unload = service_pb2.RepositoryModelUnloadRequest.FromString(request)
+        except DecodeError:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed request")
+        await self._repository.unload(unload, self._split.deployment_of(unload.model_name), context)
+        return b""
 
     async def _shared_memory_status(self, request: bytes, context: _Context) -> bytes:
         return b""  # truthfully empty: no region can be registered with a shard
@@ -209,42 +232,26 @@ class InferenceRouter:
                     await context.abort(
                         grpc.StatusCode.INVALID_ARGUMENT, f"malformed parameters: {error}"
                     )
-            pin = (name, model_version, sequence)
-            if not model_version:
-                # Follow the deployment's traffic split (a sequence stays on the version its
-                # first request got), and tell the node which version won.
-                model_version = (sequence and self._affinity.version(pin)) or (
-                    self._table.choose_version(name, self._split.weights(name))
-                )
-                if model_version:
-                    request = with_version(request, model_version)
-            candidates = self._table.candidates(name, model_version)
-            usable = self._ejection.usable
-            if sequence:
-                ordered = pick_order(candidates, len(candidates), usable)
-                routes = self._affinity.order(pin, model_version, ordered)[: self._max_attempts]
-            else:
-                routes = pick_order(candidates, self._max_attempts, usable)
-            self._budget.request()
-            if not routes:
-                await context.abort(grpc.StatusCode.NOT_FOUND, _unknown_model(name, model_version))
+            plan = self._balancer.plan(name, model_version, sequence)
+            if not plan.routes:
+                await context.abort(grpc.StatusCode.NOT_FOUND, unknown_model(name, model_version))
+            if plan.chosen:
+                request = with_version(request, plan.version)  # tell the node which version won
             last_error: grpc.aio.AioRpcError | None = None
-            for attempt, route in enumerate(routes):
-                if attempt and not self._budget.retry():
-                    break
+            for route in self._balancer.attempts(plan):
                 backend = route.backend
                 backend.in_flight += 1
                 try:
                     response: bytes = await backend.method(method)(
                         request, timeout=context.time_remaining()
                     )
-                    self._ejection.succeeded(backend)
+                    self._balancer.ejection.succeeded(backend)
                     return response
                 except grpc.aio.AioRpcError as error:
                     if error.code() != grpc.StatusCode.UNAVAILABLE:
                         await context.abort(error.code(), error.details() or "")
                     _log.warning("%s unavailable for %s: %s", route.node, name, error.details())
-                    self._ejection.failed(backend)
+                    self._balancer.ejection.failed(backend)
                     last_error = error
                 finally:
                     backend.in_flight -= 1
@@ -255,3 +262,56 @@ class InferenceRouter:
             )
 
         return forward
+
+    async def _stream_infer(
+        self, requests: AsyncIterator[bytes], context: _Context
+    ) -> AsyncIterator[bytes]:
+        """ModelStreamInfer: each request goes to a replica of its model over one upstream
+        stream per node, and the answers come back on the client's stream as they arrive.
+        Within one client stream, a model's requests stay on one replica (a sequence's on its
+        pinned replica), so their answers keep their order."""
+        stream = StreamRouting(self._balancer, context)
+        try:
+            async for response in stream.run(requests):
+                yield response
+        finally:
+            stream.cancel()
+
+    def _settings_reader(self, method: str) -> Callable[[bytes, _Context], Awaitable[bytes]]:
+        async def read(request: bytes, context: _Context) -> bytes:
+            return await self._settings(request, context, method)
+
+        return read
+
+    async def _settings(self, request: bytes, context: _Context, method: str) -> bytes:
+        """TraceSetting and LogSettings: reading answers with a node's settings (one serving
+        the model, when one is named); changing them is the providers' business, per node."""
+        message_type = (
+            service_pb2.TraceSettingRequest
+            if method == "TraceSetting"
+            else service_pb2.LogSettingsRequest
+        )
+        try:
+            parsed = message_type.FromString(request)
+        except DecodeError:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed request")
+        if parsed.settings:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{method} can only read through the shard: each node's provider sets its own "
+                "tracing and logging",
+            )
+        model = getattr(parsed, "model_name", "")
+        plan = self._balancer.plan(model, "") if model else None
+        routes = plan.routes if plan else self._balancer.table.any_routes()
+        if not routes:
+            if model:
+                await context.abort(grpc.StatusCode.NOT_FOUND, unknown_model(model, ""))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "no node is serving")
+        try:
+            answer: bytes = await routes[0].backend.method(method)(
+                request, timeout=context.time_remaining() or 10
+            )
+        except grpc.aio.AioRpcError as error:
+            await context.abort(error.code(), error.details() or "")
+        return answer

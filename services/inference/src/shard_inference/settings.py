@@ -14,6 +14,10 @@ class InferenceSettings(ServiceSettings, EtcdSettings):
     address: str = Field(
         default="0.0.0.0:8001", description="KServe v2 gRPC listen address (Triton's port)."
     )
+    registry_address: str = Field(
+        default="127.0.0.1:7070",
+        description="The registry, for RepositoryModelLoad and Unload (deployments).",
+    )
     max_attempts: int = Field(
         default=2, ge=1, le=5, description="Replicas tried per request when one is unavailable."
     )

@@ -162,6 +162,11 @@ def _validate_registration(registration: node_service_pb2.Registration) -> None:
     _validate_models(registration.models, "registration.models")
 
 
+def _pending(metrics: node_pb2.NodeMetrics) -> dict[str, int]:
+    """Per model, the requests the node's Triton has queued or executing."""
+    return {load.model_name: load.pending for load in metrics.models}
+
+
 class NodeSession:
     """One connected, attested node: its lease, its record, the endpoints it publishes."""
 
@@ -171,7 +176,7 @@ class NodeSession:
         registry: NodeRegistry,
         node: node_pb2.Node,
         lease_id: int,
-        published: set[str],
+        published: dict[str, bytes],
     ) -> None:
         self._registry = registry
         self.node = node
@@ -195,6 +200,7 @@ class NodeSession:
         if self.effective_state() not in SERVING_STATES:
             return {}
         assigned = self._registry.directory.assignments(self.node_id)
+        pending = _pending(self.node.metrics)
         endpoints = {}
         for model in self.node.models:
             assignment = assigned.get(model.model_name)
@@ -208,6 +214,7 @@ class NodeSession:
                     model_version=model.model_version,
                     node=self.node.name,
                     inference_address=self.node.inference_address,
+                    pending=pending.get(model.model_name, 0),
                 )
                 key = keys.endpoint(model.model_name, model.model_version, self.node_id)
                 endpoints[key] = endpoint.SerializeToString()
@@ -223,13 +230,15 @@ class NodeSession:
 
     async def _publish(self, *, record: bool) -> None:
         endpoints = self._endpoints()
-        added = {key: value for key, value in endpoints.items() if key not in self._published}
-        gone = self._published - endpoints.keys()
+        added = {
+            key: value for key, value in endpoints.items() if self._published.get(key) != value
+        }
+        gone = self._published.keys() - endpoints.keys()
         puts = {keys.node(self.node_id): self.node.SerializeToString()} if record else {}
         if not (puts or added or gone):
             return
         await self._registry.store.write(puts={**puts, **added}, deletes=gone, lease=self.lease_id)
-        self._published = set(endpoints)
+        self._published = endpoints
         if record:
             self._written_at = self._registry.clock()
 
@@ -249,6 +258,7 @@ class NodeSession:
         elif (
             list(self.node.models) == list(heartbeat.models)
             and list(self.node.problems) == problems
+            and _pending(self.node.metrics) == _pending(heartbeat.metrics)
             and registry.clock() - self._written_at < RECORD_REFRESH_S
         ):
             return
@@ -367,13 +377,15 @@ class NodeRegistry:
         existing = await self.store.get(keys.node(node_id))
         lease_id = await self._reuse_lease(existing.lease) if existing else None
         reconnected = existing is not None and lease_id is not None
-        published: set[str] = set()
+        published: dict[str, bytes] = {}
         if lease_id is None:
             lease_id = await self.store.grant_lease(self.timing.lease_ttl_s)
         else:
             previous = await self.store.snapshot(keys.ENDPOINTS)
             published = {
-                entry.key for entry in previous.entries if entry.key.endswith(f"/{node_id}")
+                entry.key: entry.value
+                for entry in previous.entries
+                if entry.key.endswith(f"/{node_id}")
             }
         now = timestamp(self.clock())
         # A node back within its lease keeps the state it had; a new one starts PENDING.

@@ -163,7 +163,12 @@ class LocalMesh:
             "shard_inference",
             _endpoint_env(
                 "INFERENCE",
-                {**etcd, "address": self.router_address, "metrics_port": self.ports.router_metrics},
+                {
+                    **etcd,
+                    "address": self.router_address,
+                    "metrics_port": self.ports.router_metrics,
+                    "registry_address": self.registry_address,
+                },
             ),
         )
         self.services["gateway"] = self._service(

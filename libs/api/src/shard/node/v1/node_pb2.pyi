@@ -596,6 +596,7 @@ class ModelEndpoint(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     NODE_FIELD_NUMBER: _builtins.int
     INFERENCE_ADDRESS_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """The Triton model name."""
     model_version: _builtins.str
@@ -604,6 +605,8 @@ class ModelEndpoint(_message.Message):
     """The resource name of the node serving it, `nodes/{node}`."""
     inference_address: _builtins.str
     """The KServe v2 gRPC address of the node's Triton."""
+    pending: _builtins.int
+    """Requests queued or executing for this model in the node's Triton at its last heartbeat."""
     def __init__(
         self,
         *,
@@ -611,10 +614,11 @@ class ModelEndpoint(_message.Message):
         model_version: _builtins.str = ...,
         node: _builtins.str = ...,
         inference_address: _builtins.str = ...,
+        pending: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inference_address", b"inference_address", "model_name", b"model_name", "model_version", b"model_version", "node", b"node"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inference_address", b"inference_address", "model_name", b"model_name", "model_version", b"model_version", "node", b"node", "pending", b"pending"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

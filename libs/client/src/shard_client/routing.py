@@ -1,8 +1,10 @@
 """Which node serves a request: the router's view of ready endpoints and its balancing.
 
-The view mirrors the `endpoints/{model}/{version}/{node}` records in etcd; a record exists only
-while its node's lease lives and the model version is READY there. Balancing is
-power-of-two-choices on the router's own count of requests in flight to each node.
+The router's view mirrors the `endpoints/{model}/{version}/{node}` records in etcd; a record
+exists only while its node's lease lives and the model version is READY there. A client that
+routes itself keeps the same view from the router's `EndpointService`. Balancing is
+power-of-two-choices on a replica's load: the requests this process has in flight to the node plus
+the requests its Triton last reported pending for the model (which counts everyone else's).
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ import logging
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
 from typing import Generic, Protocol, TypeVar
 
 from shard.deployment.v1 import deployment_pb2
@@ -27,6 +29,9 @@ class Backend(Protocol):
     address: str
     in_flight: int
 
+    def connected(self) -> bool:
+        """Whether the connection to the node is up; starts connecting if it is idle."""
+
 
 B = TypeVar("B", bound=Backend)
 
@@ -39,6 +44,18 @@ class Route(Generic[B]):
     model_version: str
     node: str
     backend: B
+    # Requests queued or executing for the model in the node's Triton at its last heartbeat.
+    pending: int = 0
+
+    def load(self) -> int:
+        return self.backend.in_flight + self.pending
+
+
+def unknown_model(model_name: str, model_version: str) -> str:
+    """Triton's words for a model (or version) it does not serve."""
+    if model_version:
+        return f"Request for unknown model: '{model_name}' version {model_version} is not found"
+    return f"Request for unknown model: '{model_name}' is not found"
 
 
 def _version_order(version: str) -> tuple[int, str]:
@@ -53,6 +70,7 @@ class EndpointTable(Generic[B]):
         *,
         backend_factory: Callable[[str], B],
         on_backend_removed: Callable[[B], None] = lambda _: None,
+        on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self._routes: dict[str, dict[str, dict[str, Route[B]]]] = {}
         self._by_key: dict[str, Route[B]] = {}
@@ -60,6 +78,7 @@ class EndpointTable(Generic[B]):
         self._users: dict[str, int] = {}
         self._backend_factory = backend_factory
         self._on_backend_removed = on_backend_removed
+        self._on_change = on_change
 
     # -- MirrorListener ---------------------------------------------------------------------
 
@@ -83,19 +102,27 @@ class EndpointTable(Generic[B]):
             and (old.model_name, old.model_version, old.node)
             == (endpoint.model_name, endpoint.model_version, endpoint.node)
         ):
-            return  # unchanged: keep the route, its channel and its in-flight count
+            # The same replica with a new queue depth: keep its channel and in-flight count.
+            if old.pending != endpoint.pending:
+                self._place(key, replace(old, pending=endpoint.pending))
+            return
         # Acquire before releasing, so a record that moves nothing keeps its channel open.
         route = Route(
             model_name=endpoint.model_name,
             model_version=endpoint.model_version,
             node=endpoint.node,
             backend=self._acquire(endpoint.inference_address),
+            pending=endpoint.pending,
         )
         if old is not None:
             self.delete(key)
+        self._place(key, route)
+
+    def _place(self, key: str, route: Route[B]) -> None:
         self._by_key[key] = route
         versions = self._routes.setdefault(route.model_name, {})
         versions.setdefault(route.model_version, {})[route.node] = route
+        self._on_change()
 
     def delete(self, key: str) -> None:
         route = self._by_key.pop(key, None)
@@ -109,6 +136,13 @@ class EndpointTable(Generic[B]):
         if not versions:
             del self._routes[route.model_name]
         self._release(route.backend)
+        self._on_change()
+
+    def replace_all(self, endpoints: Iterable[node_pb2.ModelEndpoint]) -> None:
+        """Make the view exactly `endpoints` (a snapshot from the router)."""
+        self.reset(
+            {f"{e.model_name}/{e.model_version}/{e.node}": e.SerializeToString() for e in endpoints}
+        )
 
     # -- backends ---------------------------------------------------------------------------
 
@@ -130,6 +164,23 @@ class EndpointTable(Generic[B]):
 
     def route_count(self) -> int:
         return len(self._by_key)
+
+    def endpoints(self) -> list[node_pb2.ModelEndpoint]:
+        """Every route, as the endpoint records it came from."""
+        return [
+            node_pb2.ModelEndpoint(
+                model_name=route.model_name,
+                model_version=route.model_version,
+                node=route.node,
+                inference_address=route.backend.address,
+                pending=route.pending,
+            )
+            for route in self._by_key.values()
+        ]
+
+    def any_routes(self) -> list[Route[B]]:
+        """One route per node."""
+        return list({route.backend.address: route for route in self._by_key.values()}.values())
 
     def models(self) -> dict[str, list[str]]:
         """Every routable model and its ready versions."""
@@ -162,12 +213,29 @@ class EndpointTable(Generic[B]):
 class TrafficSplit:
     """Model → version → weight, mirrored from the deployments in etcd."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, on_change: Callable[[], None] = lambda: None) -> None:
         self._by_key: dict[str, tuple[str, dict[str, int]]] = {}
         self._by_model: dict[str, dict[str, int]] = {}
+        self._on_change = on_change
 
     def weights(self, model_name: str) -> Mapping[str, int]:
         return self._by_model.get(model_name, {})
+
+    def deployment_of(self, model_name: str) -> str:
+        """The id of the deployment serving the model, or an empty string."""
+        for key, (model, _) in self._by_key.items():
+            if model == model_name:
+                return key.rstrip("/").rsplit("/", 1)[-1]
+        return ""
+
+    def all_weights(self) -> Mapping[str, Mapping[str, int]]:
+        return self._by_model
+
+    def replace_all(self, weights: Mapping[str, Mapping[str, int]]) -> None:
+        """Make the split exactly `weights` (model → version → weight)."""
+        self._by_key = {model: (model, dict(versions)) for model, versions in weights.items()}
+        self._by_model = {model: dict(versions) for model, versions in weights.items()}
+        self._on_change()
 
     def models(self) -> list[str]:
         """Every deployed model."""
@@ -190,18 +258,20 @@ class TrafficSplit:
         weights = {target.version: target.weight for target in deployment.targets}
         self._by_key[key] = (model_name, weights)
         self._by_model[model_name] = weights
+        self._on_change()
 
     def delete(self, key: str) -> None:
         found = self._by_key.pop(key, None)
         if found is not None:
             self._by_model.pop(found[0], None)
+            self._on_change()
 
 
 def pick_order(
     routes: list[Route[B]], attempts: int, usable: Callable[[B], bool] | None = None
 ) -> list[Route[B]]:
-    """Up to `attempts` distinct routes: the first by power-of-two-choices on requests in
-    flight, the rest (for retries) at random. Routes whose backend is not `usable` (ejected)
+    """Up to `attempts` distinct routes: the first by power-of-two-choices on load (see
+    `Route.load`), the rest (for retries) at random. Routes whose backend is not `usable` (ejected)
     are left out, unless that would leave none: then every route is tried."""
     if usable is not None:
         healthy = [route for route in routes if usable(route.backend)]
@@ -209,7 +279,7 @@ def pick_order(
     if len(routes) <= 1:
         return routes
     first, second = random.sample(routes, 2)
-    best = first if first.backend.in_flight <= second.backend.in_flight else second
+    best = first if first.load() <= second.load() else second
     if attempts == 1:
         return [best]
     rest = [route for route in routes if route is not best]
@@ -250,9 +320,10 @@ class SequenceAffinity:
 
 
 class OutlierEjection:
-    """Passive outlier detection: a replica that fails `threshold` requests in a row (the node
-    unreachable) is left out for a backoff that doubles with each ejection, up to `max_s`. The
-    first success brings it back."""
+    """Passive outlier detection: a replica that fails `threshold` requests in a row is left out
+    for a backoff that doubles with each ejection, up to `max_s`. When the backoff ends it gets
+    traffic again only once its connection is up: a dead node is never probed with real
+    requests. The first success clears its record."""
 
     def __init__(
         self,
@@ -260,22 +331,35 @@ class OutlierEjection:
         threshold: int = 3,
         base_s: float = 1.0,
         max_s: float = 30.0,
+        recheck_s: float = 0.25,
         clock: Callable[[], float] = time.monotonic,
+        on_failure: Callable[[str], None] = lambda _: None,
     ) -> None:
         self._threshold = threshold
         self._base_s = base_s
         self._max_s = max_s
+        self._recheck_s = recheck_s
         self._clock = clock
+        self._on_failure = on_failure
         self._failures: dict[str, int] = {}
         self._ejections: dict[str, int] = {}
         self._until: dict[str, float] = {}
 
     def usable(self, backend: Backend) -> bool:
         until = self._until.get(backend.address)
-        return until is None or self._clock() >= until
+        if until is None:
+            return True
+        now = self._clock()
+        if now < until:
+            return False
+        if not backend.connected():
+            self._until[backend.address] = now + self._recheck_s
+            return False
+        return True
 
     def failed(self, backend: Backend) -> None:
         address = backend.address
+        self._on_failure(address)
         self._failures[address] = self._failures.get(address, 0) + 1
         if self._failures[address] >= self._threshold:
             ejections = self._ejections.get(address, 0)
@@ -325,3 +409,60 @@ class RetryBudget:
             return False
         self._retries += 1
         return True
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan(Generic[B]):
+    """Where one request goes: the version and the replicas to try, in order."""
+
+    version: str  # empty when the model has no ready version
+    chosen: bool  # the request named no version and the balancer picked `version`
+    routes: list[Route[B]]
+
+
+class Balancer(Generic[B]):
+    """The routing decisions the router and the client-side router share: the version by the
+    deployment's weights, the replica by power-of-two-choices, sequence affinity, outlier
+    ejection and the retry budget."""
+
+    def __init__(
+        self,
+        table: EndpointTable[B],
+        split: TrafficSplit,
+        *,
+        max_attempts: int = 2,
+        on_failure: Callable[[str], None] = lambda _: None,
+    ) -> None:
+        self.table = table
+        self.split = split
+        self.max_attempts = max_attempts
+        self.affinity = SequenceAffinity()
+        self.ejection = OutlierEjection(on_failure=on_failure)
+        self.budget = RetryBudget()
+
+    def plan(self, model_name: str, model_version: str, sequence: str = "") -> Plan[B]:
+        """The replicas to try for a request; `sequence` is its Triton sequence id, if any."""
+        pin = (model_name, model_version, sequence)
+        chosen = not model_version
+        if chosen:
+            # Follow the deployment's traffic split; a sequence stays on the version its first
+            # request got.
+            model_version = (sequence and self.affinity.version(pin)) or (
+                self.table.choose_version(model_name, self.split.weights(model_name))
+            )
+        candidates = self.table.candidates(model_name, model_version)
+        usable = self.ejection.usable
+        if sequence:
+            ordered = pick_order(candidates, len(candidates), usable)
+            routes = self.affinity.order(pin, model_version, ordered)[: self.max_attempts]
+        else:
+            routes = pick_order(candidates, self.max_attempts, usable)
+        self.budget.request()
+        return Plan(version=model_version, chosen=chosen, routes=routes)
+
+    def attempts(self, plan: Plan[B]) -> Iterator[Route[B]]:
+        """The plan's routes, the retries only while the retry budget allows them."""
+        for attempt, route in enumerate(plan.routes):
+            if attempt and not self.budget.retry():
+                return
+            yield route

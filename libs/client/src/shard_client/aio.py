@@ -1,0 +1,220 @@
+"""`tritonclient.grpc.aio`'s client over the whole shard, with no router in the data path.
+
+The client follows the router's view of the shard (its `EndpointService` stream) and sends each
+request straight to a node's Triton, balanced as the router balances: the version by the
+deployment's traffic weights, the replica by power-of-two-choices on load, sequences pinned to
+one replica, outlier ejection, and a retry on another replica when one is unreachable.
+
+    async with InferenceServerClient("router:8001") as client:
+        result = await client.infer("simple", inputs)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import grpc
+import tritonclient.grpc.aio as triton
+from tritonclient.utils import InferenceServerException
+
+from shard.inference.v1 import endpoint_service_pb2, endpoint_service_pb2_grpc
+from shard_client.routing import Balancer, EndpointTable, Plan, TrafficSplit, unknown_model
+
+_log = logging.getLogger(__name__)
+
+UNAVAILABLE = "StatusCode.UNAVAILABLE"
+# Between attempts to reach the router again, while the last view keeps serving.
+RECONNECT_S = (0.2, 5.0)
+
+
+@dataclass(eq=False, kw_only=True)
+class NodeClient:
+    """One node's Triton: a tritonclient on a persistent channel, and requests in flight."""
+
+    address: str
+    client: triton.InferenceServerClient = field(repr=False)
+    in_flight: int = 0
+
+    @classmethod
+    def open(cls, address: str) -> NodeClient:
+        return cls(address=address, client=triton.InferenceServerClient(address))
+
+    def connected(self) -> bool:
+        channel: grpc.aio.Channel = self.client._channel
+        return channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.READY
+
+
+class InferenceServerClient:
+    """The shard as one Triton, reached node by node. Use as an async context manager, or call
+    `connect` first and `close` at the end."""
+
+    def __init__(self, url: str, *, max_attempts: int = 2) -> None:
+        self._router = grpc.aio.insecure_channel(url)
+        self._url = url
+        self._table: EndpointTable[NodeClient] = EndpointTable(
+            backend_factory=NodeClient.open, on_backend_removed=self._close_later
+        )
+        self._split = TrafficSplit()
+        self._balancer = Balancer(self._table, self._split, max_attempts=max_attempts)
+        self._synced = asyncio.Event()
+        self._watching: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> InferenceServerClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def connect(self, timeout: float = 10.0) -> None:
+        """Subscribe to the router's view and wait for the first snapshot."""
+        if self._watching is None:
+            self._watching = asyncio.ensure_future(self._watch())
+        try:
+            await asyncio.wait_for(self._synced.wait(), timeout)
+        except TimeoutError:
+            raise InferenceServerException(
+                msg=f"no view of the shard from the router at {self._url} in {timeout:g} s",
+                status=UNAVAILABLE,
+            ) from None
+
+    async def close(self) -> None:
+        if self._watching is not None:
+            self._watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watching
+        self._table.replace_all([])
+        await asyncio.gather(*self._closing)
+        await self._router.close(None)
+
+    async def _watch(self) -> None:
+        """Follow the router's snapshots for as long as the client lives; while the router is
+        away, keep routing on the last one."""
+        stub = endpoint_service_pb2_grpc.EndpointServiceStub(self._router)
+        delay = RECONNECT_S[0]
+        while True:
+            try:
+                async for snapshot in stub.WatchEndpoints(
+                    endpoint_service_pb2.WatchEndpointsRequest()
+                ):
+                    self._table.replace_all(snapshot.endpoints)
+                    self._split.replace_all(
+                        {split.model_name: dict(split.weights) for split in snapshot.splits}
+                    )
+                    self._synced.set()
+                    delay = RECONNECT_S[0]
+            except grpc.aio.AioRpcError as error:
+                _log.warning("endpoint view from %s interrupted: %s", self._url, error.details())
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RECONNECT_S[1])
+
+    def _close_later(self, node: NodeClient) -> None:
+        task = asyncio.ensure_future(node.client.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    # -- the tritonclient API ---------------------------------------------------------------
+
+    async def is_server_live(self) -> bool:
+        return self._synced.is_set()
+
+    async def is_server_ready(self) -> bool:
+        return self._synced.is_set() and self._table.route_count() > 0
+
+    async def is_model_ready(self, model_name: str, model_version: str = "") -> bool:
+        return bool(self._table.candidates(model_name, model_version))
+
+    async def get_model_metadata(
+        self, model_name: str, model_version: str = "", **kwargs: Any
+    ) -> Any:
+        plan = self._plan(model_name, model_version)
+        return await plan.routes[0].backend.client.get_model_metadata(
+            model_name, plan.version, **kwargs
+        )
+
+    async def get_model_config(
+        self, model_name: str, model_version: str = "", **kwargs: Any
+    ) -> Any:
+        plan = self._plan(model_name, model_version)
+        return await plan.routes[0].backend.client.get_model_config(
+            model_name, plan.version, **kwargs
+        )
+
+    async def infer(  # noqa: PLR0917 (tritonclient's signature, positional arguments included)
+        self,
+        model_name: str,
+        inputs: Sequence[triton.InferInput],
+        model_version: str = "",
+        outputs: Sequence[triton.InferRequestedOutput] | None = None,
+        request_id: str = "",
+        sequence_id: int | str = 0,
+        sequence_start: bool = False,
+        sequence_end: bool = False,
+        priority: int = 0,
+        timeout: int | None = None,
+        client_timeout: float | None = None,
+        headers: Mapping[str, str] | None = None,
+        compression_algorithm: str | None = None,
+        parameters: Mapping[str, Any] | None = None,
+    ) -> triton.InferResult:
+        """Run inference on a replica of the model, as `tritonclient.grpc.aio` does on one
+        Triton. With no `model_version`, the deployment's traffic weights pick it."""
+        plan = self._plan(model_name, model_version, str(sequence_id) if sequence_id else "")
+        last: InferenceServerException | None = None
+        for route in self._balancer.attempts(plan):
+            node = route.backend
+            node.in_flight += 1
+            try:
+                result = await node.client.infer(
+                    model_name,
+                    inputs,
+                    model_version=plan.version,
+                    outputs=outputs,
+                    request_id=request_id,
+                    sequence_id=sequence_id,
+                    sequence_start=sequence_start,
+                    sequence_end=sequence_end,
+                    priority=priority,
+                    timeout=timeout,
+                    client_timeout=client_timeout,
+                    headers=headers,
+                    compression_algorithm=compression_algorithm,
+                    parameters=parameters,
+                )
+            except InferenceServerException as error:
+                if error.status() != UNAVAILABLE:
+                    raise
+                _log.warning("%s unavailable for %s: %s", route.node, model_name, error.message())
+                self._balancer.ejection.failed(node)
+                last = error
+            else:
+                self._balancer.ejection.succeeded(node)
+                return result
+            finally:
+                node.in_flight -= 1
+        raise InferenceServerException(
+            msg=f"no replica of model '{model_name}' could be reached: "
+            f"{last.message() if last else 'the retry budget is spent'}",
+            status=UNAVAILABLE,
+        )
+
+    def _plan(self, model_name: str, model_version: str, sequence: str = "") -> Plan[NodeClient]:
+        plan = self._balancer.plan(model_name, model_version, sequence)
+        if not plan.routes:
+            raise InferenceServerException(
+                msg=unknown_model(model_name, model_version),
+                status="StatusCode.NOT_FOUND",
+            )
+        return plan
