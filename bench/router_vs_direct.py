@@ -1,8 +1,9 @@
-"""Triton direct against the shard's router, side by side in one run.
+"""Triton direct, the shard's router and client-side routing, side by side in one run.
 
-Starts a local shard with one node, then drives `simple` with tritonclient's asyncio gRPC client
-at concurrency 1 and 16, first straight at the node's Triton, then through the router. Prints
-throughput, p50/p99 latency, the ratios to direct, and the router's CPU time per request.
+Starts a local shard with one node, then drives `simple` at concurrency 1 and 16: with
+tritonclient's asyncio gRPC client straight at the node's Triton, the same client through the
+router, and `shard_client.aio` (the same API, routing in the client). Prints throughput, p50/p99
+latency, the ratios to direct, and the router's CPU time per request.
 
     uv run python bench/router_vs_direct.py [--seconds 5]
 """
@@ -21,6 +22,7 @@ import numpy as np
 import psutil
 import tritonclient.grpc.aio as triton
 
+from shard_client.aio import InferenceServerClient as ShardClient
 from shard_tool.local import LocalMesh, MeshPorts
 
 MODELS = Path(__file__).resolve().parent.parent / "infra" / "triton" / "models"
@@ -51,8 +53,11 @@ def _inputs() -> list[triton.InferInput]:
     return inputs
 
 
-async def _drive(url: str, concurrency: int, seconds: float, router: psutil.Process) -> Result:
-    async with triton.InferenceServerClient(url) as client:
+async def _drive(
+    url: str, concurrency: int, seconds: float, router: psutil.Process, *, client_side: bool
+) -> Result:
+    opened = ShardClient(url) if client_side else triton.InferenceServerClient(url)
+    async with opened as client:
         inputs = _inputs()
         for _ in range(50):  # warm up channels and Triton
             await client.infer("simple", inputs)
@@ -87,9 +92,16 @@ async def main(seconds: float) -> None:
                 f"{'x direct':>9} {'+p50 ms':>8} {'router µs/req':>14}"
             )
             for concurrency in (1, 16):
-                direct = await _drive(direct_url, concurrency, seconds, router)
-                routed = await _drive(mesh.router_address, concurrency, seconds, router)
-                for name, result in (("direct", direct), ("router", routed)):
+                results = {
+                    name: await _drive(url, concurrency, seconds, router, client_side=client_side)
+                    for name, url, client_side in (
+                        ("direct", direct_url, False),
+                        ("router", mesh.router_address, False),
+                        ("client", mesh.router_address, True),
+                    )
+                }
+                direct = results["direct"]
+                for name, result in results.items():
                     ratio = result.throughput / direct.throughput
                     added = result.percentile(50) - direct.percentile(50)
                     cpu_us = result.router_cpu_s / result.requests * 1e6
@@ -97,7 +109,7 @@ async def main(seconds: float) -> None:
                         f"{name:<8} {concurrency:>4} {result.throughput:>9.0f} "
                         f"{result.percentile(50):>8.2f} {result.percentile(99):>8.2f} "
                         f"{ratio:>9.2f} {added:>8.2f} "
-                        f"{cpu_us if name == 'router' else 0:>14.0f}"
+                        f"{cpu_us if name != 'direct' else 0:>14.0f}"
                     )
         finally:
             mesh.stop()

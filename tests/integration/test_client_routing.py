@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
+from shard_client import grpc as shard_grpc
 from shard_client.aio import InferenceServerClient
 from shard_tool.local import LocalMesh
 from shard_tool.publish import Publisher
@@ -99,3 +101,22 @@ async def test_keeps_serving_while_the_router_is_down(
     finally:
         await mesh.restart("inference")
     await client.infer("simple", simple_inputs(data, data))
+
+
+def test_the_blocking_client_serves_many_threads(mesh: LocalMesh) -> None:
+    data = np.arange(16, dtype=np.int32).reshape(1, 16)
+    with shard_grpc.InferenceServerClient(mesh.router_address) as client:
+        assert client.is_server_ready()
+
+        def infer(_: int) -> None:
+            result = client.infer("simple", simple_inputs(data, data))
+            np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), data * 0)
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(infer, range(64)))
+        with pytest.raises(InferenceServerException) as raised:
+            client.infer("no_such_model", simple_inputs(data, data))
+        assert raised.value.status() == "StatusCode.NOT_FOUND"
+    with pytest.raises(InferenceServerException) as raised:
+        shard_grpc.InferenceServerClient("127.0.0.1:1", connect_timeout=0.5)
+    assert "127.0.0.1:1" in raised.value.message()

@@ -139,18 +139,19 @@ class InferenceServerClient:
     async def get_model_metadata(
         self, model_name: str, model_version: str = "", **kwargs: Any
     ) -> Any:
-        plan = self._plan(model_name, model_version)
-        return await plan.routes[0].backend.client.get_model_metadata(
-            model_name, plan.version, **kwargs
-        )
+        return await self._ask_a_replica("get_model_metadata", model_name, model_version, kwargs)
 
     async def get_model_config(
         self, model_name: str, model_version: str = "", **kwargs: Any
     ) -> Any:
+        return await self._ask_a_replica("get_model_config", model_name, model_version, kwargs)
+
+    async def _ask_a_replica(
+        self, method: str, model_name: str, model_version: str, kwargs: dict[str, Any]
+    ) -> Any:
         plan = self._plan(model_name, model_version)
-        return await plan.routes[0].backend.client.get_model_config(
-            model_name, plan.version, **kwargs
-        )
+        ask = getattr(plan.routes[0].backend.client, method)
+        return await ask(model_name, plan.version, **kwargs)
 
     async def infer(  # noqa: PLR0917 (tritonclient's signature, positional arguments included)
         self,
