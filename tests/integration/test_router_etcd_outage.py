@@ -47,6 +47,11 @@ async def test_the_router_serves_through_an_etcd_outage(mesh: LocalMesh) -> None
     assert await _view_health(mesh) == health_pb2.HealthCheckResponse.SERVING
     assert await _stale_gauge(mesh) == 0
 
+    async def routable() -> bool:  # earlier tests may have moved `simple` around
+        return bool(router.is_model_ready("simple"))
+
+    await _until(routable)
+
     mesh.etcd.stop()
     try:
 

@@ -61,6 +61,7 @@ class NodeAgent:
         self._advertise_address = advertise_address
         self._labels = dict(labels)
         self._max_backoff_s = reconnect_max_backoff_s
+        self._lease_ttl_s = float("inf")
         self._state_dir = state_dir
         self._join_token = join_token
         self._health = health
@@ -87,11 +88,12 @@ class NodeAgent:
                 self.registered.clear()
                 if self._stopping.is_set():
                     break
-                # Jitter spreads the reconnects of many nodes after a registry restart.
+                # Jitter spreads the reconnects of many nodes after a registry restart. The node
+                # tries several times within its lease, so a registry restart costs it nothing.
                 delay = backoff * random.uniform(0.5, 1.0)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), delay)
-                backoff = min(backoff * 2, self._max_backoff_s)
+                backoff = min(backoff * 2, self._max_backoff_s, self._lease_ttl_s / 4)
         finally:
             converging.cancel()
             await asyncio.gather(converging, return_exceptions=True)
@@ -175,6 +177,7 @@ class NodeAgent:
             if not isinstance(reply, node_service_pb2.ConnectResponse):
                 raise ConnectionError("the registry closed the stream without an answer")
             interval = reply.registered.heartbeat_interval_ms / 1000
+            self._lease_ttl_s = reply.registered.lease_ttl_ms / 1000 or float("inf")
             _log.info("registered as %s; heartbeat every %.1fs", reply.registered.name, interval)
             self.registered.set()
             receiving = asyncio.ensure_future(self._receive(call, outbox))

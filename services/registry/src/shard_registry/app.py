@@ -140,8 +140,10 @@ async def serve(settings: RegistrySettings) -> None:
 
     leading = asyncio.ensure_future(election.lead(lead))
 
+    node_servicer = NodeServicer(nodes)
+
     def register(server: grpc.aio.Server) -> None:
-        node_service_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(nodes), server)
+        node_service_pb2_grpc.add_NodeServiceServicer_to_server(node_servicer, server)
         artifact_service_pb2_grpc.add_ArtifactServiceServicer_to_server(
             ArtifactServicer(blobs), server
         )
@@ -167,6 +169,7 @@ async def serve(settings: RegistrySettings) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await leading
 
+    server.on_stopping(node_servicer.stop_streams)
     server.on_shutdown(stop_leading)
     for mirror in mirrors:
         server.on_shutdown(mirror.stop)

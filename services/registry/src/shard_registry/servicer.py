@@ -19,6 +19,7 @@ from shard_core.errors import (
     NotFoundError,
     ResourceExhaustedError,
     UnauthenticatedError,
+    UnavailableError,
 )
 from shard_registry.artifacts import BlobStore, StoredBlob, blob_sha256
 from shard_registry.deployments import DeploymentRegistry
@@ -32,6 +33,12 @@ Context = grpc.aio.ServicerContext[Any, Any]
 class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
     def __init__(self, registry: NodeRegistry) -> None:
         self._registry = registry
+        self._stopping = asyncio.Event()
+
+    def stop_streams(self) -> None:
+        """End every node's stream now (the registry is shutting down): nodes reconnect to
+        another replica, or to this one restarted, within their leases."""
+        self._stopping.set()
 
     async def Connect(
         self, request_iterator: AsyncIterator[node_service_pb2.ConnectRequest], context: Context
@@ -89,13 +96,7 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
                 deadline = challenged_at + (
                     answer_within if outstanding else timing.attest_interval_s
                 )
-                woken = asyncio.ensure_future(changed.wait())
-                await asyncio.wait(
-                    {woken, reader},
-                    timeout=max(deadline - loop.time(), 0),
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                woken.cancel()
+                await self._wait(changed, reader, max(deadline - loop.time(), 0))
                 if reader.done():
                     reader.result()  # the stream ended: raise its error, if any
                     return
@@ -123,6 +124,24 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
         finally:
             directory.unsubscribe(session.node_id, changed.set)
             reader.cancel()
+
+    async def _wait(
+        self, changed: asyncio.Event, reader: asyncio.Future[None], timeout: float
+    ) -> None:
+        """Until the node's assignments change, its stream ends, or `timeout`; refuse to go on
+        once the registry is stopping."""
+        woken = asyncio.ensure_future(changed.wait())
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        watched: set[asyncio.Future[Any]] = {woken, reader, stopping}
+        try:
+            await asyncio.wait(watched, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            woken.cancel()
+            stopping.cancel()
+        if self._stopping.is_set():
+            raise UnavailableError(
+                "the registry is shutting down; reconnect", reason="REGISTRY_STOPPING"
+            )
 
     @staticmethod
     async def _read(

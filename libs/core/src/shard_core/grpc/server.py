@@ -62,7 +62,13 @@ class GrpcServer:
             raise OSError(f"cannot listen on {address}")
         self._grace_s = grace_s
         self._shutdown_hooks: list[ShutdownHook] = []
+        self._stopping_hooks: list[Callable[[], None]] = []
         self._stopped = asyncio.Event()
+
+    def on_stopping(self, hook: Callable[[], None]) -> None:
+        """Run `hook` when shutdown begins, before the grace period: for ending calls that never
+        finish on their own (long-lived streams), so their clients move on at once."""
+        self._stopping_hooks.append(hook)
 
     def on_shutdown(self, hook: ShutdownHook) -> None:
         """Run `hook` once the server has stopped and calls in flight have finished."""
@@ -96,6 +102,8 @@ class GrpcServer:
             return
         self._stopped.set()
         await self.set_serving(serving=False)
+        for stopping in self._stopping_hooks:
+            stopping()
         await self._server.stop(self._grace_s)
         for hook in self._shutdown_hooks:
             try:
