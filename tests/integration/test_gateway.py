@@ -47,13 +47,24 @@ async def test_model_ready(http: aiohttp.ClientSession, path: str, status: int) 
         assert (await response.json())["ready"] is (status == 200)
 
 
-async def test_list_nodes(http: aiohttp.ClientSession) -> None:
-    async with http.get("/v1/nodes", params={"page_size": "1"}) as response:
+async def test_list_nodes(mesh: LocalMesh, http: aiohttp.ClientSession) -> None:
+    admin = {"Authorization": f"Bearer {mesh.admin_token}"}
+    async with http.get("/v1/nodes", params={"page_size": "1"}, headers=admin) as response:
         assert response.status == 200
         body = await response.json()
     assert len(body["nodes"]) == 1
     assert body["nextPageToken"]
     assert body["nodes"][0]["state"] == "NODE_STATE_ACTIVE"
+
+
+async def test_list_nodes_needs_a_key(http: aiohttp.ClientSession) -> None:
+    async with http.get("/v1/nodes") as response:
+        assert response.status == 401
+        body = await response.json()
+    assert body["reason"] == "CREDENTIALS_MISSING"
+    async with http.get("/v1/nodes", headers={"Authorization": "Bearer nope"}) as response:
+        assert response.status == 401
+        assert (await response.json())["reason"] == "BAD_CREDENTIALS"
 
 
 @pytest.mark.parametrize(
@@ -66,9 +77,10 @@ async def test_list_nodes(http: aiohttp.ClientSession) -> None:
     ],
 )
 async def test_list_nodes_bad_input_is_400_naming_the_field(
-    http: aiohttp.ClientSession, params: dict[str, str], field: str
+    mesh: LocalMesh, http: aiohttp.ClientSession, params: dict[str, str], field: str
 ) -> None:
-    async with http.get("/v1/nodes", params=params) as response:
+    admin = {"Authorization": f"Bearer {mesh.admin_token}"}
+    async with http.get("/v1/nodes", params=params, headers=admin) as response:
         assert response.status == 400
         body = await response.json()
     assert field in body["error"]

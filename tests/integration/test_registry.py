@@ -590,7 +590,9 @@ async def test_list_nodes_rejects_bad_paging(
     assert field in (raised.value.details() or "")
 
 
-async def test_admin_calls_need_the_admin_token(mesh: LocalMesh, tmp_path: Path) -> None:
+async def test_calls_need_credentials_except_the_node_stream(
+    mesh: LocalMesh, tmp_path: Path
+) -> None:
     cordon = node_service_pb2.CordonNodeRequest(name="nodes/nany")
     async with grpc.aio.insecure_channel(mesh.registry_address) as anonymous:
         nodes = node_service_pb2_grpc.NodeServiceStub(anonymous)
@@ -604,11 +606,15 @@ async def test_admin_calls_need_the_admin_token(mesh: LocalMesh, tmp_path: Path)
         )
         await _refused(
             nodes.CordonNode(cordon, metadata=(("authorization", "Bearer wrong"),)),
-            grpc.StatusCode.PERMISSION_DENIED,
+            grpc.StatusCode.UNAUTHENTICATED,
             "BAD_CREDENTIALS",
         )
-        # What nodes and readers need stays open.
-        assert (await nodes.ListNodes(node_service_pb2.ListNodesRequest())).nodes
+        await _refused(
+            nodes.ListNodes(node_service_pb2.ListNodesRequest()),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "CREDENTIALS_MISSING",
+        )
+        # The node agents' stream stays open: nodes prove themselves on it.
         agent = FakeAgent(nodes)
         await agent.register(
             NodeIdentity.load_or_create(tmp_path), token=await mesh.join_token("open stream")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import grpc
 import tritonclient.grpc as triton
 
 from shard.deployment.v1 import deployment_service_pb2 as api
@@ -37,7 +36,7 @@ async def test_registry_restart_keeps_nodes_leases_and_deployments(mesh: LocalMe
         # Inference never needed the registry.
         infer_simple(router)
 
-        async with grpc.aio.insecure_channel(mesh.registry_address) as channel:
+        async with mesh.admin_channel() as channel:
             nodes = node_service_pb2_grpc.NodeServiceStub(channel)
             deadline = time.monotonic() + 30
             while True:

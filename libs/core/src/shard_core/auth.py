@@ -1,19 +1,34 @@
-"""The admin credential that guards the control plane's writes until API keys and roles land.
+"""Who is calling and what they may do: API keys, roles and permissions, for every service.
 
-A service holds only the SHA-256 of the admin token and compares in constant time; clients send
-the token as `authorization: Bearer <token>` metadata. Methods not named as protected stay open
-(node agents' stream, reads).
+Callers send an API key's secret as `authorization: Bearer <secret>` (gRPC metadata, or the HTTP
+header at the gateway). A secret reads `shard_<key id>_<random>`: the key id finds the stored key
+without a scan, and only the SHA-256 of the secret is stored, compared in constant time. Each
+service follows the keys in etcd (`keys/`) through a `KeyRing`, so a revocation reaches every
+service within a watch event. The operator's bootstrap admin token (a setting, held only as a hash)
+works everywhere as the principal `admin`.
+
+A key acts for a principal with one role; its scopes can narrow the role's permissions. Every RPC
+names the permission it needs (`MethodRules`); ownership (a provider's nodes, an owner's models)
+is checked by the service on the resource itself, through `Principal.owns`.
 """
 
 from __future__ import annotations
 
+import contextvars
+import enum
 import hashlib
 import hmac
-from collections.abc import Awaitable, Callable, Collection
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from shard.auth.v1 import api_key_pb2
+from shard.auth.v1.api_key_pb2 import Role
+from shard.model.v1 import model_pb2
 from shard_core.errors import PermissionDeniedError, ShardError, UnauthenticatedError
 from shard_core.grpc.interceptors import handler_kind, with_behaviour
 
@@ -31,31 +46,301 @@ else:
     _StreamStream = grpc.aio.StreamStreamClientInterceptor
 
 AUTHORIZATION = "authorization"
+SECRET_PREFIX = "shard_"
+NODE_PREFIX = "node_"
+KEY_ID_CHARS = 12
 
 
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def check_bearer(metadata: Collection[tuple[str, Any]], expected_hash: str) -> None:
-    """Refuse a call without the admin token: UNAUTHENTICATED without one, PERMISSION_DENIED
-    with a wrong one."""
-    values = [str(value) for key, value in metadata if key == AUTHORIZATION]
-    if not values or not values[0].startswith("Bearer "):
-        raise UnauthenticatedError(
-            "this call needs the admin token as 'authorization: Bearer <token>'",
-            reason="CREDENTIALS_MISSING",
+class Permission(enum.StrEnum):
+    """What an RPC needs; also the names a key's scopes use."""
+
+    NODES_READ = "nodes.read"
+    NODES_WRITE = "nodes.write"
+    NODES_ENROLL = "nodes.enroll"
+    BLOBS_READ = "blobs.read"
+    BLOBS_WRITE = "blobs.write"
+    MODELS_READ = "models.read"
+    MODELS_WRITE = "models.write"
+    DEPLOYMENTS_READ = "deployments.read"
+    DEPLOYMENTS_WRITE = "deployments.write"
+    KEYS_READ = "keys.read"
+    KEYS_WRITE = "keys.write"
+    INFERENCE = "inference"
+
+
+_EVERYONE = {
+    Permission.NODES_READ,
+    Permission.MODELS_READ,
+    Permission.KEYS_READ,
+    Permission.KEYS_WRITE,
+    Permission.INFERENCE,
+}
+ROLE_PERMISSIONS: Mapping[Role.ValueType, frozenset[Permission]] = {
+    api_key_pb2.ROLE_ADMIN: frozenset(Permission),
+    api_key_pb2.ROLE_PROVIDER: frozenset(
+        _EVERYONE | {Permission.NODES_WRITE, Permission.NODES_ENROLL}
+    ),
+    api_key_pb2.ROLE_OWNER: frozenset(
+        _EVERYONE
+        | {
+            Permission.BLOBS_READ,
+            Permission.BLOBS_WRITE,
+            Permission.MODELS_WRITE,
+            Permission.DEPLOYMENTS_READ,
+            Permission.DEPLOYMENTS_WRITE,
+        }
+    ),
+    api_key_pb2.ROLE_DEVELOPER: frozenset(_EVERYONE),
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Principal:
+    """Who a call comes from. The anonymous principal has no id and may only run inference on
+    public models."""
+
+    id: str
+    role: Role.ValueType
+    permissions: frozenset[Permission]
+    key: str = ""  # the key's resource name; empty for the bootstrap admin and anonymous
+
+    @property
+    def anonymous(self) -> bool:
+        return not self.id
+
+    @property
+    def admin(self) -> bool:
+        return self.role == api_key_pb2.ROLE_ADMIN
+
+    def may(self, permission: Permission) -> bool:
+        return permission in self.permissions
+
+    def owns(self, owner: str) -> bool:
+        """Whether the principal may act on a resource owned by `owner`: its own, or any for
+        an admin."""
+        return self.admin or (bool(self.id) and self.id == owner)
+
+
+ANONYMOUS = Principal(id="", role=api_key_pb2.ROLE_UNSPECIFIED, permissions=frozenset())
+BOOTSTRAP_ADMIN = Principal(
+    id="admin", role=api_key_pb2.ROLE_ADMIN, permissions=ROLE_PERMISSIONS[api_key_pb2.ROLE_ADMIN]
+)
+# The principal of the call being served, set by `AuthInterceptor`.
+current_principal: contextvars.ContextVar[Principal] = contextvars.ContextVar(
+    "current_principal", default=ANONYMOUS
+)
+
+
+def new_secret(key_id: str = "") -> tuple[str, str]:
+    """A key id (fresh unless given) and a new secret that carries it."""
+    key_id = key_id or secrets.token_hex(KEY_ID_CHARS // 2)
+    return key_id, f"{SECRET_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
+
+
+def key_id_of(secret: str) -> str:
+    """The key id written in a secret, or an empty string when it is not one of ours."""
+    if not secret.startswith(SECRET_PREFIX):
+        return ""
+    key_id = secret[len(SECRET_PREFIX) : len(SECRET_PREFIX) + KEY_ID_CHARS]
+    if secret[len(SECRET_PREFIX) + KEY_ID_CHARS : len(SECRET_PREFIX) + KEY_ID_CHARS + 1] != "_":
+        return ""
+    return key_id
+
+
+def principal_of(key: api_key_pb2.ApiKey) -> Principal:
+    allowed = ROLE_PERMISSIONS.get(key.role, frozenset())
+    scopes = {Permission(scope) for scope in key.scopes if scope in Permission}
+    return Principal(
+        id=key.principal,
+        role=key.role,
+        permissions=allowed & scopes if key.scopes else allowed,
+        key=key.name,
+    )
+
+
+def bearer(metadata: Collection[tuple[str, Any]] | None) -> str:
+    """The `authorization` value of a call's metadata, or an empty string."""
+    for key, value in metadata or ():
+        if key == AUTHORIZATION:
+            return str(value)
+    return ""
+
+
+class NodeCredentials:
+    """Credentials the registry gives node agents for reading model files: `node_<id>_<mac>`, an
+    HMAC of the node id under a key derived from the admin token, so every registry replica can
+    check one without shared state. `allowed` decides whether the node may still read (enrolled,
+    not quarantined)."""
+
+    def __init__(self, admin_token: str, allowed: Callable[[str], bool]) -> None:
+        self._key = hmac.new(admin_token.encode(), b"shard node credentials", "sha256").digest()
+        self._allowed = allowed
+
+    def _mac(self, node_id: str) -> str:
+        return hmac.new(self._key, node_id.encode(), "sha256").hexdigest()
+
+    def issue(self, node_id: str) -> str:
+        return f"{NODE_PREFIX}{node_id}_{self._mac(node_id)}"
+
+    def principal(self, secret: str) -> Principal:
+        node_id, _, mac = secret.removeprefix(NODE_PREFIX).rpartition("_")
+        if not node_id or not hmac.compare_digest(mac, self._mac(node_id)):
+            raise UnauthenticatedError("the node credential is not valid", reason="BAD_CREDENTIALS")
+        if not self._allowed(node_id):
+            raise PermissionDeniedError(
+                f"node {node_id} may not read model files now", reason="NODE_NOT_ALLOWED"
+            )
+        return Principal(
+            id=f"nodes/{node_id}",
+            role=api_key_pb2.ROLE_UNSPECIFIED,
+            permissions=frozenset({Permission.BLOBS_READ}),
         )
-    if not hmac.compare_digest(token_hash(values[0].removeprefix("Bearer ")), expected_hash):
-        raise PermissionDeniedError("the admin token is not valid", reason="BAD_CREDENTIALS")
 
 
-class AdminOnlyInterceptor(_ServerInterceptor):
-    """Lets the protected methods through only with the admin token."""
+class KeyRing:
+    """Every API key, mirrored from etcd (a `PrefixMirror` listener), and the bootstrap admin
+    token's hash: turns an `authorization` value into a `Principal`. Only the registry, which
+    serves model files, also takes node credentials."""
 
-    def __init__(self, *, token_sha256: str, protected: Collection[str]) -> None:
-        self._hash = token_sha256
-        self._protected = frozenset(protected)
+    def __init__(
+        self,
+        *,
+        admin_token_sha256: str = "",
+        nodes: NodeCredentials | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._admin = admin_token_sha256
+        self._nodes = nodes
+        self._clock = clock
+        self._keys: dict[str, api_key_pb2.StoredApiKey] = {}
+
+    # -- MirrorListener ---------------------------------------------------------------------
+
+    def reset(self, entries: Mapping[str, bytes]) -> None:
+        self._keys.clear()
+        for key, value in entries.items():
+            self.put(key, value)
+
+    def put(self, key: str, value: bytes) -> None:
+        stored = api_key_pb2.StoredApiKey.FromString(value)
+        self._keys[stored.key.name.removeprefix("keys/")] = stored
+
+    def delete(self, key: str) -> None:
+        self._keys.pop(key.rstrip("/").rsplit("/", 1)[-1], None)
+
+    # -- authentication ---------------------------------------------------------------------
+
+    def authenticate(self, authorization: str) -> Principal:
+        """The principal an `authorization` value stands for: anonymous when there is none.
+        A malformed, unknown, revoked or expired credential is UNAUTHENTICATED."""
+        if not authorization:
+            return ANONYMOUS
+        scheme, _, secret = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not secret:
+            raise UnauthenticatedError(
+                "credentials go in 'authorization' as 'Bearer <key secret>'",
+                reason="BAD_CREDENTIALS",
+            )
+        if self._nodes is not None and secret.startswith(NODE_PREFIX):
+            return self._nodes.principal(secret)
+        digest = token_hash(secret)
+        if self._admin and hmac.compare_digest(digest, self._admin):
+            return BOOTSTRAP_ADMIN
+        stored = self._keys.get(key_id_of(secret))
+        if stored is None or not hmac.compare_digest(digest, stored.secret_sha256):
+            raise UnauthenticatedError("the API key is not valid", reason="BAD_CREDENTIALS")
+        key = stored.key
+        if key.HasField("revoke_time"):
+            raise UnauthenticatedError(f"API key {key.name} was revoked", reason="KEY_REVOKED")
+        if key.HasField("expire_time") and key.expire_time.ToSeconds() <= self._clock():
+            raise UnauthenticatedError(f"API key {key.name} has expired", reason="KEY_EXPIRED")
+        return principal_of(key)
+
+
+class ModelAccess:
+    """Who may run inference on which model, mirrored from the model records (`models/`): a
+    public model takes anyone, anonymous callers included; a private one only its owner and
+    admins."""
+
+    def __init__(self) -> None:
+        self._models: dict[str, tuple[bool, str]] = {}  # model id -> (public, owner)
+
+    def reset(self, entries: Mapping[str, bytes]) -> None:
+        self._models.clear()
+        for key, value in entries.items():
+            self.put(key, value)
+
+    def put(self, key: str, value: bytes) -> None:
+        model = model_pb2.Model.FromString(value)
+        public = model.visibility == model_pb2.VISIBILITY_PUBLIC
+        self._models[model.name.removeprefix("models/")] = (public, model.owner)
+
+    def delete(self, key: str) -> None:
+        self._models.pop(key.rstrip("/").rsplit("/", 1)[-1], None)
+
+    def public(self, model_name: str) -> bool:
+        found = self._models.get(model_name)
+        return found is not None and found[0]
+
+    def check(self, principal: Principal, model_name: str) -> None:
+        """Refuse `principal` inference on a model it may not use. A model the registry does not
+        know is left to routing, which answers NOT_FOUND."""
+        public, owner = self._models.get(model_name, (True, ""))
+        if public:
+            return
+        if principal.anonymous:
+            raise UnauthenticatedError(
+                f"model '{model_name}' is private: send an API key "
+                "('authorization: Bearer <key secret>')",
+                reason="CREDENTIALS_MISSING",
+            )
+        if not principal.may(Permission.INFERENCE):
+            raise PermissionDeniedError(
+                "this key does not have the 'inference' permission", reason="PERMISSION_MISSING"
+            )
+        if not principal.owns(owner):
+            raise PermissionDeniedError(
+                f"model '{model_name}' is private to its owner", reason="NOT_YOURS"
+            )
+
+
+class InferenceGuard:
+    """The data plane's check, for the router and the gateway: may this call's credentials run
+    inference on this model? Credentials that are sent must be valid, even for public models."""
+
+    def __init__(self, ring: KeyRing, access: ModelAccess) -> None:
+        self.ring = ring
+        self.access = access
+
+    def check(self, metadata: Collection[tuple[str, Any]] | None, model_name: str) -> Principal:
+        principal = self.ring.authenticate(bearer(metadata))
+        self.access.check(principal, model_name)
+        return principal
+
+
+# A method's rule: the permission it needs, or None for a method open to anonymous callers (health,
+# reflection, the node agents' stream, which authenticates nodes itself).
+MethodRules = Mapping[str, Permission | None]
+# Health checks and reflection are open on every server.
+INFRASTRUCTURE: MethodRules = {
+    "/grpc.health.v1.Health/Check": None,
+    "/grpc.health.v1.Health/Watch": None,
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": None,
+}
+
+
+class AuthInterceptor(_ServerInterceptor):
+    """Authenticates every call, refuses those whose principal lacks the method's permission, and
+    serves the rest with `current_principal` set. A method without a rule is refused: a new RPC
+    is closed until someone decides who may call it."""
+
+    def __init__(self, ring: KeyRing, rules: MethodRules) -> None:
+        self._ring = ring
+        self._rules = rules
 
     async def intercept_service(
         self,
@@ -63,13 +348,56 @@ class AdminOnlyInterceptor(_ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Any:
         handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method not in self._protected:
+        if handler is None:
             return handler
+        method = handler_call_details.method
         try:
-            check_bearer(handler_call_details.invocation_metadata or (), self._hash)
+            principal = self._ring.authenticate(bearer(handler_call_details.invocation_metadata))
+            check(principal, method, self._rules)
         except ShardError as error:
             return _refusing(handler, error)
-        return handler
+        return _as(handler, principal)
+
+
+def check(principal: Principal, method: str, rules: MethodRules) -> None:
+    """Refuse `principal` a call of `method` it may not make."""
+    if method not in rules:
+        raise PermissionDeniedError(f"{method} is not open to callers", reason="NO_RULE")
+    permission = rules[method]
+    if permission is None or principal.may(permission):
+        return
+    if principal.anonymous:
+        raise UnauthenticatedError(
+            f"{method} needs an API key ('authorization: Bearer <key secret>')",
+            reason="CREDENTIALS_MISSING",
+        )
+    raise PermissionDeniedError(
+        f"{method} needs the '{permission}' permission, which this key does not have",
+        reason="PERMISSION_MISSING",
+        metadata={"permission": str(permission)},
+    )
+
+
+def _as(handler: Any, principal: Principal) -> Any:
+    """A handler of the same shape as `handler` that runs it as `principal`."""
+    kind = handler_kind(handler)
+    behaviour = getattr(handler, kind)
+    if kind.endswith("_unary"):
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            current_principal.set(principal)
+            return await behaviour(request, context)
+
+        return with_behaviour(handler, kind, unary)
+
+    async def streaming(
+        request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        current_principal.set(principal)
+        async for response in behaviour(request, context):
+            yield response
+
+    return with_behaviour(handler, kind, streaming)
 
 
 def _refusing(handler: Any, error: ShardError) -> Any:

@@ -36,6 +36,7 @@ def version(model_id: str, version_id: str) -> str:
 
 
 DEPLOYMENTS = "deployments/"
+API_KEYS = "keys/"
 DEPLOYMENT_STATUS = "deployment-status/"
 DEPLOYMENT_OF = "deployment-of/"
 DECISIONS = "decisions/"
@@ -98,3 +99,7 @@ def node_transitions(node_id: str) -> str:
 def deployment_of(model_id: str) -> str:
     """The one deployment of a model: its id, written with the deployment in one transaction."""
     return f"{DEPLOYMENT_OF}{model_id}"
+
+
+def api_key(key_id: str) -> str:
+    return f"{API_KEYS}{key_id}"

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 from aiohttp import web
 
+from shard_core.auth import AUTHORIZATION
 from shard_core.errors import error_info, http_status
 from shard_core.etcd.paging import MAX_PAGE_SIZE
 from shard_gateway.service import Shard
@@ -38,6 +39,13 @@ def _bad_request(field: str, message: str) -> web.Response:
         {"error": f"{field} {message}", "code": "INVALID_ARGUMENT", "reason": "INVALID_ARGUMENT"},
         status=400,
     )
+
+
+def _credentials(request: web.Request) -> list[tuple[str, str]]:
+    """The caller's `Authorization` header, passed on as gRPC metadata: the service that
+    answers decides what the caller may do."""
+    header = request.headers.get("Authorization", "")
+    return [(AUTHORIZATION, header)] if header else []
 
 
 async def live(request: web.Request) -> web.Response:
@@ -69,7 +77,9 @@ async def list_nodes(request: web.Request) -> web.Response:
     if not 0 <= page_size <= MAX_PAGE_SIZE:
         return _bad_request("page_size", f"must be between 0 and {MAX_PAGE_SIZE}")
     body = await request.app[SHARD_KEY].list_nodes(
-        page_size=page_size, page_token=request.query.get("page_token", "")
+        page_size=page_size,
+        page_token=request.query.get("page_token", ""),
+        credentials=_credentials(request),
     )
     return web.json_response(body)
 

@@ -5,6 +5,7 @@ The REST layer (`rest`) only translates HTTP to these calls and their answers to
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -46,9 +47,12 @@ class Shard:
         )
         return bool(reply.ready)
 
-    async def list_nodes(self, *, page_size: int, page_token: str) -> dict[str, Any]:
+    async def list_nodes(
+        self, *, page_size: int, page_token: str, credentials: Sequence[tuple[str, str]]
+    ) -> dict[str, Any]:
         reply = await self._nodes.ListNodes(
             node_service_pb2.ListNodesRequest(page_size=page_size, page_token=page_token),
             timeout=self._timeout_s,
+            metadata=credentials,
         )
         return json_format.MessageToDict(reply)

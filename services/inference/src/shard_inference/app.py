@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 import grpc
 from opentelemetry import metrics
@@ -11,6 +12,7 @@ from opentelemetry import metrics
 from shard.inference.v1 import endpoint_service_pb2_grpc
 from shard_client.routing import EndpointTable, TrafficSplit
 from shard_core import keys
+from shard_core.auth import InferenceGuard, KeyRing, ModelAccess, token_hash
 from shard_core.etcd.mirror import PrefixMirror
 from shard_core.etcd.store import EtcdStore
 from shard_core.grpc.server import GrpcServer
@@ -29,6 +31,7 @@ ENDPOINT_SERVICE = "shard.inference.v1.EndpointService"
 
 async def serve(settings: InferenceSettings) -> None:
     store = EtcdStore(settings)
+    server_stops: list[Callable[[], Awaitable[None]]] = []
     changes = ViewChanges()
     table: EndpointTable[NodeChannel] = EndpointTable(
         backend_factory=NodeChannel.open,
@@ -58,6 +61,16 @@ async def serve(settings: InferenceSettings) -> None:
         description="Requests a node could not be reached for (each retried elsewhere if the "
         "retry budget allowed), by node Triton address.",
     )
+    admin = settings.admin_token
+    ring = KeyRing(admin_token_sha256=token_hash(admin.get_secret_value()) if admin else "")
+    access = ModelAccess()
+    guard_mirrors = [
+        PrefixMirror(EtcdStore(settings), keys.API_KEYS, ring),
+        PrefixMirror(EtcdStore(settings), keys.MODELS, access),
+    ]
+    for guard_mirror in guard_mirrors:
+        guard_mirror.start()
+        server_stops.append(guard_mirror.stop)
     registry = grpc.aio.insecure_channel(settings.registry_address)
     router = InferenceRouter(
         table,
@@ -65,6 +78,7 @@ async def serve(settings: InferenceSettings) -> None:
         max_attempts=settings.max_attempts,
         ready=lambda: mirror.synced and deployments.synced,
         repository=Repository(registry),
+        guard=InferenceGuard(ring, access),
         on_failure=lambda address: failed_attempts.add(1, {"address": address}),
     )
 
@@ -81,6 +95,8 @@ async def serve(settings: InferenceSettings) -> None:
         interceptors=(),
     )
     server.on_shutdown(mirror.stop)
+    for stop in server_stops:
+        server.on_shutdown(stop)
     server.on_shutdown(deployments.stop)
     server.on_shutdown(store.close)
 

@@ -19,6 +19,8 @@ from grpc.aio import ServicerContext
 from tritonclient.grpc import service_pb2
 
 from shard_client.routing import Balancer, EndpointTable, TrafficSplit, unknown_model
+from shard_core.auth import InferenceGuard
+from shard_core.errors import ShardError
 from shard_inference.backends import SERVICE, NodeChannel
 from shard_inference.repository import Repository
 from shard_inference.statistics import summed
@@ -66,8 +68,10 @@ class InferenceRouter:
         max_attempts: int,
         ready: Callable[[], bool],
         repository: Repository,
+        guard: InferenceGuard,
         on_failure: Callable[[str], None] = lambda _: None,
     ) -> None:
+        self._guard = guard
         self._table = table
         self._split = split
         self._balancer = Balancer(table, split, max_attempts=max_attempts, on_failure=on_failure)
@@ -219,6 +223,11 @@ class InferenceRouter:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {error}")
         if not name:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a model name is required")
+        try:
+            self._guard.check(context.invocation_metadata(), name)
+        except ShardError as error:
+            status = error.to_status()
+            await context.abort(status.code, status.details, status.trailing_metadata)
         return name, model_version
 
     def _forwarder(self, method: str) -> Callable[[bytes, _Context], Awaitable[bytes]]:
@@ -270,7 +279,7 @@ class InferenceRouter:
         stream per node, and the answers come back on the client's stream as they arrive.
         Within one client stream, a model's requests stay on one replica (a sequence's on its
         pinned replica), so their answers keep their order."""
-        stream = StreamRouting(self._balancer, context)
+        stream = StreamRouting(self._balancer, context, self._guard)
         try:
             async for response in stream.run(requests):
                 yield response

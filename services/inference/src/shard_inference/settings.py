@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from shard_core.settings import EtcdSettings, ServiceSettings
@@ -17,6 +17,10 @@ class InferenceSettings(ServiceSettings, EtcdSettings):
     registry_address: str = Field(
         default="127.0.0.1:7070",
         description="The registry, for RepositoryModelLoad and Unload (deployments).",
+    )
+    admin_token: SecretStr | None = Field(
+        default=None,
+        description="The registry's bootstrap admin token, so it works here too (kept as a hash).",
     )
     max_attempts: int = Field(
         default=2, ge=1, le=5, description="Replicas tried per request when one is unavailable."

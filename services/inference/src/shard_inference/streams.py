@@ -22,6 +22,8 @@ import grpc
 from tritonclient.grpc import service_pb2
 
 from shard_client.routing import Balancer, Route, unknown_model
+from shard_core.auth import InferenceGuard
+from shard_core.errors import ShardError
 from shard_inference.backends import NodeChannel
 from shard_inference.wire import MalformedRequestError, model_route, sequence_id, with_version
 
@@ -54,9 +56,12 @@ class _Upstream:
 class StreamRouting:
     """The routing of one client stream."""
 
-    def __init__(self, balancer: Balancer[NodeChannel], context: _Context) -> None:
+    def __init__(
+        self, balancer: Balancer[NodeChannel], context: _Context, guard: InferenceGuard
+    ) -> None:
         self._balancer = balancer
         self._context = context
+        self._guard = guard
         self._answers: asyncio.Queue[bytes | _Producer] = asyncio.Queue(MAX_BUFFERED)
         self._upstreams: dict[str, _Upstream] = {}
         self._sticky: dict[tuple[str, str], str] = {}
@@ -104,6 +109,11 @@ class StreamRouting:
             return
         if not name:
             await self._answers.put(error_response("a model name is required"))
+            return
+        try:
+            self._guard.check(self._context.invocation_metadata(), name)
+        except ShardError as error:
+            await self._answers.put(error_response(error.message))
             return
         plan = self._balancer.plan(name, model_version, sequence)
         if not plan.routes:

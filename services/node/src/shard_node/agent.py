@@ -27,6 +27,7 @@ from tritonclient.utils import InferenceServerException
 
 from shard.node.v1 import node_service_pb2, node_service_pb2_grpc
 from shard_core.attestation import signed_bytes
+from shard_core.auth import AUTHORIZATION
 from shard_node.health import HealthCheck
 from shard_node.identity import NodeIdentity
 from shard_node.inventory import read_inventory, read_metrics
@@ -178,6 +179,10 @@ class NodeAgent:
                 raise ConnectionError("the registry closed the stream without an answer")
             interval = reply.registered.heartbeat_interval_ms / 1000
             self._lease_ttl_s = reply.registered.lease_ttl_ms / 1000 or float("inf")
+            credential = reply.registered.blob_credential
+            self._models.credentials = (
+                [(AUTHORIZATION, f"Bearer {credential}")] if credential else []
+            )
             _log.info("registered as %s; heartbeat every %.1fs", reply.registered.name, interval)
             self.registered.set()
             receiving = asyncio.ensure_future(self._receive(call, outbox))

@@ -71,6 +71,8 @@ class ModelManager:
         self._states: dict[str, node_pb2.ModelStatus] = {}
         self._memory: dict[str, int] = {}
         self._changed = asyncio.Event()
+        # Sent with every blob read: the registry's credential for this node, set on registering.
+        self.credentials: list[tuple[str, str]] = []
         repository.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(repository / STAGING, ignore_errors=True)
 
@@ -151,7 +153,9 @@ class ModelManager:
         hasher = hashlib.sha256()
         received = 0
         call = self._artifacts.ReadBlob(
-            artifact_service_pb2.ReadBlobRequest(name=f"blobs/{sha256}"), timeout=600
+            artifact_service_pb2.ReadBlobRequest(name=f"blobs/{sha256}"),
+            timeout=600,
+            metadata=self.credentials,
         )
         try:
             with path.open("wb") as out:

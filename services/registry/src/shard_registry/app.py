@@ -10,17 +10,20 @@ import uuid
 import grpc
 
 from shard.artifact.v1 import artifact_service_pb2, artifact_service_pb2_grpc
+from shard.auth.v1 import key_service_pb2, key_service_pb2_grpc
 from shard.deployment.v1 import deployment_service_pb2, deployment_service_pb2_grpc
 from shard.model.v1 import model_service_pb2, model_service_pb2_grpc
 from shard.node.v1 import node_pb2, node_service_pb2, node_service_pb2_grpc
 from shard_core import keys
-from shard_core.auth import AdminOnlyInterceptor, token_hash
+from shard_core.auth import AuthInterceptor, KeyRing, NodeCredentials, token_hash
 from shard_core.etcd.election import Election
 from shard_core.etcd.lease import LeaseKeeper
 from shard_core.etcd.mirror import PrefixMirror
 from shard_core.etcd.store import EtcdStore
 from shard_core.grpc.interceptors import ErrorInterceptor
 from shard_core.grpc.server import GrpcServer
+from shard_registry.access import RULES
+from shard_registry.apikeys import KeyRegistry
 from shard_registry.artifacts import BlobStore
 from shard_registry.canary import CanaryProber
 from shard_registry.control import ControlLoop
@@ -32,6 +35,7 @@ from shard_registry.nodes import NodeRegistry, NodeTiming
 from shard_registry.servicer import (
     ArtifactServicer,
     DeploymentServicer,
+    KeyServicer,
     ModelServicer,
     NodeServicer,
 )
@@ -46,23 +50,9 @@ SERVICE_NAMES = [
         (artifact_service_pb2, "ArtifactService"),
         (model_service_pb2, "ModelService"),
         (deployment_service_pb2, "DeploymentService"),
+        (key_service_pb2, "KeyService"),
     )
 ]
-
-
-ADMIN_METHODS = [
-    f"/{service}/{method}"
-    for service, methods in (
-        ("shard.node.v1.NodeService", ("CordonNode", "UncordonNode", "DrainNode", "DeleteNode",
-                                       "CreateJoinToken")),
-        ("shard.artifact.v1.ArtifactService", ("UploadBlob",)),
-        ("shard.model.v1.ModelService", ("CreateModel", "UpdateModel", "DeleteModel",
-                                         "CreateModelVersion", "DeleteModelVersion")),
-        ("shard.deployment.v1.DeploymentService", ("CreateDeployment", "UpdateDeployment",
-                                                   "DeleteDeployment")),
-    )
-    for method in methods
-]  # fmt: skip
 
 
 def blob_store(settings: RegistrySettings) -> BlobStore:
@@ -87,7 +77,18 @@ async def serve(settings: RegistrySettings) -> None:
     keeper.start()
     # Each mirror reconnects its own client on failure, so each gets one of its own.
     directory = NodeDirectory()
+    admin_token = settings.admin_token.get_secret_value()
+    credentials = NodeCredentials(
+        admin_token,
+        # A quarantined node reads no more model files.
+        allowed=lambda node_id: (
+            (admin := directory.admin_state(node_id)) is None
+            or admin.state != node_pb2.NODE_STATE_QUARANTINED
+        ),
+    )
+    ring = KeyRing(admin_token_sha256=token_hash(admin_token), nodes=credentials)
     mirrors = [
+        PrefixMirror(EtcdStore(settings), keys.API_KEYS, ring),
         PrefixMirror(EtcdStore(settings), keys.NODES, directory.records),
         PrefixMirror(EtcdStore(settings), keys.NODE_ADMIN, directory.admin),
         PrefixMirror(EtcdStore(settings), keys.ASSIGNMENTS, directory.assignment_records),
@@ -140,7 +141,7 @@ async def serve(settings: RegistrySettings) -> None:
 
     leading = asyncio.ensure_future(election.lead(lead))
 
-    node_servicer = NodeServicer(nodes)
+    node_servicer = NodeServicer(nodes, credentials)
 
     def register(server: grpc.aio.Server) -> None:
         node_service_pb2_grpc.add_NodeServiceServicer_to_server(node_servicer, server)
@@ -151,17 +152,17 @@ async def serve(settings: RegistrySettings) -> None:
             ModelServicer(models, deployments), server
         )
         deployment_service_pb2_grpc.add_DeploymentServiceServicer_to_server(
-            DeploymentServicer(deployments), server
+            DeploymentServicer(deployments, models), server
+        )
+        key_service_pb2_grpc.add_KeyServiceServicer_to_server(
+            KeyServicer(KeyRegistry(store, ring)), server
         )
 
-    admin_only = AdminOnlyInterceptor(
-        token_sha256=token_hash(settings.admin_token.get_secret_value()), protected=ADMIN_METHODS
-    )
     server = GrpcServer(
         address=settings.address,
         services=SERVICE_NAMES,
         register=register,
-        interceptors=(ErrorInterceptor(), admin_only),
+        interceptors=(ErrorInterceptor(), AuthInterceptor(ring, RULES)),
     )
 
     async def stop_leading() -> None:

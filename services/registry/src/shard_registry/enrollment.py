@@ -138,7 +138,10 @@ class Enrollment:
         self._store = store
         self._clock = clock
 
-    async def create_token(self, request: node_service_pb2.JoinToken) -> node_service_pb2.JoinToken:
+    async def create_token(
+        self, request: node_service_pb2.JoinToken, provider: str
+    ) -> node_service_pb2.JoinToken:
+        """A join token whose node will be run by `provider`."""
         ttl = request.ttl_seconds or DEFAULT_TOKEN_TTL_S
         if not 0 < ttl <= MAX_TOKEN_TTL_S:
             raise InvalidArgumentError(
@@ -152,6 +155,7 @@ class Enrollment:
             "expire_time": expires,
             "description": request.description,
             "used_by": "",
+            "provider": provider,
         }
         await self._store.put(keys.join_token(token_id), json.dumps(record).encode())
         return node_service_pb2.JoinToken(
@@ -161,10 +165,12 @@ class Enrollment:
             description=request.description,
         )
 
-    async def is_enrolled(self, node_id: str) -> bool:
-        return await self._store.get(keys.enrolled(node_id)) is not None
+    async def enrolled(self, node_id: str) -> node_pb2.Node | None:
+        """The node's enrollment record (its public key and provider), if it has one."""
+        entry = await self._store.get(keys.enrolled(node_id))
+        return node_pb2.Node.FromString(entry.value) if entry else None
 
-    async def enroll(self, *, node_id: str, public_key: bytes, token: str) -> None:
+    async def enroll(self, *, node_id: str, public_key: bytes, token: str) -> node_pb2.Node:
         """Spend `token` on this node, exactly once, and enroll the node."""
         field = "registration.join_token"
         token_id, _, secret = token.partition(".")
@@ -198,7 +204,9 @@ class Enrollment:
                 metadata={"field": field},
             )
         record["used_by"] = node_id
-        enrolled = node_pb2.Node(name=f"nodes/{node_id}", public_key=public_key)
+        enrolled = node_pb2.Node(
+            name=f"nodes/{node_id}", public_key=public_key, provider=record.get("provider", "")
+        )
         written = await self._store.write(
             puts={
                 keys.join_token(token_id): json.dumps(record).encode(),
@@ -212,8 +220,10 @@ class Enrollment:
                 reason="JOIN_TOKEN_USED",
                 metadata={"field": field},
             )
+        return enrolled
 
-    async def enroll_without_token(self, *, node_id: str, public_key: bytes) -> None:
+    async def enroll_without_token(self, *, node_id: str, public_key: bytes) -> node_pb2.Node:
         """For shards that admit any node (`require_join_token` off)."""
         enrolled = node_pb2.Node(name=f"nodes/{node_id}", public_key=public_key)
         await self._store.put(keys.enrolled(node_id), enrolled.SerializeToString())
+        return enrolled

@@ -367,13 +367,16 @@ class NodeRegistry:
                 reason="POLICY_VIOLATION",
                 metadata={"field": "registration.attestation.inventory"},
             )
-        if not await self.enrollment.is_enrolled(node_id):
+        enrolled = await self.enrollment.enrolled(node_id)
+        if enrolled is None:
             if self.policy.require_join_token:
-                await self.enrollment.enroll(
+                enrolled = await self.enrollment.enroll(
                     node_id=node_id, public_key=public_key, token=registration.join_token
                 )
             else:
-                await self.enrollment.enroll_without_token(node_id=node_id, public_key=public_key)
+                enrolled = await self.enrollment.enroll_without_token(
+                    node_id=node_id, public_key=public_key
+                )
         existing = await self.store.get(keys.node(node_id))
         lease_id = await self._reuse_lease(existing.lease) if existing else None
         reconnected = existing is not None and lease_id is not None
@@ -408,6 +411,7 @@ class NodeRegistry:
             public_key=public_key,
             capacity=capacity(inventory),
             inventory=inventory,
+            provider=enrolled.provider,
         )
         if state == node_pb2.NODE_STATE_PENDING:
             await self.record_transition(
@@ -527,13 +531,24 @@ class NodeRegistry:
             )
         return await self.get_node(name)
 
+    async def provider_of(self, name: str) -> str:
+        """The principal that runs the node, from its record or else its enrollment."""
+        (node_id,) = parse_name(name, "nodes/{}")
+        found = await self.store.get(keys.node(node_id))
+        if found is not None:
+            return node_pb2.Node.FromString(found.value).provider
+        enrolled = await self.enrollment.enrolled(node_id)
+        if enrolled is None:
+            raise NotFoundError(f"node {name!r} not found", metadata={"name": name})
+        return enrolled.provider
+
     async def delete_node(self, name: str) -> None:
         """Remove a node: its lease (and so its records and endpoints), its operator state and
         history, and its enrollment, so it needs a new join token to come back."""
         (node_id,) = parse_name(name, "nodes/{}")
         found = await self.store.get(keys.node(node_id))
-        enrolled = await self.enrollment.is_enrolled(node_id)
-        if found is None and not enrolled:
+        enrolled = await self.enrollment.enrolled(node_id)
+        if found is None and enrolled is None:
             raise NotFoundError(f"node {name!r} not found", metadata={"name": name})
         await self.store.write(
             deletes=[

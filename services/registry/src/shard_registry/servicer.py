@@ -9,18 +9,24 @@ from typing import Any
 import grpc
 
 from shard.artifact.v1 import artifact_service_pb2, artifact_service_pb2_grpc, blob_pb2
+from shard.auth.v1 import key_service_pb2 as key_api
+from shard.auth.v1 import key_service_pb2_grpc
+from shard.deployment.v1 import deployment_pb2, deployment_service_pb2_grpc
 from shard.deployment.v1 import deployment_service_pb2 as deployment_api
-from shard.deployment.v1 import deployment_service_pb2_grpc
+from shard.model.v1 import model_pb2, model_service_pb2_grpc
 from shard.model.v1 import model_service_pb2 as model_api
-from shard.model.v1 import model_service_pb2_grpc
 from shard.node.v1 import node_pb2, node_service_pb2, node_service_pb2_grpc
+from shard_core.auth import NodeCredentials
 from shard_core.errors import (
     InvalidArgumentError,
     NotFoundError,
+    PermissionDeniedError,
     ResourceExhaustedError,
     UnauthenticatedError,
     UnavailableError,
 )
+from shard_registry.access import caller, require_owner, require_visible, visible
+from shard_registry.apikeys import KeyRegistry
 from shard_registry.artifacts import BlobStore, StoredBlob, blob_sha256
 from shard_registry.deployments import DeploymentRegistry
 from shard_registry.enrollment import Challenge
@@ -31,8 +37,9 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
-    def __init__(self, registry: NodeRegistry) -> None:
+    def __init__(self, registry: NodeRegistry, credentials: NodeCredentials) -> None:
         self._registry = registry
+        self._credentials = credentials
         self._stopping = asyncio.Event()
 
     def stop_streams(self) -> None:
@@ -79,6 +86,7 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
                 name=session.node.name,
                 heartbeat_interval_ms=int(timing.heartbeat_interval_s * 1000),
                 lease_ttl_ms=timing.lease_ttl_s * 1000,
+                blob_credential=self._credentials.issue(session.node_id),
             )
         )
         changed = asyncio.Event()
@@ -178,9 +186,22 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
         )
         return node_service_pb2.ListNodesResponse(nodes=nodes, next_page_token=token)
 
+    async def _require_provider(self, name: str, *, lifting: bool = False) -> None:
+        """Only the node's provider (or an admin) acts on it; only an admin lifts a
+        quarantine, which the shard imposed."""
+        require_owner(await self._registry.provider_of(name), name)
+        if lifting and not caller().admin:
+            node = await self._registry.get_node(name)
+            if node.state == node_pb2.NODE_STATE_QUARANTINED:
+                raise PermissionDeniedError(
+                    f"{name} is quarantined ({node.state_reason}); only an admin lifts that",
+                    reason="QUARANTINED",
+                )
+
     async def CordonNode(
         self, request: node_service_pb2.CordonNodeRequest, context: Context
     ) -> node_service_pb2.CordonNodeResponse:
+        await self._require_provider(request.name)
         node = await self._registry.set_admin_state(
             request.name, node_pb2.NODE_STATE_CORDONED, request.reason
         )
@@ -189,6 +210,7 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
     async def UncordonNode(
         self, request: node_service_pb2.UncordonNodeRequest, context: Context
     ) -> node_service_pb2.UncordonNodeResponse:
+        await self._require_provider(request.name, lifting=True)
         node = await self._registry.set_admin_state(request.name, node_pb2.NODE_STATE_ACTIVE, "")
         return node_service_pb2.UncordonNodeResponse(node=node)
 
@@ -210,18 +232,20 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
     async def DeleteNode(
         self, request: node_service_pb2.DeleteNodeRequest, context: Context
     ) -> node_service_pb2.DeleteNodeResponse:
+        await self._require_provider(request.name)
         await self._registry.delete_node(request.name)
         return node_service_pb2.DeleteNodeResponse()
 
     async def CreateJoinToken(
         self, request: node_service_pb2.CreateJoinTokenRequest, context: Context
     ) -> node_service_pb2.CreateJoinTokenResponse:
-        token = await self._registry.enrollment.create_token(request.join_token)
+        token = await self._registry.enrollment.create_token(request.join_token, caller().id)
         return node_service_pb2.CreateJoinTokenResponse(join_token=token)
 
     async def DrainNode(
         self, request: node_service_pb2.DrainNodeRequest, context: Context
     ) -> node_service_pb2.DrainNodeResponse:
+        await self._require_provider(request.name)
         node = await self._registry.set_admin_state(
             request.name, node_pb2.NODE_STATE_DRAINING, request.reason
         )
@@ -303,13 +327,25 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
     async def CreateModel(
         self, request: model_api.CreateModelRequest, context: Context
     ) -> model_api.CreateModelResponse:
-        model = await self._models.create_model(request.model_id, request.model)
+        wanted = model_pb2.Model()
+        wanted.CopyFrom(request.model)
+        who = caller()
+        if not who.admin and wanted.owner not in ("", who.id):
+            raise PermissionDeniedError(
+                "only an admin creates models for another owner",
+                reason="NOT_YOURS",
+                metadata={"field": "model.owner"},
+            )
+        wanted.owner = wanted.owner or who.id
+        model = await self._models.create_model(request.model_id, wanted)
         return model_api.CreateModelResponse(model=model)
 
     async def GetModel(
         self, request: model_api.GetModelRequest, context: Context
     ) -> model_api.GetModelResponse:
-        return model_api.GetModelResponse(model=await self._models.get_model(request.name))
+        model = await self._models.get_model(request.name)
+        require_visible(model)
+        return model_api.GetModelResponse(model=model)
 
     async def ListModels(
         self, request: model_api.ListModelsRequest, context: Context
@@ -317,23 +353,42 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         models, token = await self._models.list_models(
             page_size=request.page_size, page_token=request.page_token
         )
-        return model_api.ListModelsResponse(models=models, next_page_token=token)
+        shown = [model for model in models if visible(model)]
+        return model_api.ListModelsResponse(models=shown, next_page_token=token)
+
+    async def _require_owner_of(self, name: str) -> model_pb2.Model:
+        """The model `name` names (a model, or one of its versions), if the caller owns it."""
+        model = await self._models.get_model("/".join(name.split("/")[:2]))
+        require_owner(model.owner, model.name)
+        return model
+
+    async def _require_visible(self, name: str) -> None:
+        require_visible(await self._models.get_model("/".join(name.split("/")[:2])))
 
     async def UpdateModel(
         self, request: model_api.UpdateModelRequest, context: Context
     ) -> model_api.UpdateModelResponse:
+        await self._require_owner_of(request.model.name)
+        if "owner" in request.update_mask.paths and not caller().admin:
+            raise PermissionDeniedError(
+                "only an admin gives a model to another owner",
+                reason="NOT_YOURS",
+                metadata={"field": "update_mask"},
+            )
         model = await self._models.update_model(request.model, request.update_mask)
         return model_api.UpdateModelResponse(model=model)
 
     async def DeleteModel(
         self, request: model_api.DeleteModelRequest, context: Context
     ) -> model_api.DeleteModelResponse:
+        await self._require_owner_of(request.name)
         await self._models.delete_model(request.name, request.etag)
         return model_api.DeleteModelResponse()
 
     async def CreateModelVersion(
         self, request: model_api.CreateModelVersionRequest, context: Context
     ) -> model_api.CreateModelVersionResponse:
+        await self._require_owner_of(request.parent)
         version = await self._models.create_version(
             request.parent, request.model_version_id, request.model_version
         )
@@ -342,12 +397,14 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
     async def GetModelVersion(
         self, request: model_api.GetModelVersionRequest, context: Context
     ) -> model_api.GetModelVersionResponse:
+        await self._require_visible(request.name)
         version = await self._models.get_version(request.name)
         return model_api.GetModelVersionResponse(model_version=version)
 
     async def ListModelVersions(
         self, request: model_api.ListModelVersionsRequest, context: Context
     ) -> model_api.ListModelVersionsResponse:
+        await self._require_visible(request.parent)
         versions, token = await self._models.list_versions(
             request.parent, page_size=request.page_size, page_token=request.page_token
         )
@@ -356,17 +413,49 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
     async def DeleteModelVersion(
         self, request: model_api.DeleteModelVersionRequest, context: Context
     ) -> model_api.DeleteModelVersionResponse:
+        await self._require_owner_of(request.name)
         await self._models.delete_version(request.name, in_use=self._deployments.uses_version)
         return model_api.DeleteModelVersionResponse()
 
 
 class DeploymentServicer(deployment_service_pb2_grpc.DeploymentServiceServicer):
-    def __init__(self, deployments: DeploymentRegistry) -> None:
+    """Deployments belong to the owner of their model."""
+
+    def __init__(self, deployments: DeploymentRegistry, models: ModelRegistry) -> None:
         self._deployments = deployments
+        self._models = models
+
+    async def _model_owner(self, model_name: str) -> str | None:
+        """The owner of the model, or None when there is no such model."""
+        try:
+            return (await self._models.get_model(model_name)).owner
+        except (NotFoundError, InvalidArgumentError):
+            return None
+
+    async def _owns_model(self, model_name: str) -> bool:
+        owner = await self._model_owner(model_name)
+        return caller().admin if owner is None else caller().owns(owner)
+
+    async def _require_owner(
+        self, deployment: deployment_pb2.Deployment, *, creating: bool = False
+    ) -> None:
+        # Creating one for a model that does not exist is refused by validation, naming the field.
+        if creating and await self._model_owner(deployment.model) is None:
+            return
+        if not await self._owns_model(deployment.model):
+            raise PermissionDeniedError(
+                f"{deployment.model} belongs to another principal",
+                reason="NOT_YOURS",
+                metadata={"name": deployment.name or deployment.model},
+            )
+
+    async def _require_owner_of(self, name: str) -> None:
+        await self._require_owner(await self._deployments.get_deployment(name))
 
     async def CreateDeployment(
         self, request: deployment_api.CreateDeploymentRequest, context: Context
     ) -> deployment_api.CreateDeploymentResponse:
+        await self._require_owner(request.deployment, creating=True)
         deployment = await self._deployments.create(request.deployment_id, request.deployment)
         return deployment_api.CreateDeploymentResponse(deployment=deployment)
 
@@ -374,6 +463,7 @@ class DeploymentServicer(deployment_service_pb2_grpc.DeploymentServiceServicer):
         self, request: deployment_api.GetDeploymentRequest, context: Context
     ) -> deployment_api.GetDeploymentResponse:
         deployment = await self._deployments.get_deployment(request.name)
+        await self._require_owner(deployment)
         return deployment_api.GetDeploymentResponse(deployment=deployment)
 
     async def ListDeployments(
@@ -382,24 +472,61 @@ class DeploymentServicer(deployment_service_pb2_grpc.DeploymentServiceServicer):
         deployments, token = await self._deployments.list_deployments(
             page_size=request.page_size, page_token=request.page_token
         )
-        return deployment_api.ListDeploymentsResponse(
-            deployments=deployments, next_page_token=token
-        )
+        shown = [d for d in deployments if await self._owns_model(d.model)]
+        return deployment_api.ListDeploymentsResponse(deployments=shown, next_page_token=token)
 
     async def UpdateDeployment(
         self, request: deployment_api.UpdateDeploymentRequest, context: Context
     ) -> deployment_api.UpdateDeploymentResponse:
+        await self._require_owner_of(request.deployment.name)
         deployment = await self._deployments.update(request.deployment, request.update_mask)
         return deployment_api.UpdateDeploymentResponse(deployment=deployment)
 
     async def DeleteDeployment(
         self, request: deployment_api.DeleteDeploymentRequest, context: Context
     ) -> deployment_api.DeleteDeploymentResponse:
+        await self._require_owner_of(request.name)
         await self._deployments.delete(request.name, request.etag)
         return deployment_api.DeleteDeploymentResponse()
 
     async def ExplainDeployment(
         self, request: deployment_api.ExplainDeploymentRequest, context: Context
     ) -> deployment_api.ExplainDeploymentResponse:
+        await self._require_owner_of(request.name)
         placements, history = await self._deployments.explain(request.name)
         return deployment_api.ExplainDeploymentResponse(placements=placements, history=history)
+
+
+class KeyServicer(key_service_pb2_grpc.KeyServiceServicer):
+    def __init__(self, keys: KeyRegistry) -> None:
+        self._keys = keys
+
+    async def CreateApiKey(
+        self, request: key_api.CreateApiKeyRequest, context: Context
+    ) -> key_api.CreateApiKeyResponse:
+        key, secret = await self._keys.create(request.api_key, caller())
+        return key_api.CreateApiKeyResponse(api_key=key, secret=secret)
+
+    async def GetApiKey(
+        self, request: key_api.GetApiKeyRequest, context: Context
+    ) -> key_api.GetApiKeyResponse:
+        return key_api.GetApiKeyResponse(api_key=await self._keys.get(request.name, caller()))
+
+    async def ListApiKeys(
+        self, request: key_api.ListApiKeysRequest, context: Context
+    ) -> key_api.ListApiKeysResponse:
+        found, token = await self._keys.list(
+            caller(), page_size=request.page_size, page_token=request.page_token
+        )
+        return key_api.ListApiKeysResponse(api_keys=found, next_page_token=token)
+
+    async def RevokeApiKey(
+        self, request: key_api.RevokeApiKeyRequest, context: Context
+    ) -> key_api.RevokeApiKeyResponse:
+        return key_api.RevokeApiKeyResponse(api_key=await self._keys.revoke(request.name, caller()))
+
+    async def RotateApiKey(
+        self, request: key_api.RotateApiKeyRequest, context: Context
+    ) -> key_api.RotateApiKeyResponse:
+        key, secret = await self._keys.rotate(request.name, caller())
+        return key_api.RotateApiKeyResponse(api_key=key, secret=secret)

@@ -168,6 +168,7 @@ class LocalMesh:
                     "address": self.router_address,
                     "metrics_port": self.ports.router_metrics,
                     "registry_address": self.registry_address,
+                    "admin_token": self.admin_token,
                 },
             ),
         )
@@ -276,7 +277,7 @@ class LocalMesh:
 
     async def find_node(self, name: str) -> node_pb2.Node | None:
         """The registry's record of the node this mesh started as `name`, if it is alive."""
-        async with grpc.aio.insecure_channel(self.registry_address) as channel:
+        async with self.admin_channel() as channel:
             stub = node_service_pb2_grpc.NodeServiceStub(channel)
             reply = await stub.ListNodes(
                 node_service_pb2.ListNodesRequest(page_size=1000), timeout=2

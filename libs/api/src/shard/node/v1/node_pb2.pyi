@@ -140,6 +140,7 @@ class Node(_message.Message):
     METRICS_FIELD_NUMBER: _builtins.int
     ATTEST_TIME_FIELD_NUMBER: _builtins.int
     PROBLEMS_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The resource name of the node, `nodes/{node}`, where `{node}` is the node id derived from the
     node's public identity key.
@@ -156,6 +157,10 @@ class Node(_message.Message):
     """The Ed25519 public identity key of the node, raw 32 bytes."""
     state_reason: _builtins.str
     """Why the node is in its state, when an operator or the shard put it there."""
+    provider: _builtins.str
+    """The principal that runs the node: the one whose join token enrolled it. It may cordon,
+    drain and delete the node.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Labels the provider gave the node, for selection and filtering."""
@@ -216,10 +221,11 @@ class Node(_message.Message):
         metrics: Global___NodeMetrics | None = ...,
         attest_time: _timestamp_pb2.Timestamp | None = ...,
         problems: _abc.Iterable[_builtins.str] | None = ...,
+        provider: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["attest_time", b"attest_time", "capacity", b"capacity", "heartbeat_time", b"heartbeat_time", "inventory", b"inventory", "metrics", b"metrics", "register_time", b"register_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "attest_time", b"attest_time", "capacity", b"capacity", "heartbeat_time", b"heartbeat_time", "inference_address", b"inference_address", "inventory", b"inventory", "labels", b"labels", "metrics", b"metrics", "models", b"models", "name", b"name", "problems", b"problems", "public_key", b"public_key", "register_time", b"register_time", "state", b"state", "state_reason", b"state_reason", "transitions", b"transitions", "triton_version", b"triton_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "attest_time", b"attest_time", "capacity", b"capacity", "heartbeat_time", b"heartbeat_time", "inference_address", b"inference_address", "inventory", b"inventory", "labels", b"labels", "metrics", b"metrics", "models", b"models", "name", b"name", "problems", b"problems", "provider", b"provider", "public_key", b"public_key", "register_time", b"register_time", "state", b"state", "state_reason", b"state_reason", "transitions", b"transitions", "triton_version", b"triton_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -424,22 +424,29 @@ class Registered(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _builtins.int
     LEASE_TTL_MS_FIELD_NUMBER: _builtins.int
+    BLOB_CREDENTIAL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The resource name the node has in the shard, `nodes/{node}`."""
     heartbeat_interval_ms: _builtins.int
     """How often, in milliseconds, the agent must send a heartbeat."""
     lease_ttl_ms: _builtins.int
     """How long, in milliseconds, the node stays in the shard without a heartbeat."""
+    blob_credential: _builtins.str
+    """The node's credential for reading model files (`ArtifactService.ReadBlob`), sent as
+    `authorization: Bearer <credential>`. It names the node and works while the node is enrolled
+    and not quarantined.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         heartbeat_interval_ms: _builtins.int = ...,
         lease_ttl_ms: _builtins.int = ...,
+        blob_credential: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_ms", b"heartbeat_interval_ms", "lease_ttl_ms", b"lease_ttl_ms", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob_credential", b"blob_credential", "heartbeat_interval_ms", b"heartbeat_interval_ms", "lease_ttl_ms", b"lease_ttl_ms", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
