@@ -295,7 +295,9 @@ async def test_a_node_refuses_files_that_do_not_verify(
     await _until(failed)
     deployment = await _deployment(publisher, "deployments/tampered")
     assert deployment.status.targets[0].ready_replicas == 0
-    assert not triton.InferenceServerClient(mesh.router_address).is_model_ready("tampered")
+    admin = {"authorization": f"Bearer {mesh.admin_token}"}  # the model is private
+    router = triton.InferenceServerClient(mesh.router_address)
+    assert not router.is_model_ready("tampered", headers=admin)
     await publisher.deployments.DeleteDeployment(
         api.DeleteDeploymentRequest(name="deployments/tampered")
     )

@@ -98,7 +98,7 @@ async def test_model_lifecycle_with_etags(publisher: Publisher, model_id: str) -
 
 @pytest.mark.parametrize(
     ("mask", "field"),
-    [(["owner"], "update_mask"), (["no_such_field"], "update_mask")],
+    [(["create_time"], "update_mask"), (["no_such_field"], "update_mask")],
 )
 async def test_update_mask_names_only_mutable_fields(
     publisher: Publisher, model_id: str, mask: list[str], field: str

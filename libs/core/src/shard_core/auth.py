@@ -72,6 +72,7 @@ class Permission(enum.StrEnum):
     INFERENCE = "inference"
 
 
+PERMISSION_NAMES = frozenset(permission.value for permission in Permission)
 _EVERYONE = {
     Permission.NODES_READ,
     Permission.MODELS_READ,
@@ -153,7 +154,7 @@ def key_id_of(secret: str) -> str:
 
 def principal_of(key: api_key_pb2.ApiKey) -> Principal:
     allowed = ROLE_PERMISSIONS.get(key.role, frozenset())
-    scopes = {Permission(scope) for scope in key.scopes if scope in Permission}
+    scopes = {Permission(scope) for scope in key.scopes if scope in PERMISSION_NAMES}
     return Principal(
         id=key.principal,
         role=key.role,
@@ -378,14 +379,17 @@ def check(principal: Principal, method: str, rules: MethodRules) -> None:
     )
 
 
-def _as(handler: Any, principal: Principal) -> Any:
-    """A handler of the same shape as `handler` that runs it as `principal`."""
+_Prelude = Callable[[grpc.aio.ServicerContext[Any, Any]], Awaitable[None]]
+
+
+def _around(handler: Any, prelude: _Prelude) -> Any:
+    """A handler of the same shape as `handler` that runs `prelude` before it."""
     kind = handler_kind(handler)
     behaviour = getattr(handler, kind)
     if kind.endswith("_unary"):
 
         async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            current_principal.set(principal)
+            await prelude(context)
             return await behaviour(request, context)
 
         return with_behaviour(handler, kind, unary)
@@ -393,21 +397,30 @@ def _as(handler: Any, principal: Principal) -> Any:
     async def streaming(
         request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
-        current_principal.set(principal)
+        await prelude(context)
         async for response in behaviour(request, context):
             yield response
 
     return with_behaviour(handler, kind, streaming)
 
 
+def _as(handler: Any, principal: Principal) -> Any:
+    """`handler`, run as `principal`."""
+
+    async def become(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        current_principal.set(principal)
+
+    return _around(handler, become)
+
+
 def _refusing(handler: Any, error: ShardError) -> Any:
     """A handler of the same shape as `handler` that refuses the call with `error`."""
     status = error.to_status()
 
-    async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    async def refuse(context: grpc.aio.ServicerContext[Any, Any]) -> None:
         await context.abort(status.code, status.details, status.trailing_metadata)
 
-    return with_behaviour(handler, handler_kind(handler), refuse)
+    return _around(handler, refuse)
 
 
 class _Bearer:

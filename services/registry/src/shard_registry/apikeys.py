@@ -13,8 +13,8 @@ from collections.abc import Callable
 from shard.auth.v1 import api_key_pb2
 from shard_core import keys
 from shard_core.auth import (
+    PERMISSION_NAMES,
     KeyRing,
-    Permission,
     Principal,
     new_secret,
     principal_of,
@@ -55,10 +55,10 @@ class KeyRegistry:
                 metadata={"field": "api_key.role"},
             )
         for index, scope in enumerate(key.scopes):
-            if scope not in Permission:
+            if scope not in PERMISSION_NAMES:
                 raise InvalidArgumentError(
                     f"api_key.scopes[{index}] {scope!r} is not a permission; known: "
-                    + ", ".join(sorted(Permission)),
+                    + ", ".join(sorted(PERMISSION_NAMES)),
                     metadata={"field": f"api_key.scopes[{index}]"},
                 )
         if key.HasField("expire_time") and key.expire_time.ToSeconds() <= self._clock():

@@ -37,7 +37,9 @@ from shard_registry.resources import (
     timestamp,
 )
 
-MODEL_MUTABLE_FIELDS = ("description", "visibility", "labels")
+# What an update with no mask changes; the owner changes only when named (by an admin).
+MODEL_UPDATED_BY_DEFAULT = ("description", "visibility", "labels")
+MODEL_MUTABLE_FIELDS = (*MODEL_UPDATED_BY_DEFAULT, "owner")
 
 
 def _tensor_specs(tensors: Sequence[object]) -> list[model_pb2.TensorSpec]:

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from google.protobuf import field_mask_pb2
 
 from shard.artifact.v1 import artifact_service_pb2, artifact_service_pb2_grpc, blob_pb2
 from shard.auth.v1 import key_service_pb2 as key_api
@@ -30,7 +31,7 @@ from shard_registry.apikeys import KeyRegistry
 from shard_registry.artifacts import BlobStore, StoredBlob, blob_sha256
 from shard_registry.deployments import DeploymentRegistry
 from shard_registry.enrollment import Challenge
-from shard_registry.models import ModelRegistry
+from shard_registry.models import MODEL_UPDATED_BY_DEFAULT, ModelRegistry
 from shard_registry.nodes import NodeRegistry, NodeSession, peer_host, validate_hello
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -369,13 +370,16 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         self, request: model_api.UpdateModelRequest, context: Context
     ) -> model_api.UpdateModelResponse:
         await self._require_owner_of(request.model.name)
-        if "owner" in request.update_mask.paths and not caller().admin:
+        mask = field_mask_pb2.FieldMask(
+            paths=list(request.update_mask.paths) or list(MODEL_UPDATED_BY_DEFAULT)
+        )
+        if "owner" in mask.paths and not caller().admin:
             raise PermissionDeniedError(
                 "only an admin gives a model to another owner",
                 reason="NOT_YOURS",
                 metadata={"field": "update_mask"},
             )
-        model = await self._models.update_model(request.model, request.update_mask)
+        model = await self._models.update_model(request.model, mask)
         return model_api.UpdateModelResponse(model=model)
 
     async def DeleteModel(
