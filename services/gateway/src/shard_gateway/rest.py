@@ -14,6 +14,7 @@ from aiohttp import web
 from shard_core.auth import AUTHORIZATION
 from shard_core.errors import error_info, http_status
 from shard_core.etcd.paging import MAX_PAGE_SIZE
+from shard_gateway import management
 from shard_gateway.service import Shard
 
 SHARD_KEY = web.AppKey("shard", Shard)
@@ -93,4 +94,5 @@ def make_app(shard: Shard) -> web.Application:
     app.router.add_get("/v2/models/{model}/ready", model_ready)
     app.router.add_get("/v2/models/{model}/versions/{version}/ready", model_ready)
     app.router.add_get("/v1/nodes", list_nodes)
+    management.add_routes(app, shard.registry_channel)
     return app

@@ -25,6 +25,10 @@ class Shard:
         self._nodes = node_service_pb2_grpc.NodeServiceStub(self._registry_channel)
         self._timeout_s = timeout_s
 
+    @property
+    def registry_channel(self) -> grpc.aio.Channel:
+        return self._registry_channel
+
     async def close(self) -> None:
         await self._router_channel.close(None)
         await self._registry_channel.close(None)
