@@ -13,7 +13,6 @@ from aiohttp import web
 
 from shard_core.auth import AUTHORIZATION
 from shard_core.errors import error_info, http_status
-from shard_core.etcd.paging import MAX_PAGE_SIZE
 from shard_gateway import management
 from shard_gateway.service import Shard
 
@@ -33,13 +32,6 @@ async def grpc_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         if info is not None:
             body["reason"] = info.reason
         return web.json_response(body, status=http_status(error.code()))
-
-
-def _bad_request(field: str, message: str) -> web.Response:
-    return web.json_response(
-        {"error": f"{field} {message}", "code": "INVALID_ARGUMENT", "reason": "INVALID_ARGUMENT"},
-        status=400,
-    )
 
 
 def _credentials(request: web.Request) -> list[tuple[str, str]]:
@@ -70,21 +62,6 @@ async def model_ready(request: web.Request) -> web.Response:
     )
 
 
-async def list_nodes(request: web.Request) -> web.Response:
-    try:
-        page_size = int(request.query.get("page_size", "0"))
-    except ValueError:
-        return _bad_request("page_size", "must be an integer")
-    if not 0 <= page_size <= MAX_PAGE_SIZE:
-        return _bad_request("page_size", f"must be between 0 and {MAX_PAGE_SIZE}")
-    body = await request.app[SHARD_KEY].list_nodes(
-        page_size=page_size,
-        page_token=request.query.get("page_token", ""),
-        credentials=_credentials(request),
-    )
-    return web.json_response(body)
-
-
 def make_app(shard: Shard) -> web.Application:
     app = web.Application(middlewares=[grpc_errors])
     app[SHARD_KEY] = shard
@@ -93,6 +70,5 @@ def make_app(shard: Shard) -> web.Application:
     app.router.add_get("/v2", server_metadata)
     app.router.add_get("/v2/models/{model}/ready", model_ready)
     app.router.add_get("/v2/models/{model}/versions/{version}/ready", model_ready)
-    app.router.add_get("/v1/nodes", list_nodes)
     management.add_routes(app, shard.registry_channel)
     return app

@@ -5,14 +5,12 @@ The REST layer (`rest`) only translates HTTP to these calls and their answers to
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from shard.node.v1 import node_service_pb2, node_service_pb2_grpc
+from shard.node.v1 import node_service_pb2_grpc
 
 
 class Shard:
@@ -50,13 +48,3 @@ class Shard:
             service_pb2.ModelReadyRequest(name=name, version=version), timeout=self._timeout_s
         )
         return bool(reply.ready)
-
-    async def list_nodes(
-        self, *, page_size: int, page_token: str, credentials: Sequence[tuple[str, str]]
-    ) -> dict[str, Any]:
-        reply = await self._nodes.ListNodes(
-            node_service_pb2.ListNodesRequest(page_size=page_size, page_token=page_token),
-            timeout=self._timeout_s,
-            metadata=credentials,
-        )
-        return json_format.MessageToDict(reply)
