@@ -1,7 +1,8 @@
-"""The gateway's HTTP routes: KServe v2 health and metadata, and the node list.
+"""The gateway's HTTP routes: KServe v2 (health, metadata, config, inference) and, from
+`management`, the REST face of every management API.
 
-This is the first slice of ModelRPC; KServe v2 inference over REST, the management API derived
-from the protos' HTTP annotations, and authentication come next (see docs/architecture.md).
+Errors take KServe's JSON form, `{"error": ...}`, with `code` and `reason` beside it and the HTTP
+status of the gRPC code.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import grpc
 from aiohttp import web
 
 from shard_core.auth import AUTHORIZATION
-from shard_core.errors import error_info, http_status
+from shard_core.errors import ShardError, error_info, http_status
 from shard_gateway import management
+from shard_gateway.kserve import HEADER_LENGTH, parse_infer_request, render_infer_response
 from shard_gateway.service import Shard
 
 SHARD_KEY = web.AppKey("shard", Shard)
@@ -23,7 +25,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @web.middleware
 async def grpc_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Upstream gRPC failures become KServe's JSON error form with the matching HTTP status."""
+    """Upstream gRPC failures, and our own refusals, become KServe's JSON error form with the
+    matching HTTP status."""
     try:
         return await handler(request)
     except grpc.aio.AioRpcError as error:
@@ -32,6 +35,9 @@ async def grpc_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         if info is not None:
             body["reason"] = info.reason
         return web.json_response(body, status=http_status(error.code()))
+    except ShardError as error:
+        body = {"error": error.message, "code": error.code.name, "reason": error.reason}
+        return web.json_response(body, status=http_status(error.code))
 
 
 def _credentials(request: web.Request) -> list[tuple[str, str]]:
@@ -54,21 +60,54 @@ async def server_metadata(request: web.Request) -> web.Response:
     return web.json_response(await request.app[SHARD_KEY].server_metadata())
 
 
+def _model(request: web.Request) -> tuple[str, str]:
+    return request.match_info["model"], request.match_info.get("version", "")
+
+
 async def model_ready(request: web.Request) -> web.Response:
-    name, version = request.match_info["model"], request.match_info.get("version", "")
-    is_ready = await request.app[SHARD_KEY].model_ready(name, version)
+    name, version = _model(request)
+    is_ready = await request.app[SHARD_KEY].model_ready(name, version, _credentials(request))
     return web.json_response(
         {"name": name, "version": version, "ready": is_ready}, status=200 if is_ready else 400
     )
 
 
-def make_app(shard: Shard) -> web.Application:
-    app = web.Application(middlewares=[grpc_errors])
+async def model_metadata(request: web.Request) -> web.Response:
+    name, version = _model(request)
+    metadata = await request.app[SHARD_KEY].model_metadata(name, version, _credentials(request))
+    return web.json_response(metadata)
+
+
+async def model_config(request: web.Request) -> web.Response:
+    name, version = _model(request)
+    config = await request.app[SHARD_KEY].model_config(name, version, _credentials(request))
+    return web.json_response(config)
+
+
+async def infer(request: web.Request) -> web.Response:
+    """KServe v2 inference, JSON or with Triton's binary tensor data extension."""
+    name, version = _model(request)
+    parsed = parse_infer_request(
+        await request.read(), request.headers.get(HEADER_LENGTH), name, version
+    )
+    answer = await request.app[SHARD_KEY].infer(parsed.request, _credentials(request))
+    body, header_length = render_infer_response(answer, parsed)
+    headers = {} if header_length is None else {HEADER_LENGTH: str(header_length)}
+    content_type = "application/json" if header_length is None else "application/octet-stream"
+    return web.Response(body=body, headers=headers, content_type=content_type)
+
+
+def make_app(shard: Shard, *, max_body_bytes: int = 64 << 20) -> web.Application:
+    app = web.Application(middlewares=[grpc_errors], client_max_size=max_body_bytes)
     app[SHARD_KEY] = shard
     app.router.add_get("/v2/health/live", live)
     app.router.add_get("/v2/health/ready", ready)
     app.router.add_get("/v2", server_metadata)
     app.router.add_get("/v2/models/{model}/ready", model_ready)
     app.router.add_get("/v2/models/{model}/versions/{version}/ready", model_ready)
+    for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+        app.router.add_get(prefix, model_metadata)
+        app.router.add_get(f"{prefix}/config", model_config)
+        app.router.add_post(f"{prefix}/infer", infer)
     management.add_routes(app, shard.registry_channel)
     return app

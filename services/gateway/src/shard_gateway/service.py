@@ -1,26 +1,29 @@
 """What the gateway asks of the shard, transport-free: the router and the registry over gRPC.
 
-The REST layer (`rest`) only translates HTTP to these calls and their answers to JSON.
+The REST layer (`rest`) only translates HTTP to these calls and their answers to JSON. Every
+call carries the caller's credentials: the service that answers decides what the caller may do.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from shard.node.v1 import node_service_pb2_grpc
+Credentials = Sequence[tuple[str, str]]
 
 
 class Shard:
     """The gateway's clients of the router and the registry: one channel to each."""
 
     def __init__(self, *, router_address: str, registry_address: str, timeout_s: float) -> None:
-        self._router_channel = grpc.aio.insecure_channel(router_address)
+        options = [("grpc.max_receive_message_length", 64 << 20)]
+        self._router_channel = grpc.aio.insecure_channel(router_address, options)
         self._registry_channel = grpc.aio.insecure_channel(registry_address)
         self._router = service_pb2_grpc.GRPCInferenceServiceStub(self._router_channel)
-        self._nodes = node_service_pb2_grpc.NodeServiceStub(self._registry_channel)
         self._timeout_s = timeout_s
 
     @property
@@ -43,8 +46,49 @@ class Shard:
         )
         return {"name": reply.name, "version": reply.version, "extensions": list(reply.extensions)}
 
-    async def model_ready(self, name: str, version: str) -> bool:
+    async def model_ready(self, name: str, version: str, credentials: Credentials) -> bool:
         reply = await self._router.ModelReady(
-            service_pb2.ModelReadyRequest(name=name, version=version), timeout=self._timeout_s
+            service_pb2.ModelReadyRequest(name=name, version=version),
+            timeout=self._timeout_s,
+            metadata=credentials,
         )
         return bool(reply.ready)
+
+    async def model_metadata(
+        self, name: str, version: str, credentials: Credentials
+    ) -> dict[str, Any]:
+        """Triton's HTTP form of the metadata (shapes as numbers)."""
+        reply = await self._router.ModelMetadata(
+            service_pb2.ModelMetadataRequest(name=name, version=version),
+            timeout=self._timeout_s,
+            metadata=credentials,
+        )
+
+        def tensors(found: Any) -> list[dict[str, Any]]:
+            return [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in found]
+
+        return {
+            "name": reply.name,
+            "versions": list(reply.versions),
+            "platform": reply.platform,
+            "inputs": tensors(reply.inputs),
+            "outputs": tensors(reply.outputs),
+        }
+
+    async def model_config(
+        self, name: str, version: str, credentials: Credentials
+    ) -> dict[str, Any]:
+        reply = await self._router.ModelConfig(
+            service_pb2.ModelConfigRequest(name=name, version=version),
+            timeout=self._timeout_s,
+            metadata=credentials,
+        )
+        return json_format.MessageToDict(reply.config, preserving_proto_field_name=True)
+
+    async def infer(
+        self, request: service_pb2.ModelInferRequest, credentials: Credentials
+    ) -> service_pb2.ModelInferResponse:
+        reply: service_pb2.ModelInferResponse = await self._router.ModelInfer(
+            request, timeout=self._timeout_s, metadata=credentials
+        )
+        return reply

@@ -19,4 +19,9 @@ class GatewaySettings(ServiceSettings):
     registry_address: str = Field(
         default="127.0.0.1:7070", description="gRPC address of the registry."
     )
-    upstream_timeout_s: float = Field(default=10.0, gt=0)
+    upstream_timeout_s: float = Field(
+        default=10.0, gt=0, description="Deadline of every call the gateway makes upstream."
+    )
+    max_body_bytes: int = Field(
+        default=64 << 20, gt=0, description="Largest request body accepted (413 beyond)."
+    )
