@@ -31,6 +31,7 @@ from shard.auth.v1.api_key_pb2 import Role
 from shard.model.v1 import model_pb2
 from shard_core.errors import PermissionDeniedError, ShardError, UnauthenticatedError
 from shard_core.grpc.interceptors import handler_kind, with_behaviour
+from shard_core.limits import RateLimits
 
 if TYPE_CHECKING:
     _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
@@ -46,6 +47,8 @@ else:
     _StreamStream = grpc.aio.StreamStreamClientInterceptor
 
 AUTHORIZATION = "authorization"
+# The client address a trusted proxy (the gateway) calls on behalf of.
+FORWARDED_FOR = "x-forwarded-for"
 SECRET_PREFIX = "shard_"
 NODE_PREFIX = "node_"
 KEY_ID_CHARS = 12
@@ -108,6 +111,7 @@ class Principal:
     role: Role.ValueType
     permissions: frozenset[Permission]
     key: str = ""  # the key's resource name; empty for the bootstrap admin and anonymous
+    rate_limit_rps: float = 0.0  # the key's own inference rate; 0: the service's default
 
     @property
     def anonymous(self) -> bool:
@@ -160,6 +164,7 @@ def principal_of(key: api_key_pb2.ApiKey) -> Principal:
         role=key.role,
         permissions=allowed & scopes if key.scopes else allowed,
         key=key.name,
+        rate_limit_rps=key.rate_limit_rps,
     )
 
 
@@ -269,6 +274,7 @@ class ModelAccess:
 
     def __init__(self) -> None:
         self._models: dict[str, tuple[bool, str]] = {}  # model id -> (public, owner)
+        self._rates: dict[str, float] = {}  # model id -> its rate limit, where it has one
 
     def reset(self, entries: Mapping[str, bytes]) -> None:
         self._models.clear()
@@ -278,10 +284,20 @@ class ModelAccess:
     def put(self, key: str, value: bytes) -> None:
         model = model_pb2.Model.FromString(value)
         public = model.visibility == model_pb2.VISIBILITY_PUBLIC
-        self._models[model.name.removeprefix("models/")] = (public, model.owner)
+        model_id = model.name.removeprefix("models/")
+        self._models[model_id] = (public, model.owner)
+        self._rates.pop(model_id, None)
+        if model.rate_limit_rps > 0:
+            self._rates[model_id] = model.rate_limit_rps
 
     def delete(self, key: str) -> None:
-        self._models.pop(key.rstrip("/").rsplit("/", 1)[-1], None)
+        model_id = key.rstrip("/").rsplit("/", 1)[-1]
+        self._models.pop(model_id, None)
+        self._rates.pop(model_id, None)
+
+    def rate_limit(self, model_name: str) -> float:
+        """The model's requests a second for everyone together; 0: no limit."""
+        return self._rates.get(model_name, 0.0)
 
     def public(self, model_name: str) -> bool:
         found = self._models.get(model_name)
@@ -311,15 +327,28 @@ class ModelAccess:
 
 class InferenceGuard:
     """The data plane's check, for the router and the gateway: may this call's credentials run
-    inference on this model? Credentials that are sent must be valid, even for public models."""
+    inference on this model, and is there room in their rate limits and the model's?
+    Credentials that are sent must be valid, even for public models."""
 
-    def __init__(self, ring: KeyRing, access: ModelAccess) -> None:
+    def __init__(self, ring: KeyRing, access: ModelAccess, limits: RateLimits) -> None:
         self.ring = ring
         self.access = access
+        self.limits = limits
 
-    def check(self, metadata: Collection[tuple[str, Any]] | None, model_name: str) -> Principal:
-        principal = self.ring.authenticate(bearer(metadata))
+    def check(
+        self, authorization: str, model_name: str, *, client: str = "", limited: bool = False
+    ) -> Principal:
+        """Admit a call from `client` (its address) or refuse it with the right status; only
+        `limited` calls (inference itself, not metadata) take from the rate limits."""
+        principal = self.ring.authenticate(authorization)
         self.access.check(principal, model_name)
+        if limited:
+            self.limits.admit(
+                caller=principal.key or principal.id or f"anonymous/{client}",
+                caller_rps=principal.rate_limit_rps,
+                model=model_name,
+                model_rps=self.access.rate_limit(model_name),
+            )
         return principal
 
 

@@ -34,3 +34,10 @@ def free_port() -> int:
                 continue
             return port
     raise OSError("no free TCP port found")
+
+
+def peer_host(peer: str) -> str:
+    """The host of a gRPC peer string: `ipv4:1.2.3.4:5678` or `ipv6:[::1]:5678`."""
+    address = peer.split(":", 1)[1] if ":" in peer else peer
+    host = address.rsplit(":", 1)[0]
+    return host.strip("[]")

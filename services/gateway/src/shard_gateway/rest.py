@@ -12,8 +12,9 @@ from collections.abc import Awaitable, Callable
 import grpc
 from aiohttp import web
 
-from shard_core.auth import AUTHORIZATION
+from shard_core.auth import AUTHORIZATION, FORWARDED_FOR
 from shard_core.errors import ShardError, error_info, http_status
+from shard_core.limits import retry_after_header
 from shard_gateway import management
 from shard_gateway.kserve import HEADER_LENGTH, parse_infer_request, render_infer_response
 from shard_gateway.service import Shard
@@ -32,19 +33,26 @@ async def grpc_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     except grpc.aio.AioRpcError as error:
         info = error_info(error)
         body = {"error": error.details() or error.code().name, "code": error.code().name}
+        headers = {}
         if info is not None:
             body["reason"] = info.reason
-        return web.json_response(body, status=http_status(error.code()))
+            if "retry_after_s" in info.metadata:
+                headers["Retry-After"] = retry_after_header(float(info.metadata["retry_after_s"]))
+        return web.json_response(body, status=http_status(error.code()), headers=headers)
     except ShardError as error:
         body = {"error": error.message, "code": error.code.name, "reason": error.reason}
         return web.json_response(body, status=http_status(error.code))
 
 
 def _credentials(request: web.Request) -> list[tuple[str, str]]:
-    """The caller's `Authorization` header, passed on as gRPC metadata: the service that
-    answers decides what the caller may do."""
+    """The caller's `Authorization` header and address, passed on as gRPC metadata: the
+    service that answers decides what the caller may do, and the router limits anonymous
+    callers per address (it trusts the gateway to name it)."""
     header = request.headers.get("Authorization", "")
-    return [(AUTHORIZATION, header)] if header else []
+    credentials = [(AUTHORIZATION, header)] if header else []
+    if request.remote:
+        credentials.append((FORWARDED_FOR, request.remote))
+    return credentials
 
 
 async def live(request: web.Request) -> web.Response:

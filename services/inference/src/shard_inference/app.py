@@ -16,6 +16,7 @@ from shard_core.auth import InferenceGuard, KeyRing, ModelAccess, token_hash
 from shard_core.etcd.mirror import PrefixMirror
 from shard_core.etcd.store import EtcdStore
 from shard_core.grpc.server import GrpcServer
+from shard_core.limits import RateLimits
 from shard_inference.backends import SERVICE, NodeChannel
 from shard_inference.endpoints import EndpointWatch, ViewChanges
 from shard_inference.repository import Repository
@@ -78,7 +79,15 @@ async def serve(settings: InferenceSettings) -> None:
         max_attempts=settings.max_attempts,
         ready=lambda: mirror.synced and deployments.synced,
         repository=Repository(registry),
-        guard=InferenceGuard(ring, access),
+        guard=InferenceGuard(
+            ring,
+            access,
+            RateLimits(
+                key_rps=settings.key_rate_limit_rps,
+                anonymous_rps=settings.anonymous_rate_limit_rps,
+            ),
+        ),
+        trusted_proxies=settings.trusted_proxies,
         on_failure=lambda address: failed_attempts.add(1, {"address": address}),
     )
 

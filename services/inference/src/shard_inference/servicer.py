@@ -22,6 +22,7 @@ from shard_client.routing import Balancer, EndpointTable, TrafficSplit, unknown_
 from shard_core.auth import InferenceGuard
 from shard_core.errors import ShardError
 from shard_inference.backends import SERVICE, NodeChannel
+from shard_inference.callers import admit
 from shard_inference.repository import Repository
 from shard_inference.statistics import summed
 from shard_inference.streams import StreamRouting
@@ -69,9 +70,11 @@ class InferenceRouter:
         ready: Callable[[], bool],
         repository: Repository,
         guard: InferenceGuard,
+        trusted_proxies: frozenset[str] = frozenset(),
         on_failure: Callable[[str], None] = lambda _: None,
     ) -> None:
         self._guard = guard
+        self._trusted_proxies = trusted_proxies
         self._table = table
         self._split = split
         self._balancer = Balancer(table, split, max_attempts=max_attempts, on_failure=on_failure)
@@ -216,7 +219,11 @@ class InferenceRouter:
     async def _shared_memory_unregister(self, request: bytes, context: _Context) -> bytes:
         return b""  # nothing is ever registered, so unregistering anything succeeds
 
-    async def _route_fields(self, request: bytes, context: _Context) -> tuple[str, str]:
+    async def _route_fields(
+        self, request: bytes, context: _Context, *, limited: bool = False
+    ) -> tuple[str, str]:
+        """The model a request names, once the caller may use it (and, for `limited` calls,
+        once its rate limits and the model's have room)."""
         try:
             name, model_version = model_route(request)
         except MalformedRequestError as error:
@@ -224,15 +231,17 @@ class InferenceRouter:
         if not name:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a model name is required")
         try:
-            self._guard.check(context.invocation_metadata(), name)
+            admit(self._guard, self._trusted_proxies, context, name, limited=limited)
         except ShardError as error:
             status = error.to_status()
             await context.abort(status.code, status.details, status.trailing_metadata)
         return name, model_version
 
     def _forwarder(self, method: str) -> Callable[[bytes, _Context], Awaitable[bytes]]:
+        limited = method == "ModelInfer"
+
         async def forward(request: bytes, context: _Context) -> bytes:  # noqa: RET503
-            name, model_version = await self._route_fields(request, context)
+            name, model_version = await self._route_fields(request, context, limited=limited)
             sequence = ""
             if method == "ModelInfer" and SEQUENCE_ID in request:
                 try:
@@ -279,7 +288,11 @@ class InferenceRouter:
         stream per node, and the answers come back on the client's stream as they arrive.
         Within one client stream, a model's requests stay on one replica (a sequence's on its
         pinned replica), so their answers keep their order."""
-        stream = StreamRouting(self._balancer, context, self._guard)
+        stream = StreamRouting(
+            self._balancer,
+            context,
+            lambda name: admit(self._guard, self._trusted_proxies, context, name, limited=True),
+        )
         try:
             async for response in stream.run(requests):
                 yield response

@@ -22,6 +22,18 @@ class InferenceSettings(ServiceSettings, EtcdSettings):
         default=None,
         description="The registry's bootstrap admin token, so it works here too (kept as a hash).",
     )
+    key_rate_limit_rps: float = Field(
+        default=1000.0, ge=0, description="Inference requests a second per API key (0: none)."
+    )
+    anonymous_rate_limit_rps: float = Field(
+        default=100.0,
+        ge=0,
+        description="Inference requests a second per anonymous client address (0: none).",
+    )
+    trusted_proxies: frozenset[str] = Field(
+        default=frozenset(),
+        description="Addresses (the gateways) whose x-forwarded-for names the real client.",
+    )
     max_attempts: int = Field(
         default=2, ge=1, le=5, description="Replicas tried per request when one is unavailable."
     )

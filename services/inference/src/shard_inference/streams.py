@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import enum
 import logging
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +22,6 @@ import grpc
 from tritonclient.grpc import service_pb2
 
 from shard_client.routing import Balancer, Route, unknown_model
-from shard_core.auth import InferenceGuard
 from shard_core.errors import ShardError
 from shard_inference.backends import NodeChannel
 from shard_inference.wire import MalformedRequestError, model_route, sequence_id, with_version
@@ -57,11 +56,14 @@ class StreamRouting:
     """The routing of one client stream."""
 
     def __init__(
-        self, balancer: Balancer[NodeChannel], context: _Context, guard: InferenceGuard
+        self,
+        balancer: Balancer[NodeChannel],
+        context: _Context,
+        admit: Callable[[str], object],
     ) -> None:
         self._balancer = balancer
         self._context = context
-        self._guard = guard
+        self._admit = admit  # raises a ShardError for a request of a model it refuses
         self._answers: asyncio.Queue[bytes | _Producer] = asyncio.Queue(MAX_BUFFERED)
         self._upstreams: dict[str, _Upstream] = {}
         self._sticky: dict[tuple[str, str], str] = {}
@@ -111,7 +113,7 @@ class StreamRouting:
             await self._answers.put(error_response("a model name is required"))
             return
         try:
-            self._guard.check(self._context.invocation_metadata(), name)
+            self._admit(name)
         except ShardError as error:
             await self._answers.put(error_response(error.message))
             return

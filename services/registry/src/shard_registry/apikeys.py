@@ -29,6 +29,7 @@ from shard_core.errors import (
 )
 from shard_core.etcd import paging
 from shard_core.etcd.store import EtcdStore
+from shard_core.limits import check_rate
 from shard_registry.resources import check_id, parse_name, timestamp
 
 
@@ -61,6 +62,7 @@ class KeyRegistry:
                     + ", ".join(sorted(PERMISSION_NAMES)),
                     metadata={"field": f"api_key.scopes[{index}]"},
                 )
+        check_rate(key.rate_limit_rps, "api_key.rate_limit_rps")
         if key.HasField("expire_time") and key.expire_time.ToSeconds() <= self._clock():
             raise InvalidArgumentError(
                 "api_key.expire_time must be in the future",

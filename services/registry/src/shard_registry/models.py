@@ -27,6 +27,7 @@ from shard_core.errors import (
 )
 from shard_core.etcd import paging
 from shard_core.etcd.store import EtcdStore
+from shard_core.limits import check_rate
 from shard_registry.artifacts import SHA256, BlobStore
 from shard_registry.resources import (
     VERSION_ID,
@@ -38,7 +39,7 @@ from shard_registry.resources import (
 )
 
 # What an update with no mask changes; the owner changes only when named (by an admin).
-MODEL_UPDATED_BY_DEFAULT = ("description", "visibility", "labels")
+MODEL_UPDATED_BY_DEFAULT = ("description", "visibility", "labels", "rate_limit_rps")
 MODEL_MUTABLE_FIELDS = (*MODEL_UPDATED_BY_DEFAULT, "owner")
 
 
@@ -171,6 +172,7 @@ class ModelRegistry:
 
     async def create_model(self, model_id: str, model: model_pb2.Model) -> model_pb2.Model:
         check_id(model_id, "model_id")
+        check_rate(model.rate_limit_rps, "model.rate_limit_rps")
         now = timestamp(self._clock())
         record = model_pb2.Model()
         record.CopyFrom(model)
@@ -226,6 +228,7 @@ class ModelRegistry:
         current, revision = await self._read_model(model_id)
         check_etag(model.etag, revision, model.name)
         apply_mask(current, model, mask, MODEL_MUTABLE_FIELDS)
+        check_rate(current.rate_limit_rps, "model.rate_limit_rps")
         current.etag = ""
         current.update_time.CopyFrom(timestamp(self._clock()))
         written = await self._store.write(

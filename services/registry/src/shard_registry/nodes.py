@@ -74,13 +74,6 @@ def capacity(inventory: node_pb2.Inventory) -> node_pb2.NodeResources:
     )
 
 
-def peer_host(peer: str) -> str:
-    """The host of a gRPC peer string: `ipv4:1.2.3.4:5678` or `ipv6:[::1]:5678`."""
-    address = peer.split(":", 1)[1] if ":" in peer else peer
-    host = address.rsplit(":", 1)[0]
-    return host.strip("[]")
-
-
 async def _check_address(address: str, peer: str) -> None:
     """A node may only send traffic to itself: the host it names for its Triton must be the
     address its stream comes from (directly, or by name)."""

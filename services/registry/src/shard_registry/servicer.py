@@ -26,13 +26,14 @@ from shard_core.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
+from shard_core.net import peer_host
 from shard_registry.access import caller, require_owner, require_visible, visible
 from shard_registry.apikeys import KeyRegistry
 from shard_registry.artifacts import BlobStore, StoredBlob, blob_sha256
 from shard_registry.deployments import DeploymentRegistry
 from shard_registry.enrollment import Challenge
 from shard_registry.models import MODEL_UPDATED_BY_DEFAULT, ModelRegistry
-from shard_registry.nodes import NodeRegistry, NodeSession, peer_host, validate_hello
+from shard_registry.nodes import NodeRegistry, NodeSession, validate_hello
 
 Context = grpc.aio.ServicerContext[Any, Any]
 

@@ -169,6 +169,9 @@ class LocalMesh:
                     "metrics_port": self.ports.router_metrics,
                     "registry_address": self.registry_address,
                     "admin_token": self.admin_token,
+                    "trusted_proxies": ["127.0.0.1"],  # the gateway
+                    # Local benchmarks and demos send anonymous traffic at full speed.
+                    "anonymous_rate_limit_rps": 0,
                 },
             ),
         )

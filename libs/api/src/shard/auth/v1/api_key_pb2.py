@@ -27,7 +27,7 @@ from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bshard/auth/v1/api_key.proto\x12\rshard.auth.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x93\x03\n\x06\x41piKey\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x17\n\tprincipal\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\'\n\x04role\x18\x04 \x01(\x0e\x32\x13.shard.auth.v1.RoleB\x04\xe2\x41\x01\x02\x12\x0e\n\x06scopes\x18\x05 \x03(\t\x12\x35\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x65xpire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01\x12\x35\n\x0brevoke_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0brotate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03:1\xea\x41.\n\x0fshard.ai/ApiKey\x12\nkeys/{key}*\x07\x61piKeys2\x06\x61piKey\"I\n\x0cStoredApiKey\x12\"\n\x03key\x18\x01 \x01(\x0b\x32\x15.shard.auth.v1.ApiKey\x12\x15\n\rsecret_sha256\x18\x02 \x01(\t*c\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0e\n\nROLE_ADMIN\x10\x01\x12\x11\n\rROLE_PROVIDER\x10\x02\x12\x0e\n\nROLE_OWNER\x10\x03\x12\x12\n\x0eROLE_DEVELOPER\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bshard/auth/v1/api_key.proto\x12\rshard.auth.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb1\x03\n\x06\x41piKey\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x17\n\tprincipal\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\'\n\x04role\x18\x04 \x01(\x0e\x32\x13.shard.auth.v1.RoleB\x04\xe2\x41\x01\x02\x12\x0e\n\x06scopes\x18\x05 \x03(\t\x12\x35\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x65xpire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01\x12\x35\n\x0brevoke_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0brotate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x1c\n\x0erate_limit_rps\x18\n \x01(\x01\x42\x04\xe2\x41\x01\x01:1\xea\x41.\n\x0fshard.ai/ApiKey\x12\nkeys/{key}*\x07\x61piKeys2\x06\x61piKey\"I\n\x0cStoredApiKey\x12\"\n\x03key\x18\x01 \x01(\x0b\x32\x15.shard.auth.v1.ApiKey\x12\x15\n\rsecret_sha256\x18\x02 \x01(\t*c\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0e\n\nROLE_ADMIN\x10\x01\x12\x11\n\rROLE_PROVIDER\x10\x02\x12\x0e\n\nROLE_OWNER\x10\x03\x12\x12\n\x0eROLE_DEVELOPER\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,12 +48,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_APIKEY'].fields_by_name['revoke_time']._serialized_options = b'\342A\001\003'
   _globals['_APIKEY'].fields_by_name['rotate_time']._loaded_options = None
   _globals['_APIKEY'].fields_by_name['rotate_time']._serialized_options = b'\342A\001\003'
+  _globals['_APIKEY'].fields_by_name['rate_limit_rps']._loaded_options = None
+  _globals['_APIKEY'].fields_by_name['rate_limit_rps']._serialized_options = b'\342A\001\001'
   _globals['_APIKEY']._loaded_options = None
   _globals['_APIKEY']._serialized_options = b'\352A.\n\017shard.ai/ApiKey\022\nkeys/{key}*\007apiKeys2\006apiKey'
-  _globals['_ROLE']._serialized_start=620
-  _globals['_ROLE']._serialized_end=719
+  _globals['_ROLE']._serialized_start=650
+  _globals['_ROLE']._serialized_end=749
   _globals['_APIKEY']._serialized_start=140
-  _globals['_APIKEY']._serialized_end=543
-  _globals['_STOREDAPIKEY']._serialized_start=545
-  _globals['_STOREDAPIKEY']._serialized_end=618
+  _globals['_APIKEY']._serialized_end=573
+  _globals['_STOREDAPIKEY']._serialized_start=575
+  _globals['_STOREDAPIKEY']._serialized_end=648
 # @@protoc_insertion_point(module_scope)

@@ -70,6 +70,7 @@ class ApiKey(_message.Message):
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     REVOKE_TIME_FIELD_NUMBER: _builtins.int
     ROTATE_TIME_FIELD_NUMBER: _builtins.int
+    RATE_LIMIT_RPS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The resource name, `keys/{key}`; `{key}` is also written in the secret, so a key is found
     without scanning.
@@ -82,6 +83,10 @@ class ApiKey(_message.Message):
     """
     role: Global___Role.ValueType
     """What the principal may do."""
+    rate_limit_rps: _builtins.float
+    """Inference requests a second the key may make (a token bucket with a burst of twice that);
+    0: the service's default for keys.
+    """
     @_builtins.property
     def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Permissions the key is limited to, from its role's (for example `inference`,
@@ -116,10 +121,11 @@ class ApiKey(_message.Message):
         expire_time: _timestamp_pb2.Timestamp | None = ...,
         revoke_time: _timestamp_pb2.Timestamp | None = ...,
         rotate_time: _timestamp_pb2.Timestamp | None = ...,
+        rate_limit_rps: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "revoke_time", b"revoke_time", "rotate_time", b"rotate_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "display_name", b"display_name", "expire_time", b"expire_time", "name", b"name", "principal", b"principal", "revoke_time", b"revoke_time", "role", b"role", "rotate_time", b"rotate_time", "scopes", b"scopes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "display_name", b"display_name", "expire_time", b"expire_time", "name", b"name", "principal", b"principal", "rate_limit_rps", b"rate_limit_rps", "revoke_time", b"revoke_time", "role", b"role", "rotate_time", b"rotate_time", "scopes", b"scopes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

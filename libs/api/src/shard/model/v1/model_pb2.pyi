@@ -78,6 +78,7 @@ class Model(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
+    RATE_LIMIT_RPS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The resource name, `models/{model}`. `{model}` is also the Triton model name clients use."""
     owner: _builtins.str
@@ -89,6 +90,10 @@ class Model(_message.Message):
     etag: _builtins.str
     """The version of this record; an update or delete that names an older etag is refused with
     ABORTED.
+    """
+    rate_limit_rps: _builtins.float
+    """Inference requests a second the whole shard takes for this model, from everyone together
+    (a token bucket with a burst of twice that); 0: no limit.
     """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -113,10 +118,11 @@ class Model(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         etag: _builtins.str = ...,
+        rate_limit_rps: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "etag", b"etag", "labels", b"labels", "name", b"name", "owner", b"owner", "update_time", b"update_time", "visibility", b"visibility"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "etag", b"etag", "labels", b"labels", "name", b"name", "owner", b"owner", "rate_limit_rps", b"rate_limit_rps", "update_time", b"update_time", "visibility", b"visibility"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

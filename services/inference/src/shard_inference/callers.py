@@ -1,0 +1,32 @@
+"""Who a call to the router comes from: its credentials and its client's address."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from shard_core.auth import AUTHORIZATION, FORWARDED_FOR, InferenceGuard, Principal
+from shard_core.net import peer_host
+
+
+def admit(
+    guard: InferenceGuard,
+    trusted_proxies: frozenset[str],
+    context: grpc.aio.ServicerContext[Any, Any],
+    model_name: str,
+    *,
+    limited: bool,
+) -> Principal:
+    """Check the call with the guard. Anonymous callers are limited per address; a trusted
+    proxy (the gateway) names the address it serves in `x-forwarded-for`."""
+    authorization = forwarded = ""
+    for key, value in context.invocation_metadata() or ():
+        if key == AUTHORIZATION:
+            authorization = str(value)
+        elif key == FORWARDED_FOR:
+            forwarded = str(value)
+    client = peer_host(context.peer())
+    if forwarded and client in trusted_proxies:
+        client = forwarded.split(",")[0].strip()
+    return guard.check(authorization, model_name, client=client, limited=limited)
