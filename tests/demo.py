@@ -42,8 +42,11 @@ async def push_copy(
     *,
     source: str = "simple",
     versions: tuple[str, ...] = ("1",),
+    response_cache_ttl_seconds: int = 0,
+    canaries: bool = True,
 ) -> None:
-    """Publish the demo model `source` again as `model_id`, with the given version numbers."""
+    """Publish the demo model `source` again as `model_id`, with the given version numbers
+    (and, unless `canaries` is off, its canaries: the shard then runs them now and then)."""
     source_dir = MODEL_REPOSITORY / source
     config = re.sub(r'^name: ".*"$', "", (source_dir / "config.pbtxt").read_text(), flags=re.M)
     await publisher.ensure_model(model_id, model_pb2.Model(visibility=model_pb2.VISIBILITY_PUBLIC))
@@ -51,7 +54,13 @@ async def push_copy(
         with tempfile.TemporaryDirectory() as tmp:
             version_dir = Path(tmp) / version
             shutil.copytree(source_dir / "1", version_dir)
-            await publisher.push_version(model_id, version_dir, config, read_canaries(source_dir))
+            await publisher.push_version(
+                model_id,
+                version_dir,
+                config,
+                read_canaries(source_dir) if canaries else (),
+                response_cache_ttl_seconds=response_cache_ttl_seconds,
+            )
 
 
 def target(version: str, replicas: int, weight: int = 1) -> deployment_pb2.DeploymentTarget:

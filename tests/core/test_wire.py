@@ -7,7 +7,13 @@ from typing import Any
 import pytest
 from tritonclient.grpc import service_pb2
 
-from shard_inference.wire import MalformedRequestError, model_route, sequence_id
+from shard_inference.wire import (
+    MalformedRequestError,
+    model_route,
+    sequence_id,
+    with_id,
+    without_id,
+)
 
 
 def _infer_request() -> service_pb2.ModelInferRequest:
@@ -73,3 +79,26 @@ def test_sequence_ids_are_read_from_the_parameters() -> None:
     assert sequence_id(_infer_request().SerializeToString()) == ""
     with pytest.raises(MalformedRequestError):
         sequence_id(b"\x22\x03\x0a\x05x")  # a parameters entry whose key overruns it
+
+
+def test_the_id_comes_off_and_goes_back_on_without_touching_the_tensors() -> None:
+    request = service_pb2.ModelInferRequest(model_name="m", model_version="1", id="req-7")
+    request.inputs.add(name="INPUT0", datatype="INT32", shape=[1, 4])
+    request.raw_input_contents.append(bytes(range(16)))
+    request.parameters["sequence_id"].int64_param = 9
+    data = request.SerializeToString()
+
+    shared, request_id = without_id(data)
+    assert request_id == "req-7"
+    stripped = service_pb2.ModelInferRequest.FromString(shared)
+    assert stripped.id == ""
+    request.ClearField("id")
+    assert stripped == request
+    other = service_pb2.ModelInferRequest()
+    other.CopyFrom(request)
+    other.id = "req-8"
+    assert without_id(other.SerializeToString())[0] == shared  # identical but for the id
+
+    answer = service_pb2.ModelInferResponse(model_name="m", id="req-7").SerializeToString()
+    assert service_pb2.ModelInferResponse.FromString(with_id(answer, "req-9")).id == "req-9"
+    assert service_pb2.ModelInferResponse.FromString(with_id(answer, "")).id == ""

@@ -52,6 +52,8 @@ def _credentials(request: web.Request) -> list[tuple[str, str]]:
     credentials = [(AUTHORIZATION, header)] if header else []
     if request.remote:
         credentials.append((FORWARDED_FOR, request.remote))
+    if cache_control := request.headers.get("Cache-Control"):
+        credentials.append(("cache-control", cache_control))  # the router's response cache
     return credentials
 
 

@@ -18,6 +18,7 @@ from shard_core.etcd.store import EtcdStore
 from shard_core.grpc.server import GrpcServer
 from shard_core.limits import RateLimits
 from shard_inference.backends import SERVICE, NodeChannel
+from shard_inference.cache import CacheableVersions, MemoryCache
 from shard_inference.endpoints import EndpointWatch, ViewChanges
 from shard_inference.repository import Repository
 from shard_inference.servicer import InferenceRouter
@@ -65,13 +66,25 @@ async def serve(settings: InferenceSettings) -> None:
     admin = settings.admin_token
     ring = KeyRing(admin_token_sha256=token_hash(admin.get_secret_value()) if admin else "")
     access = ModelAccess()
+    cacheable = CacheableVersions()
     guard_mirrors = [
         PrefixMirror(EtcdStore(settings), keys.API_KEYS, ring),
         PrefixMirror(EtcdStore(settings), keys.MODELS, access),
+        PrefixMirror(EtcdStore(settings), keys.VERSIONS, cacheable),
     ]
     for guard_mirror in guard_mirrors:
         guard_mirror.start()
         server_stops.append(guard_mirror.stop)
+    responses = MemoryCache(settings.response_cache_bytes)
+    lookups = meter.create_counter(
+        "shard_router_cache_lookups",
+        description="Response cache lookups of cacheable model versions, by result (hit, miss).",
+    )
+    meter.create_observable_gauge(
+        "shard_router_cache_bytes",
+        callbacks=[lambda _: [metrics.Observation(responses.bytes)]],
+        description="Bytes of answers the response cache holds.",
+    )
     registry = grpc.aio.insecure_channel(settings.registry_address)
     router = InferenceRouter(
         table,
@@ -87,6 +100,9 @@ async def serve(settings: InferenceSettings) -> None:
                 anonymous_rps=settings.anonymous_rate_limit_rps,
             ),
         ),
+        cacheable=cacheable,
+        responses=responses,
+        on_cache=lambda hit: lookups.add(1, {"result": "hit" if hit else "miss"}),
         trusted_proxies=settings.trusted_proxies,
         on_failure=lambda address: failed_attempts.add(1, {"address": address}),
     )

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from shard_core.auth import AUTHORIZATION, FORWARDED_FOR, InferenceGuard, Principal
 from shard_core.net import peer_host
+
+CACHE_CONTROL = "cache-control"
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    principal: Principal
+    fresh: bool  # `cache-control: no-cache`: the caller wants a fresh answer
 
 
 def admit(
@@ -17,16 +26,19 @@ def admit(
     model_name: str,
     *,
     limited: bool,
-) -> Principal:
+) -> Caller:
     """Check the call with the guard. Anonymous callers are limited per address; a trusted
     proxy (the gateway) names the address it serves in `x-forwarded-for`."""
-    authorization = forwarded = ""
+    authorization = forwarded = cache_control = ""
     for key, value in context.invocation_metadata() or ():
         if key == AUTHORIZATION:
             authorization = str(value)
         elif key == FORWARDED_FOR:
             forwarded = str(value)
+        elif key == CACHE_CONTROL:
+            cache_control = str(value)
     client = peer_host(context.peer())
     if forwarded and client in trusted_proxies:
         client = forwarded.split(",")[0].strip()
-    return guard.check(authorization, model_name, client=client, limited=limited)
+    principal = guard.check(authorization, model_name, client=client, limited=limited)
+    return Caller(principal=principal, fresh="no-cache" in cache_control.lower())

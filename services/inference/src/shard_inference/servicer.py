@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Any
 
@@ -22,11 +23,19 @@ from shard_client.routing import Balancer, EndpointTable, TrafficSplit, unknown_
 from shard_core.auth import InferenceGuard
 from shard_core.errors import ShardError
 from shard_inference.backends import SERVICE, NodeChannel
-from shard_inference.callers import admit
+from shard_inference.cache import CacheableVersions, ResponseCache, cache_key
+from shard_inference.callers import Caller, admit
 from shard_inference.repository import Repository
 from shard_inference.statistics import summed
 from shard_inference.streams import StreamRouting
-from shard_inference.wire import MalformedRequestError, model_route, sequence_id, with_version
+from shard_inference.wire import (
+    MalformedRequestError,
+    model_route,
+    sequence_id,
+    with_id,
+    with_version,
+    without_id,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -53,6 +62,13 @@ FORWARDED = ("ModelInfer", "ModelMetadata", "ModelConfig")
 _Context = ServicerContext[bytes, bytes]
 
 
+@dataclass(frozen=True, slots=True)
+class CacheLookup:
+    key: bytes
+    ttl_s: float
+    answer: bytes | None  # the cached answer, when there was one to serve
+
+
 def _serialized(message: Any) -> bytes:
     data: bytes = message.SerializeToString()
     return data
@@ -70,10 +86,16 @@ class InferenceRouter:
         ready: Callable[[], bool],
         repository: Repository,
         guard: InferenceGuard,
+        cacheable: CacheableVersions,
+        responses: ResponseCache,
+        on_cache: Callable[[bool], None] = lambda _: None,
         trusted_proxies: frozenset[str] = frozenset(),
         on_failure: Callable[[str], None] = lambda _: None,
     ) -> None:
         self._guard = guard
+        self._cacheable = cacheable
+        self._responses = responses
+        self._on_cache = on_cache  # called with True on a hit, False on a miss
         self._trusted_proxies = trusted_proxies
         self._table = table
         self._split = split
@@ -125,7 +147,7 @@ class InferenceRouter:
         )
 
     async def _model_ready(self, request: bytes, context: _Context) -> bytes:
-        name, model_version = await self._route_fields(request, context)
+        name, model_version, _ = await self._route_fields(request, context)
         ready = bool(self._table.candidates(name, model_version))
         return _serialized(service_pb2.ModelReadyResponse(ready=ready))
 
@@ -221,7 +243,7 @@ class InferenceRouter:
 
     async def _route_fields(
         self, request: bytes, context: _Context, *, limited: bool = False
-    ) -> tuple[str, str]:
+    ) -> tuple[str, str, Caller]:
         """The model a request names, once the caller may use it (and, for `limited` calls,
         once its rate limits and the model's have room)."""
         try:
@@ -231,17 +253,19 @@ class InferenceRouter:
         if not name:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a model name is required")
         try:
-            admit(self._guard, self._trusted_proxies, context, name, limited=limited)
+            caller = admit(self._guard, self._trusted_proxies, context, name, limited=limited)
         except ShardError as error:
             status = error.to_status()
             await context.abort(status.code, status.details, status.trailing_metadata)
-        return name, model_version
+        return name, model_version, caller
 
     def _forwarder(self, method: str) -> Callable[[bytes, _Context], Awaitable[bytes]]:
         limited = method == "ModelInfer"
 
         async def forward(request: bytes, context: _Context) -> bytes:  # noqa: RET503
-            name, model_version = await self._route_fields(request, context, limited=limited)
+            name, model_version, caller = await self._route_fields(
+                request, context, limited=limited
+            )
             sequence = ""
             if method == "ModelInfer" and SEQUENCE_ID in request:
                 try:
@@ -255,6 +279,11 @@ class InferenceRouter:
                 await context.abort(grpc.StatusCode.NOT_FOUND, unknown_model(name, model_version))
             if plan.chosen:
                 request = with_version(request, plan.version)  # tell the node which version won
+            cached = None
+            if limited and not sequence:
+                cached = await self._cached(name, plan.version, request, caller)
+                if cached is not None and cached.answer is not None:
+                    return cached.answer
             last_error: grpc.aio.AioRpcError | None = None
             for route in self._balancer.attempts(plan):
                 backend = route.backend
@@ -264,6 +293,8 @@ class InferenceRouter:
                         request, timeout=context.time_remaining()
                     )
                     self._balancer.ejection.succeeded(backend)
+                    if cached is not None:
+                        await self._responses.put(cached.key, response, cached.ttl_s)
                     return response
                 except grpc.aio.AioRpcError as error:
                     if error.code() != grpc.StatusCode.UNAVAILABLE:
@@ -280,6 +311,25 @@ class InferenceRouter:
             )
 
         return forward
+
+    async def _cached(
+        self, name: str, version: str, request: bytes, caller: Caller
+    ) -> CacheLookup | None:
+        """For a cacheable version: the cache key and, unless the caller wants a fresh answer,
+        a cached answer (with this request's id)."""
+        ttl_s = self._cacheable.ttl(name, version)
+        if not ttl_s:
+            return None
+        shared, request_id = without_id(request)
+        private = (
+            "" if self._guard.access.public(name) else caller.principal.key or caller.principal.id
+        )
+        key = cache_key(name, version, shared, private)
+        answer = None if caller.fresh else await self._responses.get(key)
+        self._on_cache(answer is not None)
+        return CacheLookup(
+            key=key, ttl_s=ttl_s, answer=None if answer is None else with_id(answer, request_id)
+        )
 
     async def _stream_infer(
         self, requests: AsyncIterator[bytes], context: _Context

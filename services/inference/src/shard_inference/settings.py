@@ -34,6 +34,9 @@ class InferenceSettings(ServiceSettings, EtcdSettings):
         default=frozenset(),
         description="Addresses (the gateways) whose x-forwarded-for names the real client.",
     )
+    response_cache_bytes: int = Field(
+        default=256 << 20, ge=0, description="Memory for cached answers of cacheable versions."
+    )
     max_attempts: int = Field(
         default=2, ge=1, le=5, description="Replicas tried per request when one is unavailable."
     )

@@ -8,7 +8,7 @@ the bytes untouched: tensors are skipped over, never parsed or copied.
 from __future__ import annotations
 
 _VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
-_NAME_FIELD, _VERSION_FIELD, _PARAMETERS_FIELD = 1, 2, 4
+_NAME_FIELD, _VERSION_FIELD, _ID_FIELD, _PARAMETERS_FIELD = 1, 2, 3, 4
 _SEQUENCE_ID = b"sequence_id"
 # InferParameter: int64_param = 2, string_param = 3, uint64_param = 5.
 _INT64_PARAM, _STRING_PARAM, _UINT64_PARAM = 2, 3, 5
@@ -127,13 +127,31 @@ def _encode_varint(value: int) -> bytes:
             return bytes(out)
 
 
-def with_version(data: bytes, version: str) -> bytes:
-    """The request with its version set to `version`. Protobuf keeps the last occurrence of a
+def _with_string(data: bytes, field: int, value: str) -> bytes:
+    """`data` with the string `field` set to `value`. Protobuf keeps the last occurrence of a
     singular field, so appending the field overrides any earlier one without parsing the rest."""
-    encoded = version.encode()
-    return (
-        data
-        + bytes([_VERSION_FIELD << 3 | _LENGTH_DELIMITED])
-        + _encode_varint(len(encoded))
-        + encoded
-    )
+    encoded = value.encode()
+    return data + bytes([field << 3 | _LENGTH_DELIMITED]) + _encode_varint(len(encoded)) + encoded
+
+
+def with_version(data: bytes, version: str) -> bytes:
+    """The request with its version set to `version`."""
+    return _with_string(data, _VERSION_FIELD, version)
+
+
+def with_id(data: bytes, request_id: str) -> bytes:
+    """A ModelInferRequest or ModelInferResponse with its `id` (field 3 of both) set."""
+    return _with_string(data, _ID_FIELD, request_id)
+
+
+def without_id(data: bytes) -> tuple[bytes, str]:
+    """A ModelInferRequest without its `id` (what identical requests share), and the id.
+    Fields lie back to back, so each one runs from where the previous one ended."""
+    parts, request_id, pos = [], "", 0
+    for field, wire_type, start, end in _fields(data):
+        if field == _ID_FIELD and wire_type == _LENGTH_DELIMITED:
+            request_id = data[start:end].decode(errors="replace")
+        else:
+            parts.append(data[pos:end])
+        pos = end
+    return b"".join(parts), request_id

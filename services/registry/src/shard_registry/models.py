@@ -41,6 +41,7 @@ from shard_registry.resources import (
 # What an update with no mask changes; the owner changes only when named (by an admin).
 MODEL_UPDATED_BY_DEFAULT = ("description", "visibility", "labels", "rate_limit_rps")
 MODEL_MUTABLE_FIELDS = (*MODEL_UPDATED_BY_DEFAULT, "owner")
+MAX_CACHE_TTL_S = 7 * 24 * 3600
 
 
 def _tensor_specs(tensors: Sequence[object]) -> list[model_pb2.TensorSpec]:
@@ -276,6 +277,11 @@ class ModelRegistry:
         config = parse_config(version.config, model_id)
         await self._check_files(version.files, config)
         check_canaries(version.canaries, {tensor.name for tensor in config.input})
+        if not 0 <= version.response_cache_ttl_seconds <= MAX_CACHE_TTL_S:
+            raise InvalidArgumentError(
+                f"model_version.response_cache_ttl_seconds must be between 0 and {MAX_CACHE_TTL_S}",
+                metadata={"field": "model_version.response_cache_ttl_seconds"},
+            )
         record = model_pb2.ModelVersion(
             name=f"{parent}/versions/{version_id}",
             config=version.config,
@@ -287,6 +293,7 @@ class ModelRegistry:
             size_bytes=sum(file.size_bytes for file in version.files),
             canaries=version.canaries,
             create_time=timestamp(self._clock()),
+            response_cache_ttl_seconds=version.response_cache_ttl_seconds,
         )
         key = keys.version(model_id, version_id)
         if await self._store.write(puts={key: record.SerializeToString()}, expect={key: 0}) is None:

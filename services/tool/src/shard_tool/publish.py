@@ -147,6 +147,8 @@ class Publisher:
         version_dir: Path,
         config: str,
         canaries: Sequence[model_pb2.Canary] = (),
+        *,
+        response_cache_ttl_seconds: int = 0,
     ) -> model_pb2.ModelVersion:
         """Upload a version directory's files and create the version (kept if it exists)."""
         files = []
@@ -157,7 +159,12 @@ class Publisher:
         request = model_api.CreateModelVersionRequest(
             parent=f"models/{model_id}",
             model_version_id=version_dir.name,
-            model_version=model_pb2.ModelVersion(config=config, files=files, canaries=canaries),
+            model_version=model_pb2.ModelVersion(
+                config=config,
+                files=files,
+                canaries=canaries,
+                response_cache_ttl_seconds=response_cache_ttl_seconds,
+            ),
         )
         try:
             reply = await self.models.CreateModelVersion(request, timeout=TIMEOUT_S)

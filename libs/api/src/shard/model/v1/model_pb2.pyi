@@ -144,6 +144,7 @@ class ModelVersion(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     CANARIES_FIELD_NUMBER: _builtins.int
+    RESPONSE_CACHE_TTL_SECONDS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The resource name, `models/{model}/versions/{version}`; `{version}` is a positive decimal
     number, as Triton numbers versions.
@@ -158,6 +159,10 @@ class ModelVersion(_message.Message):
     """The largest batch the version accepts, from its configuration; 0 for none."""
     size_bytes: _builtins.int
     """The total size of the version's files in bytes."""
+    response_cache_ttl_seconds: _builtins.int
+    """How long, in seconds, an answer of this version may be served again from the shard's
+    response cache to the same inputs; 0: never cached. Only for deterministic models.
+    """
     @_builtins.property
     def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelFile]:
         """The files of the version, as they lie in the version's directory of a Triton model
@@ -195,10 +200,11 @@ class ModelVersion(_message.Message):
         size_bytes: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         canaries: _abc.Iterable[Global___Canary] | None = ...,
+        response_cache_ttl_seconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "canaries", b"canaries", "config", b"config", "create_time", b"create_time", "files", b"files", "inputs", b"inputs", "max_batch_size", b"max_batch_size", "name", b"name", "outputs", b"outputs", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "canaries", b"canaries", "config", b"config", "create_time", b"create_time", "files", b"files", "inputs", b"inputs", "max_batch_size", b"max_batch_size", "name", b"name", "outputs", b"outputs", "response_cache_ttl_seconds", b"response_cache_ttl_seconds", "size_bytes", b"size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
