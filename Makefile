@@ -42,8 +42,9 @@ types: ## mypy --strict over all hand-written code.
 test: ## The test suite, on real etcd, Triton and gRPC on loopback.
 	$(RUN) pytest
 
-bench: install ## Router against Triton direct, side by side.
-	$(RUN) python bench/router_vs_direct.py
+bench: install ## Router and client-side routing against Triton gRPC; gateway against Triton HTTP.
+	$(RUN) python -m bench.router_vs_direct
+	$(RUN) python -m bench.gateway_vs_triton
 
 clean: ## Remove the environment and caches.
 	rm -rf .venv .tools .mypy_cache .ruff_cache .pytest_cache

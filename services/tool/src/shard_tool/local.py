@@ -66,6 +66,7 @@ class NodeHandle:
     process: ManagedProcess
     state_dir: Path
     triton_grpc_port: int | None
+    triton_http_port: int | None = None
 
 
 LOCAL_NAME_LABEL = "shard.local/name"
@@ -243,12 +244,12 @@ class LocalMesh:
             "labels": {**(labels or {}), LOCAL_NAME_LABEL: name},
             "join_token": await self.join_token(f"local node {name}"),
         }
-        triton_grpc_port = None
+        triton_grpc_port = triton_http_port = None
         if triton_url is None:
-            triton_grpc_port = free_port()
+            triton_grpc_port, triton_http_port = free_port(), free_port()
             settings |= {
                 "triton_grpc_port": triton_grpc_port,
-                "triton_http_port": free_port(),
+                "triton_http_port": triton_http_port,
                 "triton_metrics_port": free_port(),
             }
         else:
@@ -257,7 +258,11 @@ class LocalMesh:
             settings["advertise_address"] = advertise_address
         process = self._service(f"node-{name}", "shard_node", _endpoint_env("NODE", settings))
         handle = NodeHandle(
-            name=name, process=process, state_dir=state_dir, triton_grpc_port=triton_grpc_port
+            name=name,
+            process=process,
+            state_dir=state_dir,
+            triton_grpc_port=triton_grpc_port,
+            triton_http_port=triton_http_port,
         )
         self.nodes[name] = handle
         process.start()
