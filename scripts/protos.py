@@ -38,6 +38,15 @@ def _sources() -> list[str]:
     return sorted(str(path.relative_to(PROTOS)) for path in PROTOS.rglob("*.proto"))
 
 
+# protoc leaves out the imports of protos a file uses only for options (google.api's field
+# behaviours and resources), yet building its descriptor needs them loaded: the package loads them
+# first, so that any generated module can be imported on its own.
+PACKAGE_INIT = '''"""AI Shard's generated API (shard.*.v1), from scripts/protos.py."""
+
+from google.api import annotations_pb2, client_pb2, field_behavior_pb2, resource_pb2  # noqa: F401
+'''
+
+
 def _protoc(*args: str) -> None:
     command = [sys.executable, "-m", "grpc_tools.protoc", *_includes(), *args, *_sources()]
     # protoc-gen-mypy reports every file it writes; show protoc's output only when it fails.
@@ -61,6 +70,7 @@ def generate(out: Path) -> None:
     )
     for directory in [out / PACKAGE, *(p for p in (out / PACKAGE).rglob("*") if p.is_dir())]:
         (directory / "__init__.py").touch()
+    (out / PACKAGE / "__init__.py").write_text(PACKAGE_INIT)
     (out / PACKAGE / "py.typed").touch()
 
 

@@ -21,7 +21,9 @@ async def serve(settings: GatewaySettings) -> None:
         registry_address=settings.registry_address,
         timeout_s=settings.upstream_timeout_s,
     )
-    app = make_app(shard, max_body_bytes=settings.max_body_bytes)
+    app = make_app(
+        shard, max_body_bytes=settings.max_body_bytes, timeout_s=settings.upstream_timeout_s
+    )
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)

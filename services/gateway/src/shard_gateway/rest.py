@@ -12,10 +12,10 @@ from collections.abc import Awaitable, Callable
 import grpc
 from aiohttp import web
 
-from shard_core.auth import AUTHORIZATION, FORWARDED_FOR
 from shard_core.errors import ShardError, error_info, http_status
 from shard_core.limits import retry_after_header
 from shard_gateway import management
+from shard_gateway.callers import upstream_metadata
 from shard_gateway.kserve import HEADER_LENGTH, parse_infer_request, render_infer_response
 from shard_gateway.service import Shard
 
@@ -44,19 +44,6 @@ async def grpc_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return web.json_response(body, status=http_status(error.code))
 
 
-def _credentials(request: web.Request) -> list[tuple[str, str]]:
-    """The caller's `Authorization` header and address, passed on as gRPC metadata: the
-    service that answers decides what the caller may do, and the router limits anonymous
-    callers per address (it trusts the gateway to name it)."""
-    header = request.headers.get("Authorization", "")
-    credentials = [(AUTHORIZATION, header)] if header else []
-    if request.remote:
-        credentials.append((FORWARDED_FOR, request.remote))
-    if cache_control := request.headers.get("Cache-Control"):
-        credentials.append(("cache-control", cache_control))  # the router's response cache
-    return credentials
-
-
 async def live(request: web.Request) -> web.Response:
     return web.json_response({"live": True})
 
@@ -76,7 +63,7 @@ def _model(request: web.Request) -> tuple[str, str]:
 
 async def model_ready(request: web.Request) -> web.Response:
     name, version = _model(request)
-    is_ready = await request.app[SHARD_KEY].model_ready(name, version, _credentials(request))
+    is_ready = await request.app[SHARD_KEY].model_ready(name, version, upstream_metadata(request))
     return web.json_response(
         {"name": name, "version": version, "ready": is_ready}, status=200 if is_ready else 400
     )
@@ -84,13 +71,15 @@ async def model_ready(request: web.Request) -> web.Response:
 
 async def model_metadata(request: web.Request) -> web.Response:
     name, version = _model(request)
-    metadata = await request.app[SHARD_KEY].model_metadata(name, version, _credentials(request))
+    metadata = await request.app[SHARD_KEY].model_metadata(
+        name, version, upstream_metadata(request)
+    )
     return web.json_response(metadata)
 
 
 async def model_config(request: web.Request) -> web.Response:
     name, version = _model(request)
-    config = await request.app[SHARD_KEY].model_config(name, version, _credentials(request))
+    config = await request.app[SHARD_KEY].model_config(name, version, upstream_metadata(request))
     return web.json_response(config)
 
 
@@ -100,14 +89,16 @@ async def infer(request: web.Request) -> web.Response:
     parsed = parse_infer_request(
         await request.read(), request.headers.get(HEADER_LENGTH), name, version
     )
-    answer = await request.app[SHARD_KEY].infer(parsed.request, _credentials(request))
+    answer = await request.app[SHARD_KEY].infer(parsed.request, upstream_metadata(request))
     body, header_length = render_infer_response(answer, parsed)
     headers = {} if header_length is None else {HEADER_LENGTH: str(header_length)}
     content_type = "application/json" if header_length is None else "application/octet-stream"
     return web.Response(body=body, headers=headers, content_type=content_type)
 
 
-def make_app(shard: Shard, *, max_body_bytes: int = 64 << 20) -> web.Application:
+def make_app(
+    shard: Shard, *, max_body_bytes: int = 64 << 20, timeout_s: float = 10.0
+) -> web.Application:
     app = web.Application(middlewares=[grpc_errors], client_max_size=max_body_bytes)
     app[SHARD_KEY] = shard
     app.router.add_get("/v2/health/live", live)
@@ -119,5 +110,5 @@ def make_app(shard: Shard, *, max_body_bytes: int = 64 << 20) -> web.Application
         app.router.add_get(prefix, model_metadata)
         app.router.add_get(f"{prefix}/config", model_config)
         app.router.add_post(f"{prefix}/infer", infer)
-    management.add_routes(app, shard.registry_channel)
+    management.add_routes(app, shard.registry_channel, timeout_s=timeout_s)
     return app

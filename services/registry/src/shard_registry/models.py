@@ -161,6 +161,15 @@ def _check_path(path: str, field: str) -> None:
         )
 
 
+def _check_visibility(visibility: int) -> None:
+    """Refuse a visibility the API does not define (proto3 lets any number through)."""
+    if visibility not in model_pb2.Visibility.values():
+        raise InvalidArgumentError(
+            f"model.visibility {visibility} is not one of {', '.join(model_pb2.Visibility.keys())}",
+            metadata={"field": "model.visibility"},
+        )
+
+
 class ModelRegistry:
     def __init__(
         self, *, store: EtcdStore, blobs: BlobStore, clock: Callable[[], float] = time.time
@@ -174,6 +183,7 @@ class ModelRegistry:
     async def create_model(self, model_id: str, model: model_pb2.Model) -> model_pb2.Model:
         check_id(model_id, "model_id")
         check_rate(model.rate_limit_rps, "model.rate_limit_rps")
+        _check_visibility(model.visibility)
         now = timestamp(self._clock())
         record = model_pb2.Model()
         record.CopyFrom(model)
@@ -230,6 +240,7 @@ class ModelRegistry:
         check_etag(model.etag, revision, model.name)
         apply_mask(current, model, mask, MODEL_MUTABLE_FIELDS)
         check_rate(current.rate_limit_rps, "model.rate_limit_rps")
+        _check_visibility(current.visibility)
         current.etag = ""
         current.update_time.CopyFrom(timestamp(self._clock()))
         written = await self._store.write(

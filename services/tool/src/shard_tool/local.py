@@ -341,6 +341,7 @@ class LocalMesh:
                 )
             ),
             "state and logs": str(self.state_dir),
+            "admin token (file)": str(self.state_dir / "admin-token"),
         }
 
     def _write_state(self) -> None:
@@ -350,6 +351,11 @@ class LocalMesh:
             "processes": {process.name: process.pid for process in self.processes()},
         }
         (self.state_dir / "mesh.json").write_text(json.dumps(state, indent=2))
+        # The admin token is a secret: readable by this user only, and never printed.
+        token_file = self.state_dir / "admin-token"
+        token_file.touch(mode=0o600)
+        token_file.chmod(0o600)
+        token_file.write_text(self.admin_token)
 
 
 async def _serving(address: str) -> bool:
