@@ -20,7 +20,8 @@ import numpy as np
 import psutil
 import tritonclient.http.aio as triton_http
 
-from bench.router_vs_direct import MODELS, Result
+from bench.report import Result, print_header, print_rows
+from bench.router_vs_direct import MODELS
 from shard_tool.local import LocalMesh, MeshPorts
 
 
@@ -55,9 +56,7 @@ async def _drive(
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
         cpu = sum(sum(p.cpu_times()[:2]) for p in watched) - cpu_before
-    return Result(
-        requests=len(latencies), seconds=elapsed, latencies_ms=latencies, router_cpu_s=cpu
-    )
+    return Result(requests=len(latencies), seconds=elapsed, latencies_ms=latencies, hop_cpu_s=cpu)
 
 
 async def main(seconds: float) -> None:
@@ -68,23 +67,13 @@ async def main(seconds: float) -> None:
             hops = [psutil.Process(mesh.services[name].pid) for name in ("gateway", "inference")]
             triton_url = f"127.0.0.1:{mesh.nodes['node-0'].triton_http_port}"
             gateway_url = mesh.gateway_url.removeprefix("http://")
-            print(
-                f"{'target':<8} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
-                f"{'x triton':>9} {'+p50 ms':>8} {'gw+router µs/req':>17}"
-            )
+            print_header("gw+router µs/req")
             for concurrency in (1, 16):
-                triton = await _drive(triton_url, concurrency, seconds, hops)
-                gateway = await _drive(gateway_url, concurrency, seconds, hops)
-                for name, result in (("triton", triton), ("gateway", gateway)):
-                    ratio = result.throughput / triton.throughput
-                    added = result.percentile(50) - triton.percentile(50)
-                    cpu_us = result.router_cpu_s / result.requests * 1e6
-                    print(
-                        f"{name:<8} {concurrency:>4} {result.throughput:>9.0f} "
-                        f"{result.percentile(50):>8.2f} {result.percentile(99):>8.2f} "
-                        f"{ratio:>9.2f} {added:>8.2f} "
-                        f"{cpu_us if name == 'gateway' else 0:>17.0f}"
-                    )
+                results = {
+                    "triton": await _drive(triton_url, concurrency, seconds, hops),
+                    "gateway": await _drive(gateway_url, concurrency, seconds, hops),
+                }
+                print_rows(concurrency, results, baseline="triton")
         finally:
             mesh.stop()
 

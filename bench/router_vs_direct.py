@@ -5,42 +5,26 @@ tritonclient's asyncio gRPC client straight at the node's Triton, the same clien
 router, and `shard_client.aio` (the same API, routing in the client). Prints throughput, p50/p99
 latency, the ratios to direct, and the router's CPU time per request.
 
-    uv run python bench/router_vs_direct.py [--seconds 5]
+    uv run python -m bench.router_vs_direct [--seconds 5]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import psutil
 import tritonclient.grpc.aio as triton
 
+from bench.report import Result, print_header, print_rows
 from shard_client.aio import InferenceServerClient as ShardClient
 from shard_tool.local import LocalMesh, MeshPorts
 
 MODELS = Path(__file__).resolve().parent.parent / "infra" / "triton" / "models"
-
-
-@dataclass(frozen=True, kw_only=True)
-class Result:
-    requests: int
-    seconds: float
-    latencies_ms: list[float]
-    router_cpu_s: float
-
-    @property
-    def throughput(self) -> float:
-        return self.requests / self.seconds
-
-    def percentile(self, q: float) -> float:
-        return statistics.quantiles(self.latencies_ms, n=100)[int(q) - 1]
 
 
 def _inputs() -> list[triton.InferInput]:
@@ -75,9 +59,7 @@ async def _drive(
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
         cpu = sum(router.cpu_times()[:2]) - cpu_before
-    return Result(
-        requests=len(latencies), seconds=elapsed, latencies_ms=latencies, router_cpu_s=cpu
-    )
+    return Result(requests=len(latencies), seconds=elapsed, latencies_ms=latencies, hop_cpu_s=cpu)
 
 
 async def main(seconds: float) -> None:
@@ -87,10 +69,7 @@ async def main(seconds: float) -> None:
             await mesh.start(nodes=1)
             router = psutil.Process(mesh.services["inference"].pid)
             direct_url = f"127.0.0.1:{mesh.nodes['node-0'].triton_grpc_port}"
-            print(
-                f"{'target':<8} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
-                f"{'x direct':>9} {'+p50 ms':>8} {'router µs/req':>14}"
-            )
+            print_header("router µs/req")
             for concurrency in (1, 16):
                 results = {
                     name: await _drive(url, concurrency, seconds, router, client_side=client_side)
@@ -100,17 +79,7 @@ async def main(seconds: float) -> None:
                         ("client", mesh.router_address, True),
                     )
                 }
-                direct = results["direct"]
-                for name, result in results.items():
-                    ratio = result.throughput / direct.throughput
-                    added = result.percentile(50) - direct.percentile(50)
-                    cpu_us = result.router_cpu_s / result.requests * 1e6
-                    print(
-                        f"{name:<8} {concurrency:>4} {result.throughput:>9.0f} "
-                        f"{result.percentile(50):>8.2f} {result.percentile(99):>8.2f} "
-                        f"{ratio:>9.2f} {added:>8.2f} "
-                        f"{cpu_us if name != 'direct' else 0:>14.0f}"
-                    )
+                print_rows(concurrency, results, baseline="direct")
         finally:
             mesh.stop()
 
