@@ -38,9 +38,10 @@ def _inputs() -> list[triton.InferInput]:
 
 
 async def _drive(
-    url: str, concurrency: int, seconds: float, router: psutil.Process, *, client_side: bool
+    url: str, concurrency: int, seconds: float, router: psutil.Process, *, api_key: str | None
 ) -> Result:
-    opened = ShardClient(url) if client_side else triton.InferenceServerClient(url)
+    """Drive `url` with tritonclient, or with the client-side router when given an API key."""
+    opened = ShardClient(url, api_key=api_key) if api_key else triton.InferenceServerClient(url)
     async with opened as client:
         inputs = _inputs()
         for _ in range(50):  # warm up channels and Triton
@@ -72,11 +73,11 @@ async def main(seconds: float) -> None:
             print_header("router µs/req")
             for concurrency in (1, 16):
                 results = {
-                    name: await _drive(url, concurrency, seconds, router, client_side=client_side)
-                    for name, url, client_side in (
-                        ("direct", direct_url, False),
-                        ("router", mesh.router_address, False),
-                        ("client", mesh.router_address, True),
+                    name: await _drive(url, concurrency, seconds, router, api_key=api_key)
+                    for name, url, api_key in (
+                        ("direct", direct_url, None),
+                        ("router", mesh.router_address, None),
+                        ("client", mesh.router_address, mesh.admin_token),
                     )
                 }
                 print_rows(concurrency, results, baseline="direct")

@@ -20,7 +20,7 @@ from tests.demo import push_copy, simple_inputs, target
 
 @pytest.fixture
 async def client(mesh: LocalMesh) -> AsyncIterator[InferenceServerClient]:
-    async with InferenceServerClient(mesh.router_address) as shard:
+    async with InferenceServerClient(mesh.router_address, api_key=mesh.admin_token) as shard:
         yield shard
 
 
@@ -105,7 +105,7 @@ async def test_keeps_serving_while_the_router_is_down(
 
 def test_the_blocking_client_serves_many_threads(mesh: LocalMesh) -> None:
     data = np.arange(16, dtype=np.int32).reshape(1, 16)
-    with shard_grpc.InferenceServerClient(mesh.router_address) as client:
+    with shard_grpc.InferenceServerClient(mesh.router_address, api_key=mesh.admin_token) as client:
         assert client.is_server_ready()
 
         def infer(_: int) -> None:
@@ -118,5 +118,18 @@ def test_the_blocking_client_serves_many_threads(mesh: LocalMesh) -> None:
             client.infer("no_such_model", simple_inputs(data, data))
         assert raised.value.status() == "StatusCode.NOT_FOUND"
     with pytest.raises(InferenceServerException) as raised:
-        shard_grpc.InferenceServerClient("127.0.0.1:1", connect_timeout=0.5)
+        shard_grpc.InferenceServerClient("127.0.0.1:1", api_key="x", connect_timeout=0.5)
     assert "127.0.0.1:1" in raised.value.message()
+
+
+async def test_watching_the_endpoints_needs_a_key(mesh: LocalMesh) -> None:
+    for key, status in (
+        ("", "StatusCode.UNAUTHENTICATED"),
+        ("not-a-key", "StatusCode.UNAUTHENTICATED"),
+    ):
+        client = InferenceServerClient(mesh.router_address, api_key=key)
+        with pytest.raises(InferenceServerException) as raised:
+            await client.connect(timeout=10)
+        await client.close()
+        assert raised.value.status() == status
+        assert "refused the key" in raised.value.message()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -345,14 +346,15 @@ async def test_expired_keys_are_refused_and_nobody_escalates(
 ) -> None:
     async with grpc.aio.insecure_channel(mesh.registry_address) as channel:
         keys = key_service_pb2_grpc.KeyServiceStub(channel)
+        # Long enough that a slow machine still uses the key before it lapses.
         soon = timestamp_pb2.Timestamp()
         soon.GetCurrentTime()
-        soon.seconds += 1
+        soon.seconds += 5
         expiring = await _create_key(
             mesh.admin_channel(), "perm-brief", api_key_pb2.ROLE_DEVELOPER, expire_time=soon
         )
         await keys.ListApiKeys(key_api.ListApiKeysRequest(), metadata=_auth(expiring))
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(max(0.0, soon.seconds - time.time()) + 1.0)
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await keys.ListApiKeys(key_api.ListApiKeysRequest(), metadata=_auth(expiring))
         assert error_info(raised.value).reason == "KEY_EXPIRED"  # type: ignore[union-attr]

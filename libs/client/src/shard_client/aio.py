@@ -5,8 +5,11 @@ request straight to a node's Triton, balanced as the router balances: the versio
 deployment's traffic weights, the replica by power-of-two-choices on load, sequences pinned to
 one replica, outlier ejection, and a retry on another replica when one is unreachable.
 
-    async with InferenceServerClient("router:8001") as client:
+    async with InferenceServerClient("router:8001", api_key=secret) as client:
         result = await client.infer("simple", inputs)
+
+Following the view needs an API key with the `inference` permission; the client sees the public
+models and the private ones its key may use.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from shard_client.routing import Balancer, EndpointTable, Plan, TrafficSplit, un
 _log = logging.getLogger(__name__)
 
 UNAVAILABLE = "StatusCode.UNAVAILABLE"
+# The router's answers to a key it does not take: no use retrying.
+REFUSED = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
 # Between attempts to reach the router again, while the last view keeps serving.
 RECONNECT_S = (0.2, 5.0)
 
@@ -54,15 +59,17 @@ class InferenceServerClient:
     """The shard as one Triton, reached node by node. Use as an async context manager, or call
     `connect` first and `close` at the end."""
 
-    def __init__(self, url: str, *, max_attempts: int = 2) -> None:
+    def __init__(self, url: str, *, api_key: str, max_attempts: int = 2) -> None:
         self._router = grpc.aio.insecure_channel(url)
         self._url = url
+        self._credentials = (("authorization", f"Bearer {api_key}"),)
         self._table: EndpointTable[NodeClient] = EndpointTable(
             backend_factory=NodeClient.open, on_backend_removed=self._close_later
         )
         self._split = TrafficSplit()
         self._balancer = Balancer(self._table, self._split, max_attempts=max_attempts)
         self._synced = asyncio.Event()
+        self._refused: grpc.aio.AioRpcError | None = None
         self._watching: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -89,6 +96,11 @@ class InferenceServerClient:
                 msg=f"no view of the shard from the router at {self._url} in {timeout:g} s",
                 status=UNAVAILABLE,
             ) from None
+        if self._refused is not None:
+            raise InferenceServerException(
+                msg=f"the router at {self._url} refused the key: {self._refused.details()}",
+                status=str(self._refused.code()),
+            )
 
     async def close(self) -> None:
         if self._watching is not None:
@@ -107,7 +119,7 @@ class InferenceServerClient:
         while True:
             try:
                 async for snapshot in stub.WatchEndpoints(
-                    endpoint_service_pb2.WatchEndpointsRequest()
+                    endpoint_service_pb2.WatchEndpointsRequest(), metadata=self._credentials
                 ):
                     self._table.replace_all(snapshot.endpoints)
                     self._split.replace_all(
@@ -116,6 +128,10 @@ class InferenceServerClient:
                     self._synced.set()
                     delay = RECONNECT_S[0]
             except grpc.aio.AioRpcError as error:
+                if error.code() in REFUSED:
+                    self._refused = error
+                    self._synced.set()  # wake `connect`, which raises it
+                    return
                 _log.warning("endpoint view from %s interrupted: %s", self._url, error.details())
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECONNECT_S[1])

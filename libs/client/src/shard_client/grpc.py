@@ -3,7 +3,7 @@
 The same client as `shard_client.aio`, driven from a private event loop on a background thread,
 so blocking code (and many threads at once) can use it:
 
-    with InferenceServerClient("router:8001") as client:
+    with InferenceServerClient("router:8001", api_key=secret) as client:
         result = client.infer("simple", inputs)
 """
 
@@ -26,13 +26,15 @@ T = TypeVar("T")
 class InferenceServerClient:
     """The shard as one Triton, reached node by node; blocking calls."""
 
-    def __init__(self, url: str, *, max_attempts: int = 2, connect_timeout: float = 10.0) -> None:
+    def __init__(
+        self, url: str, *, api_key: str, max_attempts: int = 2, connect_timeout: float = 10.0
+    ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="shard-client", daemon=True
         )
         self._thread.start()
-        self._client = self._run(self._open(url, max_attempts))
+        self._client = self._run(self._open(url, api_key, max_attempts))
         try:
             self._run(self._client.connect(connect_timeout))
         except BaseException:
@@ -40,8 +42,8 @@ class InferenceServerClient:
             raise
 
     @staticmethod
-    async def _open(url: str, max_attempts: int) -> aio.InferenceServerClient:
-        return aio.InferenceServerClient(url, max_attempts=max_attempts)
+    async def _open(url: str, api_key: str, max_attempts: int) -> aio.InferenceServerClient:
+        return aio.InferenceServerClient(url, api_key=api_key, max_attempts=max_attempts)
 
     def _run(self, work: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(work, self._loop).result()

@@ -31,6 +31,26 @@ VIEW_HEALTH = "shard.inference.v1.EndpointView"
 ENDPOINT_SERVICE = "shard.inference.v1.EndpointService"
 
 
+def _guard(
+    settings: InferenceSettings,
+) -> tuple[InferenceGuard, CacheableVersions, list[PrefixMirror]]:
+    """Who may infer on what, within which limits, and which versions may be cached: each
+    followed in etcd by its own mirror (started by the caller)."""
+    admin = settings.admin_token
+    ring = KeyRing(admin_token_sha256=token_hash(admin.get_secret_value()) if admin else "")
+    access = ModelAccess()
+    cacheable = CacheableVersions()
+    mirrors = [
+        PrefixMirror(EtcdStore(settings), keys.API_KEYS, ring),
+        PrefixMirror(EtcdStore(settings), keys.MODELS, access),
+        PrefixMirror(EtcdStore(settings), keys.VERSIONS, cacheable),
+    ]
+    limits = RateLimits(
+        key_rps=settings.key_rate_limit_rps, anonymous_rps=settings.anonymous_rate_limit_rps
+    )
+    return InferenceGuard(ring, access, limits), cacheable, mirrors
+
+
 async def serve(settings: InferenceSettings) -> None:
     store = EtcdStore(settings)
     server_stops: list[Callable[[], Awaitable[None]]] = []
@@ -43,7 +63,6 @@ async def serve(settings: InferenceSettings) -> None:
     mirror = PrefixMirror(store, keys.ENDPOINTS, table)
     mirror.start()
     split = TrafficSplit(on_change=changes.notify)
-    watch = EndpointWatch(table, split, changes)
     # Each mirror reconnects its own client on failure, so each gets one of its own.
     deployments = PrefixMirror(EtcdStore(settings), keys.DEPLOYMENTS, split)
     deployments.start()
@@ -63,15 +82,7 @@ async def serve(settings: InferenceSettings) -> None:
         description="Requests a node could not be reached for (each retried elsewhere if the "
         "retry budget allowed), by node Triton address.",
     )
-    admin = settings.admin_token
-    ring = KeyRing(admin_token_sha256=token_hash(admin.get_secret_value()) if admin else "")
-    access = ModelAccess()
-    cacheable = CacheableVersions()
-    guard_mirrors = [
-        PrefixMirror(EtcdStore(settings), keys.API_KEYS, ring),
-        PrefixMirror(EtcdStore(settings), keys.MODELS, access),
-        PrefixMirror(EtcdStore(settings), keys.VERSIONS, cacheable),
-    ]
+    guard, cacheable, guard_mirrors = _guard(settings)
     for guard_mirror in guard_mirrors:
         guard_mirror.start()
         server_stops.append(guard_mirror.stop)
@@ -85,6 +96,7 @@ async def serve(settings: InferenceSettings) -> None:
         callbacks=[lambda _: [metrics.Observation(responses.bytes)]],
         description="Bytes of answers the response cache holds.",
     )
+    watch = EndpointWatch(table, split, changes, guard)
     registry = grpc.aio.insecure_channel(settings.registry_address)
     router = InferenceRouter(
         table,
@@ -92,14 +104,7 @@ async def serve(settings: InferenceSettings) -> None:
         max_attempts=settings.max_attempts,
         ready=lambda: mirror.synced and deployments.synced,
         repository=Repository(registry),
-        guard=InferenceGuard(
-            ring,
-            access,
-            RateLimits(
-                key_rps=settings.key_rate_limit_rps,
-                anonymous_rps=settings.anonymous_rate_limit_rps,
-            ),
-        ),
+        guard=guard,
         cacheable=cacheable,
         responses=responses,
         on_cache=lambda hit: lookups.add(1, {"result": "hit" if hit else "miss"}),
