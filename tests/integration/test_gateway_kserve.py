@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -77,6 +79,22 @@ async def test_the_asyncio_client_works_unchanged(mesh: LocalMesh) -> None:
         assert await client.is_model_ready("simple")
         result = await client.infer("simple", _inputs(data, data, binary=True))
         np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), data * 2)
+
+
+def test_rest_inference_goes_straight_to_the_nodes(
+    mesh: LocalMesh, client: triton_http.InferenceServerClient
+) -> None:
+    """With the router paused, the gateway still answers: its requests go to the node Tritons."""
+    a = np.arange(16, dtype=np.int32).reshape(1, 16)
+    router = mesh.services["inference"].pid
+    os.kill(router, signal.SIGSTOP)
+    try:
+        for binary in (True, False):
+            result = client.infer("simple", _inputs(a, a, binary=binary), request_id="direct")
+            np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a * 2)
+            assert result.get_response()["id"] == "direct"
+    finally:
+        os.kill(router, signal.SIGCONT)
 
 
 def test_metadata_and_config(client: triton_http.InferenceServerClient) -> None:

@@ -14,6 +14,7 @@ import numpy.typing as npt
 import pytest
 import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
+import tritonclient.http as triton_http
 from google.protobuf import json_format
 from tritonclient.utils import InferenceServerException
 
@@ -406,3 +407,20 @@ async def test_a_sequence_stays_on_one_replica(
         for seq in expected:
             expected[seq] += step + seq
             assert add(seq, step + seq, start=step == 0, end=step == 5) == expected[seq]
+
+    # The same over REST, where the gateway routes straight to the node Tritons.
+    rest = triton_http.InferenceServerClient(mesh.gateway_url.removeprefix("http://"))
+
+    def add_rest(sequence: int, value: int, *, start: bool = False, end: bool = False) -> int:
+        tensor = triton_http.InferInput("INPUT0", [1, 1], "INT32")
+        tensor.set_data_from_numpy(np.array([[value]], dtype=np.int32))
+        result = rest.infer(
+            "accumulator", [tensor], sequence_id=sequence, sequence_start=start, sequence_end=end
+        )
+        return int(result.as_numpy("OUTPUT0")[0][0])
+
+    expected = dict.fromkeys(range(2001, 2009), 0)
+    for step in range(6):
+        for seq in expected:
+            expected[seq] += step + seq
+            assert add_rest(seq, step + seq, start=step == 0, end=step == 5) == expected[seq]

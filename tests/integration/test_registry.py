@@ -514,17 +514,28 @@ async def test_bad_hellos_name_the_field(
     assert error_info(raised.value).metadata["field"] == field  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize("address", ["", "no-port", "host:port", "a b:1"])
+@pytest.mark.parametrize(
+    ("field", "address"),
+    [
+        *(("inference_address", bad) for bad in ("", "no-port", "host:port", "a b:1")),
+        # The HTTP address is optional (empty: gRPC only), but a given one must be host:port.
+        *(("http_address", bad) for bad in ("no-port", "host:port", "a b:1")),
+    ],
+)
 async def test_bad_inference_addresses_are_refused(
-    mesh: LocalMesh, stub: node_service_pb2_grpc.NodeServiceStub, tmp_path: Path, address: str
+    mesh: LocalMesh,
+    stub: node_service_pb2_grpc.NodeServiceStub,
+    tmp_path: Path,
+    address: str,
+    field: str,
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await FakeAgent(stub).register(
-            NodeIdentity.load_or_create(tmp_path), token="", inference_address=address
+            NodeIdentity.load_or_create(tmp_path), token="", **{field: address}
         )
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    field = error_info(raised.value).metadata["field"]  # type: ignore[union-attr]
-    assert field == "registration.inference_address"
+    named = error_info(raised.value).metadata["field"]  # type: ignore[union-attr]
+    assert named == f"registration.{field}"
 
 
 async def test_stream_must_start_with_a_hello(

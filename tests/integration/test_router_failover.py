@@ -1,14 +1,18 @@
 """A replica's node dies under load: retries and outlier ejection keep every client request
-succeeding, and the dead node stops getting requests within 3 s."""
+succeeding, through the router (gRPC) and the gateway (REST, straight to the node Tritons), and
+the dead node stops getting requests from either within 3 s."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import aiohttp
 import numpy as np
+import psutil
 import tritonclient.grpc.aio as triton_aio
+import tritonclient.http.aio as triton_http
 from tritonclient.utils import InferenceServerException
 
 from shard.deployment.v1 import deployment_pb2
@@ -17,22 +21,52 @@ from shard_tool.publish import Publisher
 from tests.demo import push_copy, target
 
 LABELS = {"pool": "failover"}
-FAILED_ATTEMPTS = "shard_router_failed_attempts_total"
 
 
-async def _failed_attempts(mesh: LocalMesh, address: str) -> float:
-    """The router's count of requests it could not get to the Triton at `address`."""
+async def _failed_attempts(port: int, metric: str, address: str) -> float:
+    """A service's count (`metric`, on its metrics `port`) of requests it could not get to the
+    Triton at `address`."""
     async with (
         aiohttp.ClientSession() as http,
-        http.get(f"http://127.0.0.1:{mesh.ports.router_metrics}/metrics") as response,
+        http.get(f"http://127.0.0.1:{port}/metrics") as response,
     ):
         text = await response.text()
     label = f'address="{address}"'
     return sum(
         float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()
-        if line.startswith(FAILED_ATTEMPTS) and label in line
+        if line.startswith(metric) and label in line
     )
+
+
+class _Load:
+    """Clients sending `failover-echo` requests until the time is up, counting what they get."""
+
+    def __init__(self, mesh: LocalMesh, *, seconds: float) -> None:
+        self.mesh = mesh
+        self.stop_at = time.monotonic() + seconds
+        self.data = np.arange(16, dtype=np.int32).reshape(1, 16)
+        self.served = 0
+        self.failures: list[str] = []
+
+    async def client(self, *, grpc: bool) -> None:
+        """A tritonclient at the router (gRPC) or at the gateway (REST)."""
+        api: Any = triton_aio if grpc else triton_http
+        url = self.mesh.router_address if grpc else self.mesh.gateway_url.removeprefix("http://")
+        async with api.InferenceServerClient(url) as client:
+            inputs = []
+            for name in ("INPUT0", "INPUT1"):
+                tensor = api.InferInput(name, [1, 16], "INT32")
+                tensor.set_data_from_numpy(self.data)
+                inputs.append(tensor)
+            timeout = {"client_timeout": 10} if grpc else {}
+            while time.monotonic() < self.stop_at:
+                try:
+                    result = await client.infer("failover-echo", inputs, **timeout)
+                    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), self.data * 2)
+                    self.served += 1
+                except InferenceServerException as error:
+                    self.failures.append(f"{'gRPC' if grpc else 'REST'}: {error}")
 
 
 async def test_sigkill_under_16_way_load_fails_no_request(
@@ -49,43 +83,47 @@ async def test_sigkill_under_16_way_load_fails_no_request(
     )
     await publisher.wait_available("deployments/failover-echo", timeout=60)
 
-    data = np.arange(16, dtype=np.int32).reshape(1, 16)
-    served, failures = 0, []
-    stop_at = time.monotonic() + 6
-
-    async def client() -> None:
-        nonlocal served
-        async with triton_aio.InferenceServerClient(mesh.router_address) as router:
-            inputs = []
-            for name in ("INPUT0", "INPUT1"):
-                tensor = triton_aio.InferInput(name, [1, 16], "INT32")
-                tensor.set_data_from_numpy(data)
-                inputs.append(tensor)
-            while time.monotonic() < stop_at:
-                try:
-                    result = await router.infer("failover-echo", inputs, client_timeout=10)
-                    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), data * 2)
-                    served += 1
-                except InferenceServerException as error:
-                    failures.append(str(error))
-
-    load = asyncio.gather(*(client() for _ in range(16)))
+    load = _Load(mesh, seconds=6)
+    running = asyncio.gather(
+        *(load.client(grpc=True) for _ in range(12)), *(load.client(grpc=False) for _ in range(4))
+    )
     await asyncio.sleep(2)
     victim = mesh.nodes["failover-b"]
-    address = f"127.0.0.1:{victim.triton_grpc_port}"
-    victim.process.kill()  # the agent and, with it, its Triton
+    watched = {
+        "router": (
+            mesh.ports.router_metrics,
+            "shard_router_failed_attempts_total",
+            f"127.0.0.1:{victim.triton_grpc_port}",
+        ),
+        "gateway": (
+            mesh.ports.gateway_metrics,
+            "shard_gateway_failed_attempts_total",
+            f"127.0.0.1:{victim.triton_http_port}",
+        ),
+    }
+    # The machine dies: its Triton and the agent at once (SIGKILL, nothing drains).
+    for process in psutil.Process(victim.process.pid).children(recursive=True):
+        process.kill()
+    victim.process.kill()
     killed_at = time.monotonic()
-    # The router's every attempt on the dead node fails: watch when the last one happened.
-    attempts, last_attempt_after = 0.0, 0.0
-    while not load.done():
-        count = await _failed_attempts(mesh, address)
-        if count > attempts:
-            attempts, last_attempt_after = count, time.monotonic() - killed_at
+    # Every attempt on the dead node fails: watch when the last one happened.
+    attempts = dict.fromkeys(watched, 0.0)
+    last_attempt_after = dict.fromkeys(watched, 0.0)
+    while not running.done():
+        for hop, (port, metric, address) in watched.items():
+            count = await _failed_attempts(port, metric, address)
+            if count > attempts[hop]:
+                attempts[hop], last_attempt_after[hop] = count, time.monotonic() - killed_at
         await asyncio.sleep(0.05)
-    await load
+    await running
 
-    print(f"\n{attempts:.0f} attempts on the dead node, the last {last_attempt_after:.2f} s after")
-    assert failures == []
-    assert served > 100
-    assert attempts > 0  # it was getting traffic when it died...
-    assert last_attempt_after < 3.0  # ...and stopped getting any within 3 s
+    for hop in watched:
+        print(
+            f"\n{hop}: {attempts[hop]:.0f} attempts on the dead node, "
+            f"the last {last_attempt_after[hop]:.2f} s after"
+        )
+    assert load.failures == []
+    assert load.served > 100
+    for hop in watched:
+        assert attempts[hop] > 0, hop  # it was getting traffic when it died...
+        assert last_attempt_after[hop] < 3.0, hop  # ...and stopped getting any within 3 s

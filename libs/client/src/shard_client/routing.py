@@ -62,8 +62,18 @@ def _version_order(version: str) -> tuple[int, str]:
     return (int(version), "") if version.isdigit() else (-1, version)
 
 
+def grpc_address(endpoint: node_pb2.ModelEndpoint) -> str:
+    return endpoint.inference_address
+
+
+def http_address(endpoint: node_pb2.ModelEndpoint) -> str:
+    return endpoint.http_address
+
+
 class EndpointTable(Generic[B]):
-    """model → version → node → Route, kept equal to etcd by a `PrefixMirror`."""
+    """model → version → node → Route, kept equal to etcd by a `PrefixMirror`. Backends are
+    made per node address: the Triton gRPC address by default, or what `address_of` picks (an
+    endpoint without one is left out)."""
 
     def __init__(
         self,
@@ -71,6 +81,7 @@ class EndpointTable(Generic[B]):
         backend_factory: Callable[[str], B],
         on_backend_removed: Callable[[B], None] = lambda _: None,
         on_change: Callable[[], None] = lambda: None,
+        address_of: Callable[[node_pb2.ModelEndpoint], str] = grpc_address,
     ) -> None:
         self._routes: dict[str, dict[str, dict[str, Route[B]]]] = {}
         self._by_key: dict[str, Route[B]] = {}
@@ -79,6 +90,7 @@ class EndpointTable(Generic[B]):
         self._backend_factory = backend_factory
         self._on_backend_removed = on_backend_removed
         self._on_change = on_change
+        self._address_of = address_of
 
     # -- MirrorListener ---------------------------------------------------------------------
 
@@ -95,10 +107,14 @@ class EndpointTable(Generic[B]):
         except Exception:
             _log.warning("ignoring unreadable endpoint record %s", key)
             return
+        address = self._address_of(endpoint)
+        if not address:
+            self.delete(key)
+            return
         old = self._by_key.get(key)
         if (
             old is not None
-            and old.backend.address == endpoint.inference_address
+            and old.backend.address == address
             and (old.model_name, old.model_version, old.node)
             == (endpoint.model_name, endpoint.model_version, endpoint.node)
         ):
@@ -111,7 +127,7 @@ class EndpointTable(Generic[B]):
             model_name=endpoint.model_name,
             model_version=endpoint.model_version,
             node=endpoint.node,
-            backend=self._acquire(endpoint.inference_address),
+            backend=self._acquire(address),
             pending=endpoint.pending,
         )
         if old is not None:
@@ -166,7 +182,7 @@ class EndpointTable(Generic[B]):
         return len(self._by_key)
 
     def endpoints(self) -> list[node_pb2.ModelEndpoint]:
-        """Every route, as the endpoint records it came from."""
+        """Every route, as the endpoint records it came from (a table of gRPC addresses)."""
         return [
             node_pb2.ModelEndpoint(
                 model_name=route.model_name,
@@ -202,6 +218,8 @@ class EndpointTable(Generic[B]):
         weights among the versions with a ready replica, else the newest ready version."""
         ready = self._routes.get(model_name, {})
         weighted = [(version, weight) for version, weight in weights.items() if version in ready]
+        if len(weighted) == 1 and weighted[0][1] > 0:
+            return weighted[0][0]
         if any(weight > 0 for _, weight in weighted):
             names = [version for version, _ in weighted]
             shares = [weight for _, weight in weighted]

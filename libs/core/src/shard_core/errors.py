@@ -89,6 +89,11 @@ class UnavailableError(ShardError):
     reason = "UNAVAILABLE"
 
 
+class DeadlineExceededError(ShardError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "DEADLINE_EXCEEDED"
+
+
 def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
     """The `ErrorInfo` a failed call carries, or None when it has none."""
     trailing: Sequence[tuple[str, bytes]] = getattr(error, "trailing_metadata", tuple)() or ()

@@ -7,10 +7,14 @@ import logging
 import signal
 
 from aiohttp import web
+from opentelemetry import metrics
 
+from shard_client.routing import http_address
+from shard_gateway.direct import DirectInference, NodeHttp
 from shard_gateway.rest import make_app
 from shard_gateway.service import Shard
 from shard_gateway.settings import GatewaySettings
+from shard_inference.view import ShardView
 
 _log = logging.getLogger(__name__)
 
@@ -21,8 +25,29 @@ async def serve(settings: GatewaySettings) -> None:
         registry_address=settings.registry_address,
         timeout_s=settings.upstream_timeout_s,
     )
+    view: ShardView[NodeHttp] = ShardView(
+        settings,
+        backend_factory=NodeHttp.open,
+        on_backend_removed=NodeHttp.close_later,
+        address_of=http_address,
+    )
+    view.start()
+    failed_attempts = metrics.get_meter("shard.gateway").create_counter(
+        "shard_gateway_failed_attempts",
+        description="REST requests a node's Triton could not be reached for (each retried "
+        "elsewhere if the retry budget allowed), by node Triton HTTP address.",
+    )
+    direct = DirectInference(
+        view,
+        max_attempts=settings.max_attempts,
+        timeout_s=settings.upstream_timeout_s,
+        on_failure=lambda address: failed_attempts.add(1, {"address": address}),
+    )
     app = make_app(
-        shard, max_body_bytes=settings.max_body_bytes, timeout_s=settings.upstream_timeout_s
+        shard,
+        direct,
+        max_body_bytes=settings.max_body_bytes,
+        timeout_s=settings.upstream_timeout_s,
     )
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -36,4 +61,5 @@ async def serve(settings: GatewaySettings) -> None:
     await stop.wait()
     _log.info("shutting down")
     await runner.cleanup()
+    await view.stop()
     await shard.close()

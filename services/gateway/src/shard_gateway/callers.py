@@ -10,17 +10,23 @@ from shard_core.errors import UnauthenticatedError
 CACHE_CONTROL = "cache-control"
 
 
-def upstream_metadata(request: web.Request) -> list[tuple[str, str]]:
-    """The caller's `Authorization` header (the service that answers decides what the caller may
-    do), its address (the router limits anonymous callers per address and trusts the gateway to
-    name it) and its `Cache-Control` (for the router's response cache). gRPC metadata takes only
-    printable ASCII: other credentials are refused here as malformed."""
-    authorization = request.headers.get("Authorization", "")
-    if not (authorization.isascii() and authorization.isprintable()):
+def authorization(request: web.Request) -> str:
+    """The caller's `Authorization` header. Credentials travel as gRPC metadata, which takes only
+    printable ASCII: others are refused here as malformed."""
+    value = request.headers.get("Authorization", "")
+    if not (value.isascii() and value.isprintable()):
         raise UnauthenticatedError(
             "credentials go in 'Authorization' as 'Bearer <key secret>'", reason="BAD_CREDENTIALS"
         )
-    metadata = [(AUTHORIZATION, authorization)] if authorization else []
+    return value
+
+
+def upstream_metadata(request: web.Request) -> list[tuple[str, str]]:
+    """The caller's credentials (the service that answers decides what the caller may do), its
+    address (the router limits anonymous callers per address and trusts the gateway to name it)
+    and its `Cache-Control` (for the router's response cache)."""
+    credentials = authorization(request)
+    metadata = [(AUTHORIZATION, credentials)] if credentials else []
     if request.remote:
         metadata.append((FORWARDED_FOR, request.remote))
     cache_control = request.headers.get("Cache-Control", "")

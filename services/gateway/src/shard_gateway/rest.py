@@ -7,7 +7,7 @@ status of the gRPC code.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 import grpc
 from aiohttp import web
@@ -15,33 +15,45 @@ from aiohttp import web
 from shard_core.errors import ShardError, error_info, http_status
 from shard_core.limits import retry_after_header
 from shard_gateway import management
-from shard_gateway.callers import upstream_metadata
+from shard_gateway.callers import authorization, upstream_metadata
+from shard_gateway.direct import DirectInference
 from shard_gateway.kserve import HEADER_LENGTH, parse_infer_request, render_infer_response
 from shard_gateway.service import Shard
 
 SHARD_KEY = web.AppKey("shard", Shard)
+DIRECT_KEY = web.AppKey("direct", DirectInference)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error(
+    message: str, code: grpc.StatusCode, reason: str | None, metadata: Mapping[str, str]
+) -> web.Response:
+    body = {"error": message, "code": code.name}
+    headers = {}
+    if reason is not None:
+        body["reason"] = reason
+    if "retry_after_s" in metadata:
+        headers["Retry-After"] = retry_after_header(float(metadata["retry_after_s"]))
+    return web.json_response(body, status=http_status(code), headers=headers)
 
 
 @web.middleware
 async def grpc_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Upstream gRPC failures, and our own refusals, become KServe's JSON error form with the
-    matching HTTP status."""
+    matching HTTP status (and `Retry-After` for a rate limit)."""
     try:
         return await handler(request)
     except grpc.aio.AioRpcError as error:
         info = error_info(error)
-        body = {"error": error.details() or error.code().name, "code": error.code().name}
-        headers = {}
-        if info is not None:
-            body["reason"] = info.reason
-            if "retry_after_s" in info.metadata:
-                headers["Retry-After"] = retry_after_header(float(info.metadata["retry_after_s"]))
-        return web.json_response(body, status=http_status(error.code()), headers=headers)
+        return _error(
+            error.details() or error.code().name,
+            error.code(),
+            None if info is None else info.reason,
+            {} if info is None else info.metadata,
+        )
     except ShardError as error:
-        body = {"error": error.message, "code": error.code.name, "reason": error.reason}
-        return web.json_response(body, status=http_status(error.code))
+        return _error(error.message, error.code, error.reason, error.metadata)
 
 
 async def live(request: web.Request) -> web.Response:
@@ -84,23 +96,35 @@ async def model_config(request: web.Request) -> web.Response:
 
 
 async def infer(request: web.Request) -> web.Response:
-    """KServe v2 inference, JSON or with Triton's binary tensor data extension."""
+    """KServe v2 inference, JSON or with Triton's binary tensor data extension: straight to a
+    node's Triton when one serves the model over HTTP, else through the router."""
     name, version = _model(request)
-    parsed = parse_infer_request(
-        await request.read(), request.headers.get(HEADER_LENGTH), name, version
-    )
+    body = await request.read()
+    header_length = request.headers.get(HEADER_LENGTH)
+    direct = request.app[DIRECT_KEY]
+    plan = direct.plan(name, version, body, header_length)
+    if plan.routes:
+        return await direct.infer(request, plan, name, body, authorization(request))
+    parsed = parse_infer_request(body, header_length, name, version)
     answer = await request.app[SHARD_KEY].infer(parsed.request, upstream_metadata(request))
-    body, header_length = render_infer_response(answer, parsed)
-    headers = {} if header_length is None else {HEADER_LENGTH: str(header_length)}
-    content_type = "application/json" if header_length is None else "application/octet-stream"
-    return web.Response(body=body, headers=headers, content_type=content_type)
+    answer_body, answer_header_length = render_infer_response(answer, parsed)
+    headers = {} if answer_header_length is None else {HEADER_LENGTH: str(answer_header_length)}
+    content_type = (
+        "application/json" if answer_header_length is None else "application/octet-stream"
+    )
+    return web.Response(body=answer_body, headers=headers, content_type=content_type)
 
 
 def make_app(
-    shard: Shard, *, max_body_bytes: int = 64 << 20, timeout_s: float = 10.0
+    shard: Shard,
+    direct: DirectInference,
+    *,
+    max_body_bytes: int = 64 << 20,
+    timeout_s: float = 10.0,
 ) -> web.Application:
     app = web.Application(middlewares=[grpc_errors], client_max_size=max_body_bytes)
     app[SHARD_KEY] = shard
+    app[DIRECT_KEY] = direct
     app.router.add_get("/v2/health/live", live)
     app.router.add_get("/v2/health/ready", ready)
     app.router.add_get("/v2", server_metadata)

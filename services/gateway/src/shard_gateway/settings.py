@@ -6,9 +6,10 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from shard_core.settings import ServiceSettings
+from shard_inference.settings import DataPlaneSettings
 
 
-class GatewaySettings(ServiceSettings):
+class GatewaySettings(ServiceSettings, DataPlaneSettings):
     model_config = SettingsConfigDict(env_prefix="SHARD_GATEWAY_", frozen=True, extra="forbid")
 
     host: str = Field(default="0.0.0.0", description="HTTP listen host.")

@@ -10,19 +10,14 @@ import grpc
 from opentelemetry import metrics
 
 from shard.inference.v1 import endpoint_service_pb2_grpc
-from shard_client.routing import EndpointTable, TrafficSplit
-from shard_core import keys
-from shard_core.auth import InferenceGuard, KeyRing, ModelAccess, token_hash
-from shard_core.etcd.mirror import PrefixMirror
-from shard_core.etcd.store import EtcdStore
 from shard_core.grpc.server import GrpcServer
-from shard_core.limits import RateLimits
 from shard_inference.backends import SERVICE, NodeChannel
-from shard_inference.cache import CacheableVersions, MemoryCache
+from shard_inference.cache import MemoryCache
 from shard_inference.endpoints import EndpointWatch, ViewChanges
 from shard_inference.repository import Repository
 from shard_inference.servicer import InferenceRouter
 from shard_inference.settings import InferenceSettings
+from shard_inference.view import ShardView
 
 _log = logging.getLogger(__name__)
 
@@ -31,41 +26,18 @@ VIEW_HEALTH = "shard.inference.v1.EndpointView"
 ENDPOINT_SERVICE = "shard.inference.v1.EndpointService"
 
 
-def _guard(
-    settings: InferenceSettings,
-) -> tuple[InferenceGuard, CacheableVersions, list[PrefixMirror]]:
-    """Who may infer on what, within which limits, and which versions may be cached: each
-    followed in etcd by its own mirror (started by the caller)."""
-    admin = settings.admin_token
-    ring = KeyRing(admin_token_sha256=token_hash(admin.get_secret_value()) if admin else "")
-    access = ModelAccess()
-    cacheable = CacheableVersions()
-    mirrors = [
-        PrefixMirror(EtcdStore(settings), keys.API_KEYS, ring),
-        PrefixMirror(EtcdStore(settings), keys.MODELS, access),
-        PrefixMirror(EtcdStore(settings), keys.VERSIONS, cacheable),
-    ]
-    limits = RateLimits(
-        key_rps=settings.key_rate_limit_rps, anonymous_rps=settings.anonymous_rate_limit_rps
-    )
-    return InferenceGuard(ring, access, limits), cacheable, mirrors
-
-
 async def serve(settings: InferenceSettings) -> None:
-    store = EtcdStore(settings)
     server_stops: list[Callable[[], Awaitable[None]]] = []
     changes = ViewChanges()
-    table: EndpointTable[NodeChannel] = EndpointTable(
+    view: ShardView[NodeChannel] = ShardView(
+        settings,
         backend_factory=NodeChannel.open,
         on_backend_removed=NodeChannel.close_later,
         on_change=changes.notify,
     )
-    mirror = PrefixMirror(store, keys.ENDPOINTS, table)
-    mirror.start()
-    split = TrafficSplit(on_change=changes.notify)
-    # Each mirror reconnects its own client on failure, so each gets one of its own.
-    deployments = PrefixMirror(EtcdStore(settings), keys.DEPLOYMENTS, split)
-    deployments.start()
+    view.start()
+    server_stops.append(view.stop)
+    table, split = view.table, view.split
     meter = metrics.get_meter("shard.inference")
     meter.create_observable_gauge(
         "shard_router_routes",
@@ -74,7 +46,7 @@ async def serve(settings: InferenceSettings) -> None:
     )
     meter.create_observable_gauge(
         "shard_router_view_stale",
-        callbacks=[lambda _: [metrics.Observation(int(mirror.stale))]],
+        callbacks=[lambda _: [metrics.Observation(int(view.stale))]],
         description="1 while the router serves from its last known view because etcd is away.",
     )
     failed_attempts = meter.create_counter(
@@ -82,10 +54,6 @@ async def serve(settings: InferenceSettings) -> None:
         description="Requests a node could not be reached for (each retried elsewhere if the "
         "retry budget allowed), by node Triton address.",
     )
-    guard, cacheable, guard_mirrors = _guard(settings)
-    for guard_mirror in guard_mirrors:
-        guard_mirror.start()
-        server_stops.append(guard_mirror.stop)
     responses = MemoryCache(settings.response_cache_bytes)
     lookups = meter.create_counter(
         "shard_router_cache_lookups",
@@ -96,16 +64,16 @@ async def serve(settings: InferenceSettings) -> None:
         callbacks=[lambda _: [metrics.Observation(responses.bytes)]],
         description="Bytes of answers the response cache holds.",
     )
-    watch = EndpointWatch(table, split, changes, guard)
+    watch = EndpointWatch(table, split, changes, view.guard)
     registry = grpc.aio.insecure_channel(settings.registry_address)
     router = InferenceRouter(
         table,
         split=split,
         max_attempts=settings.max_attempts,
-        ready=lambda: mirror.synced and deployments.synced,
+        ready=lambda: view.synced,
         repository=Repository(registry),
-        guard=guard,
-        cacheable=cacheable,
+        guard=view.guard,
+        cacheable=view.cacheable,
         responses=responses,
         on_cache=lambda hit: lookups.add(1, {"result": "hit" if hit else "miss"}),
         trusted_proxies=settings.trusted_proxies,
@@ -124,11 +92,8 @@ async def serve(settings: InferenceSettings) -> None:
         register=register,
         interceptors=(),
     )
-    server.on_shutdown(mirror.stop)
     for stop in server_stops:
         server.on_shutdown(stop)
-    server.on_shutdown(deployments.stop)
-    server.on_shutdown(store.close)
 
     async def close_registry() -> None:
         await registry.close(None)
@@ -140,8 +105,7 @@ async def serve(settings: InferenceSettings) -> None:
         # The router keeps serving from its last known view while etcd is away; it says so
         # here (and in the shard_router_view_stale gauge), not by refusing traffic.
         while True:
-            fresh = not (mirror.stale or deployments.stale)
-            await server.set_component(VIEW_HEALTH, serving=fresh)
+            await server.set_component(VIEW_HEALTH, serving=not view.stale)
             await asyncio.sleep(0.5)
 
     reporting = asyncio.ensure_future(report_view())

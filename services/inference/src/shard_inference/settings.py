@@ -1,4 +1,5 @@
-"""Router settings, from `SHARD_INFERENCE_*` environment variables."""
+"""Router settings, from `SHARD_INFERENCE_*` environment variables, and what every data plane
+(the router, the gateway) needs."""
 
 from __future__ import annotations
 
@@ -8,16 +9,11 @@ from pydantic_settings import SettingsConfigDict
 from shard_core.settings import EtcdSettings, ServiceSettings
 
 
-class InferenceSettings(ServiceSettings, EtcdSettings):
-    model_config = SettingsConfigDict(env_prefix="SHARD_INFERENCE_", frozen=True, extra="forbid")
+class DataPlaneSettings(EtcdSettings):
+    """What a data plane (the router, the gateway) needs to follow the shard and check callers."""
 
-    address: str = Field(
-        default="0.0.0.0:8001", description="KServe v2 gRPC listen address (Triton's port)."
-    )
-    registry_address: str = Field(
-        default="127.0.0.1:7070",
-        description="The registry, for RepositoryModelLoad and Unload (deployments).",
-    )
+    model_config = SettingsConfigDict(frozen=True, extra="forbid")
+
     admin_token: SecretStr | None = Field(
         default=None,
         description="The registry's bootstrap admin token, so it works here too (kept as a hash).",
@@ -30,13 +26,25 @@ class InferenceSettings(ServiceSettings, EtcdSettings):
         ge=0,
         description="Inference requests a second per anonymous client address (0: none).",
     )
+    max_attempts: int = Field(
+        default=2, ge=1, le=5, description="Replicas tried per request when one is unavailable."
+    )
+
+
+class InferenceSettings(ServiceSettings, DataPlaneSettings):
+    model_config = SettingsConfigDict(env_prefix="SHARD_INFERENCE_", frozen=True, extra="forbid")
+
+    address: str = Field(
+        default="0.0.0.0:8001", description="KServe v2 gRPC listen address (Triton's port)."
+    )
+    registry_address: str = Field(
+        default="127.0.0.1:7070",
+        description="The registry, for RepositoryModelLoad and Unload (deployments).",
+    )
     trusted_proxies: frozenset[str] = Field(
         default=frozenset(),
         description="Addresses (the gateways) whose x-forwarded-for names the real client.",
     )
     response_cache_bytes: int = Field(
         default=256 << 20, ge=0, description="Memory for cached answers of cacheable versions."
-    )
-    max_attempts: int = Field(
-        default=2, ge=1, le=5, description="Replicas tried per request when one is unavailable."
     )

@@ -48,6 +48,7 @@ class NodeAgent:
         models: ModelManager,
         channel: grpc.aio.Channel,
         advertise_address: str,
+        http_address: str = "",
         labels: Mapping[str, str],
         reconnect_max_backoff_s: float,
         state_dir: Path,
@@ -60,6 +61,7 @@ class NodeAgent:
         self._models = models
         self._stub = node_service_pb2_grpc.NodeServiceStub(channel)
         self._advertise_address = advertise_address
+        self._http_address = http_address
         self._labels = dict(labels)
         self._max_backoff_s = reconnect_max_backoff_s
         self._lease_ttl_s = float("inf")
@@ -123,6 +125,7 @@ class NodeAgent:
         return node_service_pb2.ConnectRequest(
             registration=node_service_pb2.Registration(
                 inference_address=self._advertise_address,
+                http_address=self._http_address,
                 labels=self._labels,
                 models=await self._models.statuses(),
                 join_token=self._join_token,

@@ -68,12 +68,17 @@ async def serve(settings: NodeSettings) -> None:
             metrics_url = settings.triton_metrics_url or (
                 f"http://127.0.0.1:{launched.ports.metrics}/metrics" if launched else None
             )
+            advertise_address = settings.advertise_address or triton_url
+            http_address = settings.advertise_http_address or (
+                f"{advertise_address.rsplit(':', 1)[0]}:{launched.ports.http}" if launched else ""
+            )
             agent = NodeAgent(
                 identity=identity,
                 triton=triton,
                 models=models,
                 channel=channel,
-                advertise_address=settings.advertise_address or triton_url,
+                advertise_address=advertise_address,
+                http_address=http_address,
                 labels=settings.labels,
                 reconnect_max_backoff_s=settings.reconnect_max_backoff_s,
                 state_dir=settings.state_dir,

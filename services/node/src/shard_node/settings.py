@@ -36,6 +36,11 @@ class NodeSettings(ServiceSettings):
         default=None,
         description="Triton's gRPC address as the control plane reaches it; default: triton's.",
     )
+    advertise_http_address: str | None = Field(
+        default=None,
+        description="Triton's HTTP address as the control plane reaches it, for the gateway; "
+        "default: the launched Triton's on the advertised gRPC host (none when attached).",
+    )
     reconnect_max_backoff_s: float = Field(default=5.0, gt=0)
     join_token: str = Field(
         default="", description="One-time join token for the node's first registration."

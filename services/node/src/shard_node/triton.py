@@ -64,6 +64,7 @@ class TritonProcess:
         self.ports = ports
         self.model_repository = model_repository
         self.grpc_url = f"127.0.0.1:{ports.grpc}"
+        self.http_url = f"127.0.0.1:{ports.http}"
         root = _pytriton_root()
         server = root / "tritonserver"
         backends = self._assemble_backends(server, state_dir / "triton-backends")

@@ -74,7 +74,7 @@ def capacity(inventory: node_pb2.Inventory) -> node_pb2.NodeResources:
     )
 
 
-async def _check_address(address: str, peer: str) -> None:
+async def _check_address(address: str, peer: str, field: str) -> None:
     """A node may only send traffic to itself: the host it names for its Triton must be the
     address its stream comes from (directly, or by name)."""
     host = address.rsplit(":", 1)[0].strip("[]")
@@ -84,10 +84,9 @@ async def _check_address(address: str, peer: str) -> None:
         infos = []
     if peer not in {info[4][0] for info in infos}:
         raise PermissionDeniedError(
-            f"registration.inference_address {address!r} is not where this node connects from "
-            f"({peer})",
+            f"{field} {address!r} is not where this node connects from ({peer})",
             reason="ADDRESS_NOT_PEER",
-            metadata={"field": "registration.inference_address"},
+            metadata={"field": field},
         )
 
 
@@ -143,14 +142,21 @@ def validate_hello(hello: node_service_pb2.Hello) -> str:
     return expected
 
 
+def _addresses(registration: node_service_pb2.Registration) -> list[tuple[str, str]]:
+    """The Triton addresses a node names, by field (the HTTP one is optional)."""
+    named = [("registration.inference_address", registration.inference_address)]
+    if registration.http_address:
+        named.append(("registration.http_address", registration.http_address))
+    return named
+
+
 def _validate_registration(registration: node_service_pb2.Registration) -> None:
     require(registration.inference_address, "registration.inference_address")
-    if not ADDRESS.fullmatch(registration.inference_address):
-        raise InvalidArgumentError(
-            f"registration.inference_address must be host:port, got "
-            f"{registration.inference_address[:80]!r}",
-            metadata={"field": "registration.inference_address"},
-        )
+    for field, address in _addresses(registration):
+        if not ADDRESS.fullmatch(address):
+            raise InvalidArgumentError(
+                f"{field} must be host:port, got {address[:80]!r}", metadata={"field": field}
+            )
     require(registration.HasField("attestation"), "registration.attestation")
     _validate_models(registration.models, "registration.models")
 
@@ -207,6 +213,7 @@ class NodeSession:
                     model_version=model.model_version,
                     node=self.node.name,
                     inference_address=self.node.inference_address,
+                    http_address=self.node.http_address,
                     pending=pending.get(model.model_name, 0),
                 )
                 key = keys.endpoint(model.model_name, model.model_version, self.node_id)
@@ -342,7 +349,8 @@ class NodeRegistry:
         """Admit a node that proved itself; one that reconnects within its lease keeps it."""
         _validate_registration(registration)
         if not self.policy.trust_node_addresses:
-            await _check_address(registration.inference_address, peer_host)
+            for field, address in _addresses(registration):
+                await _check_address(address, peer_host, field)
         verify_attestation(
             attestation=registration.attestation,
             challenge=challenge,
@@ -395,6 +403,7 @@ class NodeRegistry:
             state=state,
             labels=registration.labels,
             inference_address=registration.inference_address,
+            http_address=registration.http_address,
             agent_version=inventory.agent_version,
             triton_version=inventory.triton_version,
             models=registration.models,

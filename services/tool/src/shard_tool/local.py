@@ -183,10 +183,13 @@ class LocalMesh:
                 "GATEWAY",
                 {
                     "host": "127.0.0.1",
+                    **etcd,
                     "port": self.ports.gateway,
                     "router_address": self.router_address,
                     "registry_address": self.registry_address,
                     "metrics_port": self.ports.gateway_metrics,
+                    "admin_token": self.admin_token,
+                    "anonymous_rate_limit_rps": 0,
                 },
             ),
         )

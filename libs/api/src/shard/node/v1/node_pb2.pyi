@@ -127,6 +127,7 @@ class Node(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     INFERENCE_ADDRESS_FIELD_NUMBER: _builtins.int
+    HTTP_ADDRESS_FIELD_NUMBER: _builtins.int
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
     TRITON_VERSION_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
@@ -149,6 +150,10 @@ class Node(_message.Message):
     """The lifecycle state of the node."""
     inference_address: _builtins.str
     """The KServe v2 gRPC address of the node's Triton, as the control plane reaches it."""
+    http_address: _builtins.str
+    """The KServe v2 HTTP address of the node's Triton, as the control plane reaches it; empty when
+    the node offers gRPC only.
+    """
     agent_version: _builtins.str
     """The version of the node agent software."""
     triton_version: _builtins.str
@@ -208,6 +213,7 @@ class Node(_message.Message):
         state: Global___NodeState.ValueType = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         inference_address: _builtins.str = ...,
+        http_address: _builtins.str = ...,
         agent_version: _builtins.str = ...,
         triton_version: _builtins.str = ...,
         models: _abc.Iterable[Global___ModelStatus] | None = ...,
@@ -225,7 +231,7 @@ class Node(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["attest_time", b"attest_time", "capacity", b"capacity", "heartbeat_time", b"heartbeat_time", "inventory", b"inventory", "metrics", b"metrics", "register_time", b"register_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "attest_time", b"attest_time", "capacity", b"capacity", "heartbeat_time", b"heartbeat_time", "inference_address", b"inference_address", "inventory", b"inventory", "labels", b"labels", "metrics", b"metrics", "models", b"models", "name", b"name", "problems", b"problems", "provider", b"provider", "public_key", b"public_key", "register_time", b"register_time", "state", b"state", "state_reason", b"state_reason", "transitions", b"transitions", "triton_version", b"triton_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "attest_time", b"attest_time", "capacity", b"capacity", "heartbeat_time", b"heartbeat_time", "http_address", b"http_address", "inference_address", b"inference_address", "inventory", b"inventory", "labels", b"labels", "metrics", b"metrics", "models", b"models", "name", b"name", "problems", b"problems", "provider", b"provider", "public_key", b"public_key", "register_time", b"register_time", "state", b"state", "state_reason", b"state_reason", "transitions", b"transitions", "triton_version", b"triton_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -602,6 +608,7 @@ class ModelEndpoint(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     NODE_FIELD_NUMBER: _builtins.int
     INFERENCE_ADDRESS_FIELD_NUMBER: _builtins.int
+    HTTP_ADDRESS_FIELD_NUMBER: _builtins.int
     PENDING_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """The Triton model name."""
@@ -611,6 +618,8 @@ class ModelEndpoint(_message.Message):
     """The resource name of the node serving it, `nodes/{node}`."""
     inference_address: _builtins.str
     """The KServe v2 gRPC address of the node's Triton."""
+    http_address: _builtins.str
+    """The KServe v2 HTTP address of the node's Triton; empty when the node offers gRPC only."""
     pending: _builtins.int
     """Requests queued or executing for this model in the node's Triton at its last heartbeat."""
     def __init__(
@@ -620,11 +629,12 @@ class ModelEndpoint(_message.Message):
         model_version: _builtins.str = ...,
         node: _builtins.str = ...,
         inference_address: _builtins.str = ...,
+        http_address: _builtins.str = ...,
         pending: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inference_address", b"inference_address", "model_name", b"model_name", "model_version", b"model_version", "node", b"node", "pending", b"pending"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["http_address", b"http_address", "inference_address", b"inference_address", "model_name", b"model_name", "model_version", b"model_version", "node", b"node", "pending", b"pending"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -230,12 +230,17 @@ class Registration(_message.Message):
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     INFERENCE_ADDRESS_FIELD_NUMBER: _builtins.int
+    HTTP_ADDRESS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
     JOIN_TOKEN_FIELD_NUMBER: _builtins.int
     ATTESTATION_FIELD_NUMBER: _builtins.int
     inference_address: _builtins.str
     """The KServe v2 gRPC address of the node's Triton, reachable from the control plane."""
+    http_address: _builtins.str
+    """The KServe v2 HTTP address of the node's Triton, reachable from the control plane; the
+    gateway sends REST inference there. Empty when the node offers gRPC only.
+    """
     join_token: _builtins.str
     """The one-time join token an admin made, needed the first time a node joins the shard."""
     @_builtins.property
@@ -254,6 +259,7 @@ class Registration(_message.Message):
         self,
         *,
         inference_address: _builtins.str = ...,
+        http_address: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         models: _abc.Iterable[_node_pb2.ModelStatus] | None = ...,
         join_token: _builtins.str = ...,
@@ -261,7 +267,7 @@ class Registration(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["attestation", b"attestation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attestation", b"attestation", "inference_address", b"inference_address", "join_token", b"join_token", "labels", b"labels", "models", b"models"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attestation", b"attestation", "http_address", b"http_address", "inference_address", b"inference_address", "join_token", b"join_token", "labels", b"labels", "models", b"models"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

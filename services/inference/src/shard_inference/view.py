@@ -1,0 +1,77 @@
+"""What a data plane follows in etcd: the router's and the gateway's view of the shard.
+
+Ready endpoints (by node address, gRPC for the router, HTTP for the gateway), the deployments'
+traffic splits, the API keys and models that decide who may infer on what, and the versions whose
+answers may be cached. Each prefix has its own mirror and etcd client, so each reconnects on its
+own; while etcd is away every mirror keeps its last copy and the view says it is stale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Generic
+
+from shard.node.v1 import node_pb2
+from shard_client.routing import B, EndpointTable, TrafficSplit, grpc_address
+from shard_core import keys
+from shard_core.auth import InferenceGuard, KeyRing, ModelAccess, token_hash
+from shard_core.etcd.mirror import PrefixMirror
+from shard_core.etcd.store import EtcdStore
+from shard_core.limits import RateLimits
+from shard_inference.cache import CacheableVersions
+from shard_inference.settings import DataPlaneSettings
+
+
+class ShardView(Generic[B]):
+    def __init__(
+        self,
+        settings: DataPlaneSettings,
+        *,
+        backend_factory: Callable[[str], B],
+        on_backend_removed: Callable[[B], None] = lambda _: None,
+        address_of: Callable[[node_pb2.ModelEndpoint], str] = grpc_address,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.table: EndpointTable[B] = EndpointTable(
+            backend_factory=backend_factory,
+            on_backend_removed=on_backend_removed,
+            on_change=on_change,
+            address_of=address_of,
+        )
+        self.split = TrafficSplit(on_change=on_change)
+        admin = settings.admin_token
+        ring = KeyRing(admin_token_sha256=token_hash(admin.get_secret_value()) if admin else "")
+        access = ModelAccess()
+        self.cacheable = CacheableVersions()
+        limits = RateLimits(
+            key_rps=settings.key_rate_limit_rps, anonymous_rps=settings.anonymous_rate_limit_rps
+        )
+        self.guard = InferenceGuard(ring, access, limits)
+        self._routing = [
+            PrefixMirror(EtcdStore(settings), keys.ENDPOINTS, self.table),
+            PrefixMirror(EtcdStore(settings), keys.DEPLOYMENTS, self.split),
+        ]
+        self._mirrors = [
+            *self._routing,
+            PrefixMirror(EtcdStore(settings), keys.API_KEYS, ring),
+            PrefixMirror(EtcdStore(settings), keys.MODELS, access),
+            PrefixMirror(EtcdStore(settings), keys.VERSIONS, self.cacheable),
+        ]
+
+    @property
+    def synced(self) -> bool:
+        """Whether the endpoints and traffic splits have been read once."""
+        return all(mirror.synced for mirror in self._routing)
+
+    @property
+    def stale(self) -> bool:
+        """Whether etcd is away and the routing view may be behind it."""
+        return any(mirror.stale for mirror in self._routing)
+
+    def start(self) -> None:
+        for mirror in self._mirrors:
+            mirror.start()
+
+    async def stop(self) -> None:
+        for mirror in self._mirrors:
+            await mirror.stop()
