@@ -529,10 +529,9 @@ async def test_bad_inference_addresses_are_refused(
     address: str,
     field: str,
 ) -> None:
+    fields: dict[str, Any] = {field: address}
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await FakeAgent(stub).register(
-            NodeIdentity.load_or_create(tmp_path), token="", **{field: address}
-        )
+        await FakeAgent(stub).register(NodeIdentity.load_or_create(tmp_path), token="", **fields)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     named = error_info(raised.value).metadata["field"]  # type: ignore[union-attr]
     assert named == f"registration.{field}"
