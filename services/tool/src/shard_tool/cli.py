@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 from pathlib import Path
@@ -12,7 +13,11 @@ from typing import Annotated
 import typer
 
 from shard_core.logging import configure_logging
+from shard_tool import config
+from shard_tool.commands import contexts, deployments, infer, keys, models, nodes
 from shard_tool.local import LocalMesh, MeshPorts, MeshTiming
+from shard_tool.output import Format, emit_data
+from shard_tool.session import Session, fail, session
 
 app = typer.Typer(
     name="shard",
@@ -20,11 +25,43 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+app.add_typer(contexts.app, name="context")
+app.add_typer(nodes.app, name="node")
+app.add_typer(models.app, name="model")
+app.add_typer(deployments.app, name="deploy")
+app.add_typer(keys.app, name="key")
+app.command("infer")(infer.infer)
 
 
 @app.callback()
-def _shard() -> None:
-    """AI Shard: many GPU machines, one model service."""
+def _shard(
+    ctx: typer.Context,
+    context: Annotated[
+        str | None,
+        typer.Option(envvar="SHARD_CONTEXT", help="Context to use instead of the current one."),
+    ] = None,
+    registry: Annotated[
+        str | None, typer.Option(envvar="SHARD_REGISTRY", help="Registry gRPC address.")
+    ] = None,
+    router: Annotated[
+        str | None, typer.Option(envvar="SHARD_ROUTER", help="Router gRPC address.")
+    ] = None,
+    key: Annotated[
+        str | None, typer.Option(envvar="SHARD_KEY", help="API key secret.", show_default=False)
+    ] = None,
+    output: Annotated[Format, typer.Option("--output", "-o", help="Output format.")] = Format.TABLE,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks of failures.")] = False,
+) -> None:
+    """AI Shard: many GPU machines, one model service.
+
+    Connects where the current context says (`shard context`), unless flags or SHARD_*
+    variables say otherwise.
+    """
+    ctx.obj = Session(
+        overrides=config.Overrides(context=context, registry=registry, router=router, key=key),
+        output=output,
+        debug=debug,
+    )
 
 
 def _default_state_dir() -> Path:
@@ -88,6 +125,7 @@ async def _run_until_signalled(mesh: LocalMesh, nodes: int) -> None:
             starting.result()
             for name, value in mesh.endpoints().items():
                 typer.echo(f"  {name:<24} {value}")
+            _save_local_context(mesh)
             typer.echo("ready: the shard is serving; Ctrl-C stops it")
             await stopping
     finally:
@@ -98,6 +136,80 @@ async def _run_until_signalled(mesh: LocalMesh, nodes: int) -> None:
         typer.echo("stopping...")
         mesh.stop()
         typer.echo("stopped")
+
+
+def _save_local_context(mesh: LocalMesh) -> None:
+    """A ready `local` context for the mesh (current unless another one is)."""
+    found = config.load()
+    found.contexts["local"] = config.Context(
+        registry=mesh.registry_address,
+        router=mesh.router_address,
+        key_file=str(mesh.state_dir / "admin-token"),
+    )
+    found.current_context = found.current_context or "local"
+    path = config.save(found)
+    typer.echo(f"  {'CLI context':<24} local ({path})")
+
+
+def _mesh_state(state_dir: Path | None) -> tuple[Path, dict[str, object]]:
+    directory = state_dir or _default_state_dir()
+    state_file = directory / "mesh.json"
+    if not state_file.exists():
+        fail(f"no local shard has run in {directory} (start one with `shard up`)")
+    return directory, json.loads(state_file.read_text())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+StateDir = Annotated[
+    Path | None,
+    typer.Option(help="Directory of the local mesh. [default: $XDG_STATE_HOME/shard/local]"),
+]
+
+
+@app.command()
+def status(ctx: typer.Context, state_dir: StateDir = None) -> None:
+    """Show whether the local shard runs, and its processes.
+
+    Example: shard status -o json
+    """
+    directory, state = _mesh_state(state_dir)
+    processes = state.get("processes", {})
+    assert isinstance(processes, dict)
+    launcher = int(str(state.get("launcher_pid", 0)))
+    report = {
+        "state_dir": str(directory),
+        "running": _alive(launcher),
+        "ports": state.get("ports", {}),
+        "processes": {
+            name: {"pid": pid, "alive": _alive(int(pid))} for name, pid in processes.items()
+        },
+    }
+    emit_data(report, session(ctx).output)
+    if not report["running"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def down(state_dir: StateDir = None) -> None:
+    """Stop the local shard that `shard up` started.
+
+    Example: shard down
+    """
+    _, state = _mesh_state(state_dir)
+    launcher = int(str(state.get("launcher_pid", 0)))
+    if not launcher or not _alive(launcher):
+        fail("the local shard is not running")
+    os.kill(launcher, signal.SIGTERM)
+    typer.echo(f"stopping the local shard (pid {launcher})")
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ def file_digest(path: Path) -> tuple[str, int]:
 
 
 async def _chunks(
-    path: Path, sha256: str, size: int
+    path: Path, sha256: str, size: int, on_bytes: Callable[[int], None]
 ) -> AsyncIterator[artifact_api.UploadBlobRequest]:
     yield artifact_api.UploadBlobRequest(
         header=artifact_api.UploadBlobHeader(sha256=sha256, size_bytes=size)
@@ -49,6 +49,7 @@ async def _chunks(
     with path.open("rb") as file:
         while chunk := await asyncio.to_thread(file.read, CHUNK_BYTES):
             yield artifact_api.UploadBlobRequest(chunk=chunk)
+            on_bytes(len(chunk))
 
 
 def _raw(tensor: Mapping[str, Any]) -> bytes:
@@ -101,11 +102,18 @@ def _version_dirs(model_dir: Path) -> list[Path]:
     return sorted(numbered, key=lambda path: int(path.name))
 
 
+def directory_bytes(model_dir: Path) -> int:
+    """The bytes a push of the model directory uploads (at most: stored files are skipped)."""
+    return sum(path.stat().st_size for d in _version_dirs(model_dir) for path in _files(d))
+
+
 @dataclass(frozen=True, kw_only=True)
 class Publisher:
     """The registry's model APIs, as one client uses them."""
 
     channel: grpc.aio.Channel
+    # Called with each chunk's size as it is sent (and a skipped file's whole size).
+    on_bytes: Callable[[int], None] = lambda _: None
 
     @property
     def artifacts(self) -> artifact_service_pb2_grpc.ArtifactServiceStub:
@@ -129,7 +137,11 @@ class Publisher:
         except grpc.aio.AioRpcError as error:
             if error.code() != grpc.StatusCode.NOT_FOUND:
                 raise
-            await self.artifacts.UploadBlob(_chunks(path, sha256, size), timeout=3600)
+            await self.artifacts.UploadBlob(
+                _chunks(path, sha256, size, self.on_bytes), timeout=3600
+            )
+        else:
+            self.on_bytes(size)  # already stored: a repeated push resumes past it
         return model_pb2.ModelFile(sha256=sha256, size_bytes=size)
 
     async def ensure_model(self, model_id: str, model: model_pb2.Model) -> None:

@@ -1,0 +1,156 @@
+"""`shard model`: register models and push their versions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+from shard.model.v1 import model_pb2, model_service_pb2, model_service_pb2_grpc
+from shard_tool.output import Column, emit, emit_data
+from shard_tool.publish import Publisher, directory_bytes
+from shard_tool.session import all_pages, session
+
+app = typer.Typer(help="Models: create, push versions, list, inspect and remove.")
+
+COLUMNS: list[Column] = [
+    ("name", lambda m: m.name.removeprefix("models/")),
+    ("owner", lambda m: m.owner),
+    ("visibility", lambda m: model_pb2.Visibility.Name(m.visibility).removeprefix("VISIBILITY_")),
+    ("rate limit", lambda m: m.rate_limit_rps or "-"),
+    ("description", lambda m: m.description),
+]
+VISIBILITY = {"private": model_pb2.VISIBILITY_PRIVATE, "public": model_pb2.VISIBILITY_PUBLIC}
+Name = Annotated[str, typer.Argument(help="The model id (or models/<id>).")]
+
+
+def _name(model: str) -> str:
+    return model if model.startswith("models/") else f"models/{model}"
+
+
+def _visibility(value: str) -> model_pb2.Visibility.ValueType:
+    if value not in VISIBILITY:
+        raise typer.BadParameter("must be 'private' or 'public'", param_hint="--visibility")
+    return VISIBILITY[value]
+
+
+@app.command("create")
+def create(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Argument(help="The new model's id.")],
+    visibility: Annotated[str, typer.Option(help="'private' or 'public'.")] = "private",
+    description: Annotated[str, typer.Option(help="What the model does.")] = "",
+) -> None:
+    """Register a model (its versions come with `shard model push`).
+
+    Example: shard model create resnet50 --visibility public
+    """
+    s = session(ctx)
+    wanted = model_pb2.Model(visibility=_visibility(visibility), description=description)
+    stub = s.registry(model_service_pb2_grpc.ModelServiceStub)
+
+    async def work() -> None:
+        request = model_service_pb2.CreateModelRequest(model_id=model, model=wanted)
+        emit((await stub.CreateModel(request, timeout=10)).model, COLUMNS, s.output)
+
+    s.run(work)
+
+
+@app.command("push")
+def push(
+    ctx: typer.Context,
+    directory: Annotated[
+        Path, typer.Argument(help="A Triton model directory: config.pbtxt and version dirs.")
+    ],
+    visibility: Annotated[str, typer.Option(help="For a new model: 'private' or 'public'.")] = (
+        "private"
+    ),
+) -> None:
+    """Upload a Triton model directory as the model named after it, one version per numbered
+    directory. Files the shard already stores are skipped, so a push that was cut off resumes.
+
+    Example: shard model push ./models/simple --visibility public
+    """
+    if not (directory / "config.pbtxt").is_file():
+        raise typer.BadParameter(f"{directory} has no config.pbtxt", param_hint="DIRECTORY")
+    s = session(ctx)
+    level = _visibility(visibility)
+    total = directory_bytes(directory)
+    quiet = s.output is not s.output.TABLE
+
+    async def work() -> None:
+        with Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            disable=quiet,
+            transient=True,
+        ) as progress:
+            task = progress.add_task(f"pushing {directory.name}", total=total)
+            publisher = Publisher(
+                channel=s.channel(s.context.registry),
+                on_bytes=lambda n: progress.advance(task, n),
+            )
+            versions = await publisher.push_directory(directory, visibility=level)
+        emit_data({"model": f"models/{directory.name}", "versions": versions}, s.output)
+
+    s.run(work)
+
+
+@app.command("ls")
+def list_models(ctx: typer.Context) -> None:
+    """List the models you can see.
+
+    Example: shard model ls -o json
+    """
+    s = session(ctx)
+    stub = s.registry(model_service_pb2_grpc.ModelServiceStub)
+
+    async def work() -> None:
+        models = await all_pages(stub.ListModels, model_service_pb2.ListModelsRequest(), "models")
+        emit(models, COLUMNS, s.output)
+
+    s.run(work)
+
+
+@app.command("get")
+def get(ctx: typer.Context, model: Name) -> None:
+    """Show a model and its versions.
+
+    Example: shard model get simple -o yaml
+    """
+    s = session(ctx)
+    stub = s.registry(model_service_pb2_grpc.ModelServiceStub)
+
+    async def work() -> None:
+        reply = await stub.GetModel(
+            model_service_pb2.GetModelRequest(name=_name(model)), timeout=10
+        )
+        versions = await stub.ListModelVersions(
+            model_service_pb2.ListModelVersionsRequest(parent=_name(model)), timeout=10
+        )
+        emit(reply.model, COLUMNS, s.output)
+        if s.output is s.output.TABLE:
+            names = [v.name.rsplit("/", 1)[-1] for v in versions.model_versions]
+            typer.echo(f"versions: {', '.join(names) or '-'}")
+
+    s.run(work)
+
+
+@app.command("rm")
+def remove(ctx: typer.Context, model: Name) -> None:
+    """Delete a model (it must have no deployment).
+
+    Example: shard model rm resnet50
+    """
+    s = session(ctx)
+    stub = s.registry(model_service_pb2_grpc.ModelServiceStub)
+
+    async def work() -> None:
+        await stub.DeleteModel(model_service_pb2.DeleteModelRequest(name=_name(model)), timeout=10)
+        emit_data({"deleted": _name(model)}, s.output)
+
+    s.run(work)

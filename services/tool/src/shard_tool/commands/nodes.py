@@ -1,0 +1,181 @@
+"""`shard node`: the machines in the shard."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+import typer
+
+from shard.node.v1 import node_pb2, node_service_pb2, node_service_pb2_grpc
+from shard_tool.output import Column, emit, emit_data
+from shard_tool.session import all_pages, session
+
+app = typer.Typer(help="Nodes: list, inspect, cordon, drain and remove machines; join tokens.")
+token_app = typer.Typer(help="Join tokens for enrolling new nodes.")
+app.add_typer(token_app, name="token")
+
+COLUMNS: list[Column] = [
+    ("name", lambda n: n.name.removeprefix("nodes/")),
+    ("state", lambda n: node_pb2.NodeState.Name(n.state).removeprefix("NODE_STATE_")),
+    ("provider", lambda n: n.provider),
+    ("address", lambda n: n.inference_address),
+    ("gpus", lambda n: len(n.inventory.gpus)),
+    ("models", lambda n: sorted({m.model_name for m in n.models})),
+    ("labels", lambda n: dict(n.labels)),
+]
+Name = Annotated[str, typer.Argument(help="The node id (or nodes/<id>).")]
+
+
+def _name(node: str) -> str:
+    return node if node.startswith("nodes/") else f"nodes/{node}"
+
+
+@app.command("ls")
+def list_nodes(
+    ctx: typer.Context,
+    filter_: Annotated[
+        str, typer.Option("--filter", help="e.g. 'state=ACTIVE', 'labels.pool=a'.")
+    ] = "",
+    watch: Annotated[
+        bool, typer.Option("--watch", "-w", help="Print again as nodes change.")
+    ] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.")] = 2.0,
+) -> None:
+    """List the nodes.
+
+    Example: shard node ls --filter state=ACTIVE -o json
+    """
+    s = session(ctx)
+    stub = s.registry(node_service_pb2_grpc.NodeServiceStub)
+
+    async def work() -> None:
+        while True:
+            request = node_service_pb2.ListNodesRequest(filter=filter_)
+            nodes = await all_pages(stub.ListNodes, request, "nodes")
+            emit(nodes, COLUMNS, s.output)
+            if not watch:
+                return
+            await asyncio.sleep(interval)
+            typer.echo("")
+
+    s.run(work)
+
+
+@app.command("get")
+def get_node(ctx: typer.Context, node: Name) -> None:
+    """Show one node.
+
+    Example: shard node get nk3gbxs7 -o yaml
+    """
+    s = session(ctx)
+    stub = s.registry(node_service_pb2_grpc.NodeServiceStub)
+
+    async def work() -> None:
+        reply = await stub.GetNode(node_service_pb2.GetNodeRequest(name=_name(node)), timeout=10)
+        emit(reply.node, COLUMNS, s.output)
+
+    s.run(work)
+
+
+@app.command("cordon")
+def cordon(
+    ctx: typer.Context,
+    node: Name,
+    reason: Annotated[str, typer.Option(help="Why, for the record.")] = "",
+) -> None:
+    """Stop placing new replicas on a node; what it serves stays.
+
+    Example: shard node cordon nk3gbxs7 --reason "disk replacement"
+    """
+    s = session(ctx)
+    stub = s.registry(node_service_pb2_grpc.NodeServiceStub)
+
+    async def work() -> None:
+        request = node_service_pb2.CordonNodeRequest(name=_name(node), reason=reason)
+        emit((await stub.CordonNode(request, timeout=10)).node, COLUMNS, s.output)
+
+    s.run(work)
+
+
+@app.command("uncordon")
+def uncordon(ctx: typer.Context, node: Name) -> None:
+    """Let the scheduler place replicas on a node again.
+
+    Example: shard node uncordon nk3gbxs7
+    """
+    s = session(ctx)
+    stub = s.registry(node_service_pb2_grpc.NodeServiceStub)
+
+    async def work() -> None:
+        request = node_service_pb2.UncordonNodeRequest(name=_name(node))
+        emit((await stub.UncordonNode(request, timeout=10)).node, COLUMNS, s.output)
+
+    s.run(work)
+
+
+@app.command("drain")
+def drain(
+    ctx: typer.Context,
+    node: Name,
+    reason: Annotated[str, typer.Option(help="Why, for the record.")] = "",
+) -> None:
+    """Cordon a node and move its replicas elsewhere.
+
+    Example: shard node drain nk3gbxs7 --reason "maintenance"
+    """
+    s = session(ctx)
+    stub = s.registry(node_service_pb2_grpc.NodeServiceStub)
+
+    async def work() -> None:
+        request = node_service_pb2.DrainNodeRequest(name=_name(node), reason=reason)
+        emit((await stub.DrainNode(request, timeout=10)).node, COLUMNS, s.output)
+
+    s.run(work)
+
+
+@app.command("rm")
+def remove(ctx: typer.Context, node: Name) -> None:
+    """Remove a node from the shard (it must enroll again with a new join token).
+
+    Example: shard node rm nk3gbxs7
+    """
+    s = session(ctx)
+    stub = s.registry(node_service_pb2_grpc.NodeServiceStub)
+
+    async def work() -> None:
+        await stub.DeleteNode(node_service_pb2.DeleteNodeRequest(name=_name(node)), timeout=10)
+        emit_data({"deleted": _name(node)}, s.output)
+
+    s.run(work)
+
+
+@token_app.command("create")
+def create_token(
+    ctx: typer.Context,
+    ttl: Annotated[int, typer.Option(min=1, help="Seconds the token stays valid.")] = 3600,
+    description: Annotated[str, typer.Option(help="What the token is for.")] = "",
+) -> None:
+    """Make a one-time join token; the secret is shown once.
+
+    Example: shard node token create --ttl 600 --description "rack 4"
+    """
+    s = session(ctx)
+    stub = s.registry(node_service_pb2_grpc.NodeServiceStub)
+
+    async def work() -> None:
+        token = node_service_pb2.JoinToken(ttl_seconds=ttl, description=description)
+        reply = await stub.CreateJoinToken(
+            node_service_pb2.CreateJoinTokenRequest(join_token=token), timeout=10
+        )
+        created = reply.join_token
+        emit_data(
+            {
+                "name": created.name,
+                "token": created.token,
+                "expire_time": created.expire_time.ToJsonString(),
+            },
+            s.output,
+        )
+
+    s.run(work)

@@ -1,0 +1,122 @@
+"""What every command shares: the resolved context, the output format, channels to the shard,
+and turning failures into one clear line and an exit code (0 ok, 1 failed, 2 usage)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+import typer
+
+from shard_core.auth import bearer_interceptors
+from shard_tool.config import ConfigError, Context, Overrides, resolve
+from shard_tool.output import Format
+
+T = TypeVar("T")
+
+FAILED = 1
+# Hints for the codes a user can act on.
+HINTS = {
+    grpc.StatusCode.UNAUTHENTICATED: "set a key with `shard context add --key` or SHARD_KEY",
+    grpc.StatusCode.PERMISSION_DENIED: "the key's role does not allow this; ask an admin",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "the shard did not answer in time; try again",
+}
+
+
+@dataclass(kw_only=True)
+class Session:
+    overrides: Overrides
+    output: Format = Format.TABLE
+    debug: bool = False
+    _context: Context | None = None
+    _channels: dict[str, grpc.aio.Channel] = field(default_factory=dict)
+
+    @property
+    def context(self) -> Context:
+        if self._context is None:
+            try:
+                self._context = resolve(self.overrides)
+            except ConfigError as error:
+                fail(str(error))
+        return self._context
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        """A channel to `address` that carries the context's key on every call."""
+        channel = self._channels.get(address)
+        if channel is None:
+            try:
+                secret = self.context.secret()
+            except OSError as error:
+                fail(f"cannot read the key file: {error}")
+            interceptors = bearer_interceptors(secret) if secret else None
+            if self.context.tls:
+                root = Path(self.context.ca_file).read_bytes() if self.context.ca_file else None
+                credentials = grpc.ssl_channel_credentials(root_certificates=root)
+                channel = grpc.aio.secure_channel(address, credentials, interceptors=interceptors)
+            else:
+                channel = grpc.aio.insecure_channel(address, interceptors=interceptors)
+            self._channels[address] = channel
+        return channel
+
+    def registry(self, stub: Callable[[grpc.aio.Channel], T]) -> T:
+        return stub(self.channel(self.context.registry))
+
+    def run(self, work: Callable[[], Awaitable[T]]) -> T:
+        """Run a command's calls; failures become one line on stderr and exit code 1."""
+
+        async def main() -> T:
+            try:
+                return await work()
+            finally:
+                for channel in self._channels.values():
+                    await channel.close(None)
+                self._channels.clear()
+
+        try:
+            return asyncio.run(main())
+        except grpc.aio.AioRpcError as error:
+            if self.debug:
+                raise
+            fail(self._explain(error))
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+
+    def _explain(self, error: grpc.aio.AioRpcError) -> str:
+        code = error.code()
+        if code == grpc.StatusCode.UNAVAILABLE:
+            addresses = " or ".join(self._channels) or self.context.registry
+            return (
+                f"cannot reach the shard at {addresses}: {error.details()} "
+                "(is it running? `shard up` starts a local one; --registry/--router pick another)"
+            )
+        message = f"{error.details() or code.name} ({code.name})"
+        hint = HINTS.get(code)
+        return f"{message}; {hint}" if hint else message
+
+
+async def all_pages(list_call: Any, request: Any, field: str) -> list[Any]:
+    """Every item of a paged List call (AIP-158), page after page."""
+    items: list[Any] = []
+    while True:
+        reply = await list_call(request, timeout=10)
+        items.extend(getattr(reply, field))
+        if not reply.next_page_token:
+            return items
+        request.page_token = reply.next_page_token
+
+
+def fail(message: str, *, code: int = FAILED) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def session(ctx: typer.Context) -> Session:
+    found: Any = ctx.find_root().obj
+    if not isinstance(found, Session):  # pragma: no cover (the root callback always sets it)
+        sys.exit("internal error: no session")
+    return found
