@@ -8,7 +8,7 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON ?= python3.11
 RUN := $(UV) run --frozen
 
-.PHONY: help install up check lint protos protos-check types test bench clean
+.PHONY: help install up check lint docs protos protos-check types test bench clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -25,10 +25,14 @@ up: install ## Start the whole shard locally with the demo models (Ctrl-C stops 
 
 check: install lint protos-check types test ## Everything CI runs.
 
-lint: ## buf lint and format, ruff lint and format.
+lint: ## buf lint and format, ruff lint and format, docs/cli.md up to date.
 	$(RUN) python scripts/protos.py lint
 	$(RUN) ruff check .
 	$(RUN) ruff format --check .
+	$(RUN) python scripts/cli_docs.py check
+
+docs: ## Regenerate docs/cli.md from the shard CLI.
+	$(RUN) python scripts/cli_docs.py generate
 
 protos: ## Regenerate the committed API package from protos/.
 	$(RUN) python scripts/protos.py generate

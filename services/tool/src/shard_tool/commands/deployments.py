@@ -97,9 +97,9 @@ def create(
         ],
         node_selector=deployment_pb2.NodeSelector(labels=labels),
     )
-    stub = _stub(ctx)
 
     async def work() -> None:
+        stub = _stub(ctx)
         request = deployment_service_pb2.CreateDeploymentRequest(
             deployment_id=model, deployment=deployment
         )
@@ -149,9 +149,9 @@ def scale(
     """
     s = session(ctx)
     change = _pairs(replicas, "--replicas")
-    stub = _stub(ctx)
 
     async def work() -> None:
+        stub = _stub(ctx)
         emit(await _update(stub, _name(deployment), change, "replicas"), COLUMNS, s.output)
 
     s.run(work)
@@ -169,9 +169,9 @@ def split(
     """
     s = session(ctx)
     change = _pairs(weight, "--weight")
-    stub = _stub(ctx)
 
     async def work() -> None:
+        stub = _stub(ctx)
         emit(await _update(stub, _name(deployment), change, "weight"), COLUMNS, s.output)
 
     s.run(work)
@@ -184,9 +184,9 @@ def list_deployments(ctx: typer.Context) -> None:
     Example: shard deploy ls -o json
     """
     s = session(ctx)
-    stub = _stub(ctx)
 
     async def work() -> None:
+        stub = _stub(ctx)
         request = deployment_service_pb2.ListDeploymentsRequest()
         found = await all_pages(stub.ListDeployments, request, "deployments")
         emit(found, COLUMNS, s.output)
@@ -208,9 +208,9 @@ def get(
     Example: shard deploy get simple --watch
     """
     s = session(ctx)
-    stub = _stub(ctx)
 
     async def work() -> None:
+        stub = _stub(ctx)
         last = None
         while True:
             reply = await stub.GetDeployment(
@@ -233,9 +233,9 @@ def explain(ctx: typer.Context, deployment: Name) -> None:
     Example: shard deploy explain simple
     """
     s = session(ctx)
-    stub = _stub(ctx)
 
     async def work() -> None:
+        stub = _stub(ctx)
         reply = await stub.ExplainDeployment(
             deployment_service_pb2.ExplainDeploymentRequest(name=_name(deployment)), timeout=10
         )
@@ -251,9 +251,9 @@ def remove(ctx: typer.Context, deployment: Name) -> None:
     Example: shard deploy rm simple
     """
     s = session(ctx)
-    stub = _stub(ctx)
 
     async def work() -> None:
+        stub = _stub(ctx)
         await stub.DeleteDeployment(
             deployment_service_pb2.DeleteDeploymentRequest(name=_name(deployment)), timeout=10
         )

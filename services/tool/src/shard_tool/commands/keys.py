@@ -51,9 +51,9 @@ def create(
         expire.GetCurrentTime()
         expire.seconds += expires_in
         key.expire_time.CopyFrom(expire)
-    stub = s.registry(key_service_pb2_grpc.KeyServiceStub)
 
     async def work() -> None:
+        stub = s.registry(key_service_pb2_grpc.KeyServiceStub)
         reply = await stub.CreateApiKey(
             key_service_pb2.CreateApiKeyRequest(api_key=key), timeout=10
         )
@@ -69,9 +69,9 @@ def list_keys(ctx: typer.Context) -> None:
     Example: shard key ls -o yaml
     """
     s = session(ctx)
-    stub = s.registry(key_service_pb2_grpc.KeyServiceStub)
 
     async def work() -> None:
+        stub = s.registry(key_service_pb2_grpc.KeyServiceStub)
         request = key_service_pb2.ListApiKeysRequest()
         found = await all_pages(stub.ListApiKeys, request, "api_keys")
         emit(found, COLUMNS, s.output)
@@ -89,9 +89,9 @@ def revoke(
     """
     s = session(ctx)
     name = key if key.startswith("keys/") else f"keys/{key}"
-    stub = s.registry(key_service_pb2_grpc.KeyServiceStub)
 
     async def work() -> None:
+        stub = s.registry(key_service_pb2_grpc.KeyServiceStub)
         reply = await stub.RevokeApiKey(key_service_pb2.RevokeApiKeyRequest(name=name), timeout=10)
         emit(reply.api_key, COLUMNS, s.output)
 

@@ -49,9 +49,9 @@ def create(
     """
     s = session(ctx)
     wanted = model_pb2.Model(visibility=_visibility(visibility), description=description)
-    stub = s.registry(model_service_pb2_grpc.ModelServiceStub)
 
     async def work() -> None:
+        stub = s.registry(model_service_pb2_grpc.ModelServiceStub)
         request = model_service_pb2.CreateModelRequest(model_id=model, model=wanted)
         emit((await stub.CreateModel(request, timeout=10)).model, COLUMNS, s.output)
 
@@ -107,9 +107,9 @@ def list_models(ctx: typer.Context) -> None:
     Example: shard model ls -o json
     """
     s = session(ctx)
-    stub = s.registry(model_service_pb2_grpc.ModelServiceStub)
 
     async def work() -> None:
+        stub = s.registry(model_service_pb2_grpc.ModelServiceStub)
         models = await all_pages(stub.ListModels, model_service_pb2.ListModelsRequest(), "models")
         emit(models, COLUMNS, s.output)
 
@@ -123,9 +123,9 @@ def get(ctx: typer.Context, model: Name) -> None:
     Example: shard model get simple -o yaml
     """
     s = session(ctx)
-    stub = s.registry(model_service_pb2_grpc.ModelServiceStub)
 
     async def work() -> None:
+        stub = s.registry(model_service_pb2_grpc.ModelServiceStub)
         reply = await stub.GetModel(
             model_service_pb2.GetModelRequest(name=_name(model)), timeout=10
         )
@@ -147,9 +147,9 @@ def remove(ctx: typer.Context, model: Name) -> None:
     Example: shard model rm resnet50
     """
     s = session(ctx)
-    stub = s.registry(model_service_pb2_grpc.ModelServiceStub)
 
     async def work() -> None:
+        stub = s.registry(model_service_pb2_grpc.ModelServiceStub)
         await stub.DeleteModel(model_service_pb2.DeleteModelRequest(name=_name(model)), timeout=10)
         emit_data({"deleted": _name(model)}, s.output)
 

@@ -47,9 +47,9 @@ def list_nodes(
     Example: shard node ls --filter state=ACTIVE -o json
     """
     s = session(ctx)
-    stub = s.registry(node_service_pb2_grpc.NodeServiceStub)
 
     async def work() -> None:
+        stub = s.registry(node_service_pb2_grpc.NodeServiceStub)
         while True:
             request = node_service_pb2.ListNodesRequest(filter=filter_)
             nodes = await all_pages(stub.ListNodes, request, "nodes")
@@ -69,9 +69,9 @@ def get_node(ctx: typer.Context, node: Name) -> None:
     Example: shard node get nk3gbxs7 -o yaml
     """
     s = session(ctx)
-    stub = s.registry(node_service_pb2_grpc.NodeServiceStub)
 
     async def work() -> None:
+        stub = s.registry(node_service_pb2_grpc.NodeServiceStub)
         reply = await stub.GetNode(node_service_pb2.GetNodeRequest(name=_name(node)), timeout=10)
         emit(reply.node, COLUMNS, s.output)
 
@@ -89,9 +89,9 @@ def cordon(
     Example: shard node cordon nk3gbxs7 --reason "disk replacement"
     """
     s = session(ctx)
-    stub = s.registry(node_service_pb2_grpc.NodeServiceStub)
 
     async def work() -> None:
+        stub = s.registry(node_service_pb2_grpc.NodeServiceStub)
         request = node_service_pb2.CordonNodeRequest(name=_name(node), reason=reason)
         emit((await stub.CordonNode(request, timeout=10)).node, COLUMNS, s.output)
 
@@ -105,9 +105,9 @@ def uncordon(ctx: typer.Context, node: Name) -> None:
     Example: shard node uncordon nk3gbxs7
     """
     s = session(ctx)
-    stub = s.registry(node_service_pb2_grpc.NodeServiceStub)
 
     async def work() -> None:
+        stub = s.registry(node_service_pb2_grpc.NodeServiceStub)
         request = node_service_pb2.UncordonNodeRequest(name=_name(node))
         emit((await stub.UncordonNode(request, timeout=10)).node, COLUMNS, s.output)
 
@@ -125,9 +125,9 @@ def drain(
     Example: shard node drain nk3gbxs7 --reason "maintenance"
     """
     s = session(ctx)
-    stub = s.registry(node_service_pb2_grpc.NodeServiceStub)
 
     async def work() -> None:
+        stub = s.registry(node_service_pb2_grpc.NodeServiceStub)
         request = node_service_pb2.DrainNodeRequest(name=_name(node), reason=reason)
         emit((await stub.DrainNode(request, timeout=10)).node, COLUMNS, s.output)
 
@@ -141,9 +141,9 @@ def remove(ctx: typer.Context, node: Name) -> None:
     Example: shard node rm nk3gbxs7
     """
     s = session(ctx)
-    stub = s.registry(node_service_pb2_grpc.NodeServiceStub)
 
     async def work() -> None:
+        stub = s.registry(node_service_pb2_grpc.NodeServiceStub)
         await stub.DeleteNode(node_service_pb2.DeleteNodeRequest(name=_name(node)), timeout=10)
         emit_data({"deleted": _name(node)}, s.output)
 
@@ -161,9 +161,9 @@ def create_token(
     Example: shard node token create --ttl 600 --description "rack 4"
     """
     s = session(ctx)
-    stub = s.registry(node_service_pb2_grpc.NodeServiceStub)
 
     async def work() -> None:
+        stub = s.registry(node_service_pb2_grpc.NodeServiceStub)
         token = node_service_pb2.JoinToken(ttl_seconds=ttl, description=description)
         reply = await stub.CreateJoinToken(
             node_service_pb2.CreateJoinTokenRequest(join_token=token), timeout=10

@@ -1,0 +1,226 @@
+"""The `shard` CLI against the real local shard: every command group, JSON output parsed and
+checked, and the errors a user meets (a down registry, a bad key, an unknown model, bad input)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import typer
+import yaml
+from typer.testing import CliRunner
+
+from shard_tool.cli import app
+from shard_tool.local import LocalMesh
+
+ROOT = Path(__file__).resolve().parents[2]
+MODELS = ROOT / "infra" / "triton" / "models"
+CLI_DOCS = ROOT / "docs" / "cli.md"
+CLI_DOCS_SCRIPT = ROOT / "scripts" / "cli_docs.py"
+Shard = Callable[..., Any]
+
+
+def _text(output: str) -> str:
+    """Output with the usage-error panel's borders and line wrapping taken out."""
+    return " ".join(output.replace("│", " ").split())
+
+
+@pytest.fixture
+def shard(mesh: LocalMesh, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Shard:
+    """Run `shard ...` as the mesh's admin, with a config file of the test's own; returns the
+    parsed JSON for `-o json` runs, else the result."""
+    monkeypatch.setenv("SHARD_CONFIG", str(tmp_path / "config.yaml"))
+    for name in ("SHARD_CONTEXT", "SHARD_REGISTRY", "SHARD_ROUTER", "SHARD_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    runner = CliRunner()
+    admin = ["--registry", mesh.registry_address, "--router", mesh.router_address]
+    admin += ["--key", mesh.admin_token]
+
+    def run(*args: str, expect: int = 0, as_admin: bool = True) -> Any:
+        result = runner.invoke(app, [*(admin if as_admin else []), *args])
+        assert result.exit_code == expect, (args, result.output, result.stderr)
+        if expect == 0 and "json" in args:
+            return json.loads(result.stdout)
+        return result
+
+    return run
+
+
+def test_contexts_and_overrides(shard: Shard, mesh: LocalMesh, tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text(mesh.admin_token)
+    shard(
+        "context", "add", "here", "--registry", mesh.registry_address,
+        "--router", mesh.router_address, "--key-file", str(key_file), as_admin=False,
+    )  # fmt: skip
+    shard("context", "add", "elsewhere", "--registry", "127.0.0.1:1", as_admin=False)
+    assert shard("context", "current", as_admin=False).stdout.strip() == "here"
+    listed = shard("-o", "json", "context", "list", as_admin=False)
+    assert {c["name"]: c["current"] for c in listed} == {"here": True, "elsewhere": False}
+    # The current context is enough to connect...
+    nodes = shard("-o", "json", "node", "ls", as_admin=False)
+    assert {n["state"] for n in nodes} >= {"NODE_STATE_ACTIVE"}
+    # ...a flag picks another, and a flag beats what the context says.
+    down = shard("--context", "elsewhere", "node", "ls", expect=1, as_admin=False)
+    assert "127.0.0.1:1" in down.stderr
+    shard("--context", "elsewhere", "--registry", mesh.registry_address, "--key",
+          mesh.admin_token, "node", "ls", as_admin=False)  # fmt: skip
+    shard("context", "use", "elsewhere", as_admin=False)
+    assert shard("context", "current", as_admin=False).stdout.strip() == "elsewhere"
+    missing = shard("context", "use", "nowhere", expect=1, as_admin=False)
+    assert "no context named 'nowhere'" in missing.stderr
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert config["contexts"]["here"]["key_file"] == str(key_file)
+    assert (tmp_path / "config.yaml").stat().st_mode & 0o077 == 0  # it may hold keys
+
+
+def test_nodes(shard: Shard, mesh: LocalMesh) -> None:
+    nodes = shard("-o", "json", "node", "ls", "--filter", "state=ACTIVE")
+    assert nodes
+    assert all(n["state"] == "NODE_STATE_ACTIVE" for n in nodes)
+    name = nodes[0]["name"]
+    got = shard("-o", "yaml", "node", "get", name.removeprefix("nodes/"))
+    assert yaml.safe_load(got.stdout)["name"] == name
+    assert "NAME" in shard("node", "ls").stdout  # a table by default
+    token = shard("-o", "json", "node", "token", "create", "--ttl", "60", "--description", "cli")
+    assert token["name"].startswith("joinTokens/")
+    assert "." in token["token"]
+    unknown = shard("node", "get", "nosuchnode", expect=1)
+    assert "NOT_FOUND" in unknown.stderr
+    assert "Traceback" not in unknown.output
+
+
+def test_models_deployments_and_inference(shard: Shard, tmp_path: Path) -> None:
+    source = tmp_path / "cli-simple"
+    shutil.copytree(MODELS / "simple", source)
+    config = source / "config.pbtxt"
+    config.write_text(config.read_text().replace('name: "simple"', 'name: "cli-simple"'))
+    pushed = shard("-o", "json", "model", "push", str(source), "--visibility", "public")
+    assert pushed == {"model": "models/cli-simple", "versions": ["1"]}
+    again = shard("-o", "json", "model", "push", str(source))  # stored files are skipped
+    assert again["versions"] == ["1"]
+    models = {m["name"] for m in shard("-o", "json", "model", "ls")}
+    assert {"models/simple", "models/cli-simple"} <= models
+    assert shard("-o", "json", "model", "get", "cli-simple")["visibility"] == "VISIBILITY_PUBLIC"
+
+    created = shard("-o", "json", "deploy", "create", "cli-simple", "-t", "1=1")
+    assert created["targets"] == [{"version": "1", "replicas": 1, "weight": 1}]
+    deadline = time.monotonic() + 60
+    while True:
+        got = shard("-o", "json", "deploy", "get", "cli-simple")
+        ready = [t.get("ready_replicas", 0) for t in got.get("status", {}).get("targets", [])]
+        if ready == [1]:
+            break
+        assert time.monotonic() < deadline, got
+        time.sleep(0.5)
+    decisions = shard("-o", "json", "deploy", "explain", "cli-simple")
+    assert any(d["action"] == "PLACEMENT_ACTION_PLACED" for d in decisions)
+    scaled = shard("-o", "json", "deploy", "scale", "cli-simple", "-r", "1=2")
+    assert scaled["targets"][0]["replicas"] == 2
+    split = shard("-o", "json", "deploy", "split", "cli-simple", "-w", "1=100")
+    assert split["targets"][0]["weight"] == 100
+    wrong = shard("deploy", "split", "cli-simple", "-w", "7=1", expect=2)
+    assert "version 7 is not a target" in _text(wrong.output)
+    assert "deployments/cli-simple" in {d["name"] for d in shard("-o", "json", "deploy", "ls")}
+
+    b = np.full((1, 16), 3, dtype=np.int32)
+    np.save(tmp_path / "b.npy", b)
+    a = json.dumps([list(range(16))])
+    b_file = tmp_path / "b.npy"
+    answer = shard(
+        "-o", "json", "infer", "cli-simple", "-i", f"INPUT0={a}", "-i", f"INPUT1={b_file}"
+    )
+    outputs = {o["name"]: o for o in answer["outputs"]}
+    assert outputs["OUTPUT0"]["data"] == [[v + 3 for v in range(16)]]
+    assert outputs["OUTPUT1"]["shape"] == [1, 16]
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"inputs": [
+        {"name": n, "datatype": "INT32", "shape": [1, 16], "data": list(range(16))}
+        for n in ("INPUT0", "INPUT1")
+    ]}))  # fmt: skip
+    table = shard("infer", "cli-simple", "--json", str(request))
+    assert "OUTPUT0 INT32 [1, 16]" in table.stdout
+
+    shard("deploy", "rm", "cli-simple")
+    shard("model", "create", "cli-empty", "--description", "nothing yet")
+    assert shard("-o", "json", "model", "rm", "cli-empty") == {"deleted": "models/cli-empty"}
+
+
+def test_keys(shard: Shard) -> None:
+    created = shard("-o", "json", "key", "create", "cli-dev", "--role", "developer")
+    secret, name = created["secret"], created["name"]
+    assert created["role"] == "ROLE_DEVELOPER"
+    listed = shard("-o", "json", "key", "ls")
+    assert name in {k["name"] for k in listed}
+    assert all("secret" not in k for k in listed)
+    # The developer may list models but not make keys.
+    shard("--key", secret, "model", "ls")
+    denied = shard("--key", secret, "key", "create", "x", "--role", "admin", expect=1)
+    assert "PERMISSION_DENIED" in denied.stderr
+    revoked = shard("-o", "json", "key", "revoke", name.removeprefix("keys/"))
+    assert "revoke_time" in revoked
+    refused = shard("--key", secret, "model", "ls", expect=1)
+    assert "UNAUTHENTICATED" in refused.stderr
+    assert "shard context add --key" in refused.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "says"),
+    [
+        (["--registry", "127.0.0.1:1", "node", "ls"], 1, "cannot reach the shard at 127.0.0.1:1"),
+        (["--key", "nope", "node", "ls"], 1, "UNAUTHENTICATED"),
+        (["infer", "no_such_model", "-i", "INPUT0=[1]"], 1, "no_such_model"),
+        (["infer", "simple", "-i", "INPUT0=@missing.npy"], 2, "cannot read missing.npy"),
+        (["infer", "simple", "-i", "INPUT0"], 2, "is not NAME=VALUE"),
+        (["infer", "simple"], 2, "give inputs"),
+        (["model", "push", "/nonexistent"], 2, "has no config.pbtxt"),
+        (["key", "create", "x", "--role", "root"], 2, "must be one of"),
+        (["deploy", "create", "simple", "-t", "one"], 2, "is not VERSION=N"),
+        (["node", "frobnicate"], 2, "No such command"),
+    ],
+)
+def test_errors_are_one_line_with_exit_codes(
+    shard: Shard, args: list[str], code: int, says: str
+) -> None:
+    result = shard(*args, expect=code)
+    assert says in _text(result.output), result.output
+    assert "Traceback" not in result.output
+
+
+def test_bad_json_request_file(shard: Shard, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"inputs": 3}')
+    result = shard("infer", "simple", "--json", str(bad), expect=2)
+    assert "is not a KServe v2 request" in _text(result.output)
+
+
+def _leaves(command: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every runnable command's words (typer's command tree: groups have `commands`)."""
+    groups = getattr(command, "commands", None)
+    if groups is None:
+        return [path]
+    return [leaf for name, sub in groups.items() for leaf in _leaves(sub, (*path, name))]
+
+
+def test_every_command_has_help_with_an_example(shard: Shard) -> None:
+    leaves = _leaves(typer.main.get_command(app))
+    assert len(leaves) >= 30
+    for path in leaves:
+        help_text = shard(*path, "--help", as_admin=False).stdout
+        assert "Example: shard" in help_text, path
+
+
+def test_the_cli_reference_is_generated_from_the_app() -> None:
+    assert "## `shard deploy split`" in CLI_DOCS.read_text()
+    checked = subprocess.run(
+        [sys.executable, str(CLI_DOCS_SCRIPT), "check"], capture_output=True, text=True, check=False
+    )
+    assert checked.returncode == 0, checked.stderr
