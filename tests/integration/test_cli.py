@@ -224,3 +224,14 @@ def test_the_cli_reference_is_generated_from_the_app() -> None:
         [sys.executable, str(CLI_DOCS_SCRIPT), "check"], capture_output=True, text=True, check=False
     )
     assert checked.returncode == 0, checked.stderr
+
+
+def test_status_and_down_of_the_local_shard(shard: Shard, mesh: LocalMesh, tmp_path: Path) -> None:
+    report = shard("-o", "json", "status", "--state-dir", str(mesh.state_dir), as_admin=False)
+    assert report["running"] is True
+    assert report["processes"]
+    assert all(p["alive"] for p in report["processes"].values())
+    assert report["ports"]["router"] == mesh.ports.router
+    for command in ("status", "down"):
+        missing = shard(command, "--state-dir", str(tmp_path), expect=1, as_admin=False)
+        assert "no local shard has run" in missing.stderr
