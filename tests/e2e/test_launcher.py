@@ -1,9 +1,10 @@
-"""`shard up`: the whole shard from one command, and nothing left behind after SIGTERM."""
+"""`shard up`: the whole shard from one command, a CLI context for it, and nothing left behind
+after `shard down`."""
 
 from __future__ import annotations
 
 import json
-import signal
+import os
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import psutil
 import tritonclient.grpc as triton
+import yaml
 
 from shard_tool.local import MeshPorts
 from tests.conftest import REPO
@@ -31,8 +33,9 @@ def _wait_for_line(process: subprocess.Popen[str], marker: str, timeout: float) 
     raise AssertionError(f"no {marker!r} within {timeout}s:\n{''.join(lines)}")
 
 
-def test_shard_up_serves_the_demo_models_and_sigterm_leaves_no_process(tmp_path: Path) -> None:
+def test_shard_up_serves_the_demo_models_and_shard_down_leaves_no_process(tmp_path: Path) -> None:
     ports = MeshPorts.free()
+    config = tmp_path / "config.yaml"
     process = subprocess.Popen(
         [
             sys.executable, "-m", "shard_tool", "up",
@@ -44,6 +47,7 @@ def test_shard_up_serves_the_demo_models_and_sigterm_leaves_no_process(tmp_path:
             "--etcd-port", str(ports.etcd),
         ],
         cwd=REPO,
+        env={**os.environ, "SHARD_CONFIG": str(config)},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -63,7 +67,17 @@ def test_shard_up_serves_the_demo_models_and_sigterm_leaves_no_process(tmp_path:
         assert {"etcd", "tritonserver"} <= names
         assert len(tree) >= 6  # etcd, registry, router, gateway, node agent, Triton (+ stubs)
 
-        process.send_signal(signal.SIGTERM)
+        # The CLI's `local` context points at the mesh, with the admin token's file.
+        context = yaml.safe_load(config.read_text())["contexts"]["local"]
+        assert context["registry"] == f"127.0.0.1:{ports.registry}"
+        assert Path(context["key_file"]).read_text()
+
+        # `shard down` SIGTERMs the launcher, which stops everything it started.
+        down = subprocess.run(
+            [sys.executable, "-m", "shard_tool", "down", "--state-dir", str(tmp_path)],
+            cwd=REPO, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert down.returncode == 0, down.stderr
         assert process.wait(timeout=60) == 0
         _, alive = psutil.wait_procs(tree, timeout=10)
         assert not alive, f"left behind: {[(p.pid, p.name()) for p in alive]}"

@@ -392,35 +392,23 @@ async def test_a_sequence_stays_on_one_replica(
     await publisher.deploy("accumulator", [target("1", replicas=2)])
     await publisher.wait_available("deployments/accumulator", timeout=60)
 
-    def add(sequence: int, value: int, *, start: bool = False, end: bool = False) -> int:
-        tensor = triton.InferInput("INPUT0", [1, 1], "INT32")
-        tensor.set_data_from_numpy(np.array([[value]], dtype=np.int32))
-        result = client.infer(
-            "accumulator", [tensor], sequence_id=sequence, sequence_start=start, sequence_end=end
-        )
-        return int(result.as_numpy("OUTPUT0")[0][0])
-
-    # Interleaved sequences, each summed on its own replica: with two replicas and no affinity,
-    # some step would land where the sequence's state is not.
-    expected = dict.fromkeys(range(1001, 1009), 0)
-    for step in range(6):
-        for seq in expected:
-            expected[seq] += step + seq
-            assert add(seq, step + seq, start=step == 0, end=step == 5) == expected[seq]
-
-    # The same over REST, where the gateway routes straight to the node Tritons.
     rest = triton_http.InferenceServerClient(mesh.gateway_url.removeprefix("http://"))
-
-    def add_rest(sequence: int, value: int, *, start: bool = False, end: bool = False) -> int:
-        tensor = triton_http.InferInput("INPUT0", [1, 1], "INT32")
-        tensor.set_data_from_numpy(np.array([[value]], dtype=np.int32))
-        result = rest.infer(
-            "accumulator", [tensor], sequence_id=sequence, sequence_start=start, sequence_end=end
-        )
-        return int(result.as_numpy("OUTPUT0")[0][0])
-
-    expected = dict.fromkeys(range(2001, 2009), 0)
-    for step in range(6):
-        for seq in expected:
-            expected[seq] += step + seq
-            assert add_rest(seq, step + seq, start=step == 0, end=step == 5) == expected[seq]
+    # Interleaved sequences, each summed on its own replica: with two replicas and no affinity,
+    # some step would land where the sequence's state is not. Through the router (gRPC), then
+    # through the gateway (REST), which routes straight to the node Tritons.
+    for api, sequences in ((triton, range(1001, 1009)), (triton_http, range(2001, 2009))):
+        shard = client if api is triton else rest
+        expected = dict.fromkeys(sequences, 0)
+        for step in range(6):
+            for seq in expected:
+                expected[seq] += step + seq
+                tensor = api.InferInput("INPUT0", [1, 1], "INT32")
+                tensor.set_data_from_numpy(np.array([[step + seq]], dtype=np.int32))
+                result = shard.infer(
+                    "accumulator",
+                    [tensor],
+                    sequence_id=seq,
+                    sequence_start=step == 0,
+                    sequence_end=step == 5,
+                )
+                assert int(result.as_numpy("OUTPUT0")[0][0]) == expected[seq]

@@ -18,7 +18,6 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -121,7 +120,9 @@ class DirectInference:
         )
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
 
-    def plan(self, name: str, version: str, body: bytes, header_length: str | None) -> Plan[Any]:
+    def plan(
+        self, name: str, version: str, body: bytes, header_length: str | None
+    ) -> Plan[NodeHttp]:
         """Where the request goes; no routes when the router should take it."""
         plan = self._balancer.plan(name, version, _sequence_id(body, header_length))
         if plan.routes and self._view.cacheable.ttl(name, plan.version):

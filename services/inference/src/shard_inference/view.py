@@ -15,7 +15,7 @@ from shard.node.v1 import node_pb2
 from shard_client.routing import B, EndpointTable, TrafficSplit, grpc_address
 from shard_core import keys
 from shard_core.auth import InferenceGuard, KeyRing, ModelAccess, token_hash
-from shard_core.etcd.mirror import PrefixMirror
+from shard_core.etcd.mirror import MirrorListener, PrefixMirror
 from shard_core.etcd.store import EtcdStore
 from shard_core.limits import RateLimits
 from shard_inference.cache import CacheableVersions
@@ -47,16 +47,19 @@ class ShardView(Generic[B]):
             key_rps=settings.key_rate_limit_rps, anonymous_rps=settings.anonymous_rate_limit_rps
         )
         self.guard = InferenceGuard(ring, access, limits)
-        self._routing = [
-            PrefixMirror(EtcdStore(settings), keys.ENDPOINTS, self.table),
-            PrefixMirror(EtcdStore(settings), keys.DEPLOYMENTS, self.split),
-        ]
+        followed: dict[str, MirrorListener] = {
+            keys.ENDPOINTS: self.table,
+            keys.DEPLOYMENTS: self.split,
+            keys.API_KEYS: ring,
+            keys.MODELS: access,
+            keys.VERSIONS: self.cacheable,
+        }
+        self._stores = [EtcdStore(settings) for _ in followed]
         self._mirrors = [
-            *self._routing,
-            PrefixMirror(EtcdStore(settings), keys.API_KEYS, ring),
-            PrefixMirror(EtcdStore(settings), keys.MODELS, access),
-            PrefixMirror(EtcdStore(settings), keys.VERSIONS, self.cacheable),
+            PrefixMirror(store, prefix, listener)
+            for store, (prefix, listener) in zip(self._stores, followed.items(), strict=True)
         ]
+        self._routing = self._mirrors[:2]
 
     @property
     def synced(self) -> bool:
@@ -75,3 +78,5 @@ class ShardView(Generic[B]):
     async def stop(self) -> None:
         for mirror in self._mirrors:
             await mirror.stop()
+        for store in self._stores:
+            await store.close()

@@ -8,7 +8,7 @@ import json
 import os
 import signal
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -140,7 +140,11 @@ async def _run_until_signalled(mesh: LocalMesh, nodes: int) -> None:
 
 def _save_local_context(mesh: LocalMesh) -> None:
     """A ready `local` context for the mesh (current unless another one is)."""
-    found = config.load()
+    try:
+        found = config.load()
+    except config.ConfigError as error:
+        typer.echo(f"  no CLI context written: {error}", err=True)
+        return
     found.contexts["local"] = config.Context(
         registry=mesh.registry_address,
         router=mesh.router_address,
@@ -151,21 +155,25 @@ def _save_local_context(mesh: LocalMesh) -> None:
     typer.echo(f"  {'CLI context':<24} local ({path})")
 
 
-def _mesh_state(state_dir: Path | None) -> tuple[Path, dict[str, object]]:
+def _mesh_state(state_dir: Path | None) -> tuple[Path, dict[str, Any]]:
+    """The state file `shard up` wrote: its directory and what it says."""
     directory = state_dir or _default_state_dir()
     state_file = directory / "mesh.json"
     if not state_file.exists():
         fail(f"no local shard has run in {directory} (start one with `shard up`)")
-    return directory, json.loads(state_file.read_text())
+    state: dict[str, Any] = json.loads(state_file.read_text())
+    return directory, state
 
 
 def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass  # someone else's process, but it exists
     return True
 
 
@@ -182,19 +190,18 @@ def status(ctx: typer.Context, state_dir: StateDir = None) -> None:
     Example: shard status -o json
     """
     directory, state = _mesh_state(state_dir)
-    processes = state.get("processes", {})
-    assert isinstance(processes, dict)
-    launcher = int(str(state.get("launcher_pid", 0)))
+    running = _alive(state.get("launcher_pid", 0))
     report = {
         "state_dir": str(directory),
-        "running": _alive(launcher),
+        "running": running,
         "ports": state.get("ports", {}),
         "processes": {
-            name: {"pid": pid, "alive": _alive(int(pid))} for name, pid in processes.items()
+            name: {"pid": pid, "alive": _alive(pid)}
+            for name, pid in state.get("processes", {}).items()
         },
     }
     emit_data(report, session(ctx).output)
-    if not report["running"]:
+    if not running:
         raise typer.Exit(1)
 
 
@@ -205,8 +212,8 @@ def down(state_dir: StateDir = None) -> None:
     Example: shard down
     """
     _, state = _mesh_state(state_dir)
-    launcher = int(str(state.get("launcher_pid", 0)))
-    if not launcher or not _alive(launcher):
+    launcher = state.get("launcher_pid", 0)
+    if not _alive(launcher):
         fail("the local shard is not running")
     os.kill(launcher, signal.SIGTERM)
     typer.echo(f"stopping the local shard (pid {launcher})")

@@ -18,8 +18,11 @@ from shard_tool.config import ConfigError, Context, Overrides, resolve
 from shard_tool.output import Format
 
 T = TypeVar("T")
+S = TypeVar("S")
 
 FAILED = 1
+# The deadline of every unary call the CLI makes.
+TIMEOUT_S = 10.0
 # Hints for the codes a user can act on.
 HINTS = {
     grpc.StatusCode.UNAUTHENTICATED: "set a key with `shard context add --key` or SHARD_KEY",
@@ -66,6 +69,14 @@ class Session:
     def registry(self, stub: Callable[[grpc.aio.Channel], T]) -> T:
         return stub(self.channel(self.context.registry))
 
+    def call(self, stub: Callable[[grpc.aio.Channel], S], rpc: Callable[[S], Awaitable[T]]) -> T:
+        """Run `rpc` on a registry stub of type `stub` (see `run` for failures)."""
+
+        async def work() -> T:
+            return await rpc(self.registry(stub))
+
+        return self.run(work)
+
     def run(self, work: Callable[[], Awaitable[T]]) -> T:
         """Run a command's calls; failures become one line on stderr and exit code 1."""
 
@@ -103,7 +114,7 @@ async def all_pages(list_call: Any, request: Any, field: str) -> list[Any]:
     """Every item of a paged List call (AIP-158), page after page."""
     items: list[Any] = []
     while True:
-        reply = await list_call(request, timeout=10)
+        reply = await list_call(request, timeout=TIMEOUT_S)
         items.extend(getattr(reply, field))
         if not reply.next_page_token:
             return items

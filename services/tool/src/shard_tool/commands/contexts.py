@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from shard_tool import config
-from shard_tool.output import emit_data
+from shard_tool.output import Format, emit_data
 from shard_tool.session import fail, session
 
 app = typer.Typer(help="Contexts: where the CLI connects and with which key.")
@@ -76,7 +76,7 @@ def list_contexts(ctx: typer.Context) -> None:
         for name, c in sorted(found.contexts.items())
     ]
     s = session(ctx)
-    if s.output is not s.output.TABLE:
+    if s.output is not Format.TABLE:
         emit_data(rows, s.output)
         return
     for row in rows:

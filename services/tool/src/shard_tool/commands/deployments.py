@@ -10,7 +10,7 @@ from google.protobuf import field_mask_pb2
 
 from shard.deployment.v1 import deployment_pb2, deployment_service_pb2, deployment_service_pb2_grpc
 from shard_tool.output import Column, emit, emit_data
-from shard_tool.session import all_pages, session
+from shard_tool.session import TIMEOUT_S, all_pages, session
 
 app = typer.Typer(help="Deployments: create, scale, split traffic, inspect, explain, remove.")
 
@@ -60,8 +60,7 @@ def _pairs(values: list[str], option: str) -> dict[str, int]:
     return pairs
 
 
-def _stub(ctx: typer.Context) -> deployment_service_pb2_grpc.DeploymentServiceStub:
-    return session(ctx).registry(deployment_service_pb2_grpc.DeploymentServiceStub)
+Stub = deployment_service_pb2_grpc.DeploymentServiceStub
 
 
 @app.command("create")
@@ -97,26 +96,26 @@ def create(
         ],
         node_selector=deployment_pb2.NodeSelector(labels=labels),
     )
-
-    async def work() -> None:
-        stub = _stub(ctx)
-        request = deployment_service_pb2.CreateDeploymentRequest(
-            deployment_id=model, deployment=deployment
-        )
-        emit((await stub.CreateDeployment(request, timeout=10)).deployment, COLUMNS, s.output)
-
-    s.run(work)
+    request = deployment_service_pb2.CreateDeploymentRequest(
+        deployment_id=model, deployment=deployment
+    )
+    reply = s.call(
+        Stub, lambda deployments: deployments.CreateDeployment(request, timeout=TIMEOUT_S)
+    )
+    emit(reply.deployment, COLUMNS, s.output)
 
 
 async def _update(
-    stub: deployment_service_pb2_grpc.DeploymentServiceStub,
+    stub: Stub,
     name: str,
     change: dict[str, int],
     field: str,
 ) -> deployment_pb2.Deployment:
     """Set `field` (replicas or weight) of the named versions' targets, under the etag."""
     current = (
-        await stub.GetDeployment(deployment_service_pb2.GetDeploymentRequest(name=name), timeout=10)
+        await stub.GetDeployment(
+            deployment_service_pb2.GetDeploymentRequest(name=name), timeout=TIMEOUT_S
+        )
     ).deployment
     known = {t.version for t in current.targets}
     unknown = sorted(set(change) - known)
@@ -134,7 +133,19 @@ async def _update(
     request = deployment_service_pb2.UpdateDeploymentRequest(
         deployment=updated, update_mask=field_mask_pb2.FieldMask(paths=["targets"])
     )
-    return (await stub.UpdateDeployment(request, timeout=10)).deployment
+    return (await stub.UpdateDeployment(request, timeout=TIMEOUT_S)).deployment
+
+
+def _change_targets(
+    ctx: typer.Context, deployment: str, values: list[str], option: str, field: str
+) -> None:
+    """Set `field` of the targets `values` (VERSION=N options) name, and show the result."""
+    s = session(ctx)
+    change = _pairs(values, option)
+    updated = s.call(
+        Stub, lambda deployments: _update(deployments, _name(deployment), change, field)
+    )
+    emit(updated, COLUMNS, s.output)
 
 
 @app.command("scale")
@@ -147,14 +158,7 @@ def scale(
 
     Example: shard deploy scale simple -r 1=3
     """
-    s = session(ctx)
-    change = _pairs(replicas, "--replicas")
-
-    async def work() -> None:
-        stub = _stub(ctx)
-        emit(await _update(stub, _name(deployment), change, "replicas"), COLUMNS, s.output)
-
-    s.run(work)
+    _change_targets(ctx, deployment, replicas, "--replicas", "replicas")
 
 
 @app.command("split")
@@ -167,14 +171,7 @@ def split(
 
     Example: shard deploy split simple -w 1=90 -w 2=10
     """
-    s = session(ctx)
-    change = _pairs(weight, "--weight")
-
-    async def work() -> None:
-        stub = _stub(ctx)
-        emit(await _update(stub, _name(deployment), change, "weight"), COLUMNS, s.output)
-
-    s.run(work)
+    _change_targets(ctx, deployment, weight, "--weight", "weight")
 
 
 @app.command("ls")
@@ -184,14 +181,11 @@ def list_deployments(ctx: typer.Context) -> None:
     Example: shard deploy ls -o json
     """
     s = session(ctx)
-
-    async def work() -> None:
-        stub = _stub(ctx)
-        request = deployment_service_pb2.ListDeploymentsRequest()
-        found = await all_pages(stub.ListDeployments, request, "deployments")
-        emit(found, COLUMNS, s.output)
-
-    s.run(work)
+    request = deployment_service_pb2.ListDeploymentsRequest()
+    found = s.call(
+        Stub, lambda deployments: all_pages(deployments.ListDeployments, request, "deployments")
+    )
+    emit(found, COLUMNS, s.output)
 
 
 @app.command("get")
@@ -209,13 +203,13 @@ def get(
     """
     s = session(ctx)
 
+    request = deployment_service_pb2.GetDeploymentRequest(name=_name(deployment))
+
     async def work() -> None:
-        stub = _stub(ctx)
+        stub = s.registry(Stub)
         last = None
         while True:
-            reply = await stub.GetDeployment(
-                deployment_service_pb2.GetDeploymentRequest(name=_name(deployment)), timeout=10
-            )
+            reply = await stub.GetDeployment(request, timeout=TIMEOUT_S)
             if reply.deployment != last:
                 emit(reply.deployment, COLUMNS, s.output)
                 last = reply.deployment
@@ -233,15 +227,11 @@ def explain(ctx: typer.Context, deployment: Name) -> None:
     Example: shard deploy explain simple
     """
     s = session(ctx)
-
-    async def work() -> None:
-        stub = _stub(ctx)
-        reply = await stub.ExplainDeployment(
-            deployment_service_pb2.ExplainDeploymentRequest(name=_name(deployment)), timeout=10
-        )
-        emit(list(reply.placements), DECISIONS, s.output)
-
-    s.run(work)
+    request = deployment_service_pb2.ExplainDeploymentRequest(name=_name(deployment))
+    reply = s.call(
+        Stub, lambda deployments: deployments.ExplainDeployment(request, timeout=TIMEOUT_S)
+    )
+    emit(list(reply.placements), DECISIONS, s.output)
 
 
 @app.command("rm")
@@ -251,12 +241,6 @@ def remove(ctx: typer.Context, deployment: Name) -> None:
     Example: shard deploy rm simple
     """
     s = session(ctx)
-
-    async def work() -> None:
-        stub = _stub(ctx)
-        await stub.DeleteDeployment(
-            deployment_service_pb2.DeleteDeploymentRequest(name=_name(deployment)), timeout=10
-        )
-        emit_data({"deleted": _name(deployment)}, s.output)
-
-    s.run(work)
+    request = deployment_service_pb2.DeleteDeploymentRequest(name=_name(deployment))
+    s.call(Stub, lambda deployments: deployments.DeleteDeployment(request, timeout=TIMEOUT_S))
+    emit_data({"deleted": request.name}, s.output)

@@ -9,9 +9,9 @@ from typing import Annotated, Any
 import numpy as np
 import tritonclient.grpc.aio as triton
 import typer
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype, triton_to_np_dtype
+from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
-from shard_tool.output import emit_data
+from shard_tool.output import Format, emit_data
 from shard_tool.session import fail, session
 
 
@@ -140,7 +140,7 @@ def infer(
             "model_version": response["model_version"],
             "outputs": outputs,
         }
-        if s.output is s.output.TABLE:
+        if s.output is Format.TABLE:
             for out in outputs:
                 typer.echo(f"{out['name']} {out['datatype']} {out['shape']}: {out['data']}")
         else:
@@ -167,15 +167,11 @@ def _tensor(name: str, datatype: str, array: np.ndarray[Any, Any]) -> triton.Inf
             lambda v: v if isinstance(v, bytes) else str(v).encode(), otypes=[object]
         )(array)
     else:
-        wanted = triton_to_np_dtype(datatype)
         try:
-            array = array.astype(
-                wanted,
-                casting="same_kind" if array.dtype.kind == np.dtype(wanted).kind else "unsafe",
-            )
+            array = array.astype(triton_to_np_dtype(datatype))
         except (TypeError, ValueError) as error:
             raise typer.BadParameter(f"input {name!r}: {error}", param_hint="--input") from None
-    tensor = triton.InferInput(name, list(array.shape), datatype or np_to_triton_dtype(array.dtype))
+    tensor = triton.InferInput(name, list(array.shape), datatype)
     tensor.set_data_from_numpy(array)
     return tensor
 

@@ -9,10 +9,11 @@ from google.protobuf import timestamp_pb2
 
 from shard.auth.v1 import api_key_pb2, key_service_pb2, key_service_pb2_grpc
 from shard_tool.output import Column, as_dict, emit, emit_data
-from shard_tool.session import all_pages, session
+from shard_tool.session import TIMEOUT_S, all_pages, session
 
 app = typer.Typer(help="API keys: create (the secret is shown once), list, revoke.")
 
+Stub = key_service_pb2_grpc.KeyServiceStub
 ROLES = {"admin", "provider", "owner", "developer"}
 COLUMNS: list[Column] = [
     ("name", lambda k: k.name.removeprefix("keys/")),
@@ -51,15 +52,9 @@ def create(
         expire.GetCurrentTime()
         expire.seconds += expires_in
         key.expire_time.CopyFrom(expire)
-
-    async def work() -> None:
-        stub = s.registry(key_service_pb2_grpc.KeyServiceStub)
-        reply = await stub.CreateApiKey(
-            key_service_pb2.CreateApiKeyRequest(api_key=key), timeout=10
-        )
-        emit_data({**as_dict(reply.api_key), "secret": reply.secret}, s.output)
-
-    s.run(work)
+    request = key_service_pb2.CreateApiKeyRequest(api_key=key)
+    reply = s.call(Stub, lambda keys: keys.CreateApiKey(request, timeout=TIMEOUT_S))
+    emit_data({**as_dict(reply.api_key), "secret": reply.secret}, s.output)
 
 
 @app.command("ls")
@@ -69,14 +64,9 @@ def list_keys(ctx: typer.Context) -> None:
     Example: shard key ls -o yaml
     """
     s = session(ctx)
-
-    async def work() -> None:
-        stub = s.registry(key_service_pb2_grpc.KeyServiceStub)
-        request = key_service_pb2.ListApiKeysRequest()
-        found = await all_pages(stub.ListApiKeys, request, "api_keys")
-        emit(found, COLUMNS, s.output)
-
-    s.run(work)
+    request = key_service_pb2.ListApiKeysRequest()
+    found = s.call(Stub, lambda keys: all_pages(keys.ListApiKeys, request, "api_keys"))
+    emit(found, COLUMNS, s.output)
 
 
 @app.command("revoke")
@@ -88,11 +78,8 @@ def revoke(
     Example: shard key revoke 3f9c2a1b
     """
     s = session(ctx)
-    name = key if key.startswith("keys/") else f"keys/{key}"
-
-    async def work() -> None:
-        stub = s.registry(key_service_pb2_grpc.KeyServiceStub)
-        reply = await stub.RevokeApiKey(key_service_pb2.RevokeApiKeyRequest(name=name), timeout=10)
-        emit(reply.api_key, COLUMNS, s.output)
-
-    s.run(work)
+    request = key_service_pb2.RevokeApiKeyRequest(
+        name=key if key.startswith("keys/") else f"keys/{key}"
+    )
+    reply = s.call(Stub, lambda keys: keys.RevokeApiKey(request, timeout=TIMEOUT_S))
+    emit(reply.api_key, COLUMNS, s.output)

@@ -9,9 +9,9 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
 from shard.model.v1 import model_pb2, model_service_pb2, model_service_pb2_grpc
-from shard_tool.output import Column, emit, emit_data
+from shard_tool.output import Column, Format, emit, emit_data
 from shard_tool.publish import Publisher, directory_bytes
-from shard_tool.session import all_pages, session
+from shard_tool.session import TIMEOUT_S, all_pages, session
 
 app = typer.Typer(help="Models: create, push versions, list, inspect and remove.")
 
@@ -24,6 +24,7 @@ COLUMNS: list[Column] = [
 ]
 VISIBILITY = {"private": model_pb2.VISIBILITY_PRIVATE, "public": model_pb2.VISIBILITY_PUBLIC}
 Name = Annotated[str, typer.Argument(help="The model id (or models/<id>).")]
+Stub = model_service_pb2_grpc.ModelServiceStub
 
 
 def _name(model: str) -> str:
@@ -49,13 +50,9 @@ def create(
     """
     s = session(ctx)
     wanted = model_pb2.Model(visibility=_visibility(visibility), description=description)
-
-    async def work() -> None:
-        stub = s.registry(model_service_pb2_grpc.ModelServiceStub)
-        request = model_service_pb2.CreateModelRequest(model_id=model, model=wanted)
-        emit((await stub.CreateModel(request, timeout=10)).model, COLUMNS, s.output)
-
-    s.run(work)
+    request = model_service_pb2.CreateModelRequest(model_id=model, model=wanted)
+    reply = s.call(Stub, lambda models: models.CreateModel(request, timeout=TIMEOUT_S))
+    emit(reply.model, COLUMNS, s.output)
 
 
 @app.command("push")
@@ -78,7 +75,7 @@ def push(
     s = session(ctx)
     level = _visibility(visibility)
     total = directory_bytes(directory)
-    quiet = s.output is not s.output.TABLE
+    quiet = s.output is not Format.TABLE
 
     async def work() -> None:
         with Progress(
@@ -107,13 +104,9 @@ def list_models(ctx: typer.Context) -> None:
     Example: shard model ls -o json
     """
     s = session(ctx)
-
-    async def work() -> None:
-        stub = s.registry(model_service_pb2_grpc.ModelServiceStub)
-        models = await all_pages(stub.ListModels, model_service_pb2.ListModelsRequest(), "models")
-        emit(models, COLUMNS, s.output)
-
-    s.run(work)
+    request = model_service_pb2.ListModelsRequest()
+    found = s.call(Stub, lambda models: all_pages(models.ListModels, request, "models"))
+    emit(found, COLUMNS, s.output)
 
 
 @app.command("get")
@@ -124,20 +117,17 @@ def get(ctx: typer.Context, model: Name) -> None:
     """
     s = session(ctx)
 
-    async def work() -> None:
-        stub = s.registry(model_service_pb2_grpc.ModelServiceStub)
-        reply = await stub.GetModel(
-            model_service_pb2.GetModelRequest(name=_name(model)), timeout=10
-        )
-        versions = await stub.ListModelVersions(
-            model_service_pb2.ListModelVersionsRequest(parent=_name(model)), timeout=10
-        )
-        emit(reply.model, COLUMNS, s.output)
-        if s.output is s.output.TABLE:
-            names = [v.name.rsplit("/", 1)[-1] for v in versions.model_versions]
-            typer.echo(f"versions: {', '.join(names) or '-'}")
+    async def fetch(models: Stub) -> tuple[model_pb2.Model, list[model_pb2.ModelVersion]]:
+        get = model_service_pb2.GetModelRequest(name=_name(model))
+        found = (await models.GetModel(get, timeout=TIMEOUT_S)).model
+        listing = model_service_pb2.ListModelVersionsRequest(parent=found.name)
+        return found, await all_pages(models.ListModelVersions, listing, "model_versions")
 
-    s.run(work)
+    found, versions = s.call(Stub, fetch)
+    emit(found, COLUMNS, s.output)
+    if s.output is Format.TABLE:
+        names = [v.name.rsplit("/", 1)[-1] for v in versions]
+        typer.echo(f"versions: {', '.join(names) or '-'}")
 
 
 @app.command("rm")
@@ -147,10 +137,6 @@ def remove(ctx: typer.Context, model: Name) -> None:
     Example: shard model rm resnet50
     """
     s = session(ctx)
-
-    async def work() -> None:
-        stub = s.registry(model_service_pb2_grpc.ModelServiceStub)
-        await stub.DeleteModel(model_service_pb2.DeleteModelRequest(name=_name(model)), timeout=10)
-        emit_data({"deleted": _name(model)}, s.output)
-
-    s.run(work)
+    request = model_service_pb2.DeleteModelRequest(name=_name(model))
+    s.call(Stub, lambda models: models.DeleteModel(request, timeout=TIMEOUT_S))
+    emit_data({"deleted": request.name}, s.output)

@@ -9,7 +9,7 @@ import typer
 
 from shard.node.v1 import node_pb2, node_service_pb2, node_service_pb2_grpc
 from shard_tool.output import Column, emit, emit_data
-from shard_tool.session import all_pages, session
+from shard_tool.session import TIMEOUT_S, all_pages, session
 
 app = typer.Typer(help="Nodes: list, inspect, cordon, drain and remove machines; join tokens.")
 token_app = typer.Typer(help="Join tokens for enrolling new nodes.")
@@ -25,6 +25,7 @@ COLUMNS: list[Column] = [
     ("labels", lambda n: dict(n.labels)),
 ]
 Name = Annotated[str, typer.Argument(help="The node id (or nodes/<id>).")]
+Stub = node_service_pb2_grpc.NodeServiceStub
 
 
 def _name(node: str) -> str:
@@ -49,7 +50,7 @@ def list_nodes(
     s = session(ctx)
 
     async def work() -> None:
-        stub = s.registry(node_service_pb2_grpc.NodeServiceStub)
+        stub = s.registry(Stub)
         while True:
             request = node_service_pb2.ListNodesRequest(filter=filter_)
             nodes = await all_pages(stub.ListNodes, request, "nodes")
@@ -69,13 +70,9 @@ def get_node(ctx: typer.Context, node: Name) -> None:
     Example: shard node get nk3gbxs7 -o yaml
     """
     s = session(ctx)
-
-    async def work() -> None:
-        stub = s.registry(node_service_pb2_grpc.NodeServiceStub)
-        reply = await stub.GetNode(node_service_pb2.GetNodeRequest(name=_name(node)), timeout=10)
-        emit(reply.node, COLUMNS, s.output)
-
-    s.run(work)
+    request = node_service_pb2.GetNodeRequest(name=_name(node))
+    reply = s.call(Stub, lambda nodes: nodes.GetNode(request, timeout=TIMEOUT_S))
+    emit(reply.node, COLUMNS, s.output)
 
 
 @app.command("cordon")
@@ -89,13 +86,9 @@ def cordon(
     Example: shard node cordon nk3gbxs7 --reason "disk replacement"
     """
     s = session(ctx)
-
-    async def work() -> None:
-        stub = s.registry(node_service_pb2_grpc.NodeServiceStub)
-        request = node_service_pb2.CordonNodeRequest(name=_name(node), reason=reason)
-        emit((await stub.CordonNode(request, timeout=10)).node, COLUMNS, s.output)
-
-    s.run(work)
+    request = node_service_pb2.CordonNodeRequest(name=_name(node), reason=reason)
+    reply = s.call(Stub, lambda nodes: nodes.CordonNode(request, timeout=TIMEOUT_S))
+    emit(reply.node, COLUMNS, s.output)
 
 
 @app.command("uncordon")
@@ -105,13 +98,9 @@ def uncordon(ctx: typer.Context, node: Name) -> None:
     Example: shard node uncordon nk3gbxs7
     """
     s = session(ctx)
-
-    async def work() -> None:
-        stub = s.registry(node_service_pb2_grpc.NodeServiceStub)
-        request = node_service_pb2.UncordonNodeRequest(name=_name(node))
-        emit((await stub.UncordonNode(request, timeout=10)).node, COLUMNS, s.output)
-
-    s.run(work)
+    request = node_service_pb2.UncordonNodeRequest(name=_name(node))
+    reply = s.call(Stub, lambda nodes: nodes.UncordonNode(request, timeout=TIMEOUT_S))
+    emit(reply.node, COLUMNS, s.output)
 
 
 @app.command("drain")
@@ -125,13 +114,9 @@ def drain(
     Example: shard node drain nk3gbxs7 --reason "maintenance"
     """
     s = session(ctx)
-
-    async def work() -> None:
-        stub = s.registry(node_service_pb2_grpc.NodeServiceStub)
-        request = node_service_pb2.DrainNodeRequest(name=_name(node), reason=reason)
-        emit((await stub.DrainNode(request, timeout=10)).node, COLUMNS, s.output)
-
-    s.run(work)
+    request = node_service_pb2.DrainNodeRequest(name=_name(node), reason=reason)
+    reply = s.call(Stub, lambda nodes: nodes.DrainNode(request, timeout=TIMEOUT_S))
+    emit(reply.node, COLUMNS, s.output)
 
 
 @app.command("rm")
@@ -141,13 +126,9 @@ def remove(ctx: typer.Context, node: Name) -> None:
     Example: shard node rm nk3gbxs7
     """
     s = session(ctx)
-
-    async def work() -> None:
-        stub = s.registry(node_service_pb2_grpc.NodeServiceStub)
-        await stub.DeleteNode(node_service_pb2.DeleteNodeRequest(name=_name(node)), timeout=10)
-        emit_data({"deleted": _name(node)}, s.output)
-
-    s.run(work)
+    request = node_service_pb2.DeleteNodeRequest(name=_name(node))
+    s.call(Stub, lambda nodes: nodes.DeleteNode(request, timeout=TIMEOUT_S))
+    emit_data({"deleted": request.name}, s.output)
 
 
 @token_app.command("create")
@@ -161,21 +142,12 @@ def create_token(
     Example: shard node token create --ttl 600 --description "rack 4"
     """
     s = session(ctx)
-
-    async def work() -> None:
-        stub = s.registry(node_service_pb2_grpc.NodeServiceStub)
-        token = node_service_pb2.JoinToken(ttl_seconds=ttl, description=description)
-        reply = await stub.CreateJoinToken(
-            node_service_pb2.CreateJoinTokenRequest(join_token=token), timeout=10
-        )
-        created = reply.join_token
-        emit_data(
-            {
-                "name": created.name,
-                "token": created.token,
-                "expire_time": created.expire_time.ToJsonString(),
-            },
-            s.output,
-        )
-
-    s.run(work)
+    request = node_service_pb2.CreateJoinTokenRequest(
+        join_token=node_service_pb2.JoinToken(ttl_seconds=ttl, description=description)
+    )
+    created = s.call(Stub, lambda nodes: nodes.CreateJoinToken(request, timeout=TIMEOUT_S))
+    token = created.join_token
+    emit_data(
+        {"name": token.name, "token": token.token, "expire_time": token.expire_time.ToJsonString()},
+        s.output,
+    )
