@@ -17,13 +17,14 @@ from shard_tool import config
 from shard_tool.commands import contexts, deployments, infer, keys, models, nodes
 from shard_tool.local import LocalMesh, MeshPorts, MeshTiming
 from shard_tool.output import Format, emit_data
-from shard_tool.session import Session, fail, session
+from shard_tool.session import OneLineErrors, Session, fail, session
 
 app = typer.Typer(
     name="shard",
     help="AI Shard: many GPU machines, one model service.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    cls=OneLineErrors,
 )
 app.add_typer(contexts.app, name="context")
 app.add_typer(nodes.app, name="node")

@@ -13,6 +13,10 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 import typer
 
+# typer 0.29 carries its own click; its usage errors are not re-exported (hence the pin).
+from typer._click.exceptions import NoArgsIsHelpError, UsageError
+from typer.core import TyperGroup
+
 from shard_core.auth import bearer_interceptors
 from shard_tool.config import ConfigError, Context, Overrides, resolve
 from shard_tool.output import Format
@@ -21,6 +25,7 @@ T = TypeVar("T")
 S = TypeVar("S")
 
 FAILED = 1
+USAGE = 2
 # The deadline of every unary call the CLI makes.
 TIMEOUT_S = 10.0
 # Hints for the codes a user can act on.
@@ -131,3 +136,32 @@ def session(ctx: typer.Context) -> Session:
     if not isinstance(found, Session):  # pragma: no cover (the root callback always sets it)
         sys.exit("internal error: no session")
     return found
+
+
+class OneLineErrors(TyperGroup):
+    """The root command: usage errors become one line on stderr with exit code 2 (typer would
+    draw a multi-line panel), so scripts and people read the same thing."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: Any = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except NoArgsIsHelpError as error:
+            typer.echo(error.ctx.get_help() if error.ctx else "", err=True)
+            result = USAGE
+        except UsageError as error:
+            where = error.ctx.command_path if error.ctx else "shard"
+            typer.echo(f"error: {error.format_message()} (see `{where} --help`)", err=True)
+            result = USAGE
+        except typer.Abort:
+            typer.echo("error: aborted", err=True)
+            result = FAILED
+        if not standalone_mode:
+            return result
+        sys.exit(result if isinstance(result, int) else 0)
