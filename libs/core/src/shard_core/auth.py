@@ -73,6 +73,9 @@ class Permission(enum.StrEnum):
     KEYS_READ = "keys.read"
     KEYS_WRITE = "keys.write"
     INFERENCE = "inference"
+    TASKS_READ = "tasks.read"
+    TASKS_WRITE = "tasks.write"
+    TASKS_RUN = "tasks.run"  # node agents: claim and complete the tasks addressed to them
 
 
 PERMISSION_NAMES = frozenset(permission.value for permission in Permission)
@@ -83,10 +86,17 @@ _EVERYONE = {
     Permission.KEYS_WRITE,
     Permission.INFERENCE,
 }
+# What submitting encrypted tasks takes: storing the sealed job, reading the sealed results.
+_TASK_OWNER = {
+    Permission.BLOBS_READ,
+    Permission.BLOBS_WRITE,
+    Permission.TASKS_READ,
+    Permission.TASKS_WRITE,
+}
 ROLE_PERMISSIONS: Mapping[Role.ValueType, frozenset[Permission]] = {
     api_key_pb2.ROLE_ADMIN: frozenset(Permission),
     api_key_pb2.ROLE_PROVIDER: frozenset(
-        _EVERYONE | {Permission.NODES_WRITE, Permission.NODES_ENROLL}
+        _EVERYONE | {Permission.NODES_WRITE, Permission.NODES_ENROLL, Permission.TASKS_READ}
     ),
     api_key_pb2.ROLE_OWNER: frozenset(
         _EVERYONE
@@ -96,9 +106,10 @@ ROLE_PERMISSIONS: Mapping[Role.ValueType, frozenset[Permission]] = {
             Permission.MODELS_WRITE,
             Permission.DEPLOYMENTS_READ,
             Permission.DEPLOYMENTS_WRITE,
+            *_TASK_OWNER,
         }
     ),
-    api_key_pb2.ROLE_DEVELOPER: frozenset(_EVERYONE),
+    api_key_pb2.ROLE_DEVELOPER: frozenset(_EVERYONE | _TASK_OWNER),
 }
 
 
@@ -176,8 +187,12 @@ def bearer(metadata: Collection[tuple[str, Any]] | None) -> str:
     return ""
 
 
+# Node agents read model files and task jobs, store task results, claim and complete tasks.
+NODE_PERMISSIONS = frozenset({Permission.BLOBS_READ, Permission.BLOBS_WRITE, Permission.TASKS_RUN})
+
+
 class NodeCredentials:
-    """Credentials the registry gives node agents for reading model files: `node_<id>_<mac>`, an
+    """Credentials the registry gives node agents for model files and tasks: `node_<id>_<mac>`, an
     HMAC of the node id under a key derived from the admin token, so every registry replica can
     check one without shared state. `allowed` decides whether the node may still read (enrolled,
     not quarantined)."""
@@ -203,7 +218,7 @@ class NodeCredentials:
         return Principal(
             id=f"nodes/{node_id}",
             role=api_key_pb2.ROLE_UNSPECIFIED,
-            permissions=frozenset({Permission.BLOBS_READ}),
+            permissions=NODE_PERMISSIONS,
         )
 
 

@@ -103,3 +103,33 @@ def deployment_of(model_id: str) -> str:
 
 def api_key(key_id: str) -> str:
     return f"{API_KEYS}{key_id}"
+
+
+TASKS = "tasks/"
+OPEN_TASKS = "open-tasks/"
+TASK_CLAIMS = "task-claims/"
+TASK_GROUPS = "task-groups/"
+
+
+def task(task_id: str) -> str:
+    """A task: shard.task.v1.Task."""
+    return f"{TASKS}{task_id}"
+
+
+def open_task(node_id: str, task_id: str) -> str:
+    """A copy of a PENDING or RUNNING task under its provider, written with the task: what the
+    provider's session pushes to it and the sweeper walks. Gone once the task ends."""
+    return f"{OPEN_TASKS}{node_id}/{task_id}"
+
+
+def task_claim(task_id: str) -> str:
+    """The node running a task, bound to that node's lease: when the node dies, it goes."""
+    return f"{TASK_CLAIMS}{task_id}"
+
+
+def task_group(group: str) -> str:
+    return f"{TASK_GROUPS}{group}/"
+
+
+def task_group_member(group: str, task_id: str) -> str:
+    return f"{task_group(group)}{task_id}"

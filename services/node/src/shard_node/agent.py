@@ -130,6 +130,7 @@ class NodeAgent:
                 models=await self._models.statuses(),
                 join_token=self._join_token,
                 attestation=attestation,
+                encryption_key=self._identity.vouched_encryption_key(),
             )
         )
 

@@ -81,6 +81,17 @@ RULES: MethodRules = {
             "RotateApiKey": Permission.KEYS_WRITE,
         },
     ),
+    **_rules(
+        "shard.task.v1.TaskService",
+        {
+            "CreateTask": Permission.TASKS_WRITE,
+            "GetTask": Permission.TASKS_READ,
+            "ListTasks": Permission.TASKS_READ,
+            "CancelTask": Permission.TASKS_WRITE,
+            "ClaimTask": Permission.TASKS_RUN,
+            "CompleteTask": Permission.TASKS_RUN,
+        },
+    ),
     **INFRASTRUCTURE,
 }
 

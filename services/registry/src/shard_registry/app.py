@@ -14,6 +14,7 @@ from shard.auth.v1 import key_service_pb2, key_service_pb2_grpc
 from shard.deployment.v1 import deployment_service_pb2, deployment_service_pb2_grpc
 from shard.model.v1 import model_service_pb2, model_service_pb2_grpc
 from shard.node.v1 import node_pb2, node_service_pb2, node_service_pb2_grpc
+from shard.task.v1 import task_service_pb2, task_service_pb2_grpc
 from shard_core import keys
 from shard_core.auth import AuthInterceptor, KeyRing, NodeCredentials, token_hash
 from shard_core.etcd.election import Election
@@ -38,8 +39,10 @@ from shard_registry.servicer import (
     KeyServicer,
     ModelServicer,
     NodeServicer,
+    TaskServicer,
 )
 from shard_registry.settings import RegistrySettings
+from shard_registry.tasks import TaskRegistry
 
 _log = logging.getLogger(__name__)
 
@@ -51,6 +54,7 @@ SERVICE_NAMES = [
         (model_service_pb2, "ModelService"),
         (deployment_service_pb2, "DeploymentService"),
         (key_service_pb2, "KeyService"),
+        (task_service_pb2, "TaskService"),
     )
 ]
 
@@ -92,6 +96,7 @@ async def serve(settings: RegistrySettings) -> None:
         PrefixMirror(EtcdStore(settings), keys.NODES, directory.records),
         PrefixMirror(EtcdStore(settings), keys.NODE_ADMIN, directory.admin),
         PrefixMirror(EtcdStore(settings), keys.ASSIGNMENTS, directory.assignment_records),
+        PrefixMirror(EtcdStore(settings), keys.OPEN_TASKS, directory.open_task_records),
     ]
     for mirror in mirrors:
         mirror.start()
@@ -117,6 +122,7 @@ async def serve(settings: RegistrySettings) -> None:
         ),
     )
     models = ModelRegistry(store=store, blobs=blobs)
+    tasks = TaskRegistry(store=store, directory=directory, models=models, blobs=blobs)
     deployments = DeploymentRegistry(store=store, models=models)
     election = Election(
         store=store,
@@ -136,8 +142,16 @@ async def serve(settings: RegistrySettings) -> None:
         interval_s=settings.canary_interval_s,
     )
 
+    async def sweep_tasks() -> None:
+        while True:
+            try:
+                await tasks.sweep()
+            except Exception:
+                _log.exception("task sweep failed; retrying next period")
+            await asyncio.sleep(settings.control_period_s)
+
     async def lead(leader_revision: int) -> None:
-        await asyncio.gather(control.run(leader_revision), prober.run())
+        await asyncio.gather(control.run(leader_revision), prober.run(), sweep_tasks())
 
     leading = asyncio.ensure_future(election.lead(lead))
 
@@ -157,6 +171,7 @@ async def serve(settings: RegistrySettings) -> None:
         key_service_pb2_grpc.add_KeyServiceServicer_to_server(
             KeyServicer(KeyRegistry(store, ring)), server
         )
+        task_service_pb2_grpc.add_TaskServiceServicer_to_server(TaskServicer(tasks), server)
 
     server = GrpcServer(
         address=settings.address,

@@ -1,5 +1,5 @@
-"""The registry's live view of every node: records, operator states and assignments, mirrored
-from etcd once for the whole process and handed to whoever needs them.
+"""The registry's live view of every node: records, operator states, assignments and open
+tasks, mirrored from etcd once for the whole process and handed to whoever needs them.
 
 Sessions subscribe for their own node (new assignments to push, a state that stops or allows
 traffic); `WatchNodes` callers subscribe to every node change.
@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import Callable, Mapping
 
 from shard.node.v1 import node_pb2, node_service_pb2
+from shard.task.v1 import task_pb2
 from shard_core import keys
 
 NodeListener = Callable[[], None]
@@ -54,6 +55,7 @@ class NodeDirectory:
         self.records = _Prefix(keys.NODES, self._changed)
         self.admin = _Prefix(keys.NODE_ADMIN, self._changed)
         self.assignment_records = _Prefix(keys.ASSIGNMENTS, self._changed)
+        self.open_task_records = _Prefix(keys.OPEN_TASKS, self._changed)
         self._listeners: dict[str, NodeListener] = {}
         self._watchers: set[ChangeQueue] = set()
         self._last: dict[str, node_pb2.Node] = {}
@@ -67,6 +69,15 @@ class NodeDirectory:
             for suffix, value in self.assignment_records.values.items()
             if suffix.startswith(prefix)
         }
+
+    def open_tasks(self, node_id: str) -> list[task_pb2.Task]:
+        """The node's PENDING and RUNNING tasks, by name."""
+        prefix = f"{node_id}/"
+        return [
+            task_pb2.Task.FromString(value)
+            for suffix, value in sorted(self.open_task_records.values.items())
+            if suffix.startswith(prefix)
+        ]
 
     def admin_state(self, node_id: str) -> node_pb2.Node | None:
         value = self.admin.values.get(node_id)

@@ -33,9 +33,17 @@ from shard_core.etcd import paging
 from shard_core.etcd.lease import LeaseExpiredError, LeaseKeeper
 from shard_core.etcd.store import EtcdStore
 from shard_core.identity import ED25519_PUBLIC_KEY_BYTES, node_id_for
+from shard_core.sealing import X25519_KEY_BYTES, encryption_key_message, signed_by
 from shard_registry.directory import NodeDirectory
 from shard_registry.enrollment import Challenge, Enrollment, NodePolicy, verify_attestation
-from shard_registry.resources import RESOURCE_ID, VERSION_ID, parse_name, timestamp
+from shard_registry.resources import (
+    RESOURCE_ID,
+    VERSION_ID,
+    enum_value,
+    filter_terms,
+    parse_name,
+    timestamp,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -159,6 +167,22 @@ def _validate_registration(registration: node_service_pb2.Registration) -> None:
             )
     require(registration.HasField("attestation"), "registration.attestation")
     _validate_models(registration.models, "registration.models")
+
+
+def _check_encryption_key(node_id: str, public_key: bytes, key: node_pb2.EncryptionKey) -> None:
+    """An encryption key is taken only with the identity key's signature over it."""
+    field = "registration.encryption_key"
+    if len(key.public_key) != X25519_KEY_BYTES:
+        raise InvalidArgumentError(
+            f"{field}.public_key must be a raw X25519 key of {X25519_KEY_BYTES} bytes",
+            metadata={"field": f"{field}.public_key"},
+        )
+    if not signed_by(public_key, key.signature, encryption_key_message(node_id, key.public_key)):
+        raise InvalidArgumentError(
+            f"{field}.signature is not the node's signature over its encryption key",
+            reason="BAD_SIGNATURE",
+            metadata={"field": f"{field}.signature"},
+        )
 
 
 def _pending(metrics: node_pb2.NodeMetrics) -> dict[str, int]:
@@ -360,6 +384,8 @@ class NodeRegistry:
             now=self.clock(),
             field="registration.attestation",
         )
+        if registration.HasField("encryption_key"):
+            _check_encryption_key(node_id, public_key, registration.encryption_key)
         inventory = registration.attestation.inventory
         violations = self.policy.violations(inventory)
         if violations:
@@ -414,6 +440,7 @@ class NodeRegistry:
             capacity=capacity(inventory),
             inventory=inventory,
             provider=enrolled.provider,
+            encryption_key=registration.encryption_key,
         )
         if state == node_pb2.NODE_STATE_PENDING:
             await self.record_transition(
@@ -575,19 +602,10 @@ def _label_is(label: str, value: str) -> Callable[[node_pb2.Node], bool]:
 def parse_filter(text: str) -> Callable[[node_pb2.Node], bool]:
     """`state=ACTIVE AND labels.pool=a`: conditions joined by AND, each `key=value`."""
     conditions: list[Callable[[node_pb2.Node], bool]] = []
-    for part in filter(None, (p.strip() for p in re.split(r"\s+AND\s+", text.strip()))):
-        key, sep, value = (piece.strip() for piece in part.partition("="))
-        if not sep or not value:
-            raise InvalidArgumentError(
-                f"filter term {part!r} must be key=value", metadata={"field": "filter"}
-            )
+    for key, value in filter_terms(text):
         if key == "state":
-            wanted = f"NODE_STATE_{value.upper()}"
-            if wanted not in node_pb2.NodeState.keys():  # noqa: SIM118 (an enum wrapper)
-                raise InvalidArgumentError(
-                    f"filter: {value!r} is not a node state", metadata={"field": "filter"}
-                )
-            conditions.append(_state_is(node_pb2.NodeState.Value(wanted)))
+            state = enum_value(node_pb2.NodeState, "NODE_STATE_", value, "node state", "filter")
+            conditions.append(_state_is(state))  # type: ignore[arg-type]
         elif key.startswith("labels."):
             conditions.append(_label_is(key.removeprefix("labels."), value))
         else:

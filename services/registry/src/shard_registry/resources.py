@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 from google.protobuf import field_mask_pb2, timestamp_pb2
 
@@ -46,6 +47,27 @@ def parse_name(name: str, pattern: str, field: str = "name") -> list[str]:
     if not all(ids):
         raise InvalidArgumentError(f"{field} {name!r} has an empty id", metadata={"field": field})
     return ids
+
+
+def filter_terms(text: str) -> list[tuple[str, str]]:
+    """The `key=value` terms of a list filter, joined by AND (`state=ACTIVE AND labels.a=b`)."""
+    terms = []
+    for part in filter(None, (p.strip() for p in re.split(r"\s+AND\s+", text.strip()))):
+        key, sep, value = (piece.strip() for piece in part.partition("="))
+        if not sep or not value:
+            raise InvalidArgumentError(
+                f"filter term {part!r} must be key=value", metadata={"field": "filter"}
+            )
+        terms.append((key, value))
+    return terms
+
+
+def enum_value(enum: Any, prefix: str, value: str, what: str, field: str) -> int:
+    """The value of `{prefix}{VALUE}` in a proto enum, or INVALID_ARGUMENT naming `field`."""
+    wanted = f"{prefix}{value.upper()}"
+    if wanted not in enum.keys():  # noqa: SIM118 (an enum wrapper)
+        raise InvalidArgumentError(f"{field}: {value!r} is not a {what}", metadata={"field": field})
+    return int(enum.Value(wanted))
 
 
 def check_etag(etag: str, revision: int, name: str) -> None:

@@ -17,6 +17,8 @@ from shard.deployment.v1 import deployment_service_pb2 as deployment_api
 from shard.model.v1 import model_pb2, model_service_pb2_grpc
 from shard.model.v1 import model_service_pb2 as model_api
 from shard.node.v1 import node_pb2, node_service_pb2, node_service_pb2_grpc
+from shard.task.v1 import task_pb2, task_service_pb2_grpc
+from shard.task.v1 import task_service_pb2 as task_api
 from shard_core.auth import NodeCredentials
 from shard_core.errors import (
     InvalidArgumentError,
@@ -25,17 +27,48 @@ from shard_core.errors import (
     ResourceExhaustedError,
     UnauthenticatedError,
     UnavailableError,
+    require,
 )
 from shard_core.net import peer_host
 from shard_registry.access import caller, require_owner, require_visible, visible
 from shard_registry.apikeys import KeyRegistry
 from shard_registry.artifacts import BlobStore, StoredBlob, blob_sha256
 from shard_registry.deployments import DeploymentRegistry
+from shard_registry.directory import NodeDirectory
 from shard_registry.enrollment import Challenge
 from shard_registry.models import MODEL_UPDATED_BY_DEFAULT, ModelRegistry
 from shard_registry.nodes import NodeRegistry, NodeSession, validate_hello
+from shard_registry.tasks import TaskRegistry
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class _Pushed:
+    """What a node's stream last sent it: assignments and open tasks go again only changed."""
+
+    def __init__(self) -> None:
+        self.assignments: list[node_pb2.ModelAssignment] | None = None
+        self.tasks: list[task_pb2.Task] | None = None
+
+    def updates(
+        self, directory: NodeDirectory, node_id: str
+    ) -> list[node_service_pb2.ConnectResponse]:
+        updates = []
+        assignments = list(directory.assignments(node_id).values())
+        if assignments != self.assignments:
+            self.assignments = assignments
+            updates.append(
+                node_service_pb2.ConnectResponse(
+                    assignments=node_service_pb2.Assignments(models=assignments)
+                )
+            )
+        tasks = directory.open_tasks(node_id)
+        if tasks != self.tasks:
+            self.tasks = tasks
+            updates.append(
+                node_service_pb2.ConnectResponse(tasks=node_service_pb2.OpenTasks(tasks=tasks))
+            )
+        return updates
 
 
 class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
@@ -95,7 +128,7 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
         directory = self._registry.directory
         directory.subscribe(session.node_id, changed.set)
         reader = asyncio.ensure_future(self._read(session, requests))
-        pushed: list[node_pb2.ModelAssignment] | None = None
+        pushed = _Pushed()
         loop = asyncio.get_running_loop()
         challenged_at = loop.time()  # the registration answered the first challenge
         try:
@@ -122,12 +155,8 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
                         yield node_service_pb2.ConnectResponse(challenge=session.new_challenge())
                     continue
                 changed.clear()
-                assignments = list(directory.assignments(session.node_id).values())
-                if assignments != pushed:
-                    pushed = assignments
-                    yield node_service_pb2.ConnectResponse(
-                        assignments=node_service_pb2.Assignments(models=assignments)
-                    )
+                for update in pushed.updates(directory, session.node_id):
+                    yield update
                 # Evicted replicas, and nodes that may no longer take traffic, stop being
                 # routable now.
                 await session.publish(record=False)
@@ -535,3 +564,51 @@ class KeyServicer(key_service_pb2_grpc.KeyServiceServicer):
     ) -> key_api.RotateApiKeyResponse:
         key, secret = await self._keys.rotate(request.name, caller())
         return key_api.RotateApiKeyResponse(api_key=key, secret=secret)
+
+
+class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
+    """Owners create, read and cancel their tasks; provider nodes claim and complete theirs."""
+
+    def __init__(self, tasks: TaskRegistry) -> None:
+        self._tasks = tasks
+
+    async def CreateTask(
+        self, request: task_api.CreateTaskRequest, context: Context
+    ) -> task_api.CreateTaskResponse:
+        require(request.HasField("task"), "task")
+        return task_api.CreateTaskResponse(
+            task=await self._tasks.create(request.task_id, request.task)
+        )
+
+    async def GetTask(
+        self, request: task_api.GetTaskRequest, context: Context
+    ) -> task_api.GetTaskResponse:
+        return task_api.GetTaskResponse(task=await self._tasks.get(request.name))
+
+    async def ListTasks(
+        self, request: task_api.ListTasksRequest, context: Context
+    ) -> task_api.ListTasksResponse:
+        tasks, token = await self._tasks.list(
+            page_size=request.page_size, page_token=request.page_token, filter_text=request.filter
+        )
+        return task_api.ListTasksResponse(tasks=tasks, next_page_token=token)
+
+    async def CancelTask(
+        self, request: task_api.CancelTaskRequest, context: Context
+    ) -> task_api.CancelTaskResponse:
+        return task_api.CancelTaskResponse(
+            task=await self._tasks.cancel(request.name, request.reason)
+        )
+
+    async def ClaimTask(
+        self, request: task_api.ClaimTaskRequest, context: Context
+    ) -> task_api.ClaimTaskResponse:
+        return task_api.ClaimTaskResponse(task=await self._tasks.claim(request.name))
+
+    async def CompleteTask(
+        self, request: task_api.CompleteTaskRequest, context: Context
+    ) -> task_api.CompleteTaskResponse:
+        task = await self._tasks.complete(
+            request.name, request.state, request.result, request.reason
+        )
+        return task_api.CompleteTaskResponse(task=task)

@@ -111,10 +111,13 @@ class EtcdStore:
         deletes: Iterable[str] = (),
         lease: int | None = None,
         expect: Mapping[str, int] | None = None,
+        leases: Mapping[str, int] | None = None,
     ) -> int | None:
         """One transaction: if every key in `expect` is at that mod revision (0: the key must not
-        exist), apply the puts (bound to `lease`) and deletes together. Returns the revision the
-        write created, or None when an expectation failed and nothing was written."""
+        exist), apply the puts (bound to `lease`, or to the key's own in `leases`) and deletes
+        together. Returns the revision the write created, or None when an expectation failed and
+        nothing was written."""
+        leases = leases or {}
         await self.client.connect()
         compare = [
             rpc.Compare(
@@ -126,7 +129,11 @@ class EtcdStore:
             for key, revision in (expect or {}).items()
         ]
         ops = [
-            rpc.RequestOp(request_put=rpc.PutRequest(key=self.key(k), value=v, lease=lease or 0))
+            rpc.RequestOp(
+                request_put=rpc.PutRequest(
+                    key=self.key(k), value=v, lease=leases.get(k, lease or 0)
+                )
+            )
             for k, v in (puts or {}).items()
         ]
         ops += [

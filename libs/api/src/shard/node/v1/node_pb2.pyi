@@ -142,6 +142,7 @@ class Node(_message.Message):
     ATTEST_TIME_FIELD_NUMBER: _builtins.int
     PROBLEMS_FIELD_NUMBER: _builtins.int
     PROVIDER_FIELD_NUMBER: _builtins.int
+    ENCRYPTION_KEY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The resource name of the node, `nodes/{node}`, where `{node}` is the node id derived from the
     node's public identity key.
@@ -206,6 +207,10 @@ class Node(_message.Message):
     def problems(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """What the node's self-check found wrong, if anything."""
 
+    @_builtins.property
+    def encryption_key(self) -> Global___EncryptionKey:
+        """The key owners encrypt tasks for this node to, signed with its identity key."""
+
     def __init__(
         self,
         *,
@@ -228,14 +233,46 @@ class Node(_message.Message):
         attest_time: _timestamp_pb2.Timestamp | None = ...,
         problems: _abc.Iterable[_builtins.str] | None = ...,
         provider: _builtins.str = ...,
+        encryption_key: Global___EncryptionKey | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["attest_time", b"attest_time", "capacity", b"capacity", "heartbeat_time", b"heartbeat_time", "inventory", b"inventory", "metrics", b"metrics", "register_time", b"register_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attest_time", b"attest_time", "capacity", b"capacity", "encryption_key", b"encryption_key", "heartbeat_time", b"heartbeat_time", "inventory", b"inventory", "metrics", b"metrics", "register_time", b"register_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "attest_time", b"attest_time", "capacity", b"capacity", "heartbeat_time", b"heartbeat_time", "http_address", b"http_address", "inference_address", b"inference_address", "inventory", b"inventory", "labels", b"labels", "metrics", b"metrics", "models", b"models", "name", b"name", "problems", b"problems", "provider", b"provider", "public_key", b"public_key", "register_time", b"register_time", "state", b"state", "state_reason", b"state_reason", "transitions", b"transitions", "triton_version", b"triton_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "attest_time", b"attest_time", "capacity", b"capacity", "encryption_key", b"encryption_key", "heartbeat_time", b"heartbeat_time", "http_address", b"http_address", "inference_address", b"inference_address", "inventory", b"inventory", "labels", b"labels", "metrics", b"metrics", "models", b"models", "name", b"name", "problems", b"problems", "provider", b"provider", "public_key", b"public_key", "register_time", b"register_time", "state", b"state", "state_reason", b"state_reason", "transitions", b"transitions", "triton_version", b"triton_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Node: _TypeAlias = Node  # noqa: Y015
+
+@_typing.final
+class EncryptionKey(_message.Message):
+    """A node's public key for encrypted tasks (HPKE, RFC 9180: DHKEM(X25519, HKDF-SHA256),
+    HKDF-SHA256, ChaCha20-Poly1305), vouched for by the node's identity key.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    public_key: _builtins.bytes
+    """The X25519 public key, raw 32 bytes."""
+    signature: _builtins.bytes
+    """The node's Ed25519 signature over the bytes `shard-encryption-key-v1`, the node id as a
+    4-byte big-endian length and its UTF-8 bytes, and `public_key`. Check it against the
+    identity key whose hash is the node id, and no registry can swap the key.
+    """
+    def __init__(
+        self,
+        *,
+        public_key: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["public_key", b"public_key", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EncryptionKey: _TypeAlias = EncryptionKey  # noqa: Y015
 
 @_typing.final
 class StateTransition(_message.Message):

@@ -10,6 +10,7 @@ from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from shard.node.v1 import node_pb2 as _node_pb2
+from shard.task.v1 import task_pb2 as _task_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -234,6 +235,7 @@ class Registration(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
     JOIN_TOKEN_FIELD_NUMBER: _builtins.int
+    ENCRYPTION_KEY_FIELD_NUMBER: _builtins.int
     ATTESTATION_FIELD_NUMBER: _builtins.int
     inference_address: _builtins.str
     """The KServe v2 gRPC address of the node's Triton, reachable from the control plane."""
@@ -252,6 +254,10 @@ class Registration(_message.Message):
         """The state of the node's models at registration."""
 
     @_builtins.property
+    def encryption_key(self) -> _node_pb2.EncryptionKey:
+        """The node's key for encrypted tasks, signed with its identity key."""
+
+    @_builtins.property
     def attestation(self) -> Global___Attestation:
         """The answer to the registry's challenge."""
 
@@ -263,11 +269,12 @@ class Registration(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         models: _abc.Iterable[_node_pb2.ModelStatus] | None = ...,
         join_token: _builtins.str = ...,
+        encryption_key: _node_pb2.EncryptionKey | None = ...,
         attestation: Global___Attestation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["attestation", b"attestation"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attestation", b"attestation", "encryption_key", b"encryption_key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attestation", b"attestation", "http_address", b"http_address", "inference_address", b"inference_address", "join_token", b"join_token", "labels", b"labels", "models", b"models"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attestation", b"attestation", "encryption_key", b"encryption_key", "http_address", b"http_address", "inference_address", b"inference_address", "join_token", b"join_token", "labels", b"labels", "models", b"models"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -342,6 +349,7 @@ class ConnectResponse(_message.Message):
     REGISTERED_FIELD_NUMBER: _builtins.int
     ASSIGNMENTS_FIELD_NUMBER: _builtins.int
     CHALLENGE_FIELD_NUMBER: _builtins.int
+    TASKS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def registered(self) -> Global___Registered:
         """The answer to the registration."""
@@ -358,22 +366,53 @@ class ConnectResponse(_message.Message):
         registration, to later ones an attestation.
         """
 
+    @_builtins.property
+    def tasks(self) -> Global___OpenTasks:
+        """The node's open tasks (PENDING or RUNNING), sent after the registration and whenever they
+        change. A task missing from it is no longer the node's to run: it stops it.
+        """
+
     def __init__(
         self,
         *,
         registered: Global___Registered | None = ...,
         assignments: Global___Assignments | None = ...,
         challenge: Global___Challenge | None = ...,
+        tasks: Global___OpenTasks | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "challenge", b"challenge", "message", b"message", "registered", b"registered"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "challenge", b"challenge", "message", b"message", "registered", b"registered", "tasks", b"tasks"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "challenge", b"challenge", "message", b"message", "registered", b"registered"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "challenge", b"challenge", "message", b"message", "registered", b"registered", "tasks", b"tasks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["registered", "assignments", "challenge"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["registered", "assignments", "challenge", "tasks"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
 Global___ConnectResponse: _TypeAlias = ConnectResponse  # noqa: Y015
+
+@_typing.final
+class OpenTasks(_message.Message):
+    """The tasks addressed to a node that are not finished."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.Task]:
+        """Every open task of the node."""
+
+    def __init__(
+        self,
+        *,
+        tasks: _abc.Iterable[_task_pb2.Task] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tasks", b"tasks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpenTasks: _TypeAlias = OpenTasks  # noqa: Y015
 
 @_typing.final
 class Challenge(_message.Message):
