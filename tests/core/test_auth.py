@@ -127,7 +127,10 @@ def test_node_credentials_are_forgery_proof_and_end_with_quarantine() -> None:
     ring = KeyRing(nodes=credentials)
     node = ring.authenticate(f"Bearer {credentials.issue('n1')}")
     assert node.id == "nodes/n1"
-    assert node.permissions == {Permission.BLOBS_READ}
+    # Model files and task jobs in, task results out, its own tasks claimed and completed.
+    assert node.permissions == {
+        Permission.BLOBS_READ, Permission.BLOBS_WRITE, Permission.TASKS_RUN
+    }  # fmt: skip
     other = NodeCredentials("another shard's token", allowed=lambda _: True)
     with pytest.raises(UnauthenticatedError):
         ring.authenticate(f"Bearer {other.issue('n1')}")

@@ -10,13 +10,11 @@ from typing import Any
 
 import grpc
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shard.deployment.v1 import deployment_pb2
 from shard.deployment.v1 import deployment_service_pb2 as deployment_api
 from shard.node.v1 import node_pb2, node_service_pb2, node_service_pb2_grpc
 from shard_core import keys
-from shard_core.attestation import signed_bytes
 from shard_core.errors import error_info
 from shard_core.etcd.store import EtcdStore
 from shard_core.settings import EtcdSettings
@@ -24,10 +22,7 @@ from shard_node.identity import NodeIdentity
 from shard_tool.local import LocalMesh
 from shard_tool.publish import Publisher
 from tests.demo import push_copy, target
-
-INVENTORY = node_pb2.Inventory(
-    cpu_model="test", cpu_cores=4, memory_bytes=8 << 30, agent_version="0.1.0"
-)
+from tests.fake_node import INVENTORY, FakeAgent, attestation, refused
 
 
 @pytest.fixture
@@ -44,83 +39,6 @@ async def shard_etcd(mesh: LocalMesh) -> AsyncIterator[EtcdStore]:
     await store.close()
 
 
-def attestation(
-    identity: NodeIdentity,
-    nonce: bytes,
-    *,
-    inventory: node_pb2.Inventory = INVENTORY,
-    signer: Ed25519PrivateKey | None = None,
-    time_ms: int | None = None,
-) -> node_service_pb2.Attestation:
-    when = int(time.time() * 1000) if time_ms is None else time_ms
-    message = signed_bytes(nonce=nonce, inventory=inventory, time_ms=when, node_id=identity.node_id)
-    return node_service_pb2.Attestation(
-        nonce=nonce,
-        inventory=inventory,
-        time_ms=when,
-        signature=(signer or identity.private_key).sign(message),
-    )
-
-
-class FakeAgent:
-    """A node agent's side of the Connect stream, driven by the test."""
-
-    def __init__(self, stub: node_service_pb2_grpc.NodeServiceStub) -> None:
-        self.outbox: asyncio.Queue[node_service_pb2.ConnectRequest | None] = asyncio.Queue()
-        self.call = stub.Connect(self._requests())
-
-    async def _requests(self) -> AsyncIterator[node_service_pb2.ConnectRequest]:
-        while (request := await self.outbox.get()) is not None:
-            yield request
-
-    async def send(self, request: node_service_pb2.ConnectRequest) -> None:
-        await self.outbox.put(request)
-
-    async def read(self) -> node_service_pb2.ConnectResponse:
-        reply = await asyncio.wait_for(self.call.read(), 10)
-        assert isinstance(reply, node_service_pb2.ConnectResponse)
-        return reply
-
-    async def hello(self, identity: NodeIdentity, *, node_id: str | None = None) -> bytes:
-        """Say who we are; return the registry's challenge nonce."""
-        hello = node_service_pb2.Hello(
-            node_id=node_id or identity.node_id, public_key=identity.public_key
-        )
-        await self.send(node_service_pb2.ConnectRequest(hello=hello))
-        return (await self.read()).challenge.nonce
-
-    async def register(
-        self,
-        identity: NodeIdentity,
-        *,
-        token: str,
-        proof: node_service_pb2.Attestation | None = None,
-        nonce: bytes | None = None,
-        **fields: Any,
-    ) -> node_service_pb2.ConnectResponse:
-        """Hello, then a registration signing the challenge (or `proof`); the answer."""
-        challenge = await self.hello(identity)
-        registration = node_service_pb2.Registration(
-            inference_address=fields.pop("inference_address", "127.0.0.1:1"),
-            join_token=token,
-            attestation=proof or attestation(identity, nonce or challenge),
-            **fields,
-        )
-        await self.send(node_service_pb2.ConnectRequest(registration=registration))
-        return await self.read()
-
-    async def close(self) -> grpc.StatusCode:
-        goodbye = node_service_pb2.Deregistration(reason="test done")
-        await self.outbox.put(node_service_pb2.ConnectRequest(deregistration=goodbye))
-        await self.outbox.put(None)
-        # gRPC reports the status only after every message before it has been read.
-        while isinstance(
-            await asyncio.wait_for(self.call.read(), 10), node_service_pb2.ConnectResponse
-        ):
-            pass
-        return await asyncio.wait_for(self.call.code(), 10)
-
-
 async def _heartbeats(agent: FakeAgent) -> None:
     while True:
         await agent.send(node_service_pb2.ConnectRequest(heartbeat=node_service_pb2.Heartbeat()))
@@ -130,16 +48,6 @@ async def _heartbeats(agent: FakeAgent) -> None:
 async def _read_until_closed(agent: FakeAgent) -> None:
     while True:
         await agent.read()
-
-
-async def _refused(awaitable: Any, code: grpc.StatusCode, reason: str) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await awaitable
-    assert raised.value.code() == code, raised.value.details()
-    info = error_info(raised.value)
-    assert info is not None
-    assert info.reason == reason, raised.value.details()
-    return raised.value
 
 
 async def _assignments(agent: FakeAgent, *, models: set[str]) -> list[node_pb2.ModelAssignment]:
@@ -257,12 +165,12 @@ async def test_reconnect_within_the_ttl_keeps_the_lease_and_needs_no_token(
     await second.close()
 
 
-async def test_id_that_does_not_match_the_key_is_refused(
+async def test_id_that_does_not_match_the_key_isrefused(
     stub: node_service_pb2_grpc.NodeServiceStub, tmp_path: Path
 ) -> None:
     identity = NodeIdentity.load_or_create(tmp_path / "a")
     other = NodeIdentity.load_or_create(tmp_path / "b")
-    error = await _refused(
+    error = await refused(
         FakeAgent(stub).hello(identity, node_id=other.node_id),
         grpc.StatusCode.INVALID_ARGUMENT,
         "NODE_ID_MISMATCH",
@@ -270,7 +178,7 @@ async def test_id_that_does_not_match_the_key_is_refused(
     assert error_info(error).metadata["field"] == "hello.node_id"  # type: ignore[union-attr]
 
 
-async def test_a_forged_signature_is_refused(
+async def test_a_forged_signature_isrefused(
     mesh: LocalMesh, stub: node_service_pb2_grpc.NodeServiceStub, tmp_path: Path
 ) -> None:
     identity = NodeIdentity.load_or_create(tmp_path / "a")
@@ -282,10 +190,10 @@ async def test_a_forged_signature_is_refused(
         inference_address="127.0.0.1:1", join_token=await mesh.join_token("t"), attestation=forged
     )
     await agent.send(node_service_pb2.ConnectRequest(registration=registration))
-    await _refused(agent.read(), grpc.StatusCode.UNAUTHENTICATED, "BAD_SIGNATURE")
+    await refused(agent.read(), grpc.StatusCode.UNAUTHENTICATED, "BAD_SIGNATURE")
 
 
-async def test_a_replayed_nonce_is_refused(
+async def test_a_replayed_nonce_isrefused(
     mesh: LocalMesh, stub: node_service_pb2_grpc.NodeServiceStub, tmp_path: Path
 ) -> None:
     identity = NodeIdentity.load_or_create(tmp_path)
@@ -295,14 +203,14 @@ async def test_a_replayed_nonce_is_refused(
     first.call.cancel()
 
     replay = FakeAgent(stub)
-    await _refused(
+    await refused(
         replay.register(identity, token=await mesh.join_token("t"), proof=recorded),
         grpc.StatusCode.UNAUTHENTICATED,
         "NONCE_MISMATCH",
     )
 
 
-async def test_a_stale_attestation_time_is_refused(
+async def test_a_stale_attestation_time_isrefused(
     mesh: LocalMesh, stub: node_service_pb2_grpc.NodeServiceStub, tmp_path: Path
 ) -> None:
     identity = NodeIdentity.load_or_create(tmp_path)
@@ -313,7 +221,7 @@ async def test_a_stale_attestation_time_is_refused(
         inference_address="127.0.0.1:1", join_token=await mesh.join_token("t"), attestation=stale
     )
     await agent.send(node_service_pb2.ConnectRequest(registration=registration))
-    await _refused(agent.read(), grpc.StatusCode.UNAUTHENTICATED, "CLOCK_SKEW")
+    await refused(agent.read(), grpc.StatusCode.UNAUTHENTICATED, "CLOCK_SKEW")
 
 
 async def test_join_tokens_are_needed_single_use_and_expire(
@@ -322,12 +230,12 @@ async def test_join_tokens_are_needed_single_use_and_expire(
     def node(name: str) -> NodeIdentity:
         return NodeIdentity.load_or_create(tmp_path / name)
 
-    await _refused(
+    await refused(
         FakeAgent(stub).register(node("none"), token=""),
         grpc.StatusCode.PERMISSION_DENIED,
         "JOIN_TOKEN_REQUIRED",
     )
-    await _refused(
+    await refused(
         FakeAgent(stub).register(node("unknown"), token="abcdef.not-a-real-secret"),
         grpc.StatusCode.PERMISSION_DENIED,
         "JOIN_TOKEN_UNKNOWN",
@@ -335,14 +243,14 @@ async def test_join_tokens_are_needed_single_use_and_expire(
     token = await mesh.join_token("one use")
     first = FakeAgent(stub)
     await first.register(node("first"), token=token)
-    await _refused(
+    await refused(
         FakeAgent(stub).register(node("second"), token=token),
         grpc.StatusCode.PERMISSION_DENIED,
         "JOIN_TOKEN_USED",
     )
     await first.close()
     token_id, _, secret = token.partition(".")
-    await _refused(
+    await refused(
         FakeAgent(stub).register(node("guess"), token=f"{token_id}.{secret[:-2]}xx"),
         grpc.StatusCode.PERMISSION_DENIED,
         "JOIN_TOKEN_UNKNOWN",
@@ -355,7 +263,7 @@ async def test_join_tokens_are_needed_single_use_and_expire(
     assert short.join_token.token
     assert short.join_token.name.startswith("joinTokens/")
     await asyncio.sleep(1.2)
-    await _refused(
+    await refused(
         FakeAgent(stub).register(node("late"), token=short.join_token.token),
         grpc.StatusCode.PERMISSION_DENIED,
         "JOIN_TOKEN_EXPIRED",
@@ -370,7 +278,7 @@ async def test_tokens_are_stored_only_as_hashes(mesh: LocalMesh, shard_etcd: Etc
     assert secret.encode() not in stored.value
 
 
-async def test_a_node_that_breaks_the_policy_is_refused(
+async def test_a_node_that_breaks_the_policy_isrefused(
     mesh: LocalMesh, stub: node_service_pb2_grpc.NodeServiceStub, tmp_path: Path
 ) -> None:
     identity = NodeIdentity.load_or_create(tmp_path)
@@ -386,7 +294,7 @@ async def test_a_node_that_breaks_the_policy_is_refused(
         attestation=attestation(identity, challenge, inventory=phantom_gpu),
     )
     await agent.send(node_service_pb2.ConnectRequest(registration=registration))
-    error = await _refused(agent.read(), grpc.StatusCode.PERMISSION_DENIED, "POLICY_VIOLATION")
+    error = await refused(agent.read(), grpc.StatusCode.PERMISSION_DENIED, "POLICY_VIOLATION")
     assert "GPU_NOT_ON_PCI_BUS" in (error.details() or "")
 
 
@@ -444,7 +352,7 @@ async def test_delete_node_disconnects_it_and_it_needs_a_new_token(
     await agent.send(node_service_pb2.ConnectRequest(heartbeat=node_service_pb2.Heartbeat()))
     with pytest.raises(grpc.aio.AioRpcError):
         await _read_until_closed(agent)
-    await _refused(
+    await refused(
         FakeAgent(stub).register(identity, token=""),
         grpc.StatusCode.PERMISSION_DENIED,
         "JOIN_TOKEN_REQUIRED",
@@ -488,7 +396,7 @@ async def test_list_nodes_filters_by_state_and_labels(
     )
     assert [node.labels["shard.local/name"] for node in one.nodes] == ["node-0"]
     for bad in ("state", "state=SLEEPY", "color=red"):
-        await _refused(
+        await refused(
             stub.ListNodes(node_service_pb2.ListNodesRequest(filter=bad)),
             grpc.StatusCode.INVALID_ARGUMENT,
             "INVALID_ARGUMENT",
@@ -522,7 +430,7 @@ async def test_bad_hellos_name_the_field(
         *(("http_address", bad) for bad in ("no-port", "host:port", "a b:1")),
     ],
 )
-async def test_bad_inference_addresses_are_refused(
+async def test_bad_inference_addresses_arerefused(
     mesh: LocalMesh,
     stub: node_service_pb2_grpc.NodeServiceStub,
     tmp_path: Path,
@@ -606,20 +514,20 @@ async def test_calls_need_credentials_except_the_node_stream(
     cordon = node_service_pb2.CordonNodeRequest(name="nodes/nany")
     async with grpc.aio.insecure_channel(mesh.registry_address) as anonymous:
         nodes = node_service_pb2_grpc.NodeServiceStub(anonymous)
-        await _refused(
+        await refused(
             nodes.CordonNode(cordon), grpc.StatusCode.UNAUTHENTICATED, "CREDENTIALS_MISSING"
         )
-        await _refused(
+        await refused(
             nodes.CreateJoinToken(node_service_pb2.CreateJoinTokenRequest()),
             grpc.StatusCode.UNAUTHENTICATED,
             "CREDENTIALS_MISSING",
         )
-        await _refused(
+        await refused(
             nodes.CordonNode(cordon, metadata=(("authorization", "Bearer wrong"),)),
             grpc.StatusCode.UNAUTHENTICATED,
             "BAD_CREDENTIALS",
         )
-        await _refused(
+        await refused(
             nodes.ListNodes(node_service_pb2.ListNodesRequest()),
             grpc.StatusCode.UNAUTHENTICATED,
             "CREDENTIALS_MISSING",
@@ -635,7 +543,7 @@ async def test_calls_need_credentials_except_the_node_stream(
 async def test_a_node_cannot_point_traffic_elsewhere(
     mesh: LocalMesh, stub: node_service_pb2_grpc.NodeServiceStub, tmp_path: Path
 ) -> None:
-    await _refused(
+    await refused(
         FakeAgent(stub).register(
             NodeIdentity.load_or_create(tmp_path),
             token=await mesh.join_token("elsewhere"),

@@ -5,7 +5,8 @@ registry's challenge with a signed attestation (and, the first time, a join toke
 interval the registry asked for, a heartbeat with the state of every assigned model, the
 machine's load and its self-check; and a fresh attestation whenever the registry challenges
 again. The registry sends the node's complete set of assignments whenever it changes; the
-`ModelManager` converges Triton to it. If the stream breaks the agent reconnects with backoff and
+`ModelManager` converges Triton to it. It sends the node's open tasks the same way; the
+`TaskRunner` runs them. If the stream breaks the agent reconnects with backoff and
 registers again (keeping its lease if it is back within the lease TTL). On SIGTERM it says
 goodbye, which deregisters the node at once.
 """
@@ -32,6 +33,7 @@ from shard_node.health import HealthCheck
 from shard_node.identity import NodeIdentity
 from shard_node.inventory import read_inventory, read_metrics
 from shard_node.models import ModelManager
+from shard_node.tasks import TaskRunner
 from shard_node.triton import TritonControl
 
 _log = logging.getLogger(__name__)
@@ -55,6 +57,7 @@ class NodeAgent:
         join_token: str,
         health: HealthCheck,
         metrics_url: str | None,
+        tasks: TaskRunner,
     ) -> None:
         self._identity = identity
         self._triton = triton
@@ -69,6 +72,7 @@ class NodeAgent:
         self._join_token = join_token
         self._health = health
         self._metrics_url = metrics_url
+        self._tasks = tasks
         self._stopping = asyncio.Event()
         self.registered = asyncio.Event()
 
@@ -99,7 +103,7 @@ class NodeAgent:
                 backoff = min(backoff * 2, self._max_backoff_s, self._lease_ttl_s / 4)
         finally:
             converging.cancel()
-            await asyncio.gather(converging, return_exceptions=True)
+            await asyncio.gather(converging, self._tasks.stop(), return_exceptions=True)
 
     async def _attestation(self, nonce: bytes) -> node_service_pb2.Attestation:
         """Sign the registry's nonce with what this machine has, now."""
@@ -154,6 +158,8 @@ class NodeAgent:
             kind = reply.WhichOneof("message")
             if kind == "assignments":
                 self._models.assign(list(reply.assignments.models))
+            elif kind == "tasks":
+                self._tasks.offer(list(reply.tasks.tasks))
             elif kind == "challenge":
                 attestation = await self._attestation(reply.challenge.nonce)
                 outbox.put_nowait(node_service_pb2.ConnectRequest(attestation=attestation))
@@ -184,7 +190,7 @@ class NodeAgent:
             interval = reply.registered.heartbeat_interval_ms / 1000
             self._lease_ttl_s = reply.registered.lease_ttl_ms / 1000 or float("inf")
             credential = reply.registered.blob_credential
-            self._models.credentials = (
+            self._models.credentials = self._tasks.credentials = (
                 [(AUTHORIZATION, f"Bearer {credential}")] if credential else []
             )
             _log.info("registered as %s; heartbeat every %.1fs", reply.registered.name, interval)

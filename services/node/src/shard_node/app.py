@@ -15,6 +15,7 @@ from shard_node.identity import NodeIdentity
 from shard_node.inventory import read_inventory
 from shard_node.models import ModelManager
 from shard_node.settings import NodeSettings
+from shard_node.tasks import TaskRunner
 from shard_node.triton import TritonControl, TritonPorts, TritonProcess
 
 _log = logging.getLogger(__name__)
@@ -72,6 +73,16 @@ async def serve(settings: NodeSettings) -> None:
             http_address = settings.advertise_http_address or (
                 f"{advertise_address.rsplit(':', 1)[0]}:{launched.ports.http}" if launched else ""
             )
+            triton_http_url = settings.triton_http_url or (
+                f"http://127.0.0.1:{launched.ports.http}" if launched else None
+            )
+            tasks = TaskRunner(
+                identity=identity,
+                channel=channel,
+                triton_http_url=triton_http_url,
+                work_dir=settings.state_dir / "tasks",
+                max_concurrent=settings.max_concurrent_tasks,
+            )
             agent = NodeAgent(
                 identity=identity,
                 triton=triton,
@@ -85,6 +96,7 @@ async def serve(settings: NodeSettings) -> None:
                 join_token=settings.join_token,
                 health=health,
                 metrics_url=metrics_url,
+                tasks=tasks,
             )
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGTERM, signal.SIGINT):

@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import shutil
 import uuid
 from pathlib import Path
 
+import grpc
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
-from shard.artifact.v1 import artifact_service_pb2, artifact_service_pb2_grpc
+from shard.artifact.v1 import artifact_service_pb2_grpc
 from shard.node.v1 import node_pb2
+from shard_client.blobs import BlobError, download
 from shard_node.triton import TritonControl
 
 _log = logging.getLogger(__name__)
@@ -149,27 +150,14 @@ class ModelManager:
 
     async def _fetch(self, sha256: str, size: int, path: Path) -> None:
         """Stream a blob from the artifact store to `path`, checking its hash and size."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        hasher = hashlib.sha256()
-        received = 0
-        call = self._artifacts.ReadBlob(
-            artifact_service_pb2.ReadBlobRequest(name=f"blobs/{sha256}"),
-            timeout=600,
-            metadata=self.credentials,
-        )
         try:
-            with path.open("wb") as out:
-                async for reply in call:
-                    hasher.update(reply.data)
-                    received += len(reply.data)
-                    out.write(reply.data)
-        except Exception as error:  # any failure of the stream is a failed fetch
-            raise FetchError(f"fetching blobs/{sha256} failed: {error}") from error
-        if received != size or hasher.hexdigest() != sha256:
-            raise FetchError(
-                f"blobs/{sha256} did not verify: {received} bytes hashing to "
-                f"{hasher.hexdigest()}, expected {size} bytes"
+            received = await download(
+                self._artifacts, f"blobs/{sha256}", path, metadata=self.credentials
             )
+        except (BlobError, grpc.aio.AioRpcError) as error:
+            raise FetchError(f"fetching blobs/{sha256} failed: {error}") from error
+        if received != size:
+            raise FetchError(f"blobs/{sha256} has {received} bytes, expected {size}")
 
     async def _remove(self, model: str) -> None:
         self._installed.pop(model, None)

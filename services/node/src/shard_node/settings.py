@@ -45,6 +45,13 @@ class NodeSettings(ServiceSettings):
     join_token: str = Field(
         default="", description="One-time join token for the node's first registration."
     )
+    triton_http_url: str | None = Field(
+        default=None,
+        description="HTTP URL of an attached Triton, where tasks run; launched ones are known.",
+    )
+    max_concurrent_tasks: int = Field(
+        default=2, ge=1, description="Encrypted tasks the node runs at once."
+    )
     triton_metrics_url: str | None = Field(
         default=None,
         description="Prometheus metrics URL of an attached Triton; launched ones are known.",

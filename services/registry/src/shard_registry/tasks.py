@@ -24,6 +24,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 from shard.node.v1 import node_pb2
 from shard.task.v1 import task_pb2
@@ -61,6 +62,13 @@ PENDING, RUNNING = task_pb2.TASK_STATE_PENDING, task_pb2.TASK_STATE_RUNNING
 SUCCEEDED, FAILED = task_pb2.TASK_STATE_SUCCEEDED, task_pb2.TASK_STATE_FAILED
 EXPIRED, CANCELLED = task_pb2.TASK_STATE_EXPIRED, task_pb2.TASK_STATE_CANCELLED
 OPEN = frozenset({PENDING, RUNNING})
+# What the registry sets, never the caller.
+OUTPUT_FIELDS: tuple[Literal["result", "verification", "attempts", "start_time", "end_time",
+                             "etag", "transitions", "state", "state_reason", "owner",
+                             "provider_public_key", "create_time"], ...] = (
+    "result", "verification", "attempts", "start_time", "end_time", "etag", "transitions",
+    "state", "state_reason", "owner", "provider_public_key", "create_time",
+)  # fmt: skip
 
 MAX_DURATION_S = 24 * 3600
 MAX_AHEAD_S = 7 * 24 * 3600
@@ -231,7 +239,7 @@ class TaskRegistry:
         _validate(task_id, task, now)
         owner = caller()
         node_id = task.provider.removeprefix(NODE_PREFIX)
-        await self._check_provider(node_id, task)
+        provider = await self._check_provider(node_id, task)
         if await self._blobs.stat(blob_sha256(task.input, "task.input")) is None:
             raise NotFoundError(
                 f"task.input {task.input} is not in the blob store; upload it first",
@@ -245,11 +253,11 @@ class TaskRegistry:
             await self._check_group(task, owner)
         record = Task()
         record.CopyFrom(task)
-        for output in ("result", "verification", "attempts", "start_time", "end_time", "etag"):
+        for output in OUTPUT_FIELDS:
             record.ClearField(output)
-        del record.transitions[:]
         record.name = f"tasks/{task_id}"
         record.owner = owner.id
+        record.provider_public_key = provider.public_key
         record.create_time.CopyFrom(timestamp(now))
         if task.group:
             record.verification = task_pb2.VERIFICATION_PENDING
@@ -267,7 +275,7 @@ class TaskRegistry:
         _log.info("task %s created for %s by %s", record.name, task.provider, owner.id)
         return record
 
-    async def _check_provider(self, node_id: str, task: Task) -> None:
+    async def _check_provider(self, node_id: str, task: Task) -> node_pb2.Node:
         node = self._directory.node(node_id)
         if node is None:
             raise FailedPreconditionError(
@@ -299,6 +307,7 @@ class TaskRegistry:
                 reason="MODEL_NOT_SERVED",
                 metadata={"field": "task.model"},
             )
+        return node
 
     async def _check_group(self, task: Task, owner: Principal) -> None:
         members = await self._store.snapshot(keys.task_group(task.group))
@@ -455,7 +464,7 @@ class TaskRegistry:
             elif state == FAILED:
                 self._enter(task, FAILED, reason, now)
             else:
-                self._check_result(task, result, node_id)
+                self._check_result(task, result)
                 task.result.CopyFrom(result)
                 done = result.failed_requests
                 self._enter(
@@ -465,11 +474,9 @@ class TaskRegistry:
 
         return await self._update(task_id, change)
 
-    def _check_result(self, task: Task, result: task_pb2.TaskResult, node_id: str) -> None:
-        node = self._directory.node(node_id)
-        public_key = node.public_key if node is not None else b""
+    def _check_result(self, task: Task, result: task_pb2.TaskResult) -> None:
         message = result_message(task.name, task.input, result.output)
-        if not signed_by(public_key, result.signature, message):
+        if not signed_by(task.provider_public_key, result.signature, message):
             raise InvalidArgumentError(
                 "result.signature is not the provider's signature over the task, its input and "
                 "its output",

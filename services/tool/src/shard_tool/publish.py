@@ -6,9 +6,8 @@ the shard uses to check nodes. Used by `shard up` for the demo models and by the
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,38 +17,15 @@ import numpy as np
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import serialize_byte_tensor, triton_to_np_dtype
 
-from shard.artifact.v1 import artifact_service_pb2 as artifact_api
 from shard.artifact.v1 import artifact_service_pb2_grpc
 from shard.deployment.v1 import deployment_pb2, deployment_service_pb2_grpc
 from shard.deployment.v1 import deployment_service_pb2 as deployment_api
 from shard.model.v1 import model_pb2, model_service_pb2_grpc
 from shard.model.v1 import model_service_pb2 as model_api
+from shard_client.blobs import upload_file
 
 CHUNK_BYTES = 1024 * 1024
 TIMEOUT_S = 30.0
-
-
-def file_digest(path: Path) -> tuple[str, int]:
-    """SHA-256 and size of a file, read in chunks."""
-    hasher = hashlib.sha256()
-    size = 0
-    with path.open("rb") as file:
-        while chunk := file.read(CHUNK_BYTES):
-            hasher.update(chunk)
-            size += len(chunk)
-    return hasher.hexdigest(), size
-
-
-async def _chunks(
-    path: Path, sha256: str, size: int, on_bytes: Callable[[int], None]
-) -> AsyncIterator[artifact_api.UploadBlobRequest]:
-    yield artifact_api.UploadBlobRequest(
-        header=artifact_api.UploadBlobHeader(sha256=sha256, size_bytes=size)
-    )
-    with path.open("rb") as file:
-        while chunk := await asyncio.to_thread(file.read, CHUNK_BYTES):
-            yield artifact_api.UploadBlobRequest(chunk=chunk)
-            on_bytes(len(chunk))
 
 
 def _raw(tensor: Mapping[str, Any]) -> bytes:
@@ -129,19 +105,7 @@ class Publisher:
 
     async def upload(self, path: Path) -> model_pb2.ModelFile:
         """Upload one file as a blob unless the store already has it."""
-        sha256, size = await asyncio.to_thread(file_digest, path)
-        try:
-            await self.artifacts.GetBlob(
-                artifact_api.GetBlobRequest(name=f"blobs/{sha256}"), timeout=TIMEOUT_S
-            )
-        except grpc.aio.AioRpcError as error:
-            if error.code() != grpc.StatusCode.NOT_FOUND:
-                raise
-            await self.artifacts.UploadBlob(
-                _chunks(path, sha256, size, self.on_bytes), timeout=3600
-            )
-        else:
-            self.on_bytes(size)  # already stored: a repeated push resumes past it
+        sha256, size = await upload_file(self.artifacts, path, on_bytes=self.on_bytes)
         return model_pb2.ModelFile(sha256=sha256, size_bytes=size)
 
     async def ensure_model(self, model_id: str, model: model_pb2.Model) -> None:

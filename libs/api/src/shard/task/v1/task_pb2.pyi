@@ -159,6 +159,7 @@ class Task(_message.Message):
     TRANSITIONS_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
     DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    PROVIDER_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The resource name, `tasks/{task}`; the id is chosen by the owner, before sealing the job."""
     owner: _builtins.str
@@ -195,6 +196,10 @@ class Task(_message.Message):
     """Changes with every update of the task."""
     display_name: _builtins.str
     """What the task is, for people."""
+    provider_public_key: _builtins.bytes
+    """The provider's Ed25519 identity key (raw 32 bytes) when the task was created: the key its
+    result signature checks against, after the node has gone too. The node id is its hash.
+    """
     @_builtins.property
     def requirements(self) -> Global___TaskRequirements:
         """What the provider must have."""
@@ -256,10 +261,11 @@ class Task(_message.Message):
         transitions: _abc.Iterable[Global___TaskTransition] | None = ...,
         etag: _builtins.str = ...,
         display_name: _builtins.str = ...,
+        provider_public_key: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "expire_time", b"expire_time", "max_duration", b"max_duration", "requirements", b"requirements", "result", b"result", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "create_time", b"create_time", "display_name", b"display_name", "end_time", b"end_time", "etag", b"etag", "expire_time", b"expire_time", "group", b"group", "group_size", b"group_size", "input", b"input", "max_duration", b"max_duration", "model", b"model", "name", b"name", "on_provider_loss", b"on_provider_loss", "owner", b"owner", "plaintext_result", b"plaintext_result", "provider", b"provider", "requirements", b"requirements", "result", b"result", "result_public_key", b"result_public_key", "start_time", b"start_time", "state", b"state", "state_reason", b"state_reason", "transitions", b"transitions", "verification", b"verification"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "create_time", b"create_time", "display_name", b"display_name", "end_time", b"end_time", "etag", b"etag", "expire_time", b"expire_time", "group", b"group", "group_size", b"group_size", "input", b"input", "max_duration", b"max_duration", "model", b"model", "name", b"name", "on_provider_loss", b"on_provider_loss", "owner", b"owner", "plaintext_result", b"plaintext_result", "provider", b"provider", "provider_public_key", b"provider_public_key", "requirements", b"requirements", "result", b"result", "result_public_key", b"result_public_key", "start_time", b"start_time", "state", b"state", "state_reason", b"state_reason", "transitions", b"transitions", "verification", b"verification"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,270 @@
+"""Running the encrypted tasks addressed to this node.
+
+The registry pushes the node's open tasks on its stream (`offer`). For each new PENDING one the
+runner claims it (exactly one claim wins), fetches the sealed job and checks its hash, opens it
+with the node's encryption key under the task's name, this node and the expiry (anything else,
+or any change to the bytes, does not open), checks the header against the task, and sends each
+request to the model on its own Triton over HTTP. The results are sealed to the owner's key
+(unless the owner asked for them in the clear), stored, and the task completed with the node's
+signature over task, input and output. A task that leaves the offer (cancelled, expired) is
+stopped; a run longer than `max_duration` is stopped and reported. Plaintext only ever exists in
+an owner-only directory of the run, removed when the run ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import shutil
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
+
+import aiohttp
+import grpc
+
+from shard.artifact.v1 import artifact_service_pb2_grpc
+from shard.task.v1 import task_pb2, task_service_pb2_grpc
+from shard.task.v1 import task_service_pb2 as task_api
+from shard_client.blobs import BlobError, download, upload_file
+from shard_core import sealing, taskjob
+from shard_node.identity import NodeIdentity
+
+_log = logging.getLogger(__name__)
+
+TIMEOUT_S = 30.0
+# Registry calls are tried again for about half a minute while the registry is away.
+# CANCELLED: the registry went away mid-call (a restart).
+TRANSIENT = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+    }
+)
+CALL_ATTEMPTS = 10
+# Requests of one task in flight at once on the node's Triton.
+WINDOW = 8
+T = TypeVar("T")
+
+
+class TaskRefusedError(Exception):
+    """The task cannot run as given; `reason` says why in UPPER_SNAKE."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _requests(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as file:
+        for line in file:
+            if line.strip():
+                yield line
+
+
+async def retrying(call: Callable[[], Awaitable[T]]) -> T:
+    """`call()`, made again while the registry is away (a restart), for about half a minute."""
+    for attempt in itertools.count():
+        try:
+            return await call()
+        except grpc.aio.AioRpcError as error:
+            if error.code() not in TRANSIENT or attempt + 1 >= CALL_ATTEMPTS:
+                raise
+        await asyncio.sleep(min(0.2 * 2**attempt, 5.0))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class TaskRunner:
+    def __init__(
+        self,
+        *,
+        identity: NodeIdentity,
+        channel: grpc.aio.Channel,
+        triton_http_url: str | None,
+        work_dir: Path,
+        max_concurrent: int = 2,
+    ) -> None:
+        self._identity = identity
+        self._tasks = task_service_pb2_grpc.TaskServiceStub(channel)
+        self._artifacts = artifact_service_pb2_grpc.ArtifactServiceStub(channel)
+        self._triton = triton_http_url.rstrip("/") if triton_http_url else None
+        self._work_dir = work_dir
+        self._slots = asyncio.Semaphore(max_concurrent)
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._claimed: set[str] = set()  # what this process claimed (and so runs, or ran)
+        # Sent with every call: the registry's credential for this node, set on registering.
+        self.credentials: list[tuple[str, str]] = []
+        shutil.rmtree(work_dir, ignore_errors=True)  # what a killed agent left behind
+        work_dir.mkdir(parents=True, mode=0o700, exist_ok=True)
+
+    def offer(self, tasks: list[task_pb2.Task]) -> None:
+        """Take the registry's complete list of this node's open tasks."""
+        names = {task.name for task in tasks}
+        for name, run in list(self._running.items()):
+            if name not in names:
+                _log.info("task %s is no longer ours to run: stopping it", name)
+                run.cancel()
+        self._claimed &= names  # forget what the registry has forgotten
+        for task in tasks:
+            if task.name in self._running:
+                continue
+            if task.state == task_pb2.TASK_STATE_PENDING:
+                job = self._run(task)
+            elif task.state == task_pb2.TASK_STATE_RUNNING and task.name not in self._claimed:
+                # Held by this node, yet never claimed by this process: the agent restarted
+                # mid-task. The owner's choice decides: FAILED, or PENDING to run again.
+                job = self._complete(task, failure="PROVIDER_LOST: the node agent restarted")
+            else:
+                continue
+            self._running[task.name] = asyncio.ensure_future(job)
+            self._running[task.name].add_done_callback(
+                lambda _, name=task.name: self._running.pop(name, None)  # type: ignore[misc]
+            )
+
+    async def stop(self) -> None:
+        for run in self._running.values():
+            run.cancel()
+        await asyncio.gather(*self._running.values(), return_exceptions=True)
+
+    async def _run(self, offered: task_pb2.Task) -> None:
+        async with self._slots:
+            task = await self._claim(offered)
+            if task is None:
+                return
+            work = self._work_dir / task.name.removeprefix("tasks/")
+            work.mkdir(mode=0o700, exist_ok=True)
+            duration = task.max_duration.ToNanoseconds() / 1e9
+            try:
+                result = await asyncio.wait_for(self._execute(task, work), duration)
+            except TaskRefusedError as error:
+                _log.warning("task %s refused: %s: %s", task.name, error.reason, error)
+                await self._complete(task, failure=f"{error.reason}: {error}")
+            except TimeoutError:
+                await self._complete(task, failure="DEADLINE: it ran longer than max_duration")
+            except (aiohttp.ClientError, grpc.aio.AioRpcError, OSError) as error:
+                _log.warning("task %s failed: %s", task.name, error)
+                await self._complete(task, failure=f"TASK_ERROR: {error}"[:1000])
+            else:
+                await self._complete(task, result=result)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+
+    async def _call(self, rpc: Callable[..., Awaitable[T]], request: object) -> T:
+        return await retrying(lambda: rpc(request, timeout=TIMEOUT_S, metadata=self.credentials))
+
+    async def _claim(self, task: task_pb2.Task) -> task_pb2.Task | None:
+        try:
+            reply = await self._call(
+                self._tasks.ClaimTask, task_api.ClaimTaskRequest(name=task.name)
+            )
+        except grpc.aio.AioRpcError as error:
+            _log.info("task %s not claimed: %s", task.name, error.details())
+            return None
+        self._claimed.add(task.name)
+        _log.info("task %s claimed", task.name)
+        return reply.task
+
+    async def _complete(
+        self, task: task_pb2.Task, *, result: task_pb2.TaskResult | None = None, failure: str = ""
+    ) -> None:
+        request = task_api.CompleteTaskRequest(
+            name=task.name,
+            state=task_pb2.TASK_STATE_SUCCEEDED if result else task_pb2.TASK_STATE_FAILED,
+            result=result,
+            reason=failure,
+        )
+        try:
+            reply = await self._call(self._tasks.CompleteTask, request)
+        except grpc.aio.AioRpcError as error:
+            _log.warning("completing task %s failed: %s", task.name, error.details())
+            return
+        _log.info("task %s: %s", task.name, task_pb2.TaskState.Name(reply.task.state))
+
+    async def _execute(self, task: task_pb2.Task, work: Path) -> task_pb2.TaskResult:
+        if self._triton is None:
+            raise TaskRefusedError("NO_TRITON_HTTP", "this node runs no Triton HTTP endpoint")
+        sealed, job = work / "input.sealed", work / "input.jsonl"
+        try:
+            await retrying(
+                lambda: download(self._artifacts, task.input, sealed, metadata=self.credentials)
+            )
+        except BlobError as error:
+            raise TaskRefusedError("INPUT_UNVERIFIED", str(error)) from error
+        context = sealing.task_input_context(
+            task.name, task.provider, task.expire_time.ToMilliseconds()
+        )
+        try:
+            await asyncio.to_thread(
+                sealing.open_file, sealed, job, self._identity.encryption_key, context
+            )
+        except sealing.SealError as error:
+            raise TaskRefusedError("DECRYPT_FAILED", str(error)) from error
+        lines = _requests(job)
+        try:
+            verify_key = taskjob.check_header(
+                next(lines, b""), task=task.name, provider=task.provider, model=task.model
+            )
+        except taskjob.JobError as error:
+            raise TaskRefusedError("BAD_JOB", str(error)) from error
+        output = work / "output.jsonl"
+        with output.open("wb") as out:
+            succeeded, failed = await self._infer_all(task.model, lines, out)
+        result = task_pb2.TaskResult(succeeded_requests=succeeded, failed_requests=failed)
+        if verify_key:
+            result.output_digest = await asyncio.to_thread(
+                taskjob.output_digest, verify_key, output
+            )
+        stored = output
+        if not task.plaintext_result:
+            stored = work / "output.sealed"
+            owner = sealing.x25519_public_key(task.result_public_key)
+            context = sealing.task_output_context(task.name, task.provider, task.input)
+            await asyncio.to_thread(sealing.seal_file, output, stored, owner, context)
+        sha256, _ = await retrying(
+            lambda: upload_file(self._artifacts, stored, metadata=self.credentials)
+        )
+        result.output = f"blobs/{sha256}"
+        result.signature = self._identity.private_key.sign(
+            sealing.result_message(task.name, task.input, result.output)
+        )
+        return result
+
+    async def _infer_all(
+        self, model: str, lines: Iterator[bytes], out: BinaryIO
+    ) -> tuple[int, int]:
+        """Every request against the model, WINDOW at a time, answers written in order."""
+        url = f"{self._triton}/v2/models/{model}/infer"
+        succeeded = failed = 0
+        async with aiohttp.ClientSession() as http:
+            while window := [line for _, line in zip(range(WINDOW), lines, strict=False)]:
+                answers = await asyncio.gather(*(self._infer(http, url, line) for line in window))
+                for answer in answers:
+                    if "error" in answer:
+                        failed += 1
+                    else:
+                        succeeded += 1
+                    out.write(json.dumps(answer, separators=(",", ":")).encode() + b"\n")
+        return succeeded, failed
+
+    async def _infer(self, http: aiohttp.ClientSession, url: str, line: bytes) -> dict[str, Any]:
+        try:
+            request = json.loads(line)
+        except ValueError as error:
+            return {"error": f"the request is not JSON: {error}"}
+        if not isinstance(request, dict):
+            return {"error": "the request is not a JSON object"}
+        request_id = request.get("id", "")
+        try:
+            async with http.post(
+                url, data=line, timeout=aiohttp.ClientTimeout(total=TIMEOUT_S)
+            ) as reply:
+                answer = await reply.json(content_type=None)
+                if reply.status != 200:
+                    return {"id": request_id, "error": str(answer.get("error", reply.status))}
+        except (aiohttp.ClientError, TimeoutError, ValueError) as error:
+            return {"id": request_id, "error": f"Triton did not answer: {error}"}
+        return dict(answer)

@@ -1,0 +1,539 @@
+"""Encrypted tasks on the real shard: real etcd, the mesh's two node agents with their own
+Tritons, the registry restarted, nodes killed; and a test-driven node (`FakeAgent`) where the
+test must decide what the provider does (race its claims, forge its signature, vanish)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Collection
+from pathlib import Path
+from typing import Any, TypeAlias
+
+import grpc
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from shard.artifact.v1 import artifact_service_pb2_grpc
+from shard.auth.v1 import api_key_pb2, key_service_pb2, key_service_pb2_grpc
+from shard.node.v1 import node_pb2, node_service_pb2, node_service_pb2_grpc
+from shard.task.v1 import task_pb2, task_service_pb2_grpc
+from shard.task.v1 import task_service_pb2 as task_api
+from shard_client import tasks
+from shard_client.blobs import upload_file
+from shard_core import sealing
+from shard_core.auth import NodeCredentials, bearer_interceptors
+from shard_core.errors import error_info
+from shard_node.identity import NodeIdentity
+from shard_tool.local import LocalMesh
+from tests.fake_node import FakeAgent, refused
+
+TaskStub = task_service_pb2_grpc.TaskServiceStub
+State: TypeAlias = task_pb2.TaskState.ValueType
+SIMPLE_READY = node_pb2.ModelStatus(
+    model_name="simple", model_version="1", state=node_pb2.MODEL_STATE_READY
+)
+FINAL = {
+    task_pb2.TASK_STATE_SUCCEEDED,
+    task_pb2.TASK_STATE_FAILED,
+    task_pb2.TASK_STATE_EXPIRED,
+    task_pb2.TASK_STATE_CANCELLED,
+}
+MARKER = "do-not-leak-7f3a"
+
+
+@pytest.fixture(scope="module")
+async def owner_secret(mesh: LocalMesh) -> str:
+    """A developer's key: what a task owner has."""
+    async with mesh.admin_channel() as channel:
+        reply = await key_service_pb2_grpc.KeyServiceStub(channel).CreateApiKey(
+            key_service_pb2.CreateApiKeyRequest(
+                api_key=api_key_pb2.ApiKey(principal="task-owner", role=api_key_pb2.ROLE_DEVELOPER)
+            )
+        )
+    return reply.secret
+
+
+@pytest.fixture
+async def owner(mesh: LocalMesh, owner_secret: str) -> AsyncIterator[grpc.aio.Channel]:
+    interceptors = bearer_interceptors(owner_secret)
+    async with grpc.aio.insecure_channel(mesh.registry_address, interceptors=interceptors) as c:
+        yield c
+
+
+async def _node(mesh: LocalMesh, name: str) -> node_pb2.Node:
+    node = await mesh.find_node(name)
+    assert node is not None, name
+    return node
+
+
+def _requests(path: Path, count: int, *, bad: int = 0) -> Path:
+    """`count` requests for `simple` (INPUT0 = i, INPUT1 = 1), then `bad` it refuses."""
+    with path.open("w") as out:
+        for i in range(count):
+            a, b = [i] * 16, [1] * 16
+            out.write(json.dumps({"id": f"{MARKER}-{i}", "inputs": [
+                {"name": "INPUT0", "shape": [1, 16], "datatype": "INT32", "data": a},
+                {"name": "INPUT1", "shape": [1, 16], "datatype": "INT32", "data": b},
+            ]}) + "\n")  # fmt: skip
+        for i in range(bad):
+            out.write(json.dumps({"id": f"bad-{i}", "inputs": [{"name": "NOPE"}]}) + "\n")
+    return path
+
+
+def _spec(node: node_pb2.Node, requests: Path, **fields: Any) -> tasks.TaskSpec:
+    return tasks.TaskSpec(
+        task_id=fields.pop("task_id", tasks.new_task_id("test")),
+        provider=node,
+        model="simple",
+        requests=requests,
+        max_duration_s=fields.pop("max_duration_s", 60),
+        expire_in_s=fields.pop("expire_in_s", 120),
+        result_key=fields.pop("result_key", None),
+        **fields,
+    )
+
+
+async def _until(
+    channel: grpc.aio.Channel, name: str, states: Collection[State], timeout: float = 60
+) -> task_pb2.Task:
+    stub = TaskStub(channel)
+    deadline = time.monotonic() + timeout
+    while True:
+        task = (await stub.GetTask(task_api.GetTaskRequest(name=name))).task
+        if task.state in states:
+            return task
+        assert time.monotonic() < deadline, task
+        await asyncio.sleep(0.1)
+
+
+def _blob_path(mesh: LocalMesh, name: str) -> Path:
+    sha = name.removeprefix("blobs/")
+    return mesh.state_dir / "blobs" / "sha256" / sha[:2] / sha
+
+
+def _node_key(mesh: LocalMesh, name: str) -> X25519PrivateKey:
+    return sealing.encryption_key(mesh.nodes[name].state_dir / "encryption.key")
+
+
+async def _sealed_for(
+    owner: grpc.aio.Channel, spec: tasks.TaskSpec, tmp_path: Path, *, tamper: bool = False
+) -> tuple[str, timestamp_pb2.Timestamp]:
+    """Seal a job as the client does, optionally flip a byte, store it: its blob and expiry."""
+    expire = timestamp_pb2.Timestamp()
+    expire.FromMilliseconds(int((time.time() + spec.expire_in_s) * 1000))
+    sealed = tmp_path / f"{spec.task_id}.sealed"
+    tasks.seal_job(spec, expire.ToMilliseconds(), sealed)
+    if tamper:
+        data = bytearray(sealed.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        sealed.write_bytes(data)
+    sha, _ = await upload_file(artifact_service_pb2_grpc.ArtifactServiceStub(owner), sealed)
+    return f"blobs/{sha}", expire
+
+
+def _task(
+    provider: str, blob: str, expire: timestamp_pb2.Timestamp, **fields: Any
+) -> task_pb2.Task:
+    duration = duration_pb2.Duration(seconds=fields.pop("max_duration_s", 60))
+    return task_pb2.Task(
+        provider=provider, model="simple", input=blob, max_duration=duration,
+        expire_time=expire, plaintext_result=True, **fields,
+    )  # fmt: skip
+
+
+def _doctored_results_do_not_verify(done: task_pb2.Task) -> None:
+    """A result whose output, signature or provider key was swapped does not verify."""
+    forged = task_pb2.Task()
+    forged.CopyFrom(done)
+    forged.result.output = done.input
+    with pytest.raises(tasks.ResultError, match="not signed"):
+        tasks.verify_result(forged)
+    forged.CopyFrom(done)
+    forged.result.signature = Ed25519PrivateKey.generate().sign(b"anything")
+    with pytest.raises(tasks.ResultError, match="not signed"):
+        tasks.verify_result(forged)
+    forged.CopyFrom(done)
+    forged.provider_public_key = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
+    with pytest.raises(tasks.ResultError, match="id names"):
+        tasks.verify_result(forged)
+
+
+async def test_a_sealed_batch_runs_on_its_provider_and_only_the_owner_reads_it(
+    mesh: LocalMesh, owner: grpc.aio.Channel, tmp_path: Path
+) -> None:
+    node0 = await _node(mesh, "node-0")
+    key = X25519PrivateKey.generate()
+    spec = _spec(node0, _requests(tmp_path / "requests.jsonl", 40, bad=1), result_key=key)
+    sent: list[int] = []
+    created = await tasks.submit(owner, spec, work_dir=tmp_path, on_bytes=sent.append)
+    assert created.state == task_pb2.TASK_STATE_PENDING
+    assert created.owner == "task-owner"
+    assert created.provider_public_key == node0.public_key
+    assert sum(sent) == _blob_path(mesh, created.input).stat().st_size  # the progress hook
+    done = await _until(owner, created.name, FINAL)
+    assert done.state == task_pb2.TASK_STATE_SUCCEEDED, done.state_reason
+    assert [t.state for t in done.transitions] == [
+        task_pb2.TASK_STATE_PENDING, task_pb2.TASK_STATE_RUNNING, task_pb2.TASK_STATE_SUCCEEDED
+    ]  # fmt: skip
+    assert (done.result.succeeded_requests, done.result.failed_requests) == (40, 1)
+    assert done.attempts == 1
+    assert done.start_time.seconds
+    assert done.end_time.seconds
+
+    tasks.verify_result(done)
+    out = tmp_path / "results.jsonl"
+    await tasks.fetch_result(owner, done, out, key=key)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 41
+    for i, line in enumerate(lines[:40]):
+        outputs = {o["name"]: o["data"] for o in line["outputs"]}
+        assert line["id"] == f"{MARKER}-{i}"
+        assert outputs["OUTPUT0"] == [i + 1] * 16
+        assert outputs["OUTPUT1"] == [i - 1] * 16
+    assert lines[40]["id"] == "bad-0"
+    assert lines[40]["error"]
+
+    # Neither the job nor the results are readable in the store; nobody else opens them.
+    stored_input = _blob_path(mesh, done.input).read_bytes()
+    stored_output = _blob_path(mesh, done.result.output).read_bytes()
+    assert MARKER.encode() not in stored_input
+    assert MARKER.encode() not in stored_output
+    other = tmp_path / "other"
+    input_context = sealing.task_input_context(
+        done.name, done.provider, done.expire_time.ToMilliseconds()
+    )
+    with pytest.raises(sealing.SealError):
+        sealing.open_file(
+            _blob_path(mesh, done.input), other, _node_key(mesh, "node-1"), input_context
+        )
+    sealing.open_file(_blob_path(mesh, done.input), other, _node_key(mesh, "node-0"), input_context)
+    assert MARKER in other.read_text()  # its provider can
+    with pytest.raises(tasks.ResultError, match="do not open"):
+        await tasks.fetch_result(owner, done, tmp_path / "x", key=X25519PrivateKey.generate())
+
+    _doctored_results_do_not_verify(done)
+
+    listed = await TaskStub(owner).ListTasks(
+        task_api.ListTasksRequest(filter=f"provider={node0.name} AND state=SUCCEEDED")
+    )
+    assert done.name in {t.name for t in listed.tasks}
+    assert all(t.state == task_pb2.TASK_STATE_SUCCEEDED for t in listed.tasks)
+
+
+@pytest.mark.parametrize("case", ["sealed for another provider", "tampered", "blob replaced"])
+async def test_jobs_that_do_not_verify_are_refused_by_the_provider(
+    mesh: LocalMesh, owner: grpc.aio.Channel, tmp_path: Path, case: str
+) -> None:
+    node0, node1 = await _node(mesh, "node-0"), await _node(mesh, "node-1")
+    spec = _spec(node0, _requests(tmp_path / "requests.jsonl", 3))
+    blob, expire = await _sealed_for(owner, spec, tmp_path, tamper=case == "tampered")
+    provider = node1.name if case == "sealed for another provider" else node0.name
+    if case == "blob replaced":  # the store hands out other bytes under the blob's name
+        path = _blob_path(mesh, blob)
+        path.write_bytes(path.read_bytes()[:-1] + b"!")
+    created = await TaskStub(owner).CreateTask(
+        task_api.CreateTaskRequest(task_id=spec.task_id, task=_task(provider, blob, expire))
+    )
+    done = await _until(owner, created.task.name, FINAL)
+    assert done.state == task_pb2.TASK_STATE_FAILED
+    expected = "INPUT_UNVERIFIED" if case == "blob replaced" else "DECRYPT_FAILED"
+    assert done.state_reason.startswith(expected), done.state_reason
+
+
+@pytest.fixture
+async def fake_node(
+    mesh: LocalMesh, tmp_path: Path
+) -> AsyncIterator[tuple[FakeAgent, NodeIdentity, str]]:
+    """A registered, ACTIVE node that says it serves `simple`, run by the test: the agent, its
+    identity and its credential."""
+    identity = NodeIdentity.load_or_create(tmp_path / "fake-node")
+    async with grpc.aio.insecure_channel(mesh.registry_address) as channel:
+        agent = FakeAgent(node_service_pb2_grpc.NodeServiceStub(channel))
+        registered = await agent.register(
+            identity, token=await mesh.join_token("fake task node"),
+            encryption_key=identity.vouched_encryption_key(), models=[SIMPLE_READY],
+        )  # fmt: skip
+        beat = node_service_pb2.ConnectRequest(
+            heartbeat=node_service_pb2.Heartbeat(models=[SIMPLE_READY])
+        )
+
+        async def heartbeats() -> None:
+            while True:
+                await agent.send(beat)
+                await asyncio.sleep(0.5)
+
+        beating = asyncio.ensure_future(heartbeats())
+        name = f"nodes/{identity.node_id}"
+        async with mesh.admin_channel() as admin:
+            nodes = node_service_pb2_grpc.NodeServiceStub(admin)
+            for _ in range(100):
+                node = (await nodes.GetNode(node_service_pb2.GetNodeRequest(name=name))).node
+                if node.state == node_pb2.NODE_STATE_ACTIVE:
+                    break
+                await asyncio.sleep(0.1)
+        try:
+            yield agent, identity, registered.registered.blob_credential
+        finally:
+            beating.cancel()
+            agent.call.cancel()
+            async with mesh.admin_channel() as admin:
+                await node_service_pb2_grpc.NodeServiceStub(admin).DeleteNode(
+                    node_service_pb2.DeleteNodeRequest(name=name)
+                )
+
+
+async def _offered(agent: FakeAgent, name: str) -> task_pb2.Task:
+    """Read the node's stream until its open tasks include `name`."""
+    while True:
+        reply = await agent.read()
+        if reply.WhichOneof("message") == "tasks":
+            found = [t for t in reply.tasks.tasks if t.name == name]
+            if found:
+                return found[0]
+
+
+def _as(credential: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {credential}"),)
+
+
+async def _fake_task(
+    mesh: LocalMesh, owner: grpc.aio.Channel, tmp_path: Path, identity: NodeIdentity, **fields: Any
+) -> task_pb2.Task:
+    async with mesh.admin_channel() as admin:
+        node = (
+            await node_service_pb2_grpc.NodeServiceStub(admin).GetNode(
+                node_service_pb2.GetNodeRequest(name=f"nodes/{identity.node_id}")
+            )
+        ).node
+    spec = _spec(
+        node, _requests(tmp_path / "r.jsonl", 2), expire_in_s=fields.pop("expire_in_s", 120)
+    )
+    blob, expire = await _sealed_for(owner, spec, tmp_path)
+    reply = await TaskStub(owner).CreateTask(
+        task_api.CreateTaskRequest(
+            task_id=spec.task_id, task=_task(node.name, blob, expire, **fields)
+        )
+    )
+    return reply.task
+
+
+async def test_exactly_one_claim_wins_and_forged_results_are_refused(
+    mesh: LocalMesh, owner: grpc.aio.Channel, tmp_path: Path,
+    fake_node: tuple[FakeAgent, NodeIdentity, str],
+) -> None:  # fmt: skip
+    agent, identity, credential = fake_node
+    created = await _fake_task(mesh, owner, tmp_path, identity)
+    offered = await _offered(agent, created.name)  # pushed on the node's stream
+    assert offered.state == task_pb2.TASK_STATE_PENDING
+    stub = TaskStub(owner)
+    claims = await asyncio.gather(
+        *(stub.ClaimTask(task_api.ClaimTaskRequest(name=created.name), metadata=_as(credential))
+          for _ in range(8)),
+        return_exceptions=True,
+    )  # fmt: skip
+    won = [c for c in claims if isinstance(c, task_api.ClaimTaskResponse)]
+    lost = [c for c in claims if isinstance(c, grpc.aio.AioRpcError)]
+    assert len(won) == 1
+    assert len(lost) == 7
+    assert {(e.code(), error_info(e).reason) for e in lost} == {  # type: ignore[union-attr]
+        (grpc.StatusCode.FAILED_PRECONDITION, "NOT_PENDING")
+    }
+    assert won[0].task.state == task_pb2.TASK_STATE_RUNNING
+    assert won[0].task.attempts == 1
+
+    # Another node may not claim it, nor an owner's key.
+    node0 = await _node(mesh, "node-0")
+    others = NodeCredentials(mesh.admin_token, allowed=lambda _: True).issue(
+        node0.name.removeprefix("nodes/")
+    )
+    claim = task_api.ClaimTaskRequest(name=created.name)
+    await refused(
+        stub.ClaimTask(claim, metadata=_as(others)), grpc.StatusCode.PERMISSION_DENIED, "NOT_YOURS"
+    )
+    await refused(stub.ClaimTask(claim), grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_MISSING")
+
+    # Results signed by anyone but the provider, or over other bytes, are refused.
+    output = tmp_path / "output.jsonl"
+    output.write_text('{"id": "x"}\n')
+    artifacts = artifact_service_pb2_grpc.ArtifactServiceStub(owner)
+    sha, _ = await upload_file(artifacts, output, metadata=_as(credential))
+    result_name = f"blobs/{sha}"
+    message = sealing.result_message(created.name, created.input, result_name)
+    for signature in (
+        Ed25519PrivateKey.generate().sign(message),
+        identity.private_key.sign(
+            sealing.result_message(created.name, created.input, created.input)
+        ),
+        b"",
+    ):
+        complete = task_api.CompleteTaskRequest(
+            name=created.name, state=task_pb2.TASK_STATE_SUCCEEDED,
+            result=task_pb2.TaskResult(output=result_name, signature=signature),
+        )  # fmt: skip
+        error = await refused(
+            stub.CompleteTask(complete, metadata=_as(credential)),
+            grpc.StatusCode.INVALID_ARGUMENT, "BAD_SIGNATURE",
+        )  # fmt: skip
+        assert error_info(error).metadata["field"] == "result.signature"  # type: ignore[union-attr]
+    complete = task_api.CompleteTaskRequest(
+        name=created.name, state=task_pb2.TASK_STATE_SUCCEEDED,
+        result=task_pb2.TaskResult(
+            output=result_name, signature=identity.private_key.sign(message)
+        ),
+    )  # fmt: skip
+    done = (await stub.CompleteTask(complete, metadata=_as(credential))).task
+    assert done.state == task_pb2.TASK_STATE_SUCCEEDED
+    tasks.verify_result(done)
+    await refused(
+        stub.CompleteTask(complete, metadata=_as(credential)),
+        grpc.StatusCode.FAILED_PRECONDITION, "NOT_RUNNING_HERE",
+    )  # fmt: skip
+
+
+async def test_a_lost_provider_fails_or_requeues_its_tasks_as_the_owner_chose(
+    mesh: LocalMesh, owner: grpc.aio.Channel, tmp_path: Path,
+    fake_node: tuple[FakeAgent, NodeIdentity, str],
+) -> None:  # fmt: skip
+    agent, identity, credential = fake_node
+    stub = TaskStub(owner)
+    choices = {
+        task_pb2.PROVIDER_LOSS_FAIL: task_pb2.TASK_STATE_FAILED,
+        task_pb2.PROVIDER_LOSS_REQUEUE: task_pb2.TASK_STATE_PENDING,
+    }
+    made = {}
+    for choice in choices:
+        task = await _fake_task(mesh, owner, tmp_path, identity, on_provider_loss=choice)
+        await stub.ClaimTask(task_api.ClaimTaskRequest(name=task.name), metadata=_as(credential))
+        made[choice] = task.name
+    agent.call.cancel()  # the node vanishes: no goodbye, its lease runs out
+    lost_at = time.monotonic()
+    for choice, state in choices.items():
+        task = await _until(owner, made[choice], {state}, timeout=30)
+        assert "PROVIDER_LOST" in task.state_reason
+    assert time.monotonic() - lost_at < mesh.timing.lease_ttl_s + 10
+    requeued = await _until(
+        owner, made[task_pb2.PROVIDER_LOSS_REQUEUE], {task_pb2.TASK_STATE_PENDING}
+    )
+    assert requeued.state_reason.startswith("REQUEUED")
+    assert requeued.attempts == 1
+
+
+async def test_tasks_expire_unclaimed_and_past_their_duration(
+    mesh: LocalMesh, owner: grpc.aio.Channel, tmp_path: Path,
+    fake_node: tuple[FakeAgent, NodeIdentity, str],
+) -> None:  # fmt: skip
+    _, identity, credential = fake_node
+    unclaimed = await _fake_task(mesh, owner, tmp_path, identity, expire_in_s=1)
+    overdue = await _fake_task(mesh, owner, tmp_path, identity, max_duration_s=1)
+    await TaskStub(owner).ClaimTask(
+        task_api.ClaimTaskRequest(name=overdue.name), metadata=_as(credential)
+    )
+    expired = await _until(owner, unclaimed.name, FINAL, timeout=30)
+    assert (expired.state, expired.state_reason.split(":")[0]) == (
+        task_pb2.TASK_STATE_EXPIRED, "NOT_CLAIMED"
+    )  # fmt: skip
+    stopped = await _until(owner, overdue.name, FINAL, timeout=30)
+    assert (stopped.state, stopped.state_reason.split(":")[0]) == (
+        task_pb2.TASK_STATE_EXPIRED, "DEADLINE"
+    )  # fmt: skip
+
+    # A real provider stops a batch that outlives max_duration.
+    node0 = await _node(mesh, "node-0")
+    spec = _spec(node0, _requests(tmp_path / "many.jsonl", 20_000), max_duration_s=0.5)
+    long = await tasks.submit(owner, spec, work_dir=tmp_path)
+    ended = await _until(owner, long.name, FINAL)
+    assert ended.state == task_pb2.TASK_STATE_EXPIRED, ended.state_reason
+
+
+async def test_redundant_tasks_are_verified_or_disputed(
+    mesh: LocalMesh, owner: grpc.aio.Channel, tmp_path: Path,
+    fake_node: tuple[FakeAgent, NodeIdentity, str],
+) -> None:  # fmt: skip
+    requests = _requests(tmp_path / "r.jsonl", 5)
+    verify_key = tasks.new_verify_key()
+    names = []
+    for node_name in ("node-0", "node-1"):
+        spec = _spec(
+            await _node(mesh, node_name), requests, group="agree", group_size=2,
+            verify_key=verify_key, task_id=f"agree-{node_name}",
+        )  # fmt: skip
+        names.append((await tasks.submit(owner, spec, work_dir=tmp_path)).name)
+    for name in names:
+        judged = await _until(owner, name, FINAL)
+        assert judged.state == task_pb2.TASK_STATE_SUCCEEDED, judged.state_reason
+    for _ in range(100):
+        verdicts = {(await _until(owner, n, FINAL)).verification for n in names}
+        if verdicts != {task_pb2.VERIFICATION_PENDING}:
+            break
+        await asyncio.sleep(0.1)
+    assert verdicts == {task_pb2.VERIFICATION_VERIFIED}
+
+    # A provider that answers differently is caught.
+    _, identity, credential = fake_node
+    honest_spec = _spec(
+        await _node(mesh, "node-0"), requests, group="differ", group_size=2,
+        verify_key=verify_key, task_id="differ-honest",
+    )  # fmt: skip
+    honest = await tasks.submit(owner, honest_spec, work_dir=tmp_path)
+    cheat = await _fake_task(mesh, owner, tmp_path, identity, group="differ", group_size=2)
+    stub = TaskStub(owner)
+    await stub.ClaimTask(task_api.ClaimTaskRequest(name=cheat.name), metadata=_as(credential))
+    output = tmp_path / "made-up.jsonl"
+    output.write_text('{"id": "made up"}\n')
+    sha, _ = await upload_file(
+        artifact_service_pb2_grpc.ArtifactServiceStub(owner), output, metadata=_as(credential)
+    )
+    signature = identity.private_key.sign(
+        sealing.result_message(cheat.name, cheat.input, f"blobs/{sha}")
+    )
+    await stub.CompleteTask(
+        task_api.CompleteTaskRequest(
+            name=cheat.name, state=task_pb2.TASK_STATE_SUCCEEDED,
+            result=task_pb2.TaskResult(
+                output=f"blobs/{sha}", signature=signature, output_digest=os.urandom(32)
+            ),
+        ),
+        metadata=_as(credential),
+    )  # fmt: skip
+    await _until(owner, honest.name, FINAL)
+    for _ in range(100):
+        verdicts = {(await _until(owner, n, FINAL)).verification for n in (honest.name, cheat.name)}
+        if verdicts != {task_pb2.VERIFICATION_PENDING}:
+            break
+        await asyncio.sleep(0.1)
+    assert verdicts == {task_pb2.VERIFICATION_DISPUTED}
+
+
+async def test_tasks_survive_a_registry_restart_and_cancel_stops_them(
+    mesh: LocalMesh, owner: grpc.aio.Channel, tmp_path: Path
+) -> None:
+    node1 = await _node(mesh, "node-1")
+    requests = _requests(tmp_path / "r.jsonl", 5)
+    accepted = [
+        (await tasks.submit(owner, _spec(node1, requests), work_dir=tmp_path)).name
+        for _ in range(3)
+    ]
+    await mesh.restart("registry")
+    channel = owner  # it reconnects to the new registry
+    if True:
+        for name in accepted:
+            done = await _until(channel, name, FINAL)
+            assert done.state == task_pb2.TASK_STATE_SUCCEEDED, done
+
+        # Cancelling a running batch stops it; a finished task cannot be cancelled.
+        spec = _spec(node1, _requests(tmp_path / "many.jsonl", 20_000))
+        long = await tasks.submit(channel, spec, work_dir=tmp_path)
+        await _until(channel, long.name, {task_pb2.TASK_STATE_RUNNING})
+        stub = TaskStub(channel)
+        cancelled = await stub.CancelTask(task_api.CancelTaskRequest(name=long.name, reason="test"))
+        assert cancelled.task.state == task_pb2.TASK_STATE_CANCELLED
+        assert cancelled.task.state_reason == "CANCELLED: test"
+        await refused(
+            stub.CancelTask(task_api.CancelTaskRequest(name=accepted[0])),
+            grpc.StatusCode.FAILED_PRECONDITION, "TASK_FINISHED",
+        )  # fmt: skip
