@@ -23,6 +23,8 @@ from shard.deployment.v1 import deployment_service_pb2 as deployment_api
 from shard.model.v1 import model_pb2, model_service_pb2_grpc
 from shard.model.v1 import model_service_pb2 as model_api
 from shard.node.v1 import node_service_pb2, node_service_pb2_grpc
+from shard.task.v1 import task_pb2, task_service_pb2_grpc
+from shard.task.v1 import task_service_pb2 as task_api
 from shard_core.errors import error_info
 from shard_tool.local import LocalMesh
 from shard_tool.publish import Publisher
@@ -89,6 +91,8 @@ def _calls() -> dict[str, Call]:
     deployments = deployment_service_pb2_grpc.DeploymentServiceStub
     keys = key_service_pb2_grpc.KeyServiceStub
     blobs = artifact_service_pb2_grpc.ArtifactServiceStub
+    tasks = task_service_pb2_grpc.TaskServiceStub
+    task = "tasks/matrix-none"
     node = "nodes/nmatrix"
     model = "models/matrix-none"
     blob = "blobs/" + "0" * 64
@@ -191,11 +195,26 @@ def _calls() -> dict[str, Call]:
         "RotateApiKey": lambda c, m: keys(c).RotateApiKey(
             key_api.RotateApiKeyRequest(name=key), metadata=m
         ),
+        "CreateTask": lambda c, m: tasks(c).CreateTask(
+            task_api.CreateTaskRequest(task_id="Bad Id", task=task_pb2.Task()), metadata=m
+        ),
+        "GetTask": lambda c, m: tasks(c).GetTask(task_api.GetTaskRequest(name=task), metadata=m),
+        "ListTasks": lambda c, m: tasks(c).ListTasks(task_api.ListTasksRequest(), metadata=m),
+        "CancelTask": lambda c, m: tasks(c).CancelTask(
+            task_api.CancelTaskRequest(name=task), metadata=m
+        ),
+        "ClaimTask": lambda c, m: tasks(c).ClaimTask(
+            task_api.ClaimTaskRequest(name="bad"), metadata=m
+        ),
+        "CompleteTask": lambda c, m: tasks(c).CompleteTask(
+            task_api.CompleteTaskRequest(name="bad"), metadata=m
+        ),
     }
 
 
 EVERYONE = {"admin", "provider", "owner", "developer"}
 OWNERS = {"admin", "owner"}
+TASK_OWNERS = {"admin", "owner", "developer"}
 # Who may make each call: written out here, not derived from the code under test.
 ALLOWED: dict[str, set[str]] = {
     "GetNode": EVERYONE,
@@ -206,9 +225,10 @@ ALLOWED: dict[str, set[str]] = {
     "DrainNode": {"admin", "provider"},
     "DeleteNode": {"admin", "provider"},
     "CreateJoinToken": {"admin", "provider"},
-    "UploadBlob": OWNERS,
-    "GetBlob": OWNERS,
-    "ReadBlob": OWNERS,
+    # Task owners (developers too) store sealed jobs and read sealed results.
+    "UploadBlob": TASK_OWNERS,
+    "GetBlob": TASK_OWNERS,
+    "ReadBlob": TASK_OWNERS,
     "CreateModel": OWNERS,
     "GetModel": EVERYONE,
     "ListModels": EVERYONE,
@@ -229,6 +249,12 @@ ALLOWED: dict[str, set[str]] = {
     "ListApiKeys": EVERYONE,
     "RevokeApiKey": EVERYONE,
     "RotateApiKey": EVERYONE,
+    "CreateTask": TASK_OWNERS,
+    "GetTask": EVERYONE,  # providers see the tasks of their nodes
+    "ListTasks": EVERYONE,
+    "CancelTask": TASK_OWNERS,
+    "ClaimTask": {"admin"},  # and node agents, with their node credentials
+    "CompleteTask": {"admin"},
 }
 
 

@@ -537,3 +537,63 @@ async def test_tasks_survive_a_registry_restart_and_cancel_stops_them(
             stub.CancelTask(task_api.CancelTaskRequest(name=accepted[0])),
             grpc.StatusCode.FAILED_PRECONDITION, "TASK_FINISHED",
         )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("change", "code", "field"),
+    [
+        ({"task_id": "Bad Id"}, grpc.StatusCode.INVALID_ARGUMENT, "task_id"),
+        ({"provider": "n1"}, grpc.StatusCode.INVALID_ARGUMENT, "task.provider"),
+        ({"model": ""}, grpc.StatusCode.INVALID_ARGUMENT, "task.model"),
+        ({"input": "blobs/xyz"}, grpc.StatusCode.INVALID_ARGUMENT, "task.input"),
+        ({"input": "blobs/" + "0" * 64}, grpc.StatusCode.NOT_FOUND, "task.input"),
+        ({"max_duration_s": 0}, grpc.StatusCode.INVALID_ARGUMENT, "task.max_duration"),
+        ({"max_duration_s": 10**6}, grpc.StatusCode.INVALID_ARGUMENT, "task.max_duration"),
+        ({"expire_in_s": -5}, grpc.StatusCode.INVALID_ARGUMENT, "task.expire_time"),
+        ({"plaintext_result": False}, grpc.StatusCode.INVALID_ARGUMENT, "task.result_public_key"),
+        ({"result_public_key": b"short"}, grpc.StatusCode.INVALID_ARGUMENT,
+         "task.result_public_key"),
+        ({"requirements": task_pb2.TaskRequirements(cpu_millis=-1)},
+         grpc.StatusCode.INVALID_ARGUMENT, "task.requirements.cpu_millis"),
+        ({"group_size": 2}, grpc.StatusCode.INVALID_ARGUMENT, "task.group"),
+        ({"group": "g", "group_size": 1}, grpc.StatusCode.INVALID_ARGUMENT, "task.group_size"),
+        ({"on_provider_loss": 9}, grpc.StatusCode.INVALID_ARGUMENT, "task.on_provider_loss"),
+        ({"provider": "nodes/nowhere"}, grpc.StatusCode.FAILED_PRECONDITION, "task.provider"),
+        ({"requirements": task_pb2.TaskRequirements(gpus=1)},
+         grpc.StatusCode.FAILED_PRECONDITION, "task.requirements.gpus"),
+        ({"requirements": task_pb2.TaskRequirements(memory_bytes=1 << 60)},
+         grpc.StatusCode.FAILED_PRECONDITION, "task.requirements.memory_bytes"),
+        ({"model": "no-such-model"}, grpc.StatusCode.FAILED_PRECONDITION, "task.model"),
+    ],
+)  # fmt: skip
+async def test_bad_tasks_are_refused_naming_the_field(
+    mesh: LocalMesh, owner: grpc.aio.Channel, tmp_path: Path,
+    change: dict[str, Any], code: grpc.StatusCode, field: str,
+) -> None:  # fmt: skip
+    node0 = await _node(mesh, "node-0")
+    blob, _ = await _sealed_for(owner, _spec(node0, _requests(tmp_path / "r.jsonl", 1)), tmp_path)
+    task_id = change.pop("task_id", tasks.new_task_id("bad"))
+    expire = timestamp_pb2.Timestamp()
+    expire.FromSeconds(int(time.time() + change.pop("expire_in_s", 60)))
+    task = _task(node0.name, blob, expire, max_duration_s=change.pop("max_duration_s", 60))
+    for name, value in change.items():
+        if name == "requirements":
+            task.requirements.CopyFrom(value)
+        else:
+            setattr(task, name, value)
+    error = await refused_code(
+        TaskStub(owner).CreateTask(task_api.CreateTaskRequest(task_id=task_id, task=task)), code
+    )
+    info = error_info(error)
+    assert info is not None
+    assert info.metadata["field"] == field, error.details()
+    assert field.rsplit(".", maxsplit=1)[-1] in (error.details() or "")
+    listed = await TaskStub(owner).ListTasks(task_api.ListTasksRequest(page_size=1000))
+    assert f"tasks/{task_id}" not in {t.name for t in listed.tasks}  # nothing half-made
+
+
+async def refused_code(call: Any, code: grpc.StatusCode) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await call
+    assert raised.value.code() == code, raised.value.details()
+    return raised.value

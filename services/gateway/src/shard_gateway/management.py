@@ -50,6 +50,7 @@ from shard.auth.v1 import key_service_pb2
 from shard.deployment.v1 import deployment_service_pb2
 from shard.model.v1 import model_service_pb2
 from shard.node.v1 import node_service_pb2
+from shard.task.v1 import task_service_pb2
 from shard_core.errors import InvalidArgumentError
 from shard_gateway import openapi
 from shard_gateway.callers import upstream_metadata
@@ -61,6 +62,7 @@ SERVICES: tuple[ServiceDescriptor, ...] = (
     model_service_pb2.DESCRIPTOR.services_by_name["ModelService"],
     deployment_service_pb2.DESCRIPTOR.services_by_name["DeploymentService"],
     key_service_pb2.DESCRIPTOR.services_by_name["KeyService"],
+    task_service_pb2.DESCRIPTOR.services_by_name["TaskService"],
 )
 UPSTREAM_TIMEOUT_S = 10.0
 # A path variable: `{field}` or `{field=segments}`.
