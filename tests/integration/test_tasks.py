@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 import grpc
+import psutil
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -20,6 +21,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from shard.artifact.v1 import artifact_service_pb2_grpc
 from shard.auth.v1 import api_key_pb2, key_service_pb2, key_service_pb2_grpc
+from shard.deployment.v1 import deployment_pb2
 from shard.node.v1 import node_pb2, node_service_pb2, node_service_pb2_grpc
 from shard.task.v1 import task_pb2, task_service_pb2_grpc
 from shard.task.v1 import task_service_pb2 as task_api
@@ -30,6 +32,8 @@ from shard_core.auth import NodeCredentials, bearer_interceptors
 from shard_core.errors import error_info
 from shard_node.identity import NodeIdentity
 from shard_tool.local import LocalMesh
+from shard_tool.publish import Publisher
+from tests.demo import push_copy, target
 from tests.fake_node import FakeAgent, refused
 
 TaskStub = task_service_pb2_grpc.TaskServiceStub
@@ -89,7 +93,7 @@ def _spec(node: node_pb2.Node, requests: Path, **fields: Any) -> tasks.TaskSpec:
     return tasks.TaskSpec(
         task_id=fields.pop("task_id", tasks.new_task_id("test")),
         provider=node,
-        model="simple",
+        model=fields.pop("model", "simple"),
         requests=requests,
         max_duration_s=fields.pop("max_duration_s", 60),
         expire_in_s=fields.pop("expire_in_s", 120),
@@ -421,6 +425,34 @@ async def test_a_lost_provider_fails_or_requeues_its_tasks_as_the_owner_chose(
     )
     assert requeued.state_reason.startswith("REQUEUED")
     assert requeued.attempts == 1
+
+
+async def test_a_provider_killed_mid_task_leaves_it_failed_not_running(
+    mesh: LocalMesh, owner: grpc.aio.Channel, publisher: Publisher, tmp_path: Path
+) -> None:
+    labels = {"pool": "task-doomed"}
+    await mesh.start_node("task-doomed", labels=labels)
+    await push_copy(publisher, "task-echo")
+    await publisher.deploy(
+        "task-echo", [target("1", replicas=1)],
+        node_selector=deployment_pb2.NodeSelector(labels=labels),
+    )  # fmt: skip
+    await publisher.wait_available("deployments/task-echo", timeout=60)
+    victim = mesh.nodes["task-doomed"]
+    node = await _node(mesh, "task-doomed")
+    spec = _spec(node, _requests(tmp_path / "many.jsonl", 20_000), model="task-echo")
+    task = await tasks.submit(owner, spec, work_dir=tmp_path)
+    await _until(owner, task.name, {task_pb2.TASK_STATE_RUNNING})
+    # The machine dies mid-batch: its Triton and the agent at once.
+    for process in psutil.Process(victim.process.pid).children(recursive=True):
+        process.kill()
+    victim.process.kill()
+    killed_at = time.monotonic()
+    failed = await _until(owner, task.name, FINAL, timeout=30)
+    assert failed.state == task_pb2.TASK_STATE_FAILED, failed.state_reason
+    assert failed.state_reason.startswith("PROVIDER_LOST")
+    # Within the node's lease and a sweep or two.
+    assert time.monotonic() - killed_at < mesh.timing.lease_ttl_s + 5
 
 
 async def test_tasks_expire_unclaimed_and_past_their_duration(
