@@ -260,3 +260,83 @@ def test_status_and_down_of_the_local_shard(shard: Shard, mesh: LocalMesh, tmp_p
     for command in ("status", "down"):
         missing = shard(command, "--state-dir", str(tmp_path), expect=1, as_admin=False)
         assert "no local shard has run" in missing.stderr
+
+
+def _batch(path: Path, count: int) -> Path:
+    with path.open("w") as out:
+        for i in range(count):
+            data = {"shape": [1, 16], "datatype": "INT32", "data": [i] * 16}
+            inputs = [{"name": name, **data} for name in ("INPUT0", "INPUT1")]
+            out.write(json.dumps({"id": str(i), "inputs": inputs}) + "\n")
+    return path
+
+
+def _wait_verified(shard: Shard, name: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 30
+    while True:
+        task: dict[str, Any] = shard("-o", "json", "task", "get", name)
+        if task.get("verification") != "VERIFICATION_PENDING":
+            return task
+        assert time.monotonic() < deadline, task
+        time.sleep(0.2)
+
+
+def test_tasks_submit_follow_and_fetch_results(shard: Shard, tmp_path: Path) -> None:
+    batch = _batch(tmp_path / "batch.jsonl", 3)
+    nodes = [
+        n["name"].removeprefix("nodes/")
+        for n in shard("-o", "json", "node", "ls", "--filter", "state=ACTIVE")
+        if any(m["model_name"] == "simple" for m in n.get("models", []))
+    ]
+    assert len(nodes) >= 2
+    (made,) = shard("-o", "json", "task", "submit", str(batch), "-p", nodes[0], "--model", "simple")
+    assert made["state"] == "TASK_STATE_PENDING"
+    assert (tmp_path / "task.key").stat().st_mode & 0o077 == 0  # made on first use, owner-only
+    name = made["name"].removeprefix("tasks/")
+    done = shard("-o", "json", "task", "get", name, "--wait")
+    assert done["state"] == "TASK_STATE_SUCCEEDED", done
+    fetched = shard("-o", "json", "task", "result", name, "-O", str(tmp_path / "out.jsonl"))
+    assert fetched["signature"] == "verified"
+    assert fetched["lines"] == 3
+    answers = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [a["outputs"][0]["data"] for a in answers] == [[2 * i] * 16 for i in range(3)]
+    listed = shard("-o", "json", "task", "ls", "--state", "SUCCEEDED")
+    assert made["name"] in {t["name"] for t in listed}
+    assert "SUCCEEDED" in shard("task", "ls").stdout  # a table by default
+
+    # Only the owner's key opens the results.
+    other_key = tmp_path / "other.key"
+    wrong = shard("task", "result", name, "--key-file", str(other_key), "-O", str(tmp_path / "x"),
+                  expect=1)  # fmt: skip
+    assert "do not open" in wrong.stderr
+
+    # Redundancy: each provider runs its own sealed copy, the outputs are compared.
+    pair = shard("-o", "json", "task", "submit", str(batch), "-p", nodes[0], "-p", nodes[1],
+                 "--model", "simple", "--clear-result")  # fmt: skip
+    assert len({t["group"] for t in pair}) == 1
+    assert {t["provider"] for t in pair} == {f"nodes/{n}" for n in nodes[:2]}
+    for task in pair:
+        shard("task", "get", task["name"], "--wait")
+    assert _wait_verified(shard, pair[0]["name"])["verification"] == "VERIFICATION_VERIFIED"
+    clear = shard("-o", "json", "task", "result", pair[1]["name"], "-O", str(tmp_path / "c.jsonl"))
+    assert clear["lines"] == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "says"),
+    [
+        (["task", "submit", "missing.jsonl", "-p", "n1", "--model", "simple"], 2, "is not a file"),
+        (["task", "submit", "{batch}", "-p", "n1", "--model", "simple", "--duration", "soon"], 2,
+         "is not a duration"),
+        (["task", "submit", "{batch}", "-p", "nnosuchnode", "--model", "simple"], 1, "NOT_FOUND"),
+        (["task", "get", "nosuchtask"], 1, "NOT_FOUND"),
+        (["task", "ls", "--state", "SLEEPING"], 1, "is not a task state"),
+    ],
+)  # fmt: skip
+def test_task_errors_are_one_line(
+    shard: Shard, tmp_path: Path, args: list[str], code: int, says: str
+) -> None:
+    batch = str(_batch(tmp_path / "batch.jsonl", 1))
+    result = shard(*(batch if a == "{batch}" else a for a in args), expect=code)
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert says in result.stderr

@@ -14,7 +14,7 @@ import typer
 
 from shard_core.logging import configure_logging
 from shard_tool import config
-from shard_tool.commands import contexts, deployments, infer, keys, models, nodes
+from shard_tool.commands import contexts, deployments, infer, keys, models, nodes, tasks
 from shard_tool.local import LocalMesh, MeshPorts, MeshTiming
 from shard_tool.output import Format, emit_data
 from shard_tool.session import OneLineErrors, Session, fail, session
@@ -31,6 +31,7 @@ app.add_typer(nodes.app, name="node")
 app.add_typer(models.app, name="model")
 app.add_typer(deployments.app, name="deploy")
 app.add_typer(keys.app, name="key")
+app.add_typer(tasks.app, name="task")
 app.command("infer")(infer.infer)
 
 

@@ -16,6 +16,7 @@ import yaml
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
 
 
@@ -72,3 +73,15 @@ def _cell(value: object) -> str:
         return ",".join(f"{k}={v}" for k, v in sorted(value.items())) or "-"
     text = str(value)
     return text if text else "-"
+
+
+def transfer_progress(*, quiet: bool) -> Progress:
+    """A progress bar for bytes moving to or from the shard (hidden for machine output)."""
+    return Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        disable=quiet,
+        transient=True,
+    )

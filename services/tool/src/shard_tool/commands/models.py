@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
 from shard.model.v1 import model_pb2, model_service_pb2, model_service_pb2_grpc
-from shard_tool.output import Column, Format, emit, emit_data
+from shard_tool.output import Column, Format, emit, emit_data, transfer_progress
 from shard_tool.publish import Publisher, directory_bytes
 from shard_tool.session import TIMEOUT_S, all_pages, session
 
@@ -78,14 +77,7 @@ def push(
     quiet = s.output is not Format.TABLE
 
     async def work() -> None:
-        with Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            disable=quiet,
-            transient=True,
-        ) as progress:
+        with transfer_progress(quiet=quiet) as progress:
             task = progress.add_task(f"pushing {directory.name}", total=total)
             publisher = Publisher(
                 channel=s.channel(s.context.registry),
