@@ -46,9 +46,10 @@ types: ## mypy --strict over all hand-written code.
 test: ## The test suite, on real etcd, Triton and gRPC on loopback.
 	$(RUN) pytest
 
-bench: install ## Router and client-side routing against Triton gRPC; gateway against Triton HTTP.
+bench: install ## Router and client-side routing against Triton gRPC; gateway against Triton HTTP; an encrypted task against the same requests sent directly.
 	$(RUN) python -m bench.router_vs_direct
 	$(RUN) python -m bench.gateway_vs_triton
+	$(RUN) python -m bench.task_vs_direct
 
 clean: ## Remove the environment and caches.
 	rm -rf .venv .tools .mypy_cache .ruff_cache .pytest_cache

@@ -38,8 +38,13 @@ from tests.fake_node import FakeAgent, refused
 
 TaskStub = task_service_pb2_grpc.TaskServiceStub
 State: TypeAlias = task_pb2.TaskState.ValueType
+# The providers of these tests, and their model (a copy of `simple`): their own, so what other
+# tests do to the mesh's nodes and deployments does not matter here.
+PROVIDERS = ("task-a", "task-b")
+MODEL = "task-simple"
+UNDEPLOYED = "task-undeployed"
 SIMPLE_READY = node_pb2.ModelStatus(
-    model_name="simple", model_version="1", state=node_pb2.MODEL_STATE_READY
+    model_name=MODEL, model_version="1", state=node_pb2.MODEL_STATE_READY
 )
 FINAL = {
     task_pb2.TASK_STATE_SUCCEEDED,
@@ -48,6 +53,22 @@ FINAL = {
     task_pb2.TASK_STATE_CANCELLED,
 }
 MARKER = "do-not-leak-7f3a"
+
+
+@pytest.fixture(scope="module", autouse=True)
+async def providers(mesh: LocalMesh) -> None:
+    """Two node agents with their own Tritons, serving MODEL."""
+    labels = {"pool": "tasks"}
+    await asyncio.gather(*(mesh.start_node(name, labels=labels) for name in PROVIDERS))
+    async with mesh.admin_channel() as channel:
+        publisher = Publisher(channel=channel)
+        await push_copy(publisher, MODEL)
+        await push_copy(publisher, UNDEPLOYED)
+        await publisher.deploy(
+            MODEL, [target("1", replicas=2)],
+            node_selector=deployment_pb2.NodeSelector(labels=labels),
+        )  # fmt: skip
+        await publisher.wait_available(f"deployments/{MODEL}", timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +114,7 @@ def _spec(node: node_pb2.Node, requests: Path, **fields: Any) -> tasks.TaskSpec:
     return tasks.TaskSpec(
         task_id=fields.pop("task_id", tasks.new_task_id("test")),
         provider=node,
-        model=fields.pop("model", "simple"),
+        model=fields.pop("model", MODEL),
         requests=requests,
         max_duration_s=fields.pop("max_duration_s", 60),
         expire_in_s=fields.pop("expire_in_s", 120),
@@ -145,7 +166,7 @@ def _task(
 ) -> task_pb2.Task:
     duration = duration_pb2.Duration(seconds=fields.pop("max_duration_s", 60))
     return task_pb2.Task(
-        provider=provider, model="simple", input=blob, max_duration=duration,
+        provider=provider, model=MODEL, input=blob, max_duration=duration,
         expire_time=expire, plaintext_result=True, **fields,
     )  # fmt: skip
 
@@ -170,14 +191,14 @@ def _doctored_results_do_not_verify(done: task_pb2.Task) -> None:
 async def test_a_sealed_batch_runs_on_its_provider_and_only_the_owner_reads_it(
     mesh: LocalMesh, owner: grpc.aio.Channel, tmp_path: Path
 ) -> None:
-    node0 = await _node(mesh, "node-0")
+    first = await _node(mesh, "task-a")
     key = X25519PrivateKey.generate()
-    spec = _spec(node0, _requests(tmp_path / "requests.jsonl", 40, bad=1), result_key=key)
+    spec = _spec(first, _requests(tmp_path / "requests.jsonl", 40, bad=1), result_key=key)
     sent: list[int] = []
     created = await tasks.submit(owner, spec, work_dir=tmp_path, on_bytes=sent.append)
     assert created.state == task_pb2.TASK_STATE_PENDING
     assert created.owner == "task-owner"
-    assert created.provider_public_key == node0.public_key
+    assert created.provider_public_key == first.public_key
     assert sum(sent) == _blob_path(mesh, created.input).stat().st_size  # the progress hook
     done = await _until(owner, created.name, FINAL)
     assert done.state == task_pb2.TASK_STATE_SUCCEEDED, done.state_reason
@@ -213,9 +234,9 @@ async def test_a_sealed_batch_runs_on_its_provider_and_only_the_owner_reads_it(
     )
     with pytest.raises(sealing.SealError):
         sealing.open_file(
-            _blob_path(mesh, done.input), other, _node_key(mesh, "node-1"), input_context
+            _blob_path(mesh, done.input), other, _node_key(mesh, "task-b"), input_context
         )
-    sealing.open_file(_blob_path(mesh, done.input), other, _node_key(mesh, "node-0"), input_context)
+    sealing.open_file(_blob_path(mesh, done.input), other, _node_key(mesh, "task-a"), input_context)
     assert MARKER in other.read_text()  # its provider can
     with pytest.raises(tasks.ResultError, match="do not open"):
         await tasks.fetch_result(owner, done, tmp_path / "x", key=X25519PrivateKey.generate())
@@ -223,7 +244,7 @@ async def test_a_sealed_batch_runs_on_its_provider_and_only_the_owner_reads_it(
     _doctored_results_do_not_verify(done)
 
     listed = await TaskStub(owner).ListTasks(
-        task_api.ListTasksRequest(filter=f"provider={node0.name} AND state=SUCCEEDED")
+        task_api.ListTasksRequest(filter=f"provider={first.name} AND state=SUCCEEDED")
     )
     assert done.name in {t.name for t in listed.tasks}
     assert all(t.state == task_pb2.TASK_STATE_SUCCEEDED for t in listed.tasks)
@@ -233,10 +254,10 @@ async def test_a_sealed_batch_runs_on_its_provider_and_only_the_owner_reads_it(
 async def test_jobs_that_do_not_verify_are_refused_by_the_provider(
     mesh: LocalMesh, owner: grpc.aio.Channel, tmp_path: Path, case: str
 ) -> None:
-    node0, node1 = await _node(mesh, "node-0"), await _node(mesh, "node-1")
-    spec = _spec(node0, _requests(tmp_path / "requests.jsonl", 3))
+    first, second = await _node(mesh, "task-a"), await _node(mesh, "task-b")
+    spec = _spec(first, _requests(tmp_path / "requests.jsonl", 3))
     blob, expire = await _sealed_for(owner, spec, tmp_path, tamper=case == "tampered")
-    provider = node1.name if case == "sealed for another provider" else node0.name
+    provider = second.name if case == "sealed for another provider" else first.name
     if case == "blob replaced":  # the store hands out other bytes under the blob's name
         path = _blob_path(mesh, blob)
         path.write_bytes(path.read_bytes()[:-1] + b"!")
@@ -351,9 +372,9 @@ async def test_exactly_one_claim_wins_and_forged_results_are_refused(
     assert won[0].task.attempts == 1
 
     # Another node may not claim it, nor an owner's key.
-    node0 = await _node(mesh, "node-0")
+    first = await _node(mesh, "task-a")
     others = NodeCredentials(mesh.admin_token, allowed=lambda _: True).issue(
-        node0.name.removeprefix("nodes/")
+        first.name.removeprefix("nodes/")
     )
     claim = task_api.ClaimTaskRequest(name=created.name)
     await refused(
@@ -475,8 +496,8 @@ async def test_tasks_expire_unclaimed_and_past_their_duration(
     )  # fmt: skip
 
     # A real provider stops a batch that outlives max_duration.
-    node0 = await _node(mesh, "node-0")
-    spec = _spec(node0, _requests(tmp_path / "many.jsonl", 20_000), max_duration_s=0.5)
+    first = await _node(mesh, "task-a")
+    spec = _spec(first, _requests(tmp_path / "many.jsonl", 20_000), max_duration_s=0.5)
     long = await tasks.submit(owner, spec, work_dir=tmp_path)
     ended = await _until(owner, long.name, FINAL)
     assert ended.state == task_pb2.TASK_STATE_EXPIRED, ended.state_reason
@@ -489,7 +510,7 @@ async def test_redundant_tasks_are_verified_or_disputed(
     requests = _requests(tmp_path / "r.jsonl", 5)
     verify_key = tasks.new_verify_key()
     names = []
-    for node_name in ("node-0", "node-1"):
+    for node_name in ("task-a", "task-b"):
         spec = _spec(
             await _node(mesh, node_name), requests, group="agree", group_size=2,
             verify_key=verify_key, task_id=f"agree-{node_name}",
@@ -508,7 +529,7 @@ async def test_redundant_tasks_are_verified_or_disputed(
     # A provider that answers differently is caught.
     _, identity, credential = fake_node
     honest_spec = _spec(
-        await _node(mesh, "node-0"), requests, group="differ", group_size=2,
+        await _node(mesh, "task-a"), requests, group="differ", group_size=2,
         verify_key=verify_key, task_id="differ-honest",
     )  # fmt: skip
     honest = await tasks.submit(owner, honest_spec, work_dir=tmp_path)
@@ -544,10 +565,10 @@ async def test_redundant_tasks_are_verified_or_disputed(
 async def test_tasks_survive_a_registry_restart_and_cancel_stops_them(
     mesh: LocalMesh, owner: grpc.aio.Channel, tmp_path: Path
 ) -> None:
-    node1 = await _node(mesh, "node-1")
+    second = await _node(mesh, "task-b")
     requests = _requests(tmp_path / "r.jsonl", 5)
     accepted = [
-        (await tasks.submit(owner, _spec(node1, requests), work_dir=tmp_path)).name
+        (await tasks.submit(owner, _spec(second, requests), work_dir=tmp_path)).name
         for _ in range(3)
     ]
     await mesh.restart("registry")
@@ -558,7 +579,7 @@ async def test_tasks_survive_a_registry_restart_and_cancel_stops_them(
             assert done.state == task_pb2.TASK_STATE_SUCCEEDED, done
 
         # Cancelling a running batch stops it; a finished task cannot be cancelled.
-        spec = _spec(node1, _requests(tmp_path / "many.jsonl", 20_000))
+        spec = _spec(second, _requests(tmp_path / "many.jsonl", 20_000))
         long = await tasks.submit(channel, spec, work_dir=tmp_path)
         await _until(channel, long.name, {task_pb2.TASK_STATE_RUNNING})
         stub = TaskStub(channel)
@@ -595,19 +616,20 @@ async def test_tasks_survive_a_registry_restart_and_cancel_stops_them(
          grpc.StatusCode.FAILED_PRECONDITION, "task.requirements.gpus"),
         ({"requirements": task_pb2.TaskRequirements(memory_bytes=1 << 60)},
          grpc.StatusCode.FAILED_PRECONDITION, "task.requirements.memory_bytes"),
-        ({"model": "no-such-model"}, grpc.StatusCode.FAILED_PRECONDITION, "task.model"),
+        ({"model": "no-such-model"}, grpc.StatusCode.NOT_FOUND, "task.model"),
+        ({"model": UNDEPLOYED}, grpc.StatusCode.FAILED_PRECONDITION, "task.model"),
     ],
 )  # fmt: skip
 async def test_bad_tasks_are_refused_naming_the_field(
     mesh: LocalMesh, owner: grpc.aio.Channel, tmp_path: Path,
     change: dict[str, Any], code: grpc.StatusCode, field: str,
 ) -> None:  # fmt: skip
-    node0 = await _node(mesh, "node-0")
-    blob, _ = await _sealed_for(owner, _spec(node0, _requests(tmp_path / "r.jsonl", 1)), tmp_path)
+    first = await _node(mesh, "task-a")
+    blob, _ = await _sealed_for(owner, _spec(first, _requests(tmp_path / "r.jsonl", 1)), tmp_path)
     task_id = change.pop("task_id", tasks.new_task_id("bad"))
     expire = timestamp_pb2.Timestamp()
     expire.FromSeconds(int(time.time() + change.pop("expire_in_s", 60)))
-    task = _task(node0.name, blob, expire, max_duration_s=change.pop("max_duration_s", 60))
+    task = _task(first.name, blob, expire, max_duration_s=change.pop("max_duration_s", 60))
     for name, value in change.items():
         if name == "requirements":
             task.requirements.CopyFrom(value)

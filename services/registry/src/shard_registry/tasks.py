@@ -239,7 +239,6 @@ class TaskRegistry:
         _validate(task_id, task, now)
         owner = caller()
         node_id = task.provider.removeprefix(NODE_PREFIX)
-        provider = await self._check_provider(node_id, task)
         if await self._blobs.stat(blob_sha256(task.input, "task.input")) is None:
             raise NotFoundError(
                 f"task.input {task.input} is not in the blob store; upload it first",
@@ -249,6 +248,7 @@ class TaskRegistry:
             require_visible(await self._models.get_model(f"models/{task.model}"))
         except NotFoundError as error:
             raise NotFoundError(error.message, metadata={"field": "task.model"}) from error
+        provider = await self._check_provider(node_id, task)
         if task.group:
             await self._check_group(task, owner)
         record = Task()
