@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Collection
 from pathlib import Path
 from typing import Any, TypeAlias
 
+import aiohttp
 import grpc
 import psutil
 import pytest
@@ -243,6 +244,11 @@ async def test_a_sealed_batch_runs_on_its_provider_and_only_the_owner_reads_it(
 
     _doctored_results_do_not_verify(done)
 
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{mesh.ports.registry_metrics}/metrics") as reply,
+    ):
+        assert 'shard_registry_tasks_finished_total{state="SUCCEEDED"}' in await reply.text()
     listed = await TaskStub(owner).ListTasks(
         task_api.ListTasksRequest(filter=f"provider={first.name} AND state=SUCCEEDED")
     )
@@ -260,7 +266,9 @@ async def test_jobs_that_do_not_verify_are_refused_by_the_provider(
     provider = second.name if case == "sealed for another provider" else first.name
     if case == "blob replaced":  # the store hands out other bytes under the blob's name
         path = _blob_path(mesh, blob)
-        path.write_bytes(path.read_bytes()[:-1] + b"!")
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0x01
+        path.write_bytes(bytes(data))
     created = await TaskStub(owner).CreateTask(
         task_api.CreateTaskRequest(task_id=spec.task_id, task=_task(provider, blob, expire))
     )

@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+from opentelemetry import metrics
+
 from shard.node.v1 import node_pb2
 from shard.task.v1 import task_pb2
 from shard_core import keys
@@ -231,6 +233,13 @@ class TaskRegistry:
         self._models = models
         self._blobs = blobs
         self._clock = clock
+        meter = metrics.get_meter("shard.registry")
+        self._finished = meter.create_counter(
+            "shard_registry_tasks_finished", description="Tasks that ended, by final state."
+        )
+        self._claims = meter.create_counter(
+            "shard_registry_task_claims", description="Task claims that won."
+        )
 
     # -- owners -----------------------------------------------------------------------------
 
@@ -423,6 +432,7 @@ class TaskRegistry:
                 leases={claim: record.lease},
             )  # fmt: skip
             if written is not None:
+                self._claims.add(1)
                 _log.info("task %s claimed by %s", name, node_id)
                 return written
         raise AbortedError(f"{name} kept changing during the claim; try again")
@@ -639,6 +649,9 @@ class TaskRegistry:
         if written is None:
             return None
         task.etag = str(written)
+        if task.state not in OPEN:
+            self._finished.add(1, {"state": _state_name(task.state)})
+            _log.info("task %s %s: %s", task.name, _state_name(task.state), task.state_reason)
         return task
 
 
