@@ -1,7 +1,7 @@
 """An encrypted task against the same requests sent straight to the node's Triton.
 
 Starts a local shard with one node, writes N `simple` requests as JSON lines, then:
-- direct: posts each to the node's Triton HTTP endpoint, 8 in flight (the agent's window);
+- direct: posts each to the node's Triton HTTP endpoint, 8 in flight (as the agent does);
 - task: seals them to the node, uploads, creates the task, waits until it SUCCEEDED, downloads
   and opens the results: everything an owner waits for, end to end.
 Prints both wall times, the ratio, and where the task's time went.
@@ -38,16 +38,17 @@ def _write_requests(path: Path, count: int) -> None:
 
 
 async def _direct(url: str, lines: list[bytes]) -> float:
+    """Every request posted as is, WINDOW in flight (sliding), answers read."""
+    slots = asyncio.Semaphore(WINDOW)
     started = time.perf_counter()
     async with aiohttp.ClientSession() as http:
 
         async def post(line: bytes) -> None:
-            async with http.post(f"{url}/v2/models/simple/infer", data=line) as reply:
+            async with slots, http.post(f"{url}/v2/models/simple/infer", data=line) as reply:
                 await reply.read()
                 assert reply.status == 200
 
-        for start in range(0, len(lines), WINDOW):
-            await asyncio.gather(*(post(line) for line in lines[start : start + WINDOW]))
+        await asyncio.gather(*(post(line) for line in lines))
     return time.perf_counter() - started
 
 

@@ -20,7 +20,7 @@ import logging
 import shutil
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import BinaryIO, TypeVar
 
 import aiohttp
 import grpc
@@ -46,8 +46,9 @@ TRANSIENT = frozenset(
     }
 )
 CALL_ATTEMPTS = 10
-# Requests of one task in flight at once on the node's Triton.
+# Requests of one task in flight at once on the node's Triton, and read ahead at once.
 WINDOW = 8
+BATCH = 256
 T = TypeVar("T")
 
 
@@ -236,35 +237,50 @@ class TaskRunner:
     async def _infer_all(
         self, model: str, lines: Iterator[bytes], out: BinaryIO
     ) -> tuple[int, int]:
-        """Every request against the model, WINDOW at a time, answers written in order."""
+        """Every request against the model, WINDOW in flight, answers written in order."""
         url = f"{self._triton}/v2/models/{model}/infer"
         succeeded = failed = 0
+        slots = asyncio.Semaphore(WINDOW)
+
+        async def infer(line: bytes) -> tuple[bool, bytes]:
+            async with slots:
+                return await self._infer(http, url, line)
+
         async with aiohttp.ClientSession() as http:
-            while window := [line for _, line in zip(range(WINDOW), lines, strict=False)]:
-                answers = await asyncio.gather(*(self._infer(http, url, line) for line in window))
-                for answer in answers:
-                    if "error" in answer:
-                        failed += 1
-                    else:
-                        succeeded += 1
-                    out.write(json.dumps(answer, separators=(",", ":")).encode() + b"\n")
+            while batch := list(itertools.islice(lines, BATCH)):
+                for ok, answer in await asyncio.gather(*(infer(line) for line in batch)):
+                    succeeded, failed = (succeeded + 1, failed) if ok else (succeeded, failed + 1)
+                    out.write(answer + b"\n")
         return succeeded, failed
 
-    async def _infer(self, http: aiohttp.ClientSession, url: str, line: bytes) -> dict[str, Any]:
-        try:
-            request = json.loads(line)
-        except ValueError as error:
-            return {"error": f"the request is not JSON: {error}"}
-        if not isinstance(request, dict):
-            return {"error": "the request is not a JSON object"}
-        request_id = request.get("id", "")
+    async def _infer(
+        self, http: aiohttp.ClientSession, url: str, line: bytes
+    ) -> tuple[bool, bytes]:
+        """Whether Triton answered the request, and the result line: Triton's JSON answer as
+        it sent it, or `{"id": ..., "error": ...}`."""
         try:
             async with http.post(
                 url, data=line, timeout=aiohttp.ClientTimeout(total=TIMEOUT_S)
             ) as reply:
-                answer = await reply.json(content_type=None)
-                if reply.status != 200:
-                    return {"id": request_id, "error": str(answer.get("error", reply.status))}
-        except (aiohttp.ClientError, TimeoutError, ValueError) as error:
-            return {"id": request_id, "error": f"Triton did not answer: {error}"}
-        return dict(answer)
+                body = await reply.read()
+                binary = "Inference-Header-Content-Length" in reply.headers
+                if reply.status == 200 and not binary and b"\n" not in body:
+                    return True, body
+                error = (
+                    "binary outputs cannot go in a results file; ask for JSON outputs"
+                    if binary
+                    else _field(body, "error") or f"Triton answered HTTP {reply.status}"
+                )
+        except (aiohttp.ClientError, TimeoutError) as failure:
+            error = f"Triton did not answer: {failure}"
+        line_id = _field(line, "id")
+        return False, json.dumps({"id": line_id, "error": error}, separators=(",", ":")).encode()
+
+
+def _field(document: bytes, name: str) -> str:
+    """A top-level string field of a JSON object, or an empty string."""
+    try:
+        found = json.loads(document)
+    except ValueError:
+        return ""
+    return str(found.get(name, "")) if isinstance(found, dict) else ""
