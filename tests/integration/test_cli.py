@@ -84,7 +84,9 @@ def test_nodes(shard: Shard, mesh: LocalMesh) -> None:
     name = nodes[0]["name"]
     got = shard("-o", "yaml", "node", "get", name.removeprefix("nodes/"))
     assert yaml.safe_load(got.stdout)["name"] == name
-    assert "NAME" in shard("node", "ls").stdout  # a table by default
+    table = shard("node", "ls").stdout  # a table by default
+    assert "NAME" in table
+    assert "TASKS" in table
     token = shard("-o", "json", "node", "token", "create", "--ttl", "60", "--description", "cli")
     assert token["name"].startswith("joinTokens/")
     assert "." in token["token"]

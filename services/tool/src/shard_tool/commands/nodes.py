@@ -21,6 +21,10 @@ COLUMNS: list[Column] = [
     ("provider", lambda n: n.provider),
     ("address", lambda n: n.inference_address),
     ("gpus", lambda n: len(n.inventory.gpus)),
+    ("cpus", lambda n: n.inventory.cpu_cores),
+    ("memory", lambda n: f"{n.inventory.memory_bytes / 2**30:.0f} GiB"),
+    # Whether owners can seal tasks to it (an agent that registered an encryption key).
+    ("tasks", lambda n: "yes" if n.encryption_key.public_key else "no"),
     ("models", lambda n: sorted({m.model_name for m in n.models})),
     ("labels", lambda n: dict(n.labels)),
 ]
