@@ -122,7 +122,13 @@ async def serve(settings: RegistrySettings) -> None:
         ),
     )
     models = ModelRegistry(store=store, blobs=blobs)
-    tasks = TaskRegistry(store=store, directory=directory, models=models, blobs=blobs)
+    tasks = TaskRegistry(
+        store=store,
+        directory=directory,
+        models=models,
+        blobs=blobs,
+        max_open_per_owner=settings.max_open_tasks_per_owner,
+    )
     deployments = DeploymentRegistry(store=store, models=models)
     election = Election(
         store=store,

@@ -54,6 +54,9 @@ class RegistrySettings(ServiceSettings, EtcdSettings):
     require_gpu_cross_check: bool = Field(
         default=True, description="Policy: every GPU NVML reports must be on the PCI bus."
     )
+    max_open_tasks_per_owner: int = Field(
+        default=1000, ge=1, description="Tasks one principal may have PENDING or RUNNING at once."
+    )
     blob_dir: Path = Field(
         default=Path(".shard/registry/blobs"),
         description="Local directory of the blob store, used unless blob_bucket is set.",

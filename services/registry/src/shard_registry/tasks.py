@@ -39,6 +39,7 @@ from shard_core.errors import (
     InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
+    ResourceExhaustedError,
     require,
 )
 from shard_core.etcd import paging
@@ -226,9 +227,11 @@ class TaskRegistry:
         directory: NodeDirectory,
         models: ModelRegistry,
         blobs: BlobStore,
+        max_open_per_owner: int = 1000,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
+        self._max_open_per_owner = max_open_per_owner
         self._directory = directory
         self._models = models
         self._blobs = blobs
@@ -258,6 +261,7 @@ class TaskRegistry:
         except NotFoundError as error:
             raise NotFoundError(error.message, metadata={"field": "task.model"}) from error
         provider = await self._check_provider(node_id, task)
+        await self._check_quota(owner)
         if task.group:
             await self._check_group(task, owner)
         record = Task()
@@ -317,6 +321,18 @@ class TaskRegistry:
                 metadata={"field": "task.model"},
             )
         return node
+
+    async def _check_quota(self, owner: Principal) -> None:
+        """A principal's open tasks are bounded: one owner cannot flood the queues."""
+        if owner.admin:
+            return
+        open_tasks = await self._store.snapshot(keys.OPEN_TASKS)
+        mine = sum(Task.FromString(entry.value).owner == owner.id for entry in open_tasks.entries)
+        if mine >= self._max_open_per_owner:
+            raise ResourceExhaustedError(
+                f"{owner.id} has {mine} open tasks, the most allowed; wait for some to finish",
+                reason="TOO_MANY_OPEN_TASKS",
+            )
 
     async def _check_group(self, task: Task, owner: Principal) -> None:
         members = await self._store.snapshot(keys.task_group(task.group))

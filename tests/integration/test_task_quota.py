@@ -1,0 +1,91 @@
+"""The registry's task domain on real etcd, with a quota small enough to reach: one principal's
+open tasks are bounded, and a finished task frees its place."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2
+
+from shard.auth.v1 import api_key_pb2
+from shard.model.v1 import model_pb2
+from shard.node.v1 import node_pb2
+from shard.task.v1 import task_pb2
+from shard_core import keys
+from shard_core.auth import ROLE_PERMISSIONS, Principal, current_principal
+from shard_core.errors import ResourceExhaustedError
+from shard_core.etcd.store import EtcdStore
+from shard_node.identity import NodeIdentity
+from shard_registry.artifacts import BlobStore
+from shard_registry.directory import NodeDirectory
+from shard_registry.models import ModelRegistry
+from shard_registry.resources import timestamp
+from shard_registry.tasks import TaskRegistry
+
+OWNER = Principal(
+    id="quota-owner",
+    role=api_key_pb2.ROLE_DEVELOPER,
+    permissions=ROLE_PERMISSIONS[api_key_pb2.ROLE_DEVELOPER],
+)
+
+
+async def _one_chunk(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+@pytest.fixture
+async def registry(store: EtcdStore, tmp_path: Path) -> tuple[TaskRegistry, task_pb2.Task]:
+    """A task registry allowing 2 open tasks per owner, a node that could run them, and a task."""
+    blobs = BlobStore.local(tmp_path / "blobs")
+    job = b"sealed bytes, as far as the registry can tell"
+    sha = hashlib.sha256(job).hexdigest()
+    await blobs.put(sha, len(job), _one_chunk(job))
+    models = ModelRegistry(store=store, blobs=blobs)
+    public = model_pb2.Model(visibility=model_pb2.VISIBILITY_PUBLIC)
+    await models.create_model("quota-model", public)
+    identity = NodeIdentity.load_or_create(tmp_path / "node")
+    directory = NodeDirectory()
+    node = node_pb2.Node(
+        name=f"nodes/{identity.node_id}",
+        state=node_pb2.NODE_STATE_ACTIVE,
+        public_key=identity.public_key,
+        encryption_key=identity.vouched_encryption_key(),
+        models=[node_pb2.ModelStatus(model_name="quota-model", state=node_pb2.MODEL_STATE_READY)],
+    )
+    directory.records.put(keys.node(identity.node_id), node.SerializeToString())
+    tasks = TaskRegistry(
+        store=store, directory=directory, models=models, blobs=blobs, max_open_per_owner=2
+    )
+    task = task_pb2.Task(
+        provider=node.name,
+        model="quota-model",
+        input=f"blobs/{sha}",
+        max_duration=duration_pb2.Duration(seconds=60),
+        expire_time=timestamp(time.time() + 60),
+        plaintext_result=True,
+    )
+    return tasks, task
+
+
+async def test_an_owner_has_at_most_its_quota_of_open_tasks(
+    registry: tuple[TaskRegistry, task_pb2.Task],
+) -> None:
+    tasks, task = registry
+    token = current_principal.set(OWNER)
+    try:
+        first = await tasks.create("q1", task)
+        await tasks.create("q2", task)
+        with pytest.raises(ResourceExhaustedError) as refused:
+            await tasks.create("q3", task)
+        assert refused.value.reason == "TOO_MANY_OPEN_TASKS"
+        assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        await tasks.cancel(first.name, "make room")
+        third = await tasks.create("q3", task)
+        assert third.state == task_pb2.TASK_STATE_PENDING
+    finally:
+        current_principal.reset(token)
