@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -15,8 +16,13 @@ from shard_node.identity import NodeIdentity
 CONTEXT = sealing.task_input_context("tasks/t1", "nodes/n1", 1_700_000_000_000)
 
 
+def _header(sealed: bytes) -> bytes:
+    """The magic and the stream id."""
+    return sealed[: len(sealing.MAGIC) + sealing.STREAM_ID_BYTES]
+
+
 def _frames(sealed: bytes) -> list[bytes]:
-    body, frames = sealed[len(sealing.MAGIC) :], []
+    body, frames = sealed[len(_header(sealed)) :], []
     while body:
         size = int.from_bytes(body[:4], "big")
         frames.append(body[: 4 + size])
@@ -63,9 +69,11 @@ def test_a_sealed_stream_opens_whole_for_its_key(
 @pytest.mark.parametrize(
     "change",
     ["flip a byte", "another key", "another task", "another expiry", "drop the last frame",
-     "swap frames", "cut short", "append a frame", "not sealed"],
+     "swap frames", "cut short", "append a frame", "splice two streams", "not sealed"],
 )  # fmt: skip
-def test_any_change_is_refused(key: X25519PrivateKey, sealed: bytes, change: str) -> None:
+def test_any_change_is_refused(
+    key: X25519PrivateKey, data: bytes, sealed: bytes, change: str
+) -> None:
     frames = _frames(sealed)
     target, context = key, CONTEXT
     if change == "flip a byte":
@@ -77,9 +85,12 @@ def test_any_change_is_refused(key: X25519PrivateKey, sealed: bytes, change: str
     elif change == "another expiry":
         context = sealing.task_input_context("tasks/t1", "nodes/n1", 1_800_000_000_000)
     elif change == "drop the last frame":
-        sealed = sealing.MAGIC + b"".join(frames[:-1])
+        sealed = _header(sealed) + b"".join(frames[:-1])
     elif change == "swap frames":
-        sealed = sealing.MAGIC + frames[1] + frames[0] + frames[2]
+        sealed = _header(sealed) + frames[1] + frames[0] + frames[2]
+    elif change == "splice two streams":  # same key, same context, same data: another stream
+        other = b"".join(sealing.seal([data], key.public_key(), CONTEXT))
+        sealed = _header(sealed) + frames[0] + _frames(other)[1] + frames[2]
     elif change == "cut short":
         sealed = sealed[:-10]
     elif change == "append a frame":
@@ -126,13 +137,20 @@ def test_node_encryption_keys_are_vouched_for_by_the_identity(tmp_path: Path) ->
 
 
 def test_job_headers_must_match_the_task() -> None:
-    key = os.urandom(32)
-    line = taskjob.header(task="tasks/t1", provider="nodes/n1", model="simple", verify_key=key)
-    assert taskjob.check_header(line, task="tasks/t1", provider="nodes/n1", model="simple") == key
-    for field, value in (("task", "tasks/t2"), ("provider", "nodes/n2"), ("model", "other")):
-        expected = {"task": "tasks/t1", "provider": "nodes/n1", "model": "simple", field: value}
+    key, owner = os.urandom(32), os.urandom(32)
+    task: dict[str, Any] = {
+        "task": "tasks/t1", "provider": "nodes/n1", "model": "simple", "result_key": owner
+    }  # fmt: skip
+    line = taskjob.header(**task, verify_key=key)
+    assert taskjob.check_header(line, **task) == key
+    changes = (
+        ("task", "tasks/t2"), ("provider", "nodes/n2"), ("model", "other"),
+        ("result_key", b""),  # results in the clear, though the owner sealed for its key
+        ("result_key", os.urandom(32)),  # or to another key
+    )  # fmt: skip
+    for field, value in changes:
         with pytest.raises(taskjob.JobError, match=field):
-            taskjob.check_header(line, **expected)
-    for bad in (b"not json", b'{"id": "1", "inputs": []}', b"[1]"):
+            taskjob.check_header(line, **(task | {field: value}))
+    for bad in (b"not json", b'{"id": "1", "inputs": []}', b"[1]", b"[" * 100_000):
         with pytest.raises(taskjob.JobError):
-            taskjob.check_header(bad, task="tasks/t1", provider="nodes/n1", model="simple")
+            taskjob.check_header(bad, **task)

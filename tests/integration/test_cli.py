@@ -310,7 +310,7 @@ def test_tasks_submit_follow_and_fetch_results(shard: Shard, tmp_path: Path) -> 
     other_key = tmp_path / "other.key"
     wrong = shard("task", "result", name, "--key-file", str(other_key), "-O", str(tmp_path / "x"),
                   expect=1)  # fmt: skip
-    assert "do not open" in wrong.stderr
+    assert "sealed to another key" in wrong.stderr
 
     # Redundancy: each provider runs its own sealed copy, the outputs are compared.
     pair = shard("-o", "json", "task", "submit", str(batch), "-p", nodes[0], "-p", nodes[1],

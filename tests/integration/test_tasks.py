@@ -147,13 +147,26 @@ def _node_key(mesh: LocalMesh, name: str) -> X25519PrivateKey:
 
 
 async def _sealed_for(
-    owner: grpc.aio.Channel, spec: tasks.TaskSpec, tmp_path: Path, *, tamper: bool = False
+    owner: grpc.aio.Channel,
+    spec: tasks.TaskSpec,
+    tmp_path: Path,
+    *,
+    tamper: bool = False,
+    headless: bool = False,
 ) -> tuple[str, timestamp_pb2.Timestamp]:
-    """Seal a job as the client does, optionally flip a byte, store it: its blob and expiry."""
+    """Seal a job as the client does (or, `headless`, the requests file alone), optionally flip
+    a byte, store it: its blob and expiry."""
     expire = timestamp_pb2.Timestamp()
     expire.FromMilliseconds(int((time.time() + spec.expire_in_s) * 1000))
     sealed = tmp_path / f"{spec.task_id}.sealed"
-    tasks.seal_job(spec, expire.ToMilliseconds(), sealed)
+    if headless:
+        context = sealing.task_input_context(
+            f"tasks/{spec.task_id}", spec.provider.name, expire.ToMilliseconds()
+        )
+        recipient = sealing.node_encryption_key(spec.provider)
+        sealing.seal_file(spec.requests, sealed, recipient, context)
+    else:
+        tasks.seal_job(spec, expire.ToMilliseconds(), sealed)
     if tamper:
         data = bytearray(sealed.read_bytes())
         data[len(data) // 2] ^= 0x01
@@ -187,6 +200,33 @@ def _doctored_results_do_not_verify(done: task_pb2.Task) -> None:
     forged.provider_public_key = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
     with pytest.raises(tasks.ResultError, match="id names"):
         tasks.verify_result(forged)
+
+
+async def _nobody_else_reads(
+    mesh: LocalMesh, owner: grpc.aio.Channel, done: task_pb2.Task, tmp_path: Path
+) -> None:
+    """Neither the job nor the results are readable in the store; nobody else opens them."""
+    stored_input = _blob_path(mesh, done.input).read_bytes()
+    stored_output = _blob_path(mesh, done.result.output).read_bytes()
+    assert MARKER.encode() not in stored_input
+    assert MARKER.encode() not in stored_output
+    other = tmp_path / "other"
+    input_context = sealing.task_input_context(
+        done.name, done.provider, done.expire_time.ToMilliseconds()
+    )
+    with pytest.raises(sealing.SealError):
+        sealing.open_file(
+            _blob_path(mesh, done.input), other, _node_key(mesh, "task-b"), input_context
+        )
+    sealing.open_file(_blob_path(mesh, done.input), other, _node_key(mesh, "task-a"), input_context)
+    assert MARKER in other.read_text()  # its provider can
+    stranger = X25519PrivateKey.generate()
+    with pytest.raises(tasks.ResultError, match="sealed to another key"):
+        await tasks.fetch_result(owner, done, tmp_path / "x", key=stranger)
+    assert not (tmp_path / "x").exists()
+    output_context = sealing.task_output_context(done.name, done.provider, done.input)
+    with pytest.raises(sealing.SealError):
+        sealing.open_file(_blob_path(mesh, done.result.output), other, stranger, output_context)
 
 
 async def test_a_sealed_batch_runs_on_its_provider_and_only_the_owner_reads_it(
@@ -224,23 +264,7 @@ async def test_a_sealed_batch_runs_on_its_provider_and_only_the_owner_reads_it(
     assert lines[40]["id"] == "bad-0"
     assert lines[40]["error"]
 
-    # Neither the job nor the results are readable in the store; nobody else opens them.
-    stored_input = _blob_path(mesh, done.input).read_bytes()
-    stored_output = _blob_path(mesh, done.result.output).read_bytes()
-    assert MARKER.encode() not in stored_input
-    assert MARKER.encode() not in stored_output
-    other = tmp_path / "other"
-    input_context = sealing.task_input_context(
-        done.name, done.provider, done.expire_time.ToMilliseconds()
-    )
-    with pytest.raises(sealing.SealError):
-        sealing.open_file(
-            _blob_path(mesh, done.input), other, _node_key(mesh, "task-b"), input_context
-        )
-    sealing.open_file(_blob_path(mesh, done.input), other, _node_key(mesh, "task-a"), input_context)
-    assert MARKER in other.read_text()  # its provider can
-    with pytest.raises(tasks.ResultError, match="do not open"):
-        await tasks.fetch_result(owner, done, tmp_path / "x", key=X25519PrivateKey.generate())
+    await _nobody_else_reads(mesh, owner, done, tmp_path)
 
     _doctored_results_do_not_verify(done)
 
@@ -261,13 +285,25 @@ async def test_a_sealed_batch_runs_on_its_provider_and_only_the_owner_reads_it(
     assert all(t.state == task_pb2.TASK_STATE_SUCCEEDED for t in listed.tasks)
 
 
-@pytest.mark.parametrize("case", ["sealed for another provider", "tampered", "blob replaced"])
+@pytest.mark.parametrize(
+    "case",
+    ["sealed for another provider", "tampered", "blob replaced", "results redirected",
+     "not a job"],
+)  # fmt: skip
 async def test_jobs_that_do_not_verify_are_refused_by_the_provider(
     mesh: LocalMesh, owner: grpc.aio.Channel, tmp_path: Path, case: str
 ) -> None:
     first, second = await _node(mesh, "task-a"), await _node(mesh, "task-b")
-    spec = _spec(first, _requests(tmp_path / "requests.jsonl", 3))
-    blob, expire = await _sealed_for(owner, spec, tmp_path, tamper=case == "tampered")
+    requests = _requests(tmp_path / "requests.jsonl", 3)
+    if case == "not a job":  # no header; the first line is JSON nested past any parser
+        requests.write_bytes(b"[" * 200_000 + b"\n" + requests.read_bytes())
+    # The owner seals for its own key; the task (as a registry could make it) asks for results
+    # in the clear.
+    owner_key = X25519PrivateKey.generate() if case == "results redirected" else None
+    spec = _spec(first, requests, result_key=owner_key)
+    blob, expire = await _sealed_for(
+        owner, spec, tmp_path, tamper=case == "tampered", headless=case == "not a job"
+    )
     provider = second.name if case == "sealed for another provider" else first.name
     if case == "blob replaced":  # the store hands out other bytes under the blob's name
         path = _blob_path(mesh, blob)
@@ -279,7 +315,8 @@ async def test_jobs_that_do_not_verify_are_refused_by_the_provider(
     )
     done = await _until(owner, created.task.name, FINAL)
     assert done.state == task_pb2.TASK_STATE_FAILED
-    expected = "INPUT_UNVERIFIED" if case == "blob replaced" else "DECRYPT_FAILED"
+    expected = {"blob replaced": "INPUT_UNVERIFIED", "results redirected": "BAD_JOB",
+                "not a job": "BAD_JOB"}.get(case, "DECRYPT_FAILED")  # fmt: skip
     assert done.state_reason.startswith(expected), done.state_reason
 
 
@@ -401,11 +438,15 @@ async def test_exactly_one_claim_wins_and_forged_results_are_refused(
     artifacts = artifact_service_pb2_grpc.ArtifactServiceStub(owner)
     sha, _ = await upload_file(artifacts, output, metadata=_as(credential))
     result_name = f"blobs/{sha}"
-    message = sealing.result_message(created.name, created.input, result_name)
+    message = sealing.result_message(created.name, created.input, result_name, b"")
     for signature in (
         Ed25519PrivateKey.generate().sign(message),
         identity.private_key.sign(
-            sealing.result_message(created.name, created.input, created.input)
+            sealing.result_message(created.name, created.input, created.input, b"")
+        ),
+        # Over the right output, but saying the results went to a key of the signer's choice.
+        identity.private_key.sign(
+            sealing.result_message(created.name, created.input, result_name, os.urandom(32))
         ),
         b"",
     ):
@@ -419,11 +460,17 @@ async def test_exactly_one_claim_wins_and_forged_results_are_refused(
         )  # fmt: skip
         assert error_info(error).metadata["field"] == "result.signature"  # type: ignore[union-attr]
     complete = task_api.CompleteTaskRequest(
-        name=created.name, state=task_pb2.TASK_STATE_SUCCEEDED,
+        name=created.name, state=task_pb2.TASK_STATE_SUCCEEDED, attempt=2,
         result=task_pb2.TaskResult(
             output=result_name, signature=identity.private_key.sign(message)
         ),
     )  # fmt: skip
+    # A report on another attempt than the one running is stale.
+    await refused(
+        stub.CompleteTask(complete, metadata=_as(credential)),
+        grpc.StatusCode.FAILED_PRECONDITION, "STALE_ATTEMPT",
+    )  # fmt: skip
+    complete.attempt = 1
     done = (await stub.CompleteTask(complete, metadata=_as(credential))).task
     assert done.state == task_pb2.TASK_STATE_SUCCEEDED
     tasks.verify_result(done)
@@ -555,7 +602,7 @@ async def test_redundant_tasks_are_verified_or_disputed(
         artifact_service_pb2_grpc.ArtifactServiceStub(owner), output, metadata=_as(credential)
     )
     signature = identity.private_key.sign(
-        sealing.result_message(cheat.name, cheat.input, f"blobs/{sha}")
+        sealing.result_message(cheat.name, cheat.input, f"blobs/{sha}", b"")
     )
     await stub.CompleteTask(
         task_api.CompleteTaskRequest(

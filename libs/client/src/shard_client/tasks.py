@@ -23,7 +23,14 @@ from shard.artifact.v1 import artifact_service_pb2_grpc
 from shard.node.v1 import node_pb2
 from shard.task.v1 import task_pb2, task_service_pb2_grpc
 from shard.task.v1 import task_service_pb2 as task_api
-from shard_client.blobs import CHUNK_BYTES, Progress, download, no_progress, upload_file
+from shard_client.blobs import (
+    CHUNK_BYTES,
+    BlobError,
+    Progress,
+    download,
+    no_progress,
+    upload_file,
+)
 from shard_core import sealing, taskjob
 from shard_core.identity import node_id_for
 
@@ -65,7 +72,11 @@ def seal_job(spec: TaskSpec, expire_time_ms: int, target: Path) -> None:
     name = f"tasks/{spec.task_id}"
     recipient = sealing.node_encryption_key(spec.provider)
     header = taskjob.header(
-        task=name, provider=spec.provider.name, model=spec.model, verify_key=spec.verify_key
+        task=name,
+        provider=spec.provider.name,
+        model=spec.model,
+        result_key=sealing.raw_public_key(spec.result_key) if spec.result_key else b"",
+        verify_key=spec.verify_key,
     )
     context = sealing.task_input_context(name, spec.provider.name, expire_time_ms)
     with target.open("wb") as out:
@@ -127,7 +138,9 @@ def verify_result(task: task_pb2.Task) -> None:
         owns_id = False
     if not owns_id:
         raise ResultError(f"the key recorded for {task.provider} is not the one its id names")
-    message = sealing.result_message(task.name, task.input, task.result.output)
+    message = sealing.result_message(
+        task.name, task.input, task.result.output, task.result_public_key
+    )
     if not sealing.signed_by(task.provider_public_key, task.result.signature, message):
         raise ResultError(f"the result of {task.name} is not signed by {task.provider}")
 
@@ -140,21 +153,32 @@ async def fetch_result(
     key: X25519PrivateKey | None,
     on_bytes: Progress = no_progress,
 ) -> None:
-    """Check the signature, fetch the results and open them into `target` (JSON lines)."""
+    """Check the signature, fetch the results and open them into `target` (JSON lines). The
+    signature covers the key the results are sealed to (none: in the clear), and the provider
+    uses only the one the owner's sealed job named, so no registry can have changed it. Nothing
+    is left at `target` unless all of it verified and opened."""
     verify_result(task)
+    if not task.plaintext_result:
+        if key is None:
+            raise ResultError(f"the results of {task.name} are sealed: give the owner's key")
+        if sealing.raw_public_key(key) != task.result_public_key:
+            raise ResultError(f"the results of {task.name} are sealed to another key")
     artifacts = artifact_service_pb2_grpc.ArtifactServiceStub(channel)
-    if task.plaintext_result:
-        await download(artifacts, task.result.output, target, on_bytes=on_bytes)
-        return
-    if key is None:
-        raise ResultError(f"the results of {task.name} are sealed: give the owner's key")
-    sealed = target.with_name(target.name + ".sealed")
+    partial = target.with_name(f".{target.name}.partial")
+    sealed = target.with_name(f".{target.name}.sealed")
     try:
-        await download(artifacts, task.result.output, sealed, on_bytes=on_bytes)
-        context = sealing.task_output_context(task.name, task.provider, task.input)
+        fetched = partial if task.plaintext_result else sealed
         try:
-            await asyncio.to_thread(sealing.open_file, sealed, target, key, context)
-        except sealing.SealError as error:
-            raise ResultError(f"the results of {task.name} do not open: {error}") from error
+            await download(artifacts, task.result.output, fetched, on_bytes=on_bytes)
+        except BlobError as error:
+            raise ResultError(str(error)) from error
+        if key is not None and not task.plaintext_result:
+            context = sealing.task_output_context(task.name, task.provider, task.input)
+            try:
+                await asyncio.to_thread(sealing.open_file, sealed, partial, key, context)
+            except sealing.SealError as error:
+                raise ResultError(f"the results of {task.name} do not open: {error}") from error
+        partial.replace(target)
     finally:
         sealed.unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)

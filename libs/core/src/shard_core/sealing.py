@@ -28,6 +28,7 @@ from shard_core.identity import node_id_for
 
 SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.CHACHA20_POLY1305)
 MAGIC = b"shard-sealed-v1\n"
+STREAM_ID_BYTES = 16
 CHUNK_BYTES = 1 << 20
 # A frame holds one chunk, the encapsulated key (32 bytes) and the tag (16 bytes).
 MAX_FRAME_BYTES = CHUNK_BYTES + 64
@@ -59,9 +60,10 @@ def task_output_context(task: str, provider: str, task_input: str) -> bytes:
     return b"shard-task-output-v1" + fields(task, provider, task_input)
 
 
-def result_message(task: str, task_input: str, output: str) -> bytes:
-    """What a provider signs when it completes a task."""
-    return b"shard-task-result-v1" + fields(task, task_input, output)
+def result_message(task: str, task_input: str, output: str, result_key: bytes) -> bytes:
+    """What a provider signs when it completes a task: the task, its input, its output and the
+    key the output is sealed to (empty: in the clear, as the owner's sealed job asked)."""
+    return b"shard-task-result-v2" + fields(task, task_input, output, result_key)
 
 
 def encryption_key_message(node_id: str, public_key: bytes) -> bytes:
@@ -109,8 +111,8 @@ def raw_public_key(key: X25519PrivateKey | Ed25519PrivateKey) -> bytes:
     return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-def _info(context: bytes, index: int, last: bool) -> bytes:
-    return context + index.to_bytes(8, "big") + (b"\x01" if last else b"\x00")
+def _info(context: bytes, stream: bytes, index: int, last: bool) -> bytes:
+    return context + stream + index.to_bytes(8, "big") + (b"\x01" if last else b"\x00")
 
 
 def _rechunked(data: Iterable[bytes]) -> Iterator[bytes]:
@@ -125,14 +127,15 @@ def _rechunked(data: Iterable[bytes]) -> Iterator[bytes]:
 
 def seal(data: Iterable[bytes], recipient: X25519PublicKey, context: bytes) -> Iterator[bytes]:
     """The sealed stream of `data`, for `recipient`, bound to `context`."""
-    yield MAGIC
+    stream = os.urandom(STREAM_ID_BYTES)
+    yield MAGIC + stream
     chunks = _rechunked(data)
     current = next(chunks)
     index = 0
     for following in chunks:
-        yield _frame(current, recipient, _info(context, index, last=False))
+        yield _frame(current, recipient, _info(context, stream, index, last=False))
         current, index = following, index + 1
-    yield _frame(current, recipient, _info(context, index, last=True))
+    yield _frame(current, recipient, _info(context, stream, index, last=True))
 
 
 def _frame(chunk: bytes, recipient: X25519PublicKey, info: bytes) -> bytes:
@@ -148,19 +151,20 @@ class Opener:
         self._context = context
         self._buffer = bytearray()
         self._index = 0
-        self._magic_seen = False
+        self._stream = b""  # the stream id, once the header is read
         self._done = False
 
     def feed(self, data: bytes) -> list[bytes]:
         """The plaintext chunks `data` completes."""
         self._buffer += data
-        if not self._magic_seen:
-            if len(self._buffer) < len(MAGIC):
+        if not self._stream:
+            header = len(MAGIC) + STREAM_ID_BYTES
+            if len(self._buffer) < header:
                 return []
             if self._buffer[: len(MAGIC)] != MAGIC:
                 raise SealError("not a sealed stream (bad header)")
-            del self._buffer[: len(MAGIC)]
-            self._magic_seen = True
+            self._stream = bytes(self._buffer[len(MAGIC) : header])
+            del self._buffer[:header]
         out = []
         while len(self._buffer) >= 4:
             size = int.from_bytes(self._buffer[:4], "big")
@@ -179,7 +183,7 @@ class Opener:
         for last in (False, True):
             try:
                 plain = SUITE.decrypt(
-                    message, self._key, info=_info(self._context, self._index, last)
+                    message, self._key, info=_info(self._context, self._stream, self._index, last)
                 )
             except InvalidTag:
                 continue

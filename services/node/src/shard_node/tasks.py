@@ -14,9 +14,11 @@ an owner-only directory of the run, removed when the run ends.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import logging
+import re
 import shutil
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -49,6 +51,11 @@ CALL_ATTEMPTS = 10
 # Requests of one task in flight at once on the node's Triton, and read ahead at once.
 WINDOW = 8
 BATCH = 256
+BATCH_BYTES = 64 << 20
+MAX_LINE_BYTES = 16 << 20
+MAX_REASON_CHARS = 1000
+# Task ids as the registry makes them; anything else is not used as a path.
+TASK_NAME = re.compile(r"tasks/[a-z0-9][a-z0-9_-]{0,62}")
 T = TypeVar("T")
 
 
@@ -61,10 +68,30 @@ class TaskRefusedError(Exception):
 
 
 def _requests(path: Path) -> Iterator[bytes]:
+    """The job's non-empty lines; a line longer than MAX_LINE_BYTES comes as one too-long
+    marker (empty bytes), never whole in memory."""
     with path.open("rb") as file:
-        for line in file:
-            if line.strip():
+        while line := file.readline(MAX_LINE_BYTES + 1):
+            if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+                while (rest := file.readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
+                    pass
+                yield b""
+            elif line.strip():
                 yield line
+
+
+def _batches(lines: Iterator[bytes]) -> Iterator[list[bytes]]:
+    """Up to BATCH lines and BATCH_BYTES at a time."""
+    batch: list[bytes] = []
+    size = 0
+    for line in lines:
+        batch.append(line)
+        size += len(line)
+        if len(batch) >= BATCH or size >= BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
 
 
 async def retrying(call: Callable[[], Awaitable[T]]) -> T:
@@ -96,7 +123,9 @@ class TaskRunner:
         self._work_dir = work_dir
         self._slots = asyncio.Semaphore(max_concurrent)
         self._running: dict[str, asyncio.Task[None]] = {}
-        self._claimed: set[str] = set()  # what this process claimed (and so runs, or ran)
+        # What this process claimed, by task, with the attempt it claimed.
+        self._claimed: dict[str, int] = {}
+        self._offered: list[task_pb2.Task] = []
         # Sent with every call: the registry's credential for this node, set on registering.
         self.credentials: list[tuple[str, str]] = []
         shutil.rmtree(work_dir, ignore_errors=True)  # what a killed agent left behind
@@ -104,27 +133,40 @@ class TaskRunner:
 
     def offer(self, tasks: list[task_pb2.Task]) -> None:
         """Take the registry's complete list of this node's open tasks."""
-        names = {task.name for task in tasks}
+        self._offered = [task for task in tasks if TASK_NAME.fullmatch(task.name)]
+        offered = {task.name: task for task in self._offered}
         for name, run in list(self._running.items()):
-            if name not in names:
+            task = offered.get(name)
+            # Gone (cancelled, expired), or requeued behind this run's back (its attempt ended).
+            stale = task is None or (
+                task.state == task_pb2.TASK_STATE_PENDING
+                and task.attempts >= self._claimed.get(name, task.attempts + 1)
+            )
+            if stale:
                 _log.info("task %s is no longer ours to run: stopping it", name)
                 run.cancel()
-        self._claimed &= names  # forget what the registry has forgotten
-        for task in tasks:
+        self._claimed = {n: a for n, a in self._claimed.items() if n in offered}
+        for task in self._offered:
             if task.name in self._running:
                 continue
             if task.state == task_pb2.TASK_STATE_PENDING:
                 job = self._run(task)
             elif task.state == task_pb2.TASK_STATE_RUNNING and task.name not in self._claimed:
-                # Held by this node, yet never claimed by this process: the agent restarted
-                # mid-task. The owner's choice decides: FAILED, or PENDING to run again.
-                job = self._complete(task, failure="PROVIDER_LOST: the node agent restarted")
+                # Held by this node, yet not claimed by this process: the agent restarted
+                # mid-task (or a claim's answer was lost). The owner's choice decides: FAILED,
+                # or PENDING to run again.
+                job = self._complete(task, failure="PROVIDER_LOST: the node agent lost the run")
             else:
                 continue
-            self._running[task.name] = asyncio.ensure_future(job)
-            self._running[task.name].add_done_callback(
-                lambda _, name=task.name: self._running.pop(name, None)  # type: ignore[misc]
-            )
+            run = asyncio.ensure_future(job)
+            self._running[task.name] = run
+            run.add_done_callback(functools.partial(self._ended, task.name))
+
+    def _ended(self, name: str, run: asyncio.Task[None]) -> None:
+        """A run ended: look at the latest offer again (the task may be back, requeued)."""
+        if self._running.get(name) is run:
+            del self._running[name]
+            self.offer(self._offered)
 
     async def stop(self) -> None:
         for run in self._running.values():
@@ -148,7 +190,10 @@ class TaskRunner:
                 await self._complete(task, failure="DEADLINE: it ran longer than max_duration")
             except (aiohttp.ClientError, grpc.aio.AioRpcError, OSError) as error:
                 _log.warning("task %s failed: %s", task.name, error)
-                await self._complete(task, failure=f"TASK_ERROR: {error}"[:1000])
+                await self._complete(task, failure=f"TASK_ERROR: {error}")
+            except Exception as error:  # a bug here must not leave the task RUNNING
+                _log.exception("task %s failed unexpectedly", task.name)
+                await self._complete(task, failure=f"TASK_ERROR: {type(error).__name__}")
             else:
                 await self._complete(task, result=result)
             finally:
@@ -165,8 +210,8 @@ class TaskRunner:
         except grpc.aio.AioRpcError as error:
             _log.info("task %s not claimed: %s", task.name, error.details())
             return None
-        self._claimed.add(task.name)
-        _log.info("task %s claimed", task.name)
+        self._claimed[task.name] = reply.task.attempts
+        _log.info("task %s claimed (attempt %d)", task.name, reply.task.attempts)
         return reply.task
 
     async def _complete(
@@ -176,12 +221,16 @@ class TaskRunner:
             name=task.name,
             state=task_pb2.TASK_STATE_SUCCEEDED if result else task_pb2.TASK_STATE_FAILED,
             result=result,
-            reason=failure,
+            reason=failure[:MAX_REASON_CHARS],
+            attempt=task.attempts,
         )
         try:
             reply = await self._call(self._tasks.CompleteTask, request)
         except grpc.aio.AioRpcError as error:
             _log.warning("completing task %s failed: %s", task.name, error.details())
+            if result is not None and error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                # The registry refused the result itself: report that, not nothing.
+                await self._complete(task, failure=f"RESULT_REFUSED: {error.details()}")
             return
         _log.info("task %s: %s", task.name, task_pb2.TaskState.Name(reply.task.state))
 
@@ -207,10 +256,13 @@ class TaskRunner:
         lines = _requests(job)
         try:
             verify_key = taskjob.check_header(
-                next(lines, b""), task=task.name, provider=task.provider, model=task.model
-            )
+                next(lines, b""), task=task.name, provider=task.provider, model=task.model,
+                result_key=task.result_public_key,
+            )  # fmt: skip
         except taskjob.JobError as error:
             raise TaskRefusedError("BAD_JOB", str(error)) from error
+        if task.group and not verify_key:
+            raise TaskRefusedError("BAD_JOB", "a task of a group needs a verify_key in its job")
         output = work / "output.jsonl"
         with output.open("wb") as out:
             succeeded, failed = await self._infer_all(task.model, lines, out)
@@ -230,7 +282,7 @@ class TaskRunner:
         )
         result.output = f"blobs/{sha256}"
         result.signature = self._identity.private_key.sign(
-            sealing.result_message(task.name, task.input, result.output)
+            sealing.result_message(task.name, task.input, result.output, task.result_public_key)
         )
         return result
 
@@ -247,7 +299,7 @@ class TaskRunner:
                 return await self._infer(http, url, line)
 
         async with aiohttp.ClientSession() as http:
-            while batch := list(itertools.islice(lines, BATCH)):
+            for batch in _batches(lines):
                 for ok, answer in await asyncio.gather(*(infer(line) for line in batch)):
                     succeeded, failed = (succeeded + 1, failed) if ok else (succeeded, failed + 1)
                     out.write(answer + b"\n")
@@ -258,6 +310,9 @@ class TaskRunner:
     ) -> tuple[bool, bytes]:
         """Whether Triton answered the request, and the result line: Triton's JSON answer as
         it sent it, or `{"id": ..., "error": ...}`."""
+        if not line:
+            error = f"the request is longer than {MAX_LINE_BYTES} bytes"
+            return False, json.dumps({"id": "", "error": error}).encode()
         try:
             async with http.post(
                 url, data=line, timeout=aiohttp.ClientTimeout(total=TIMEOUT_S)
@@ -281,6 +336,6 @@ def _field(document: bytes, name: str) -> str:
     """A top-level string field of a JSON object, or an empty string."""
     try:
         found = json.loads(document)
-    except ValueError:
+    except (ValueError, RecursionError):
         return ""
     return str(found.get(name, "")) if isinstance(found, dict) else ""

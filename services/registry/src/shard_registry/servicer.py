@@ -609,6 +609,6 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
         self, request: task_api.CompleteTaskRequest, context: Context
     ) -> task_api.CompleteTaskResponse:
         task = await self._tasks.complete(
-            request.name, request.state, request.result, request.reason
+            request.name, request.state, request.result, request.reason, request.attempt
         )
         return task_api.CompleteTaskResponse(task=task)

@@ -455,8 +455,9 @@ class TaskRegistry:
 
     async def complete(
         self, name: str, state: task_pb2.TaskState.ValueType, result: task_pb2.TaskResult,
-        reason: str,
+        reason: str, attempt: int = 0,
     ) -> Task:  # fmt: skip
+        """The provider's report on the attempt it runs (`attempt`; 0: whichever)."""
         (task_id,) = parse_name(name, "tasks/{}")
         if state == SUCCEEDED:
             blob_sha256(result.output, "result.output")
@@ -483,6 +484,12 @@ class TaskRegistry:
                     reason="NOT_RUNNING_HERE",
                     metadata={"name": name},
                 )
+            if attempt and attempt != task.attempts:
+                raise FailedPreconditionError(
+                    f"{name} runs attempt {task.attempts}; attempt {attempt} was given up",
+                    reason="STALE_ATTEMPT",
+                    metadata={"field": "attempt"},
+                )
             if now > _deadline(task):
                 self._enter(task, EXPIRED, "DEADLINE: it ran longer than max_duration", now)
             elif state == FAILED and reason.startswith("PROVIDER_LOST"):
@@ -501,7 +508,7 @@ class TaskRegistry:
         return await self._update(task_id, change)
 
     def _check_result(self, task: Task, result: task_pb2.TaskResult) -> None:
-        message = result_message(task.name, task.input, result.output)
+        message = result_message(task.name, task.input, result.output, task.result_public_key)
         if not signed_by(task.provider_public_key, result.signature, message):
             raise InvalidArgumentError(
                 "result.signature is not the provider's signature over the task, its input and "
@@ -558,9 +565,13 @@ class TaskRegistry:
         for entry in members.entries:
             group, task_id = entry.key.removeprefix(keys.TASK_GROUPS).split("/", 1)
             groups.setdefault(group, []).append(task_id)
+        now = self._clock()
         for group, task_ids in groups.items():
             reads = [await self._read(task_id) for task_id in task_ids]
-            if len(reads) < reads[0].task.group_size or any(r.task.state in OPEN for r in reads):
+            full = len(reads) >= reads[0].task.group_size
+            # A group that never filled is judged once no member can still be joined in time.
+            given_up = now > max(_seconds(r.task.expire_time) for r in reads)
+            if not (full or given_up) or any(r.task.state in OPEN for r in reads):
                 continue
             result = verdict(r.task for r in reads)
             puts, expect = {}, {}

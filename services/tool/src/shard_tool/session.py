@@ -153,7 +153,9 @@ class OneLineErrors(TyperGroup):
         try:
             result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except NoArgsIsHelpError as error:
-            typer.echo(error.ctx.get_help() if error.ctx else "", err=True)
+            # typer's rich help prints itself (to stdout, as `--help` does) and returns "".
+            if error.ctx is not None and (text := error.ctx.get_help()):
+                typer.echo(text, err=True)
             result = USAGE
         except UsageError as error:
             where = error.ctx.command_path if error.ctx else "shard"

@@ -9,11 +9,13 @@ first use, owner-only), unless you asked for them in the clear.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import tempfile
 from pathlib import Path
 from typing import Annotated
 
+import grpc
 import typer
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -147,14 +149,9 @@ def submit(
             tempfile.TemporaryDirectory() as tmp,
         ):
             bar = progress.add_task("sealing and uploading", total=size)
-            for index, node_id in enumerate(provider):
-                node_name = node_id if node_id.startswith("nodes/") else f"nodes/{node_id}"
-                node = (
-                    await nodes.GetNode(
-                        node_service_pb2.GetNodeRequest(name=node_name), timeout=TIMEOUT_S
-                    )
-                ).node
-                _check_key(node)
+            # Every provider is looked up and checked before anything is created.
+            chosen = [await _provider(nodes, node_id) for node_id in provider]
+            for index, node in enumerate(chosen):
                 spec = tasks.TaskSpec(
                     task_id=f"{base}-{index}" if redundant else base,
                     provider=node,
@@ -173,22 +170,42 @@ def submit(
                     group_size=len(provider) if redundant else 0,
                     verify_key=verify_key,
                 )
-                made.append(
-                    await tasks.submit(
-                        channel, spec, work_dir=Path(tmp),
-                        on_bytes=lambda n: progress.advance(bar, n),
-                    )
-                )  # fmt: skip
+                try:
+                    made.append(
+                        await tasks.submit(
+                            channel, spec, work_dir=Path(tmp),
+                            on_bytes=lambda n: progress.advance(bar, n),
+                        )
+                    )  # fmt: skip
+                except BaseException:
+                    await _cancel(channel, made, "the rest of its group could not be created")
+                    raise
         return made
 
     emit(s.run(work), COLUMNS, s.output)
 
 
-def _check_key(node: node_pb2.Node) -> None:
+async def _cancel(channel: grpc.aio.Channel, made: list[task_pb2.Task], reason: str) -> None:
+    """Cancel what a submit made before it failed: a group missing members verifies nothing."""
+    stub = Stub(channel)
+    for task in made:
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await stub.CancelTask(
+                task_service_pb2.CancelTaskRequest(name=task.name, reason=reason),
+                timeout=TIMEOUT_S,
+            )
+
+
+async def _provider(nodes: node_service_pb2_grpc.NodeServiceStub, node_id: str) -> node_pb2.Node:
+    """The node, once its encryption key checks out against its identity."""
+    name = node_id if node_id.startswith("nodes/") else f"nodes/{node_id}"
+    request = node_service_pb2.GetNodeRequest(name=name)
+    node = (await nodes.GetNode(request, timeout=TIMEOUT_S)).node
     try:
         sealing.node_encryption_key(node)
     except sealing.SealError as error:
         fail(f"{error}; pick another provider")
+    return node
 
 
 @app.command("ls")

@@ -100,11 +100,13 @@ class _VerificationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Verifica
     VERIFICATION_PENDING: _Verification.ValueType  # 1
     """Some task of the group has not finished."""
     VERIFICATION_VERIFIED: _Verification.ValueType  # 2
-    """Every task of the group succeeded with the same output."""
+    """At least two tasks of the group succeeded, and all successful outputs are the same."""
     VERIFICATION_DISPUTED: _Verification.ValueType  # 3
     """Tasks of the group succeeded with different outputs."""
     VERIFICATION_INCONCLUSIVE: _Verification.ValueType  # 4
-    """Fewer than two tasks of the group succeeded: nothing to compare."""
+    """Fewer than two tasks of the group succeeded (or the group never filled up before its
+    tasks expired): nothing to compare.
+    """
 
 class Verification(_Verification, metaclass=_VerificationEnumTypeWrapper):
     """Whether a group's outputs agree."""
@@ -114,11 +116,13 @@ VERIFICATION_UNSPECIFIED: Verification.ValueType  # 0
 VERIFICATION_PENDING: Verification.ValueType  # 1
 """Some task of the group has not finished."""
 VERIFICATION_VERIFIED: Verification.ValueType  # 2
-"""Every task of the group succeeded with the same output."""
+"""At least two tasks of the group succeeded, and all successful outputs are the same."""
 VERIFICATION_DISPUTED: Verification.ValueType  # 3
 """Tasks of the group succeeded with different outputs."""
 VERIFICATION_INCONCLUSIVE: Verification.ValueType  # 4
-"""Fewer than two tasks of the group succeeded: nothing to compare."""
+"""Fewer than two tasks of the group succeeded (or the group never filled up before its
+tasks expired): nothing to compare.
+"""
 Global___Verification: _TypeAlias = Verification  # noqa: Y015
 
 @_typing.final
@@ -322,8 +326,9 @@ class TaskResult(_message.Message):
     """
     signature: _builtins.bytes
     """The provider's Ed25519 signature (with its identity key) over: the bytes
-    `shard-task-result-v1`, then the task's name, its input and its output, each as a 4-byte
-    big-endian length and its UTF-8 bytes.
+    `shard-task-result-v2`, then the task's name, its input, its output and its
+    `result_public_key` (empty for results in the clear), each as a 4-byte big-endian length
+    and its bytes. The provider seals to that key, or not, only as the owner's sealed job says.
     """
     output_digest: _builtins.bytes
     """For a task of a group: HMAC-SHA256 of the plaintext results under the group's key (which

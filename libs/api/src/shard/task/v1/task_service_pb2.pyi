@@ -285,12 +285,17 @@ class CompleteTaskRequest(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The resource name, `tasks/{task}`."""
     state: _task_pb2.TaskState.ValueType
     """SUCCEEDED or FAILED."""
     reason: _builtins.str
     """For FAILED: why, as `REASON: message`."""
+    attempt: _builtins.int
+    """The attempt being completed: the claimed task's `attempts`. A completion of an earlier
+    attempt (one the shard has given up on and requeued) is refused; 0 skips the check.
+    """
     @_builtins.property
     def result(self) -> _task_pb2.TaskResult:
         """For SUCCEEDED: the output and its signature."""
@@ -302,10 +307,11 @@ class CompleteTaskRequest(_message.Message):
         state: _task_pb2.TaskState.ValueType = ...,
         result: _task_pb2.TaskResult | None = ...,
         reason: _builtins.str = ...,
+        attempt: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "reason", b"reason", "result", b"result", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "name", b"name", "reason", b"reason", "result", b"result", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

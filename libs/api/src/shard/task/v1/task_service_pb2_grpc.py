@@ -103,8 +103,10 @@ class TaskServiceServicer:
 
     def ClaimTask(self, request, context):
         """A provider node claims a PENDING task addressed to it: it becomes RUNNING, held by the
-        node's lease. Exactly one claim succeeds; a node that restarted may claim its own RUNNING
-        task again. Node credentials only.
+        node's lease. Exactly one claim succeeds; every other, the same node's included, gets
+        FAILED_PRECONDITION. A node that holds a task it is not running (its agent restarted, or
+        the claim's answer was lost) completes it FAILED with a reason starting `PROVIDER_LOST`,
+        and the owner's `on_provider_loss` decides. Node credentials only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -28,8 +28,10 @@ class TaskServiceStub:
     """Cancels a PENDING or RUNNING task; its provider stops running it."""
     ClaimTask: _aio.UnaryUnaryMultiCallable[_task_service_pb2.ClaimTaskRequest, _task_service_pb2.ClaimTaskResponse]
     """A provider node claims a PENDING task addressed to it: it becomes RUNNING, held by the
-    node's lease. Exactly one claim succeeds; a node that restarted may claim its own RUNNING
-    task again. Node credentials only.
+    node's lease. Exactly one claim succeeds; every other, the same node's included, gets
+    FAILED_PRECONDITION. A node that holds a task it is not running (its agent restarted, or
+    the claim's answer was lost) completes it FAILED with a reason starting `PROVIDER_LOST`,
+    and the owner's `on_provider_loss` decides. Node credentials only.
     """
     CompleteTask: _aio.UnaryUnaryMultiCallable[_task_service_pb2.CompleteTaskRequest, _task_service_pb2.CompleteTaskResponse]
     """The provider node reports the end of a RUNNING task it holds: SUCCEEDED with a signed
@@ -80,8 +82,10 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _aio.ServicerContext[_task_service_pb2.ClaimTaskRequest, _abc.Awaitable[_task_service_pb2.ClaimTaskResponse]],
     ) -> _abc.Awaitable[_task_service_pb2.ClaimTaskResponse]:
         """A provider node claims a PENDING task addressed to it: it becomes RUNNING, held by the
-        node's lease. Exactly one claim succeeds; a node that restarted may claim its own RUNNING
-        task again. Node credentials only.
+        node's lease. Exactly one claim succeeds; every other, the same node's included, gets
+        FAILED_PRECONDITION. A node that holds a task it is not running (its agent restarted, or
+        the claim's answer was lost) completes it FAILED with a reason starting `PROVIDER_LOST`,
+        and the owner's `on_provider_loss` decides. Node credentials only.
         """
 
     @_abc_1.abstractmethod
