@@ -109,6 +109,7 @@ TASKS = "tasks/"
 OPEN_TASKS = "open-tasks/"
 TASK_CLAIMS = "task-claims/"
 TASK_GROUPS = "task-groups/"
+TASK_ENDS = "task-ends/"
 
 
 def task(task_id: str) -> str:
@@ -133,3 +134,8 @@ def task_group(group: str) -> str:
 
 def task_group_member(group: str, task_id: str) -> str:
     return f"{task_group(group)}{task_id}"
+
+
+def task_end(end_time_ms: int, task_id: str) -> str:
+    """A finished task, by when it finished: what retention walks, oldest first."""
+    return f"{TASK_ENDS}{end_time_ms:015d}/{task_id}"

@@ -128,6 +128,7 @@ async def serve(settings: RegistrySettings) -> None:
         models=models,
         blobs=blobs,
         max_open_per_owner=settings.max_open_tasks_per_owner,
+        retention_s=settings.task_retention_s,
     )
     deployments = DeploymentRegistry(store=store, models=models)
     election = Election(

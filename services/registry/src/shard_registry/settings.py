@@ -57,6 +57,9 @@ class RegistrySettings(ServiceSettings, EtcdSettings):
     max_open_tasks_per_owner: int = Field(
         default=1000, ge=1, description="Tasks one principal may have PENDING or RUNNING at once."
     )
+    task_retention_s: float = Field(
+        default=30 * 24 * 3600, gt=0, description="How long finished tasks stay readable."
+    )
     blob_dir: Path = Field(
         default=Path(".shard/registry/blobs"),
         description="Local directory of the blob store, used unless blob_bucket is set.",

@@ -81,6 +81,7 @@ MAX_REASON_CHARS = 1000
 MAX_DISPLAY_NAME_CHARS = 200
 DIGEST_BYTES = 32
 CAS_RETRIES = 10
+FORGET_BATCH = 100
 NODE_PREFIX = "nodes/"
 
 
@@ -228,10 +229,12 @@ class TaskRegistry:
         models: ModelRegistry,
         blobs: BlobStore,
         max_open_per_owner: int = 1000,
+        retention_s: float = 30 * 24 * 3600,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
         self._max_open_per_owner = max_open_per_owner
+        self._retention_s = retention_s
         self._directory = directory
         self._models = models
         self._blobs = blobs
@@ -549,6 +552,16 @@ class TaskRegistry:
             elif lost:  # unless a claim appeared since the snapshot
                 await self._update(task_id, self._sweeping, expect={keys.task_claim(task_id): 0})
         await self._judge_groups()
+        await self._forget(now - self._retention_s)
+
+    async def _forget(self, before: float) -> None:
+        """Delete the records of tasks that ended before `before` (their blobs stay)."""
+        ended, _ = await self._store.page(keys.TASK_ENDS, start_after="", limit=FORGET_BATCH)
+        for entry in ended:
+            end_ms, task_id = entry.key.removeprefix(keys.TASK_ENDS).split("/", 1)
+            if int(end_ms) / 1000 >= before:
+                return
+            await self._store.write(deletes=[keys.task(task_id), entry.key])
 
     def _sweeping(self, task: Task, now: float) -> None:
         """What the sweeper does to one task, decided on its latest revision."""
@@ -665,6 +678,7 @@ class TaskRegistry:
             puts[keys.open_task(node_id, task_id)] = data
         else:
             deletes = [keys.open_task(node_id, task_id), keys.task_claim(task_id)]
+            puts[keys.task_end(task.end_time.ToMilliseconds(), task_id)] = b""
         if task.state == PENDING:
             deletes.append(keys.task_claim(task_id))  # a requeue releases the lost claim
         written = await self._store.write(

@@ -1,5 +1,6 @@
-"""The registry's task domain on real etcd, with a quota small enough to reach: one principal's
-open tasks are bounded, and a finished task frees its place."""
+"""The registry's task domain on real etcd, with limits small enough to reach and a clock the
+test moves: one principal's open tasks are bounded, and finished tasks are forgotten after the
+retention time."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from shard.node.v1 import node_pb2
 from shard.task.v1 import task_pb2
 from shard_core import keys
 from shard_core.auth import ROLE_PERMISSIONS, Principal, current_principal
-from shard_core.errors import ResourceExhaustedError
+from shard_core.errors import NotFoundError, ResourceExhaustedError
 from shard_core.etcd.store import EtcdStore
 from shard_node.identity import NodeIdentity
 from shard_registry.artifacts import BlobStore
@@ -38,9 +39,25 @@ async def _one_chunk(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
 @pytest.fixture
-async def registry(store: EtcdStore, tmp_path: Path) -> tuple[TaskRegistry, task_pb2.Task]:
-    """A task registry allowing 2 open tasks per owner, a node that could run them, and a task."""
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def registry(
+    store: EtcdStore, tmp_path: Path, clock: Clock
+) -> tuple[TaskRegistry, task_pb2.Task]:
+    """A task registry allowing 2 open tasks per owner and keeping finished ones for an hour, a
+    node that could run them, and a task."""
     blobs = BlobStore.local(tmp_path / "blobs")
     job = b"sealed bytes, as far as the registry can tell"
     sha = hashlib.sha256(job).hexdigest()
@@ -59,14 +76,15 @@ async def registry(store: EtcdStore, tmp_path: Path) -> tuple[TaskRegistry, task
     )
     directory.records.put(keys.node(identity.node_id), node.SerializeToString())
     tasks = TaskRegistry(
-        store=store, directory=directory, models=models, blobs=blobs, max_open_per_owner=2
-    )
+        store=store, directory=directory, models=models, blobs=blobs, max_open_per_owner=2,
+        retention_s=3600, clock=clock,
+    )  # fmt: skip
     task = task_pb2.Task(
         provider=node.name,
         model="quota-model",
         input=f"blobs/{sha}",
         max_duration=duration_pb2.Duration(seconds=60),
-        expire_time=timestamp(time.time() + 60),
+        expire_time=timestamp(clock.now + 60),
         plaintext_result=True,
     )
     return tasks, task
@@ -87,5 +105,30 @@ async def test_an_owner_has_at_most_its_quota_of_open_tasks(
         await tasks.cancel(first.name, "make room")
         third = await tasks.create("q3", task)
         assert third.state == task_pb2.TASK_STATE_PENDING
+    finally:
+        current_principal.reset(token)
+
+
+async def test_finished_tasks_are_forgotten_after_the_retention_time(
+    registry: tuple[TaskRegistry, task_pb2.Task], store: EtcdStore, clock: Clock
+) -> None:
+    tasks, task = registry
+    token = current_principal.set(OWNER)
+    try:
+        done = await tasks.cancel((await tasks.create("r1", task)).name, "done with it")
+        kept = await tasks.create("r2", task)
+        clock.now += 1800
+        await tasks.sweep()
+        assert (await tasks.get(done.name)).state == task_pb2.TASK_STATE_CANCELLED
+        clock.now += 3000  # r1 ended 4800 s ago, r2 (expired by the first sweep) 3000 s ago
+        await tasks.sweep()
+        with pytest.raises(NotFoundError):
+            await tasks.get(done.name)
+        assert [
+            e.key.rsplit("/", 1)[1] for e in (await store.snapshot(keys.TASK_ENDS)).entries
+        ] == ["r2"]
+        # The open one expired meanwhile (unclaimed past its expire_time): kept for its hour.
+        expired = await tasks.get(kept.name)
+        assert expired.state == task_pb2.TASK_STATE_EXPIRED
     finally:
         current_principal.reset(token)
