@@ -4,10 +4,12 @@ retention time."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import NamedTuple
 
 import grpc
 import pytest
@@ -18,8 +20,13 @@ from shard.model.v1 import model_pb2
 from shard.node.v1 import node_pb2
 from shard.task.v1 import task_pb2
 from shard_core import keys
-from shard_core.auth import ROLE_PERMISSIONS, Principal, current_principal
-from shard_core.errors import NotFoundError, ResourceExhaustedError
+from shard_core.auth import BOOTSTRAP_ADMIN, ROLE_PERMISSIONS, Principal, current_principal
+from shard_core.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+)
 from shard_core.etcd.store import EtcdStore
 from shard_node.identity import NodeIdentity
 from shard_registry.artifacts import BlobStore
@@ -28,6 +35,7 @@ from shard_registry.models import ModelRegistry
 from shard_registry.resources import timestamp
 from shard_registry.tasks import TaskRegistry
 
+READY = node_pb2.MODEL_STATE_READY
 OWNER = Principal(
     id="quota-owner",
     role=api_key_pb2.ROLE_DEVELOPER,
@@ -37,6 +45,12 @@ OWNER = Principal(
 
 async def _one_chunk(data: bytes) -> AsyncIterator[bytes]:
     yield data
+
+
+class Fixture(NamedTuple):
+    tasks: TaskRegistry
+    task: task_pb2.Task
+    providers: list[str]
 
 
 class Clock:
@@ -53,11 +67,9 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-async def registry(
-    store: EtcdStore, tmp_path: Path, clock: Clock
-) -> tuple[TaskRegistry, task_pb2.Task]:
-    """A task registry allowing 2 open tasks per owner and keeping finished ones for an hour, a
-    node that could run them, and a task."""
+async def registry(store: EtcdStore, tmp_path: Path, clock: Clock) -> Fixture:
+    """A task registry allowing 2 open tasks per owner and keeping finished ones for an hour,
+    three nodes that could run them, and a task for the first."""
     blobs = BlobStore.local(tmp_path / "blobs")
     job = b"sealed bytes, as far as the registry can tell"
     sha = hashlib.sha256(job).hexdigest()
@@ -65,35 +77,38 @@ async def registry(
     models = ModelRegistry(store=store, blobs=blobs)
     public = model_pb2.Model(visibility=model_pb2.VISIBILITY_PUBLIC)
     await models.create_model("quota-model", public)
-    identity = NodeIdentity.load_or_create(tmp_path / "node")
     directory = NodeDirectory()
-    node = node_pb2.Node(
-        name=f"nodes/{identity.node_id}",
-        state=node_pb2.NODE_STATE_ACTIVE,
-        public_key=identity.public_key,
-        encryption_key=identity.vouched_encryption_key(),
-        models=[node_pb2.ModelStatus(model_name="quota-model", state=node_pb2.MODEL_STATE_READY)],
-    )
-    directory.records.put(keys.node(identity.node_id), node.SerializeToString())
+    nodes = []
+    for index in range(3):
+        identity = NodeIdentity.load_or_create(tmp_path / f"node-{index}")
+        node = node_pb2.Node(
+            name=f"nodes/{identity.node_id}",
+            state=node_pb2.NODE_STATE_ACTIVE,
+            public_key=identity.public_key,
+            encryption_key=identity.vouched_encryption_key(),
+            models=[node_pb2.ModelStatus(model_name="quota-model", state=READY)],
+        )
+        directory.records.put(keys.node(identity.node_id), node.SerializeToString())
+        nodes.append(node.name)
     tasks = TaskRegistry(
         store=store, directory=directory, models=models, blobs=blobs, max_open_per_owner=2,
         retention_s=3600, clock=clock,
     )  # fmt: skip
     task = task_pb2.Task(
-        provider=node.name,
+        provider=nodes[0],
         model="quota-model",
         input=f"blobs/{sha}",
         max_duration=duration_pb2.Duration(seconds=60),
         expire_time=timestamp(clock.now + 60),
         plaintext_result=True,
     )
-    return tasks, task
+    return Fixture(tasks=tasks, task=task, providers=nodes)
 
 
 async def test_an_owner_has_at_most_its_quota_of_open_tasks(
-    registry: tuple[TaskRegistry, task_pb2.Task],
+    registry: Fixture,
 ) -> None:
-    tasks, task = registry
+    tasks, task = registry.tasks, registry.task
     token = current_principal.set(OWNER)
     try:
         first = await tasks.create("q1", task)
@@ -110,9 +125,9 @@ async def test_an_owner_has_at_most_its_quota_of_open_tasks(
 
 
 async def test_finished_tasks_are_forgotten_after_the_retention_time(
-    registry: tuple[TaskRegistry, task_pb2.Task], store: EtcdStore, clock: Clock
+    registry: Fixture, store: EtcdStore, clock: Clock
 ) -> None:
-    tasks, task = registry
+    tasks, task = registry.tasks, registry.task
     token = current_principal.set(OWNER)
     try:
         done = await tasks.cancel((await tasks.create("r1", task)).name, "done with it")
@@ -130,5 +145,27 @@ async def test_finished_tasks_are_forgotten_after_the_retention_time(
         # The open one expired meanwhile (unclaimed past its expire_time): kept for its hour.
         expired = await tasks.get(kept.name)
         assert expired.state == task_pb2.TASK_STATE_EXPIRED
+    finally:
+        current_principal.reset(token)
+
+
+async def test_concurrent_creates_never_overfill_a_group_or_share_a_provider(
+    registry: Fixture,
+) -> None:
+    token = current_principal.set(BOOTSTRAP_ADMIN)  # no quota in the way
+    try:
+        grouped = []
+        # Four at once into a group of two: three providers, the first one twice.
+        for index, provider in enumerate([*registry.providers, registry.providers[0]]):
+            member = task_pb2.Task()
+            member.CopyFrom(registry.task)
+            member.provider, member.group, member.group_size = provider, "g", 2
+            grouped.append(registry.tasks.create(f"g{index}", member))
+        results = await asyncio.gather(*grouped, return_exceptions=True)
+        made = [r for r in results if isinstance(r, task_pb2.Task)]
+        assert len(made) == 2, results
+        assert len({t.provider for t in made}) == 2
+        refused = [r for r in results if not isinstance(r, task_pb2.Task)]
+        assert all(isinstance(r, FailedPreconditionError | InvalidArgumentError) for r in refused)
     finally:
         current_principal.reset(token)

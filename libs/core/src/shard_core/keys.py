@@ -129,11 +129,8 @@ def task_claim(task_id: str) -> str:
 
 
 def task_group(group: str) -> str:
-    return f"{TASK_GROUPS}{group}/"
-
-
-def task_group_member(group: str, task_id: str) -> str:
-    return f"{task_group(group)}{task_id}"
+    """A redundancy group waiting for its verdict: shard.task.v1.TaskGroup."""
+    return f"{TASK_GROUPS}{group}"
 
 
 def task_end(end_time_ms: int, task_id: str) -> str:

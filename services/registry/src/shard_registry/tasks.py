@@ -265,8 +265,6 @@ class TaskRegistry:
             raise NotFoundError(error.message, metadata={"field": "task.model"}) from error
         provider = await self._check_provider(node_id, task)
         await self._check_quota(owner)
-        if task.group:
-            await self._check_group(task, owner)
         record = Task()
         record.CopyFrom(task)
         for output in OUTPUT_FIELDS:
@@ -279,14 +277,22 @@ class TaskRegistry:
             record.verification = task_pb2.VERIFICATION_PENDING
         self._enter(record, PENDING, "CREATED: waiting for the provider to claim it", now)
         data = record.SerializeToString()
-        puts = {keys.task(task_id): data, keys.open_task(node_id, task_id): data}
-        if task.group:
-            puts[keys.task_group_member(task.group, task_id)] = b""
-        revision = await self._store.write(puts=puts, expect={keys.task(task_id): 0})
-        if revision is None:
-            raise AlreadyExistsError(
-                f"{record.name} already exists", metadata={"name": record.name}
-            )
+        for _ in range(CAS_RETRIES):
+            puts = {keys.task(task_id): data, keys.open_task(node_id, task_id): data}
+            expect = {keys.task(task_id): 0}
+            if task.group:
+                group, group_revision = await self._joined_group(record, owner)
+                puts[keys.task_group(task.group)] = group.SerializeToString()
+                expect[keys.task_group(task.group)] = group_revision
+            revision = await self._store.write(puts=puts, expect=expect)
+            if revision is not None:
+                break
+            if await self._store.get(keys.task(task_id)) is not None:
+                raise AlreadyExistsError(
+                    f"{record.name} already exists", metadata={"name": record.name}
+                )
+        else:
+            raise AbortedError(f"group {task.group} kept changing; try again")
         record.etag = str(revision)
         _log.info("task %s created for %s by %s", record.name, task.provider, owner.id)
         return record
@@ -337,28 +343,32 @@ class TaskRegistry:
                 reason="TOO_MANY_OPEN_TASKS",
             )
 
-    async def _check_group(self, task: Task, owner: Principal) -> None:
-        members = await self._store.snapshot(keys.task_group(task.group))
-        others = [await self._read(e.key.rsplit("/", 1)[1]) for e in members.entries]
-        if any(not owner.owns(m.task.owner) for m in others):
+    async def _joined_group(self, task: Task, owner: Principal) -> tuple[task_pb2.TaskGroup, int]:
+        """The task's group with the task added, and the revision it must still be at."""
+        found = await self._store.get(keys.task_group(task.group))
+        group = task_pb2.TaskGroup(group=task.group, owner=owner.id, size=task.group_size)
+        if found is not None:
+            group = task_pb2.TaskGroup.FromString(found.value)
+        if not owner.owns(group.owner):
             raise PermissionDeniedError(
                 f"group {task.group} belongs to another principal", reason="NOT_YOURS",
                 metadata={"field": "task.group"},
             )  # fmt: skip
-        if len(others) >= task.group_size or any(
-            m.task.group_size != task.group_size for m in others
-        ):
+        if len(group.tasks) >= group.size or group.size != task.group_size:
             raise FailedPreconditionError(
-                f"group {task.group} already has its {others[0].task.group_size} tasks",
+                f"group {task.group} takes {group.size} tasks and has {len(group.tasks)}",
                 reason="GROUP_FULL",
                 metadata={"field": "task.group"},
             )
-        if any(m.task.provider == task.provider for m in others):
+        if task.provider in group.providers:
             raise InvalidArgumentError(
                 f"task.provider {task.provider} already runs a task of group {task.group}: "
                 "redundancy needs different providers",
                 metadata={"field": "task.provider"},
             )
+        group.tasks.append(task.name)
+        group.providers.append(task.provider)
+        return group, found.mod_revision if found is not None else 0
 
     async def get(self, name: str) -> Task:
         (task_id,) = parse_name(name, "tasks/{}")
@@ -573,31 +583,25 @@ class TaskRegistry:
             self._provider_lost(task, "PROVIDER_LOST: the provider's lease expired", now)
 
     async def _judge_groups(self) -> None:
-        members = await self._store.snapshot(keys.TASK_GROUPS)
-        groups: dict[str, list[str]] = {}
-        for entry in members.entries:
-            group, task_id = entry.key.removeprefix(keys.TASK_GROUPS).split("/", 1)
-            groups.setdefault(group, []).append(task_id)
         now = self._clock()
-        for group, task_ids in groups.items():
-            reads = [await self._read(task_id) for task_id in task_ids]
-            full = len(reads) >= reads[0].task.group_size
-            # A group that never filled is judged once no member can still be joined in time.
+        for entry in (await self._store.snapshot(keys.TASK_GROUPS)).entries:
+            group = task_pb2.TaskGroup.FromString(entry.value)
+            reads = [await self._read(name.removeprefix("tasks/")) for name in group.tasks]
+            full = len(reads) >= group.size
+            # A group that never filled is judged once no task could still join it in time.
             given_up = now > max(_seconds(r.task.expire_time) for r in reads)
             if not (full or given_up) or any(r.task.state in OPEN for r in reads):
                 continue
             result = verdict(r.task for r in reads)
-            puts, expect = {}, {}
+            puts, expect = {}, {entry.key: entry.mod_revision}
             for read in reads:
                 read.task.verification = result
                 read.task.etag = ""
-                puts[keys.task(read.task.name.removeprefix("tasks/"))] = (
-                    read.task.SerializeToString()
-                )
-                expect[keys.task(read.task.name.removeprefix("tasks/"))] = read.revision
-            deletes = [keys.task_group_member(group, task_id) for task_id in task_ids]
-            if await self._store.write(puts=puts, deletes=deletes, expect=expect) is not None:
-                _log.info("task group %s: %s", group, task_pb2.Verification.Name(result))
+                key = keys.task(read.task.name.removeprefix("tasks/"))
+                puts[key] = read.task.SerializeToString()
+                expect[key] = read.revision
+            if await self._store.write(puts=puts, deletes=[entry.key], expect=expect) is not None:
+                _log.info("task group %s: %s", group.group, task_pb2.Verification.Name(result))
 
     # -- shared -----------------------------------------------------------------------------
 

@@ -276,6 +276,51 @@ class Task(_message.Message):
 Global___Task: _TypeAlias = Task  # noqa: Y015
 
 @_typing.final
+class TaskGroup(_message.Message):
+    """A redundancy group as the registry keeps it while its tasks run: changed only by
+    compare-and-swap, so concurrent creations can neither overfill it nor put two of its tasks on
+    one provider.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUP_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    TASKS_FIELD_NUMBER: _builtins.int
+    PROVIDERS_FIELD_NUMBER: _builtins.int
+    group: _builtins.str
+    """The group id, as in `Task.group`."""
+    owner: _builtins.str
+    """The principal whose tasks it holds."""
+    size: _builtins.int
+    """How many tasks it takes."""
+    @_builtins.property
+    def tasks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Its tasks so far, `tasks/{task}`, in the order they were created."""
+
+    @_builtins.property
+    def providers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The provider of each task, `nodes/{node}`, in the same order."""
+
+    def __init__(
+        self,
+        *,
+        group: _builtins.str = ...,
+        owner: _builtins.str = ...,
+        size: _builtins.int = ...,
+        tasks: _abc.Iterable[_builtins.str] | None = ...,
+        providers: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "owner", b"owner", "providers", b"providers", "size", b"size", "tasks", b"tasks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskGroup: _TypeAlias = TaskGroup  # noqa: Y015
+
+@_typing.final
 class TaskRequirements(_message.Message):
     """What a task's provider must have."""
 
