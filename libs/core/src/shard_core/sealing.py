@@ -21,6 +21,7 @@ from typing import BinaryIO, TypeVar
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hpke, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from shard.node.v1 import node_pb2
@@ -222,17 +223,15 @@ def _private(path: Path) -> BinaryIO:
     return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")
 
 
-def _load_or_create(path: Path, generate: Callable[[], PrivateKey]) -> PrivateKey:
-    """The private key in `path` (PEM, owner-only), made and written there the first time."""
-    fresh = generate()
+def _load_or_create(path: Path, generate: Callable[[], PrivateKey]) -> PrivateKeyTypes:
+    """The private key in `path` (PEM, owner-only), made by `generate` and written there the
+    first time."""
     if path.exists():
         mode = path.stat().st_mode & 0o777
         if mode & 0o077:
             raise PermissionError(f"{path} is readable by others (mode {mode:o}); want 600")
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        if type(key) is not type(fresh):
-            raise ValueError(f"{path} holds a {type(key).__name__}, not a {type(fresh).__name__}")
-        return key
+        return serialization.load_pem_private_key(path.read_bytes(), password=None)
+    fresh = generate()
     path.parent.mkdir(parents=True, exist_ok=True)
     pem = fresh.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -245,9 +244,15 @@ def _load_or_create(path: Path, generate: Callable[[], PrivateKey]) -> PrivateKe
 
 def signing_key(path: Path) -> Ed25519PrivateKey:
     """The Ed25519 key in `path`, made the first time."""
-    return _load_or_create(path, Ed25519PrivateKey.generate)
+    key = _load_or_create(path, Ed25519PrivateKey.generate)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{path} does not hold an Ed25519 key")
+    return key
 
 
 def encryption_key(path: Path) -> X25519PrivateKey:
     """The X25519 key in `path`, made the first time."""
-    return _load_or_create(path, X25519PrivateKey.generate)
+    key = _load_or_create(path, X25519PrivateKey.generate)
+    if not isinstance(key, X25519PrivateKey):
+        raise ValueError(f"{path} does not hold an X25519 key")
+    return key
