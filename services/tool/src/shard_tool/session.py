@@ -126,6 +126,12 @@ async def all_pages(list_call: Any, request: Any, field: str) -> list[Any]:
         request.page_token = reply.next_page_token
 
 
+def resource_name(collection: str, given: str) -> str:
+    """`{collection}/{id}` from an id or from the whole name: commands take either."""
+    prefix = f"{collection}/"
+    return given if given.startswith(prefix) else f"{prefix}{given}"
+
+
 def fail(message: str, *, code: int = FAILED) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)

@@ -10,7 +10,7 @@ from google.protobuf import field_mask_pb2
 
 from shard.deployment.v1 import deployment_pb2, deployment_service_pb2, deployment_service_pb2_grpc
 from shard_tool.output import Column, emit, emit_data
-from shard_tool.session import TIMEOUT_S, all_pages, session
+from shard_tool.session import TIMEOUT_S, all_pages, resource_name, session
 
 app = typer.Typer(help="Deployments: create, scale, split traffic, inspect, explain, remove.")
 
@@ -43,10 +43,6 @@ DECISIONS: list[Column] = [
     ("message", lambda p: p.message),
 ]
 Name = Annotated[str, typer.Argument(help="The deployment id (or deployments/<id>).")]
-
-
-def _name(deployment: str) -> str:
-    return deployment if deployment.startswith("deployments/") else f"deployments/{deployment}"
 
 
 def _pairs(values: list[str], option: str) -> dict[str, int]:
@@ -142,9 +138,8 @@ def _change_targets(
     """Set `field` of the targets `values` (VERSION=N options) name, and show the result."""
     s = session(ctx)
     change = _pairs(values, option)
-    updated = s.call(
-        Stub, lambda deployments: _update(deployments, _name(deployment), change, field)
-    )
+    name = resource_name("deployments", deployment)
+    updated = s.call(Stub, lambda deployments: _update(deployments, name, change, field))
     emit(updated, COLUMNS, s.output)
 
 
@@ -203,7 +198,9 @@ def get(
     """
     s = session(ctx)
 
-    request = deployment_service_pb2.GetDeploymentRequest(name=_name(deployment))
+    request = deployment_service_pb2.GetDeploymentRequest(
+        name=resource_name("deployments", deployment)
+    )
 
     async def work() -> None:
         stub = s.registry(Stub)
@@ -227,7 +224,9 @@ def explain(ctx: typer.Context, deployment: Name) -> None:
     Example: shard deploy explain simple
     """
     s = session(ctx)
-    request = deployment_service_pb2.ExplainDeploymentRequest(name=_name(deployment))
+    request = deployment_service_pb2.ExplainDeploymentRequest(
+        name=resource_name("deployments", deployment)
+    )
     reply = s.call(
         Stub, lambda deployments: deployments.ExplainDeployment(request, timeout=TIMEOUT_S)
     )
@@ -241,6 +240,8 @@ def remove(ctx: typer.Context, deployment: Name) -> None:
     Example: shard deploy rm simple
     """
     s = session(ctx)
-    request = deployment_service_pb2.DeleteDeploymentRequest(name=_name(deployment))
+    request = deployment_service_pb2.DeleteDeploymentRequest(
+        name=resource_name("deployments", deployment)
+    )
     s.call(Stub, lambda deployments: deployments.DeleteDeployment(request, timeout=TIMEOUT_S))
     emit_data({"deleted": request.name}, s.output)

@@ -9,7 +9,7 @@ from google.protobuf import timestamp_pb2
 
 from shard.auth.v1 import api_key_pb2, key_service_pb2, key_service_pb2_grpc
 from shard_tool.output import Column, as_dict, emit, emit_data
-from shard_tool.session import TIMEOUT_S, all_pages, session
+from shard_tool.session import TIMEOUT_S, all_pages, resource_name, session
 
 app = typer.Typer(help="API keys: create (the secret is shown once), list, revoke.")
 
@@ -78,8 +78,6 @@ def revoke(
     Example: shard key revoke 3f9c2a1b
     """
     s = session(ctx)
-    request = key_service_pb2.RevokeApiKeyRequest(
-        name=key if key.startswith("keys/") else f"keys/{key}"
-    )
+    request = key_service_pb2.RevokeApiKeyRequest(name=resource_name("keys", key))
     reply = s.call(Stub, lambda keys: keys.RevokeApiKey(request, timeout=TIMEOUT_S))
     emit(reply.api_key, COLUMNS, s.output)

@@ -10,7 +10,7 @@ import typer
 from shard.model.v1 import model_pb2, model_service_pb2, model_service_pb2_grpc
 from shard_tool.output import Column, Format, emit, emit_data, transfer_progress
 from shard_tool.publish import Publisher, directory_bytes
-from shard_tool.session import TIMEOUT_S, all_pages, session
+from shard_tool.session import TIMEOUT_S, all_pages, resource_name, session
 
 app = typer.Typer(help="Models: create, push versions, list, inspect and remove.")
 
@@ -24,10 +24,6 @@ COLUMNS: list[Column] = [
 VISIBILITY = {"private": model_pb2.VISIBILITY_PRIVATE, "public": model_pb2.VISIBILITY_PUBLIC}
 Name = Annotated[str, typer.Argument(help="The model id (or models/<id>).")]
 Stub = model_service_pb2_grpc.ModelServiceStub
-
-
-def _name(model: str) -> str:
-    return model if model.startswith("models/") else f"models/{model}"
 
 
 def _visibility(value: str) -> model_pb2.Visibility.ValueType:
@@ -110,7 +106,7 @@ def get(ctx: typer.Context, model: Name) -> None:
     s = session(ctx)
 
     async def fetch(models: Stub) -> tuple[model_pb2.Model, list[model_pb2.ModelVersion]]:
-        get = model_service_pb2.GetModelRequest(name=_name(model))
+        get = model_service_pb2.GetModelRequest(name=resource_name("models", model))
         found = (await models.GetModel(get, timeout=TIMEOUT_S)).model
         listing = model_service_pb2.ListModelVersionsRequest(parent=found.name)
         return found, await all_pages(models.ListModelVersions, listing, "model_versions")
@@ -129,6 +125,6 @@ def remove(ctx: typer.Context, model: Name) -> None:
     Example: shard model rm resnet50
     """
     s = session(ctx)
-    request = model_service_pb2.DeleteModelRequest(name=_name(model))
+    request = model_service_pb2.DeleteModelRequest(name=resource_name("models", model))
     s.call(Stub, lambda models: models.DeleteModel(request, timeout=TIMEOUT_S))
     emit_data({"deleted": request.name}, s.output)

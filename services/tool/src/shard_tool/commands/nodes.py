@@ -9,7 +9,7 @@ import typer
 
 from shard.node.v1 import node_pb2, node_service_pb2, node_service_pb2_grpc
 from shard_tool.output import Column, emit, emit_data
-from shard_tool.session import TIMEOUT_S, all_pages, session
+from shard_tool.session import TIMEOUT_S, all_pages, resource_name, session
 
 app = typer.Typer(help="Nodes: list, inspect, cordon, drain and remove machines; join tokens.")
 token_app = typer.Typer(help="Join tokens for enrolling new nodes.")
@@ -30,10 +30,6 @@ COLUMNS: list[Column] = [
 ]
 Name = Annotated[str, typer.Argument(help="The node id (or nodes/<id>).")]
 Stub = node_service_pb2_grpc.NodeServiceStub
-
-
-def _name(node: str) -> str:
-    return node if node.startswith("nodes/") else f"nodes/{node}"
 
 
 @app.command("ls")
@@ -74,7 +70,7 @@ def get_node(ctx: typer.Context, node: Name) -> None:
     Example: shard node get nk3gbxs7 -o yaml
     """
     s = session(ctx)
-    request = node_service_pb2.GetNodeRequest(name=_name(node))
+    request = node_service_pb2.GetNodeRequest(name=resource_name("nodes", node))
     reply = s.call(Stub, lambda nodes: nodes.GetNode(request, timeout=TIMEOUT_S))
     emit(reply.node, COLUMNS, s.output)
 
@@ -90,7 +86,7 @@ def cordon(
     Example: shard node cordon nk3gbxs7 --reason "disk replacement"
     """
     s = session(ctx)
-    request = node_service_pb2.CordonNodeRequest(name=_name(node), reason=reason)
+    request = node_service_pb2.CordonNodeRequest(name=resource_name("nodes", node), reason=reason)
     reply = s.call(Stub, lambda nodes: nodes.CordonNode(request, timeout=TIMEOUT_S))
     emit(reply.node, COLUMNS, s.output)
 
@@ -102,7 +98,7 @@ def uncordon(ctx: typer.Context, node: Name) -> None:
     Example: shard node uncordon nk3gbxs7
     """
     s = session(ctx)
-    request = node_service_pb2.UncordonNodeRequest(name=_name(node))
+    request = node_service_pb2.UncordonNodeRequest(name=resource_name("nodes", node))
     reply = s.call(Stub, lambda nodes: nodes.UncordonNode(request, timeout=TIMEOUT_S))
     emit(reply.node, COLUMNS, s.output)
 
@@ -118,7 +114,7 @@ def drain(
     Example: shard node drain nk3gbxs7 --reason "maintenance"
     """
     s = session(ctx)
-    request = node_service_pb2.DrainNodeRequest(name=_name(node), reason=reason)
+    request = node_service_pb2.DrainNodeRequest(name=resource_name("nodes", node), reason=reason)
     reply = s.call(Stub, lambda nodes: nodes.DrainNode(request, timeout=TIMEOUT_S))
     emit(reply.node, COLUMNS, s.output)
 
@@ -130,7 +126,7 @@ def remove(ctx: typer.Context, node: Name) -> None:
     Example: shard node rm nk3gbxs7
     """
     s = session(ctx)
-    request = node_service_pb2.DeleteNodeRequest(name=_name(node))
+    request = node_service_pb2.DeleteNodeRequest(name=resource_name("nodes", node))
     s.call(Stub, lambda nodes: nodes.DeleteNode(request, timeout=TIMEOUT_S))
     emit_data({"deleted": request.name}, s.output)
 

@@ -25,7 +25,7 @@ from shard_client import tasks
 from shard_core import sealing
 from shard_tool.config import config_path
 from shard_tool.output import Column, Format, emit, emit_data, transfer_progress
-from shard_tool.session import TIMEOUT_S, all_pages, fail, session
+from shard_tool.session import TIMEOUT_S, all_pages, fail, resource_name, session
 
 app = typer.Typer(help="Encrypted tasks: submit a batch to a provider, follow it, get the result.")
 
@@ -62,10 +62,6 @@ COLUMNS: list[Column] = [
     ("reason", lambda t: t.state_reason),
 ]
 TaskName = Annotated[str, typer.Argument(help="The task id (or tasks/<id>).")]
-
-
-def _name(task: str) -> str:
-    return task if task.startswith("tasks/") else f"tasks/{task}"
 
 
 def _seconds(value: str, option: str) -> float:
@@ -198,8 +194,7 @@ async def _cancel(channel: grpc.aio.Channel, made: list[task_pb2.Task], reason: 
 
 async def _provider(nodes: node_service_pb2_grpc.NodeServiceStub, node_id: str) -> node_pb2.Node:
     """The node, once its encryption key checks out against its identity."""
-    name = node_id if node_id.startswith("nodes/") else f"nodes/{node_id}"
-    request = node_service_pb2.GetNodeRequest(name=name)
+    request = node_service_pb2.GetNodeRequest(name=resource_name("nodes", node_id))
     node = (await nodes.GetNode(request, timeout=TIMEOUT_S)).node
     try:
         sealing.node_encryption_key(node)
@@ -238,7 +233,7 @@ def get(
     Example: shard task get t-3f2a9c --wait -o yaml
     """
     s = session(ctx)
-    request = task_service_pb2.GetTaskRequest(name=_name(task))
+    request = task_service_pb2.GetTaskRequest(name=resource_name("tasks", task))
 
     async def fetch(stub: Stub) -> task_pb2.Task:
         while True:
@@ -267,13 +262,14 @@ def result(
     Example: shard task result t-3f2a9c -O results.jsonl
     """
     s = session(ctx)
-    target = out or Path(f"{_name(task).removeprefix('tasks/')}.jsonl")
+    target = out or Path(f"{resource_name('tasks', task).removeprefix('tasks/')}.jsonl")
 
     async def work() -> dict[str, object]:
         channel = s.channel(s.context.registry)
         found = (
             await Stub(channel).GetTask(
-                task_service_pb2.GetTaskRequest(name=_name(task)), timeout=TIMEOUT_S
+                task_service_pb2.GetTaskRequest(name=resource_name("tasks", task)),
+                timeout=TIMEOUT_S,
             )
         ).task
         key = None if found.plaintext_result else _owner_key(key_file)
@@ -305,7 +301,7 @@ def cancel(
     Example: shard task cancel t-3f2a9c --reason "wrong model"
     """
     s = session(ctx)
-    request = task_service_pb2.CancelTaskRequest(name=_name(task), reason=reason)
+    request = task_service_pb2.CancelTaskRequest(name=resource_name("tasks", task), reason=reason)
     emit(
         s.call(Stub, lambda stub: stub.CancelTask(request, timeout=TIMEOUT_S)).task,
         COLUMNS,
