@@ -695,7 +695,7 @@ async def test_bad_tasks_are_refused_naming_the_field(
             task.requirements.CopyFrom(value)
         else:
             setattr(task, name, value)
-    error = await refused_code(
+    error = await refused(
         TaskStub(owner).CreateTask(task_api.CreateTaskRequest(task_id=task_id, task=task)), code
     )
     info = error_info(error)
@@ -704,10 +704,3 @@ async def test_bad_tasks_are_refused_naming_the_field(
     assert field.rsplit(".", maxsplit=1)[-1] in (error.details() or "")
     listed = await TaskStub(owner).ListTasks(task_api.ListTasksRequest(page_size=1000))
     assert f"tasks/{task_id}" not in {t.name for t in listed.tasks}  # nothing half-made
-
-
-async def refused_code(call: Any, code: grpc.StatusCode) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await call
-    assert raised.value.code() == code, raised.value.details()
-    return raised.value
