@@ -6,7 +6,9 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from google.api import field_behavior_pb2
 from google.protobuf import field_mask_pb2, timestamp_pb2
+from google.protobuf.message import Message
 
 from shard_core.errors import AbortedError, InvalidArgumentError, require
 
@@ -18,6 +20,18 @@ def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     stamp.FromNanoseconds(int(seconds * 1e9))
     return stamp
+
+
+def seconds(stamp: timestamp_pb2.Timestamp) -> float:
+    return stamp.ToNanoseconds() / 1e9
+
+
+def clear_output_only(message: Message) -> None:
+    """Clear every field the proto marks OUTPUT_ONLY: what the registry sets, never a caller."""
+    for field in message.DESCRIPTOR.fields:
+        behaviour = field.GetOptions().Extensions[field_behavior_pb2.field_behavior]
+        if field_behavior_pb2.OUTPUT_ONLY in behaviour:
+            message.ClearField(field.name)
 
 
 def check_id(value: str, field: str) -> str:

@@ -24,7 +24,6 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Literal
 
 from opentelemetry import metrics
 
@@ -52,9 +51,11 @@ from shard_registry.models import ModelRegistry
 from shard_registry.resources import (
     RESOURCE_ID,
     check_id,
+    clear_output_only,
     enum_value,
     filter_terms,
     parse_name,
+    seconds,
     timestamp,
 )
 
@@ -65,13 +66,6 @@ PENDING, RUNNING = task_pb2.TASK_STATE_PENDING, task_pb2.TASK_STATE_RUNNING
 SUCCEEDED, FAILED = task_pb2.TASK_STATE_SUCCEEDED, task_pb2.TASK_STATE_FAILED
 EXPIRED, CANCELLED = task_pb2.TASK_STATE_EXPIRED, task_pb2.TASK_STATE_CANCELLED
 OPEN = frozenset({PENDING, RUNNING})
-# What the registry sets, never the caller.
-OUTPUT_FIELDS: tuple[Literal["result", "verification", "attempts", "start_time", "end_time",
-                             "etag", "transitions", "state", "state_reason", "owner",
-                             "provider_public_key", "create_time"], ...] = (
-    "result", "verification", "attempts", "start_time", "end_time", "etag", "transitions",
-    "state", "state_reason", "owner", "provider_public_key", "create_time",
-)  # fmt: skip
 
 MAX_DURATION_S = 24 * 3600
 MAX_AHEAD_S = 7 * 24 * 3600
@@ -89,13 +83,9 @@ def _state_name(state: task_pb2.TaskState.ValueType) -> str:
     return task_pb2.TaskState.Name(state).removeprefix("TASK_STATE_")
 
 
-def _seconds(stamp: object) -> float:
-    return float(stamp.ToNanoseconds()) / 1e9  # type: ignore[attr-defined]
-
-
 def _deadline(task: Task) -> float:
     """When a running task has run for `max_duration`."""
-    return _seconds(task.start_time) + task.max_duration.ToNanoseconds() / 1e9
+    return seconds(task.start_time) + task.max_duration.ToNanoseconds() / 1e9
 
 
 def _node_caller(task: Task | None = None) -> str:
@@ -149,7 +139,7 @@ def _validate(task_id: str, task: Task, now: float) -> None:
             f"task.max_duration must be more than 0 and at most {MAX_DURATION_S} s",
             metadata={"field": "task.max_duration"},
         )
-    expire = _seconds(task.expire_time)
+    expire = seconds(task.expire_time)
     if not now < expire <= now + MAX_AHEAD_S:
         raise InvalidArgumentError(
             "task.expire_time must be in the future and at most 7 days ahead",
@@ -267,8 +257,7 @@ class TaskRegistry:
         await self._check_quota(owner)
         record = Task()
         record.CopyFrom(task)
-        for output in OUTPUT_FIELDS:
-            record.ClearField(output)
+        clear_output_only(record)
         record.name = f"tasks/{task_id}"
         record.owner = owner.id
         record.provider_public_key = provider.public_key
@@ -441,7 +430,7 @@ class TaskRegistry:
                     metadata={"name": name},
                 )
             now = self._clock()
-            if now > _seconds(task.expire_time):
+            if now > seconds(task.expire_time):
                 raise FailedPreconditionError(
                     f"{name} expired before it was claimed", reason="EXPIRED",
                     metadata={"name": name},
@@ -554,7 +543,7 @@ class TaskRegistry:
             task = Task.FromString(entry.value)
             task_id = task.name.removeprefix("tasks/")
             lost = task.state == RUNNING and task_id not in claims
-            overdue = (task.state == PENDING and now > _seconds(task.expire_time)) or (
+            overdue = (task.state == PENDING and now > seconds(task.expire_time)) or (
                 task.state == RUNNING and now > _deadline(task)
             )
             if overdue:
@@ -575,7 +564,7 @@ class TaskRegistry:
 
     def _sweeping(self, task: Task, now: float) -> None:
         """What the sweeper does to one task, decided on its latest revision."""
-        if task.state == PENDING and now > _seconds(task.expire_time):
+        if task.state == PENDING and now > seconds(task.expire_time):
             self._enter(task, EXPIRED, "NOT_CLAIMED: nobody claimed it by its expire_time", now)
         elif task.state == RUNNING and now > _deadline(task):
             self._enter(task, EXPIRED, "DEADLINE: it ran longer than max_duration", now)
@@ -589,7 +578,7 @@ class TaskRegistry:
             reads = [await self._read(name.removeprefix("tasks/")) for name in group.tasks]
             full = len(reads) >= group.size
             # A group that never filled is judged once no task could still join it in time.
-            given_up = now > max(_seconds(r.task.expire_time) for r in reads)
+            given_up = now > max(seconds(r.task.expire_time) for r in reads)
             if not (full or given_up) or any(r.task.state in OPEN for r in reads):
                 continue
             result = verdict(r.task for r in reads)
@@ -611,7 +600,7 @@ class TaskRegistry:
         requeue = (
             task.on_provider_loss == task_pb2.PROVIDER_LOSS_REQUEUE
             and task.attempts < MAX_ATTEMPTS
-            and now < _seconds(task.expire_time)
+            and now < seconds(task.expire_time)
         )
         if requeue:
             task.ClearField("start_time")
