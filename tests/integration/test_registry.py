@@ -11,10 +11,13 @@ from typing import Any
 import grpc
 import pytest
 
+from shard.auth.v1 import api_key_pb2, key_service_pb2_grpc
+from shard.auth.v1 import key_service_pb2 as key_api
 from shard.deployment.v1 import deployment_pb2
 from shard.deployment.v1 import deployment_service_pb2 as deployment_api
 from shard.node.v1 import node_pb2, node_service_pb2, node_service_pb2_grpc
 from shard_core import keys
+from shard_core.auth import bearer_interceptors
 from shard_core.errors import error_info
 from shard_core.etcd.store import EtcdStore
 from shard_core.settings import EtcdSettings
@@ -552,3 +555,77 @@ async def test_a_node_cannot_point_traffic_elsewhere(
         grpc.StatusCode.PERMISSION_DENIED,
         "ADDRESS_NOT_PEER",
     )
+
+
+async def _quarantine_by_policy(
+    agent: FakeAgent, identity: NodeIdentity, stub: node_service_pb2_grpc.NodeServiceStub
+) -> None:
+    """Answer the node's next challenge with a GPU the PCI bus does not show: the shard
+    quarantines it."""
+    while (message := await agent.read()).WhichOneof("message") != "challenge":
+        pass
+    phantom = node_pb2.Inventory()
+    phantom.CopyFrom(INVENTORY)
+    phantom.gpus.add(model="NVIDIA H100", memory_bytes=80 << 30)
+    proof = attestation(identity, message.challenge.nonce, inventory=phantom)
+    await agent.send(node_service_pb2.ConnectRequest(attestation=proof))
+    await _until_state(stub, f"nodes/{identity.node_id}", node_pb2.NODE_STATE_QUARANTINED)
+
+
+async def test_a_provider_cannot_lift_its_own_quarantine(
+    mesh: LocalMesh, stub: node_service_pb2_grpc.NodeServiceStub, tmp_path: Path
+) -> None:
+    async with mesh.admin_channel() as admin:
+        made = await key_service_pb2_grpc.KeyServiceStub(admin).CreateApiKey(
+            key_api.CreateApiKeyRequest(
+                api_key=api_key_pb2.ApiKey(
+                    principal="quarantined-p", role=api_key_pb2.ROLE_PROVIDER
+                )
+            )
+        )
+    async with grpc.aio.insecure_channel(
+        mesh.registry_address, interceptors=bearer_interceptors(made.secret)
+    ) as channel:
+        provider = node_service_pb2_grpc.NodeServiceStub(channel)
+        token = await provider.CreateJoinToken(node_service_pb2.CreateJoinTokenRequest())
+        identity = NodeIdentity.load_or_create(tmp_path)
+        agent = FakeAgent(stub)
+        name = (await agent.register(identity, token=token.join_token.token)).registered.name
+        beating = asyncio.ensure_future(_heartbeats(agent))
+        await _quarantine_by_policy(agent, identity, stub)
+
+        # Every way out is refused to the provider, in any order, and each refusal is kept.
+        for _ in range(2):
+            for call in (
+                lambda: provider.CordonNode(node_service_pb2.CordonNodeRequest(name=name)),
+                lambda: provider.UncordonNode(node_service_pb2.UncordonNodeRequest(name=name)),
+                lambda: provider.DrainNode(node_service_pb2.DrainNodeRequest(name=name)),
+            ):
+                await refused(call(), grpc.StatusCode.PERMISSION_DENIED, "QUARANTINED")
+        node = (await stub.GetNode(node_service_pb2.GetNodeRequest(name=name))).node
+        assert node.state == node_pb2.NODE_STATE_QUARANTINED
+        assert [t.reason.split(":")[0] for t in node.transitions[:6]] == ["REFUSED"] * 6
+        assert "drain by provider quarantined-p" in node.transitions[0].reason
+
+        # Deleting its node and enrolling it again brings it back quarantined.
+        await provider.DeleteNode(node_service_pb2.DeleteNodeRequest(name=name))
+        beating.cancel()
+        agent.call.cancel()
+        token = await provider.CreateJoinToken(node_service_pb2.CreateJoinTokenRequest())
+        again = FakeAgent(stub)
+        await again.register(identity, token=token.join_token.token)
+        beating = asyncio.ensure_future(_heartbeats(again))
+        node = (await stub.GetNode(node_service_pb2.GetNodeRequest(name=name))).node
+        assert node.state == node_pb2.NODE_STATE_QUARANTINED
+        await refused(
+            provider.UncordonNode(node_service_pb2.UncordonNodeRequest(name=name)),
+            grpc.StatusCode.PERMISSION_DENIED,
+            "QUARANTINED",
+        )
+
+    # An admin lifts it.
+    await stub.UncordonNode(node_service_pb2.UncordonNodeRequest(name=name))
+    node = await _until_state(stub, name, node_pb2.NODE_STATE_ACTIVE)
+    assert node.transitions[0].reason == "UNCORDONED"
+    beating.cancel()
+    await again.close()

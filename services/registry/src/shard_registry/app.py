@@ -31,6 +31,7 @@ from shard_registry.control import ControlLoop
 from shard_registry.deployments import DeploymentRegistry
 from shard_registry.directory import NodeDirectory
 from shard_registry.enrollment import NodePolicy
+from shard_registry.lifecycle import NodeAction
 from shard_registry.models import ModelRegistry
 from shard_registry.nodes import NodeRegistry, NodeTiming
 from shard_registry.servicer import (
@@ -143,8 +144,8 @@ async def serve(settings: RegistrySettings) -> None:
     )
     prober = CanaryProber(
         store=store,
-        quarantine=lambda node, reason: nodes.set_admin_state(
-            node, node_pb2.NODE_STATE_QUARANTINED, reason
+        quarantine=lambda node, reason: nodes.change_state(
+            node, NodeAction.QUARANTINE, by=None, reason=reason
         ),
         interval_s=settings.canary_interval_s,
     )

@@ -23,6 +23,7 @@ from opentelemetry import metrics
 
 from shard.node.v1 import node_pb2, node_service_pb2
 from shard_core import keys
+from shard_core.auth import Principal
 from shard_core.errors import (
     InvalidArgumentError,
     NotFoundError,
@@ -36,6 +37,7 @@ from shard_core.identity import ED25519_PUBLIC_KEY_BYTES, node_id_for
 from shard_core.sealing import X25519_KEY_BYTES, encryption_key_message, signed_by
 from shard_registry.directory import NodeDirectory
 from shard_registry.enrollment import Challenge, Enrollment, NodePolicy, verify_attestation
+from shard_registry.lifecycle import Actor, Decision, NodeAction, TransitionRefusedError, decide
 from shard_registry.resources import (
     RESOURCE_ID,
     VERSION_ID,
@@ -54,6 +56,13 @@ MAX_REASON_CHARS = 1000
 MAX_PROBLEMS = 20
 TRANSITIONS_KEPT = 20
 ADDRESS = re.compile(r"[A-Za-z0-9.\-\[\]:]{1,253}:[0-9]{1,5}")
+# How each change reads in a node's history.
+_LABELS = {
+    NodeAction.CORDON: "CORDONED",
+    NodeAction.DRAIN: "DRAINING",
+    NodeAction.UNCORDON: "UNCORDONED",
+    NodeAction.QUARANTINE: "QUARANTINED",
+}
 SERVING_STATES = frozenset(
     {node_pb2.NODE_STATE_ACTIVE, node_pb2.NODE_STATE_CORDONED, node_pb2.NODE_STATE_DRAINING}
 )
@@ -323,8 +332,8 @@ class NodeSession:
         self.node.attest_time.CopyFrom(timestamp(registry.clock()))
         violations = registry.policy.violations(inventory)
         if violations:
-            await registry.set_admin_state(
-                self.node.name, node_pb2.NODE_STATE_QUARANTINED, "; ".join(violations)
+            await registry.change_state(
+                self.node.name, NodeAction.QUARANTINE, by=None, reason="; ".join(violations)
             )
         await self.publish()
 
@@ -531,34 +540,68 @@ class NodeRegistry:
                 nodes.append(node)
         return nodes, token
 
-    async def set_admin_state(
-        self, name: str, state: node_pb2.NodeState.ValueType, reason: str
+    def _actor(self, provider: str, by: Principal | None, name: str) -> Actor:
+        """Who `by` is to the node run by `provider`: None is the shard itself."""
+        if by is None:
+            return Actor.SHARD
+        if by.admin:
+            return Actor.ADMIN
+        if by.owns(provider):
+            return Actor.PROVIDER
+        raise PermissionDeniedError(
+            f"{name} belongs to another principal", reason="NOT_YOURS", metadata={"name": name}
+        )
+
+    async def _decide(
+        self,
+        node_id: str,
+        action: NodeAction,
+        actor: Actor,
+        by: Principal | None,
+        current: node_pb2.NodeState.ValueType | None,
+    ) -> Decision:
+        """`lifecycle.decide`, with a refusal kept in the node's history."""
+        try:
+            return decide(action, actor, current)
+        except TransitionRefusedError as refused:
+            who = f"{actor} {by.id}" if by is not None else str(actor)
+            state = current if current is not None else node_pb2.NODE_STATE_UNSPECIFIED
+            await self.record_transition(
+                node_id, state, state, f"REFUSED: {action} by {who}: {refused.message}"
+            )
+            raise
+
+    async def change_state(
+        self, name: str, action: NodeAction, *, by: Principal | None, reason: str = ""
     ) -> node_pb2.Node:
-        """Cordon, drain or quarantine a node; ACTIVE lifts any of them. The state outlasts
-        the node's sessions."""
+        """Cordon, drain, uncordon or quarantine a live node as `by` (None: the shard itself),
+        if `lifecycle.decide` allows it. The operator state outlasts the node's sessions; it
+        changes by compare-and-swap, so a provider's cordon racing the shard's quarantine
+        cannot overwrite it."""
         node = await self.get_node(name)
         node_id = node.name.removeprefix("nodes/")
+        actor = self._actor(node.provider, by, name)
         key = keys.node_admin(node_id)
-        before = node.state
-        if state == node_pb2.NODE_STATE_ACTIVE:
-            await self.store.delete(key)
-            found = await self.store.get(keys.node(node_id))
-            record = node_pb2.Node.FromString(found.value) if found else node
-            node.state, node.state_reason = record.state, ""
-        else:
-            record = node_pb2.Node(name=node.name, state=state, state_reason=reason)
-            await self.store.put(key, record.SerializeToString())
-            node.state, node.state_reason = state, reason
-        if before != node.state:
-            label = {
-                node_pb2.NODE_STATE_CORDONED: "CORDONED",
-                node_pb2.NODE_STATE_DRAINING: "DRAINING",
-                node_pb2.NODE_STATE_QUARANTINED: "QUARANTINED",
-            }.get(state, "UNCORDONED")
+        while True:
+            found = await self.store.get(key)
+            current = node_pb2.Node.FromString(found.value).state if found else None
+            decision = await self._decide(node_id, action, actor, by, current)
+            if decision.state is None:
+                puts, deletes = {}, [key]
+            else:
+                record = node_pb2.Node(name=node.name, state=decision.state, state_reason=reason)
+                puts, deletes = {key: record.SerializeToString()}, []
+            expect = {key: found.mod_revision if found else 0}
+            if await self.store.write(puts=puts, deletes=deletes, expect=expect):
+                break
+        after = await self.get_node(name)
+        if after.state != node.state or decision.state is not None:
+            label = _LABELS[action]
             await self.record_transition(
-                node_id, before, node.state, f"{label}: {reason}" if reason else label
+                node_id, node.state, after.state, f"{label}: {reason}" if reason else label
             )
-        return await self.get_node(name)
+            after = await self.get_node(name)
+        return after
 
     async def provider_of(self, name: str) -> str:
         """The principal that runs the node, from its record or else its enrollment."""
@@ -571,21 +614,28 @@ class NodeRegistry:
             raise NotFoundError(f"node {name!r} not found", metadata={"name": name})
         return enrolled.provider
 
-    async def delete_node(self, name: str) -> None:
-        """Remove a node: its lease (and so its records and endpoints), its operator state and
-        history, and its enrollment, so it needs a new join token to come back."""
+    async def delete_node(self, name: str, *, by: Principal) -> None:
+        """Remove a node: its lease (and so its records and endpoints) and its enrollment, so
+        it needs a new join token to come back; and its operator state and history, unless
+        `lifecycle.decide` keeps them (a quarantine only an admin may forget)."""
         (node_id,) = parse_name(name, "nodes/{}")
         found = await self.store.get(keys.node(node_id))
-        enrolled = await self.enrollment.enrolled(node_id)
-        if found is None and enrolled is None:
-            raise NotFoundError(f"node {name!r} not found", metadata={"name": name})
-        await self.store.write(
-            deletes=[
-                keys.enrolled(node_id),
-                keys.node_admin(node_id),
-                keys.node_transitions(node_id),
-            ]
-        )
+        actor = self._actor(await self.provider_of(name), by, name)
+        admin_key = keys.node_admin(node_id)
+        while True:
+            admin = await self.store.get(admin_key)
+            current = node_pb2.Node.FromString(admin.value).state if admin else None
+            decision = await self._decide(node_id, NodeAction.DELETE, actor, by, current)
+            deletes = [keys.enrolled(node_id)]
+            if decision.forget:
+                deletes += [admin_key, keys.node_transitions(node_id)]
+            expect = {admin_key: admin.mod_revision if admin else 0}
+            if await self.store.write(deletes=deletes, expect=expect):
+                break
+        if not decision.forget and current is not None:
+            await self.record_transition(
+                node_id, current, current, f"DELETED by {actor} {by.id}: the quarantine stays"
+            )
         if found is not None and found.lease:
             await self.store.revoke_lease(found.lease)
         _log.info("node %s deleted", node_id)

@@ -36,6 +36,7 @@ from shard_registry.artifacts import BlobStore, StoredBlob, blob_sha256
 from shard_registry.deployments import DeploymentRegistry
 from shard_registry.directory import NodeDirectory
 from shard_registry.enrollment import Challenge
+from shard_registry.lifecycle import NodeAction
 from shard_registry.models import MODEL_UPDATED_BY_DEFAULT, ModelRegistry
 from shard_registry.nodes import NodeRegistry, NodeSession, validate_hello
 from shard_registry.tasks import TaskRegistry
@@ -217,32 +218,18 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
         )
         return node_service_pb2.ListNodesResponse(nodes=nodes, next_page_token=token)
 
-    async def _require_provider(self, name: str, *, lifting: bool = False) -> None:
-        """Only the node's provider (or an admin) acts on it; only an admin lifts a
-        quarantine, which the shard imposed."""
-        require_owner(await self._registry.provider_of(name), name)
-        if lifting and not caller().admin:
-            node = await self._registry.get_node(name)
-            if node.state == node_pb2.NODE_STATE_QUARANTINED:
-                raise PermissionDeniedError(
-                    f"{name} is quarantined ({node.state_reason}); only an admin lifts that",
-                    reason="QUARANTINED",
-                )
-
     async def CordonNode(
         self, request: node_service_pb2.CordonNodeRequest, context: Context
     ) -> node_service_pb2.CordonNodeResponse:
-        await self._require_provider(request.name)
-        node = await self._registry.set_admin_state(
-            request.name, node_pb2.NODE_STATE_CORDONED, request.reason
+        node = await self._registry.change_state(
+            request.name, NodeAction.CORDON, by=caller(), reason=request.reason
         )
         return node_service_pb2.CordonNodeResponse(node=node)
 
     async def UncordonNode(
         self, request: node_service_pb2.UncordonNodeRequest, context: Context
     ) -> node_service_pb2.UncordonNodeResponse:
-        await self._require_provider(request.name, lifting=True)
-        node = await self._registry.set_admin_state(request.name, node_pb2.NODE_STATE_ACTIVE, "")
+        node = await self._registry.change_state(request.name, NodeAction.UNCORDON, by=caller())
         return node_service_pb2.UncordonNodeResponse(node=node)
 
     async def WatchNodes(
@@ -263,8 +250,7 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
     async def DeleteNode(
         self, request: node_service_pb2.DeleteNodeRequest, context: Context
     ) -> node_service_pb2.DeleteNodeResponse:
-        await self._require_provider(request.name)
-        await self._registry.delete_node(request.name)
+        await self._registry.delete_node(request.name, by=caller())
         return node_service_pb2.DeleteNodeResponse()
 
     async def CreateJoinToken(
@@ -276,9 +262,8 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
     async def DrainNode(
         self, request: node_service_pb2.DrainNodeRequest, context: Context
     ) -> node_service_pb2.DrainNodeResponse:
-        await self._require_provider(request.name)
-        node = await self._registry.set_admin_state(
-            request.name, node_pb2.NODE_STATE_DRAINING, request.reason
+        node = await self._registry.change_state(
+            request.name, NodeAction.DRAIN, by=caller(), reason=request.reason
         )
         return node_service_pb2.DrainNodeResponse(node=node)
 
