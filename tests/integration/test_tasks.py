@@ -130,10 +130,15 @@ async def _until(
     stub = TaskStub(channel)
     deadline = time.monotonic() + timeout
     while True:
-        task = (await stub.GetTask(task_api.GetTaskRequest(name=name))).task
-        if task.state in states:
-            return task
-        assert time.monotonic() < deadline, task
+        try:
+            task = (await stub.GetTask(task_api.GetTaskRequest(name=name))).task
+        except grpc.aio.AioRpcError as error:  # the registry or its store is coming back
+            if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+        else:
+            if task.state in states:
+                return task
+            assert time.monotonic() < deadline, task
         await asyncio.sleep(0.1)
 
 
@@ -650,6 +655,38 @@ async def test_tasks_survive_a_registry_restart_and_cancel_stops_them(
             stub.CancelTask(task_api.CancelTaskRequest(name=accepted[0])),
             grpc.StatusCode.FAILED_PRECONDITION, "TASK_FINISHED",
         )  # fmt: skip
+
+
+async def test_a_completion_sent_while_etcd_is_down_lands_when_it_returns(
+    mesh: LocalMesh, owner: grpc.aio.Channel, tmp_path: Path
+) -> None:
+    provider = await _node(mesh, "task-b")
+    spec = _spec(provider, _requests(tmp_path / "many.jsonl", 20_000), max_duration_s=120)
+    task = await tasks.submit(owner, spec, work_dir=tmp_path)
+    await _until(owner, task.name, {task_pb2.TASK_STATE_RUNNING})
+    registry_log = mesh.services["registry"].log_path
+    failed_completion = "etcd failed in /shard.task.v1.TaskService/CompleteTask"
+    mesh.etcd.stop()
+    try:
+        # Callers are told the store is away, by code and reason, on reads and writes alike.
+        stub = TaskStub(owner)
+        for call in (
+            lambda: stub.ListTasks(task_api.ListTasksRequest(page_size=10), timeout=30),
+            lambda: stub.GetTask(task_api.GetTaskRequest(name=task.name), timeout=30),
+            lambda: stub.CancelTask(task_api.CancelTaskRequest(name="tasks/none"), timeout=30),
+        ):
+            error = await refused(call(), grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE")
+            assert "etcd" in (error.details() or "")
+        # The run ends during the outage; its completion is refused and tried again.
+        deadline = time.monotonic() + 90
+        while failed_completion not in registry_log.read_text():
+            assert time.monotonic() < deadline, "the agent never tried to complete the task"
+            await asyncio.sleep(0.2)
+    finally:
+        await mesh.etcd.start()
+    done = await _until(owner, task.name, FINAL, timeout=90)
+    assert done.state == task_pb2.TASK_STATE_SUCCEEDED, done.state_reason
+    assert done.result.succeeded_requests == 20_000
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ import json
 import logging
 import re
 import shutil
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, TypeVar
@@ -37,7 +38,8 @@ from shard_node.identity import NodeIdentity
 _log = logging.getLogger(__name__)
 
 TIMEOUT_S = 30.0
-# Registry calls are tried again for about half a minute while the registry is away.
+# Registry calls are tried again while the registry or its store is away (a restart, an etcd
+# outage): for about half a minute, or, for a completion, as long as the task can still end.
 # CANCELLED: the registry went away mid-call (a restart).
 TRANSIENT = frozenset(
     {
@@ -47,7 +49,8 @@ TRANSIENT = frozenset(
         grpc.StatusCode.CANCELLED,
     }
 )
-CALL_ATTEMPTS = 10
+RETRY_FOR_S = 30.0
+MAX_BACKOFF_S = 5.0
 # Requests of one task in flight at once on the node's Triton, and read ahead at once.
 WINDOW = 8
 BATCH = 256
@@ -94,15 +97,18 @@ def _batches(lines: Iterator[bytes]) -> Iterator[list[bytes]]:
         yield batch
 
 
-async def retrying(call: Callable[[], Awaitable[T]]) -> T:
-    """`call()`, made again while the registry is away (a restart), for about half a minute."""
+async def retrying(call: Callable[[], Awaitable[T]], *, for_s: float = RETRY_FOR_S) -> T:
+    """`call()`, made again on a transient failure for about `for_s` seconds."""
+    deadline = time.monotonic() + for_s
     for attempt in itertools.count():
         try:
             return await call()
         except grpc.aio.AioRpcError as error:
-            if error.code() not in TRANSIENT or attempt + 1 >= CALL_ATTEMPTS:
+            delay = min(0.2 * 2**attempt, MAX_BACKOFF_S)
+            if error.code() not in TRANSIENT or time.monotonic() + delay > deadline:
                 raise
-        await asyncio.sleep(min(0.2 * 2**attempt, 5.0))
+            _log.info("registry call failed (%s); trying again", error.code().name)
+        await asyncio.sleep(delay)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -199,8 +205,12 @@ class TaskRunner:
             finally:
                 shutil.rmtree(work, ignore_errors=True)
 
-    async def _call(self, rpc: Callable[..., Awaitable[T]], request: object) -> T:
-        return await retrying(lambda: rpc(request, timeout=TIMEOUT_S, metadata=self.credentials))
+    async def _call(
+        self, rpc: Callable[..., Awaitable[T]], request: object, *, for_s: float = RETRY_FOR_S
+    ) -> T:
+        return await retrying(
+            lambda: rpc(request, timeout=TIMEOUT_S, metadata=self.credentials), for_s=for_s
+        )
 
     async def _claim(self, task: task_pb2.Task) -> task_pb2.Task | None:
         try:
@@ -224,8 +234,13 @@ class TaskRunner:
             reason=failure[:MAX_REASON_CHARS],
             attempt=task.attempts,
         )
+        # A finished run is not lost to an outage: it is reported for as long as the task
+        # could still end well.
+        ends = task.start_time.ToNanoseconds() / 1e9 + task.max_duration.ToNanoseconds() / 1e9
         try:
-            reply = await self._call(self._tasks.CompleteTask, request)
+            reply = await self._call(
+                self._tasks.CompleteTask, request, for_s=max(RETRY_FOR_S, ends - time.time())
+            )
         except grpc.aio.AioRpcError as error:
             _log.warning("completing task %s failed: %s", task.name, error.details())
             if result is not None and error.code() == grpc.StatusCode.INVALID_ARGUMENT:

@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator
 
 from aetcd import rpc
 
-from shard_core.errors import FailedPreconditionError, UnavailableError
-from shard_core.etcd.store import EtcdStore
+from shard_core.errors import FailedPreconditionError
+from shard_core.etcd.store import EtcdStore, StoreUnavailableError
 
 _log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class LeaseKeeper:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        self._fail_all(UnavailableError("lease keeper stopped"))
+        self._fail_all(StoreUnavailableError("the lease keeper stopped"))
 
     async def refresh(self, lease_id: int, *, timeout: float) -> int:
         """Refresh one lease; return its new TTL in seconds, or raise if it has expired."""
@@ -52,7 +52,7 @@ class LeaseKeeper:
         try:
             ttl = await asyncio.wait_for(future, timeout)
         except TimeoutError as error:
-            raise UnavailableError(f"etcd did not refresh lease {lease_id:x} in time") from error
+            raise StoreUnavailableError(f"lease {lease_id:x} not refreshed in time") from error
         if ttl <= 0:
             raise LeaseExpiredError(f"lease {lease_id:x} has expired")
         return ttl
@@ -81,7 +81,7 @@ class LeaseKeeper:
                 _log.warning("lease keepalive stream broke: %s", error)
                 broken, self._requests = self._requests, asyncio.Queue()
                 broken.put_nowait(None)
-                self._fail_all(UnavailableError(f"etcd lease keepalive failed: {error}"))
+                self._fail_all(StoreUnavailableError(f"lease keepalive failed: {error}"))
                 await asyncio.sleep(0.2)
 
     def _fail_all(self, error: Exception) -> None:

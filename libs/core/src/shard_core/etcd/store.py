@@ -6,21 +6,62 @@ several test runs, can share one etcd. Values are serialized protobuf messages.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import functools
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import aetcd
+import aetcd.exceptions
+import grpc
 from aetcd import rpc
 from aetcd.utils import prefix_range_end
 
+from shard_core.errors import UnavailableError
 from shard_core.settings import EtcdSettings
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class StoreUnavailableError(UnavailableError):
+    """etcd did not answer: callers get UNAVAILABLE naming the store, and may retry."""
+
+    reason = "STORE_UNAVAILABLE"
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(
+            "the shard's coordination store (etcd) is unavailable; retry shortly",
+            metadata={"detail": detail[:200]} if detail else None,
+        )
+
+
+# What a failed etcd call raises: aetcd's own errors, or gRPC's from the raw stubs.
+STORE_FAILURES = (aetcd.exceptions.ClientError, grpc.aio.AioRpcError, ConnectionError)
+
+
+def _unavailable(call: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """`call`, with every way etcd can fail turned into StoreUnavailableError."""
+
+    @functools.wraps(call)
+    async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await call(*args, **kwargs)
+        except STORE_FAILURES as error:
+            raise StoreUnavailableError(type(error).__name__) from error
+
+    return guarded
+
 
 # Keepalive pings let a watch notice an etcd that vanished without closing the connection.
 CHANNEL_OPTIONS = {
     "grpc.keepalive_time_ms": 5_000,
     "grpc.keepalive_timeout_ms": 3_000,
     "grpc.keepalive_permit_without_calls": 1,
+    # gRPC's default backoff grows to two minutes: an etcd back from an outage would wait that
+    # long for the control plane. Its clients try again within two seconds.
+    "grpc.initial_reconnect_backoff_ms": 200,
+    "grpc.max_reconnect_backoff_ms": 2_000,
 }
 
 
@@ -58,6 +99,7 @@ class EtcdStore:
             options=CHANNEL_OPTIONS,
         )
 
+    @_unavailable
     async def connect(self) -> None:
         await self.client.connect()
 
@@ -76,21 +118,26 @@ class EtcdStore:
     def relative(self, key: bytes) -> str:
         return key.decode()[len(self.prefix) :]
 
+    @_unavailable
     async def put(self, key: str, value: bytes, *, lease: int | None = None) -> None:
         await self.client.put(self.key(key), value, lease=lease)
 
+    @_unavailable
     async def get(self, key: str) -> Entry | None:
         found = await self.client.get(self.key(key))
         return None if found is None else self._entry(found)
 
+    @_unavailable
     async def delete(self, key: str) -> None:
         await self.client.delete(self.key(key))
 
+    @_unavailable
     async def snapshot(self, prefix: str) -> Snapshot:
         """Every entry under `prefix`, ordered by key, and the revision they were read at."""
         found = await self.client.get_prefix(self.key(prefix), sort_order="ascend")
         return Snapshot(entries=[self._entry(kv) for kv in found], revision=found.header.revision)
 
+    @_unavailable
     async def page(self, prefix: str, *, start_after: str, limit: int) -> tuple[list[Entry], bool]:
         """Up to `limit` entries under `prefix` with keys after `start_after`, and whether more
         follow. One bounded range read: listing never loads the whole prefix."""
@@ -104,6 +151,7 @@ class EtcdStore:
         )
         return [self._entry(kv) for kv in reply.kvs], reply.more
 
+    @_unavailable
     async def write(
         self,
         *,
@@ -148,11 +196,13 @@ class EtcdStore:
         revision: int = reply.header.revision
         return revision if reply.succeeded else None
 
+    @_unavailable
     async def grant_lease(self, ttl_s: int) -> int:
         lease = await self.client.lease(ttl_s)
         lease_id: int = lease.id
         return lease_id
 
+    @_unavailable
     async def revoke_lease(self, lease_id: int) -> None:
         await self.client.revoke_lease(lease_id)
 

@@ -10,7 +10,8 @@ import aetcd.exceptions
 import grpc
 from grpc.aio import AbortError, ServicerContext
 
-from shard_core.errors import ShardError, UnavailableError
+from shard_core.errors import ShardError
+from shard_core.etcd.store import StoreUnavailableError
 
 _log = logging.getLogger(__name__)
 
@@ -19,12 +20,10 @@ _Streaming = Callable[[Any, ServicerContext[Any, Any]], AsyncIterator[Any]]
 
 
 async def _abort(error: Exception, context: ServicerContext[Any, Any], method: str) -> None:
-    if isinstance(error, aetcd.exceptions.ClientError):
-        _log.warning("etcd failed in %s: %r", method, error)
-        error = UnavailableError(
-            "the shard's coordination store is unavailable; retry shortly",
-            reason="STORE_UNAVAILABLE",
-        )
+    if isinstance(error, aetcd.exceptions.ClientError):  # from aetcd's client, used directly
+        error = StoreUnavailableError(type(error).__name__)
+    if isinstance(error, StoreUnavailableError):
+        _log.warning("etcd failed in %s: %r", method, error.__cause__ or error)
     if isinstance(error, ShardError):
         status = error.to_status()
         await context.abort(status.code, status.details, status.trailing_metadata)
