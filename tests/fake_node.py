@@ -4,13 +4,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from tritonclient.grpc import service_pb2
 
 from shard.node.v1 import node_pb2, node_service_pb2, node_service_pb2_grpc
 from shard_core.attestation import signed_bytes
@@ -111,3 +114,112 @@ async def refused(
         assert info is not None
         assert info.reason == reason, raised.value.details()
     return raised.value
+
+
+INFERENCE_SERVICE = "inference.GRPCInferenceService"
+Answer = Callable[[service_pb2.ModelInferRequest], service_pb2.ModelInferResponse]
+
+
+def simple_answer(request: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
+    """What Triton's `simple` answers: INPUT0 + INPUT1 and INPUT0 - INPUT1 (INT32)."""
+    a, b = (np.frombuffer(raw, dtype=np.int32) for raw in request.raw_input_contents[:2])
+    shape = list(request.inputs[0].shape)
+    response = service_pb2.ModelInferResponse(
+        model_name=request.model_name, model_version=request.model_version or "1", id=request.id
+    )
+    for name, values in (("OUTPUT0", a + b), ("OUTPUT1", a - b)):
+        response.outputs.add(name=name, datatype="INT32", shape=shape)
+        response.raw_output_contents.append(values.astype(np.int32).tobytes())
+    return response
+
+
+class FakeTriton:
+    """A KServe v2 gRPC server on loopback that stands in for a node's Triton: it answers
+    ModelInfer with `answer` and records what each call carried (method, deadline, metadata)."""
+
+    def __init__(self, answer: Answer = simple_answer) -> None:
+        self.answer = answer
+        self.calls: list[tuple[str, float | None, dict[str, str]]] = []
+        self._server = grpc.aio.server()
+        handlers = {
+            name: grpc.unary_unary_rpc_method_handler(self._handler(name))
+            for name in ("ModelInfer", "ModelStatistics", "ModelMetadata", "ModelConfig")
+        }
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(INFERENCE_SERVICE, handlers),)
+        )
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        self.address = f"127.0.0.1:{self.port}"
+
+    def _handler(self, method: str) -> Callable[[bytes, Any], Awaitable[bytes]]:
+        async def handle(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+            metadata = {k: str(v) for k, v in context.invocation_metadata() or ()}
+            if method == "ModelInfer":
+                parsed = service_pb2.ModelInferRequest.FromString(request)
+                metadata["model"] = parsed.model_name
+                self.calls.append((method, context.time_remaining(), metadata))
+                return bytes(self.answer(parsed).SerializeToString())
+            self.calls.append((method, context.time_remaining(), metadata))
+            if method == "ModelStatistics":
+                return bytes(self._statistics(request).SerializeToString())
+            return b""
+
+        return handle
+
+    def _statistics(self, request: bytes) -> service_pb2.ModelStatisticsResponse:
+        """Per model it was asked to infer with (or the one named), how many times."""
+        asked = service_pb2.ModelStatisticsRequest.FromString(request).name
+        counts: dict[str, int] = {}
+        for method, _, metadata in self.calls:
+            if method == "ModelInfer":
+                model = metadata.get("model", "")
+                counts[model] = counts.get(model, 0) + 1
+        reply = service_pb2.ModelStatisticsResponse()
+        for name, count in sorted(counts.items()):
+            if name and name == (asked or name):
+                reply.model_stats.add(name=name, version="1", inference_count=count)
+        return reply
+
+    async def __aenter__(self) -> FakeTriton:
+        await self._server.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._server.stop(None)
+
+
+@contextlib.asynccontextmanager
+async def fake_node_serving(
+    stub: node_service_pb2_grpc.NodeServiceStub,
+    identity: NodeIdentity,
+    *,
+    token: str,
+    triton: FakeTriton,
+    models: Sequence[node_pb2.ModelStatus],
+    labels: Mapping[str, str],
+) -> AsyncIterator[str]:
+    """A node registered with `triton` as its Triton, reporting `models` in its heartbeats
+    until the block ends; yields its name."""
+    agent = FakeAgent(stub)
+    reply = await agent.register(
+        identity, token=token, inference_address=triton.address, models=models, labels=labels
+    )
+    beat = node_service_pb2.ConnectRequest(heartbeat=node_service_pb2.Heartbeat(models=models))
+
+    async def heartbeats() -> None:
+        while True:
+            await agent.send(beat)
+            await asyncio.sleep(0.5)
+
+    async def drain() -> None:
+        while True:
+            await agent.read()
+
+    running = [asyncio.ensure_future(heartbeats()), asyncio.ensure_future(drain())]
+    try:
+        yield reply.registered.name
+    finally:
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        agent.call.cancel()

@@ -318,6 +318,16 @@ class ModelAccess:
         found = self._models.get(model_name)
         return found is not None and found[0]
 
+    def visible(self, principal: Principal, model_name: str) -> bool:
+        """Whether `principal` may see the model in listings and statistics: public models,
+        and its own when it may run inference. A model the registry does not know is not
+        listed."""
+        found = self._models.get(model_name)
+        if found is None:
+            return False
+        public, owner = found
+        return public or (principal.may(Permission.INFERENCE) and principal.owns(owner))
+
     def check(self, principal: Principal, model_name: str) -> None:
         """Refuse `principal` inference on a model it may not use. A model the registry does not
         know is left to routing, which answers NOT_FOUND."""

@@ -20,9 +20,6 @@ class GatewaySettings(ServiceSettings, DataPlaneSettings):
     registry_address: str = Field(
         default="127.0.0.1:7070", description="gRPC address of the registry."
     )
-    upstream_timeout_s: float = Field(
-        default=10.0, gt=0, description="Deadline of every call the gateway makes upstream."
-    )
     max_body_bytes: int = Field(
         default=64 << 20, gt=0, description="Largest request body accepted (413 beyond)."
     )

@@ -78,6 +78,8 @@ async def serve(settings: InferenceSettings) -> None:
         on_cache=lambda hit: lookups.add(1, {"result": "hit" if hit else "miss"}),
         trusted_proxies=settings.trusted_proxies,
         on_failure=lambda address: failed_attempts.add(1, {"address": address}),
+        upstream_timeout_s=settings.upstream_timeout_s,
+        stream_timeout_s=settings.stream_timeout_s,
     )
 
     def register(server: grpc.aio.Server) -> None:

@@ -42,3 +42,10 @@ def admit(
         client = forwarded.split(",")[0].strip()
     principal = guard.check(authorization, model_name, client=client, limited=limited)
     return Caller(principal=principal, fresh="no-cache" in cache_control.lower())
+
+
+def deadline(context: grpc.aio.ServicerContext[Any, Any], cap_s: float) -> float:
+    """The timeout of a call forwarded for `context`: the client's remaining time, never more
+    than `cap_s`; a node never holds a forwarded call open forever."""
+    remaining = context.time_remaining()
+    return cap_s if remaining is None else min(remaining, cap_s)

@@ -24,9 +24,9 @@ from shard_core.auth import InferenceGuard
 from shard_core.errors import ShardError
 from shard_inference.backends import SERVICE, NodeChannel
 from shard_inference.cache import CacheableVersions, ResponseCache, cache_key
-from shard_inference.callers import Caller, admit
+from shard_inference.callers import Caller, admit, deadline
 from shard_inference.repository import Repository
-from shard_inference.statistics import summed
+from shard_inference.statistics import NodeStatistics, summed
 from shard_inference.streams import StreamRouting
 from shard_inference.wire import (
     MalformedRequestError,
@@ -58,6 +58,8 @@ SHARED_MEMORY = (
 LOAD_WAIT_S = 300.0
 # Methods answered by a node's Triton: the request names a model in fields 1 and 2.
 FORWARDED = ("ModelInfer", "ModelMetadata", "ModelConfig")
+# Nodes asked for statistics at once by one call.
+STATISTICS_PARALLEL = 16
 
 _Context = ServicerContext[bytes, bytes]
 
@@ -91,7 +93,12 @@ class InferenceRouter:
         on_cache: Callable[[bool], None] = lambda _: None,
         trusted_proxies: frozenset[str] = frozenset(),
         on_failure: Callable[[str], None] = lambda _: None,
+        upstream_timeout_s: float = 120.0,
+        stream_timeout_s: float = 3600.0,
     ) -> None:
+        self._upstream_timeout_s = upstream_timeout_s
+        self._stream_timeout_s = stream_timeout_s
+        self._statistics = NodeStatistics()
         self._guard = guard
         self._cacheable = cacheable
         self._responses = responses
@@ -152,44 +159,67 @@ class InferenceRouter:
         return _serialized(service_pb2.ModelReadyResponse(ready=ready))
 
     async def _model_statistics(self, request: bytes, context: _Context) -> bytes:
-        """Every replica's statistics for the model (or for every model), summed."""
+        """Every replica's statistics for the model (or for every model the caller may see),
+        summed. Each call takes from the caller's rate limit like an inference; a node has at
+        most one statistics question from this router in flight however many callers ask, and
+        one call asks a few nodes at a time."""
         try:
             name, model_version = model_route(request)
         except MalformedRequestError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {error}")
+        caller = await self._admit(context, name, limited=True)
         if name and not self._table.candidates(name, model_version):
             await context.abort(grpc.StatusCode.NOT_FOUND, unknown_model(name, model_version))
-        names = [name] if name else list(self._table.models())
+        routable = self._table.models()
+        names = (
+            [name]
+            if name
+            else [m for m in routable if self._guard.access.visible(caller.principal, m)]
+        )
         backends = {
             route.backend.address: route.backend
             for model in names
-            for version in ([model_version] if model_version else self._table.models()[model])
+            for version in ([model_version] if model_version else routable[model])
             for route in self._table.candidates(model, version)
         }
-        calls = [
-            backend.method("ModelStatistics")(request, timeout=context.time_remaining() or 10)
-            for backend in backends.values()
-        ]
+        # One canonical question per node, so callers cannot vary the bytes to dodge the cache.
+        asked = _serialized(service_pb2.ModelStatisticsRequest(name=name, version=model_version))
+        timeout = deadline(context, self._upstream_timeout_s)
+        parallel = asyncio.Semaphore(STATISTICS_PARALLEL)
+
+        async def ask(backend: NodeChannel) -> Any:
+            async with parallel:
+                call = backend.method("ModelStatistics")
+                return await self._statistics.get(
+                    backend.address, asked, lambda: call(asked, timeout=timeout)
+                )
+
         replies = []
-        for answer in await asyncio.gather(*calls, return_exceptions=True):
+        for answer in await asyncio.gather(
+            *(ask(b) for b in backends.values()), return_exceptions=True
+        ):
             if isinstance(answer, grpc.aio.AioRpcError):
                 _log.warning("statistics of a replica unavailable: %s", answer.details())
                 continue
             if isinstance(answer, BaseException):
                 raise answer
-            reply = service_pb2.ModelStatisticsResponse.FromString(answer)
-            keep = [s for s in reply.model_stats if s.name in names]
-            del reply.model_stats[:]
-            reply.model_stats.extend(keep)
+            reply = service_pb2.ModelStatisticsResponse()
+            reply.model_stats.extend(s for s in answer.model_stats if s.name in names)
             replies.append(reply)
         return _serialized(summed(replies))
 
     async def _repository_index(self, request: bytes, context: _Context) -> bytes:
         """The shard's models: every deployed version, READY where a replica can serve it."""
-        ready_only = service_pb2.RepositoryIndexRequest.FromString(request).ready
+        try:
+            ready_only = service_pb2.RepositoryIndexRequest.FromString(request).ready
+        except DecodeError:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed request")
+        principal = (await self._admit(context, "", limited=False)).principal
         routable = self._table.models()
         index = service_pb2.RepositoryIndexResponse()
         for name in sorted(set(routable) | set(self._split.models())):
+            if not self._guard.access.visible(principal, name):
+                continue
             versions = set(routable.get(name, ())) | set(self._split.weights(name))
             for number in sorted(versions, key=lambda v: (len(v), v)):
                 ready = number in routable.get(name, ())
@@ -252,15 +282,22 @@ class InferenceRouter:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {error}")
         if not name:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a model name is required")
+        return name, model_version, await self._admit(context, name, limited=limited)
+
+    async def _admit(self, context: _Context, name: str, *, limited: bool) -> Caller:
+        """The caller, once it may use the model `name` (any caller, for no name) and, for a
+        `limited` call, once its rate limit has room; otherwise the call is refused."""
         try:
-            caller = admit(self._guard, self._trusted_proxies, context, name, limited=limited)
+            return admit(self._guard, self._trusted_proxies, context, name, limited=limited)
         except ShardError as error:
             status = error.to_status()
             await context.abort(status.code, status.details, status.trailing_metadata)
-        return name, model_version, caller
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _forwarder(self, method: str) -> Callable[[bytes, _Context], Awaitable[bytes]]:
-        limited = method == "ModelInfer"
+        # Metadata and config calls cost a node as much as a small inference: limited alike.
+        limited = True
+        cached_method = method == "ModelInfer"
 
         async def forward(request: bytes, context: _Context) -> bytes:  # noqa: RET503
             name, model_version, caller = await self._route_fields(
@@ -280,7 +317,7 @@ class InferenceRouter:
             if plan.chosen:
                 request = with_version(request, plan.version)  # tell the node which version won
             cached = None
-            if limited and not sequence:
+            if cached_method and not sequence:
                 cached = await self._cached(name, plan.version, request, caller)
                 if cached is not None and cached.answer is not None:
                     return cached.answer
@@ -290,7 +327,7 @@ class InferenceRouter:
                 backend.in_flight += 1
                 try:
                     response: bytes = await backend.method(method)(
-                        request, timeout=context.time_remaining()
+                        request, timeout=deadline(context, self._upstream_timeout_s)
                     )
                     self._balancer.ejection.succeeded(backend)
                     if cached is not None:
@@ -342,6 +379,7 @@ class InferenceRouter:
             self._balancer,
             context,
             lambda name: admit(self._guard, self._trusted_proxies, context, name, limited=True),
+            timeout_s=self._stream_timeout_s,
         )
         try:
             async for response in stream.run(requests):
@@ -374,6 +412,7 @@ class InferenceRouter:
                 "tracing and logging",
             )
         model = getattr(parsed, "model_name", "")
+        await self._admit(context, model, limited=True)
         plan = self._balancer.plan(model, "") if model else None
         routes = plan.routes if plan else self._balancer.table.any_routes()
         if not routes:
@@ -382,7 +421,7 @@ class InferenceRouter:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no node is serving")
         try:
             answer: bytes = await routes[0].backend.method(method)(
-                request, timeout=context.time_remaining() or 10
+                request, timeout=deadline(context, self._upstream_timeout_s)
             )
         except grpc.aio.AioRpcError as error:
             await context.abort(error.code(), error.details() or "")

@@ -29,6 +29,17 @@ class DataPlaneSettings(EtcdSettings):
     max_attempts: int = Field(
         default=2, ge=1, le=5, description="Replicas tried per request when one is unavailable."
     )
+    upstream_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="Deadline of a call forwarded to a node when the client set none (or a "
+        "longer one): no node holds a call open forever.",
+    )
+    stream_timeout_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="The same for a stream forwarded to a node (ModelStreamInfer).",
+    )
 
 
 class InferenceSettings(ServiceSettings, DataPlaneSettings):

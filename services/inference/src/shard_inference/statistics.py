@@ -3,7 +3,8 @@ shard reports what one very large Triton would."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from tritonclient.grpc import service_pb2
@@ -46,3 +47,27 @@ def summed(replies: Iterable[Any]) -> Any:
     result = service_pb2.ModelStatisticsResponse()
     result.model_stats.extend(ordered)
     return result
+
+
+class NodeStatistics:
+    """Each node's statistics with at most one question in flight per node and request:
+    callers that ask while one is out share its answer, so however many ask at once (a flood
+    of nameless statistics calls), a node answers one at a time."""
+
+    def __init__(self) -> None:
+        self._in_flight: dict[tuple[str, bytes], asyncio.Future[Any]] = {}
+
+    async def get(
+        self, address: str, request: bytes, fetch: Callable[[], Awaitable[bytes]]
+    ) -> Any:
+        """The node's `ModelStatisticsResponse` to `request`."""
+        key = (address, request)
+        future = self._in_flight.get(key)
+        if future is None:
+            future = self._in_flight[key] = asyncio.ensure_future(self._fetch(fetch))
+            future.add_done_callback(lambda _: self._in_flight.pop(key, None))
+        return await asyncio.shield(future)
+
+    @staticmethod
+    async def _fetch(fetch: Callable[[], Awaitable[bytes]]) -> Any:
+        return service_pb2.ModelStatisticsResponse.FromString(await fetch())

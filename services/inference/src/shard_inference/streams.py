@@ -24,6 +24,7 @@ from tritonclient.grpc import service_pb2
 from shard_client.routing import Balancer, Route, unknown_model
 from shard_core.errors import ShardError
 from shard_inference.backends import NodeChannel
+from shard_inference.callers import deadline
 from shard_inference.wire import MalformedRequestError, model_route, sequence_id, with_version
 
 _log = logging.getLogger(__name__)
@@ -60,7 +61,10 @@ class StreamRouting:
         balancer: Balancer[NodeChannel],
         context: _Context,
         admit: Callable[[str], object],
+        *,
+        timeout_s: float,
     ) -> None:
+        self._timeout_s = timeout_s
         self._balancer = balancer
         self._context = context
         self._admit = admit  # raises a ShardError for a request of a model it refuses
@@ -149,7 +153,8 @@ class StreamRouting:
         address = route.backend.address
         upstream = self._upstreams.get(address)
         if upstream is None:
-            call = route.backend.stream("ModelStreamInfer")(timeout=self._context.time_remaining())
+            stream = route.backend.stream("ModelStreamInfer")
+            call = stream(timeout=deadline(self._context, self._timeout_s))
             upstream = self._upstreams[address] = _Upstream(route, call)
             await self._answers.put(_Producer.STARTED)
             self._start(self._pump(upstream))
