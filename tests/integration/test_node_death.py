@@ -10,6 +10,7 @@ import time
 import tritonclient.grpc as triton
 
 from shard.deployment.v1 import deployment_service_pb2 as deployment_api
+from shard.node.v1.node_pb2 import NODE_STATE_ACTIVE, NODE_STATE_PENDING
 from shard.node.v1.node_service_pb2 import ListNodesRequest
 from shard.node.v1.node_service_pb2_grpc import NodeServiceStub
 from shard_node.triton import TritonProcess
@@ -36,7 +37,9 @@ async def test_sigkilled_node_stops_being_routed_to_after_its_lease_ttl(
         deployment_api.GetDeploymentRequest(name="deployments/simple")
     )
     live = await NodeServiceStub(publisher.channel).ListNodes(ListNodesRequest())
-    await publisher.deploy("simple", [target("1", replicas=len(live.nodes))])
+    # Other tests' nodes may linger (quarantined, say): only those that can take a replica.
+    able = [n for n in live.nodes if n.state in (NODE_STATE_PENDING, NODE_STATE_ACTIVE)]
+    await publisher.deploy("simple", [target("1", replicas=len(able))])
     await publisher.wait_available("deployments/simple", timeout=60)
     try:
         await _killed_node_gets_no_traffic(mesh, spare_triton, node.process.pid)

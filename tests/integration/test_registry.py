@@ -629,3 +629,105 @@ async def test_a_provider_cannot_lift_its_own_quarantine(
     assert node.transitions[0].reason == "UNCORDONED"
     beating.cancel()
     await again.close()
+
+
+async def test_names_are_looked_up_only_after_identity_and_token_and_then_pinned(
+    mesh: LocalMesh,
+    stub: node_service_pb2_grpc.NodeServiceStub,
+    shard_etcd: EtcdStore,
+    tmp_path: Path,
+) -> None:
+    identity = NodeIdentity.load_or_create(tmp_path)
+    # A stranger's name is not looked up for a node that has not proved itself: the refusal is
+    # about the token or the signature, never about the address.
+    unresolvable = "attacker-controlled.invalid:8001"
+    await refused(
+        FakeAgent(stub).register(identity, token="bad.token", inference_address=unresolvable),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "JOIN_TOKEN_UNKNOWN",
+    )
+    forged = attestation(identity, b"\0" * 32)
+    await refused(
+        FakeAgent(stub).register(identity, token="", proof=forged, inference_address=unresolvable),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "NONCE_MISMATCH",
+    )
+    # A name that resolves to where the node connects from is pinned to that address.
+    agent = FakeAgent(stub)
+    await agent.register(
+        identity,
+        token=await mesh.join_token("pinned"),
+        inference_address="localhost:8101",
+        http_address="localhost:8100",
+    )
+    found = await shard_etcd.get(keys.node(identity.node_id))
+    assert found is not None
+    record = node_pb2.Node.FromString(found.value)
+    assert (record.inference_address, record.http_address) == ("127.0.0.1:8101", "127.0.0.1:8100")
+    await agent.close()
+
+
+async def test_unregistered_streams_are_capped_and_oversized_messages_refused(
+    mesh: LocalMesh, stub: node_service_pb2_grpc.NodeServiceStub, tmp_path: Path
+) -> None:
+    # Streams that say nothing hold a place each, up to the per-address cap (16).
+    silent = [FakeAgent(stub) for _ in range(16)]
+    identity = NodeIdentity.load_or_create(tmp_path)
+    hello = node_service_pb2.Hello(node_id=identity.node_id, public_key=identity.public_key)
+    for agent in silent:  # each holds its place once the registry has seen its hello
+        await agent.send(node_service_pb2.ConnectRequest(hello=hello))
+        await agent.read()
+    flood = [FakeAgent(stub) for _ in range(200)]  # refused before they can say anything
+    for agent in flood:
+        await refused(agent.read(), grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_CONNECTS")
+    for agent in silent:
+        agent.call.cancel()
+    # The places come back: a node registers (the registry frees them as the streams end).
+    for _ in range(100):
+        try:
+            admitted = FakeAgent(stub)
+            await admitted.register(identity, token=await mesh.join_token("after"))
+            await admitted.close()
+            break
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise
+            await asyncio.sleep(0.1)
+    else:
+        pytest.fail("the registry never admitted a stream again")
+
+    await refused(
+        FakeAgent(stub).register(identity, token="", labels={"x": "y" * (5 << 20)}),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    )
+
+
+async def test_heartbeats_coalesce_and_are_not_an_etcd_write_each(
+    mesh: LocalMesh,
+    stub: node_service_pb2_grpc.NodeServiceStub,
+    shard_etcd: EtcdStore,
+    tmp_path: Path,
+) -> None:
+    identity = NodeIdentity.load_or_create(tmp_path)
+    agent = FakeAgent(stub)
+    await agent.register(identity, token=await mesh.join_token("flood"))
+    beat = node_service_pb2.ConnectRequest(heartbeat=node_service_pb2.Heartbeat())
+    await agent.send(beat)
+    await _until_state(stub, f"nodes/{identity.node_id}", node_pb2.NODE_STATE_ACTIVE)
+    found = await shard_etcd.get(keys.node(identity.node_id))
+    assert found is not None
+    watch = await shard_etcd.watch(
+        keys.node(identity.node_id), start_revision=found.mod_revision + 1
+    )
+    for pending in range(500):  # the queue changes with every one, as under traffic
+        flood = node_service_pb2.Heartbeat()
+        flood.metrics.models.add(model_name="simple", pending=pending)
+        await agent.send(node_service_pb2.ConnectRequest(heartbeat=flood))
+    # The registry reads the stream in order: by the goodbye, it has seen every heartbeat.
+    assert await agent.close() == grpc.StatusCode.OK
+    writes = 0
+    async for event in watch:
+        if event.kind != "PUT":
+            break  # the goodbye revoked the lease
+        writes += 1
+    assert writes <= 1, f"{writes} writes for 500 heartbeats"

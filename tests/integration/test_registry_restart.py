@@ -12,9 +12,10 @@ from shard.deployment.v1 import deployment_service_pb2 as api
 from shard.deployment.v1 import deployment_service_pb2_grpc
 from shard.node.v1 import node_service_pb2, node_service_pb2_grpc
 from shard_core import keys
-from shard_core.etcd.store import EtcdStore
+from shard_core.etcd.store import Entry, EtcdStore
 from shard_core.settings import EtcdSettings
 from shard_tool.local import LocalMesh
+from shard_tool.publish import Publisher
 from tests.demo import infer_simple
 
 
@@ -23,12 +24,30 @@ async def _node_leases(store: EtcdStore) -> dict[str, int]:
     return {entry.key: entry.lease for entry in snapshot.entries}
 
 
+async def _settled_assignments(mesh: LocalMesh, store: EtcdStore) -> list[Entry]:
+    """The assignments once the scheduler has nothing left to do after earlier tests: every
+    deployment available and the same assignments over a few control periods."""
+    async with mesh.admin_channel() as channel:
+        publisher = Publisher(channel=channel)
+        for model in ("simple", "simple_string", "simple_identity"):
+            await publisher.wait_available(f"deployments/{model}", timeout=60)
+    deadline = time.monotonic() + 60
+    seen = (await store.snapshot(keys.ASSIGNMENTS)).entries
+    while True:
+        await asyncio.sleep(mesh.timing.control_period_s * 3)
+        now = (await store.snapshot(keys.ASSIGNMENTS)).entries
+        if now == seen:
+            return list(now)
+        assert time.monotonic() < deadline, "the scheduler never settled"
+        seen = now
+
+
 async def test_registry_restart_keeps_nodes_leases_and_deployments(mesh: LocalMesh) -> None:
     store = EtcdStore(EtcdSettings(etcd_port=mesh.ports.etcd))
     router = triton.InferenceServerClient(mesh.router_address)
     try:
         leases_before = await _node_leases(store)
-        assignments_before = (await store.snapshot(keys.ASSIGNMENTS)).entries
+        assignments_before = await _settled_assignments(mesh, store)
         assert leases_before
         assert assignments_before
 

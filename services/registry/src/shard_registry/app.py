@@ -22,7 +22,7 @@ from shard_core.etcd.lease import LeaseKeeper
 from shard_core.etcd.mirror import PrefixMirror
 from shard_core.etcd.store import EtcdStore
 from shard_core.grpc.interceptors import ErrorInterceptor
-from shard_core.grpc.server import GrpcServer
+from shard_core.grpc.server import GrpcServer, server_options
 from shard_registry.access import RULES
 from shard_registry.apikeys import KeyRegistry
 from shard_registry.artifacts import BlobStore
@@ -163,7 +163,12 @@ async def serve(settings: RegistrySettings) -> None:
 
     leading = asyncio.ensure_future(election.lead(lead))
 
-    node_servicer = NodeServicer(nodes, credentials)
+    node_servicer = NodeServicer(
+        nodes,
+        credentials,
+        max_unauthenticated=settings.max_connecting_nodes,
+        max_unauthenticated_per_address=settings.max_connecting_nodes_per_address,
+    )
 
     def register(server: grpc.aio.Server) -> None:
         node_service_pb2_grpc.add_NodeServiceServicer_to_server(node_servicer, server)
@@ -186,6 +191,7 @@ async def serve(settings: RegistrySettings) -> None:
         services=SERVICE_NAMES,
         register=register,
         interceptors=(ErrorInterceptor(), AuthInterceptor(ring, RULES)),
+        options=server_options(max_receive_bytes=settings.max_message_bytes),
     )
 
     async def stop_leading() -> None:

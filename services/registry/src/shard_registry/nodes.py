@@ -13,6 +13,7 @@ state lets it take traffic.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import re
 import time
@@ -51,10 +52,14 @@ _log = logging.getLogger(__name__)
 
 # A heartbeat that changes nothing still rewrites the record this often, to keep its time fresh.
 RECORD_REFRESH_S = 30.0
+# One whose only news is the requests queued per model (which move with traffic) rewrites it at
+# most this often: a heartbeat is not an etcd write.
+PENDING_REFRESH_S = 5.0
 MAX_MODELS_PER_NODE = 1000
 MAX_REASON_CHARS = 1000
 MAX_PROBLEMS = 20
 TRANSITIONS_KEPT = 20
+DNS_TIMEOUT_S = 2.0
 ADDRESS = re.compile(r"[A-Za-z0-9.\-\[\]:]{1,253}:[0-9]{1,5}")
 # How each change reads in a node's history.
 _LABELS = {
@@ -91,20 +96,41 @@ def capacity(inventory: node_pb2.Inventory) -> node_pb2.NodeResources:
     )
 
 
-async def _check_address(address: str, peer: str, field: str) -> None:
-    """A node may only send traffic to itself: the host it names for its Triton must be the
-    address its stream comes from (directly, or by name)."""
-    host = address.rsplit(":", 1)[0].strip("[]")
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """`host` as an IP address (an IPv4-mapped IPv6 one as IPv4), or None for a name."""
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, None)
-    except OSError:
-        infos = []
-    if peer not in {info[4][0] for info in infos}:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+async def pinned_address(address: str, peer: str, field: str) -> str:
+    """The address the shard will use for a Triton a node names: `address` with its host
+    replaced by the peer's IP, once the host is that IP or a name that resolves to it. A node
+    may only send traffic to itself, and a name is looked up once, here: what the router dials
+    is the address that was checked, so a second DNS answer or a rebinding changes nothing."""
+    host, _, port = address.rpartition(":")
+    peer_ip = _ip(peer)
+    named = _ip(host)
+    if named is None and peer_ip is not None:
+        try:
+            infos = await asyncio.wait_for(
+                asyncio.get_running_loop().getaddrinfo(host.strip("[]"), None), DNS_TIMEOUT_S
+            )
+        except (OSError, TimeoutError):
+            infos = []
+        if peer_ip in {_ip(str(info[4][0])) for info in infos}:
+            named = peer_ip
+    if peer_ip is None or named != peer_ip:
         raise PermissionDeniedError(
-            f"{field} {address!r} is not where this node connects from ({peer})",
+            f"{field} {address[:80]!r} is not where this node connects from ({peer})",
             reason="ADDRESS_NOT_PEER",
             metadata={"field": field},
         )
+    return f"[{peer_ip}]:{port}" if peer_ip.version == 6 else f"{peer_ip}:{port}"
 
 
 def _stable(inventory: node_pb2.Inventory) -> node_pb2.Inventory:
@@ -215,6 +241,7 @@ class NodeSession:
         self.lease_id = lease_id
         self._published = published
         self._written_at = 0.0
+        self._refreshed_at = registry.clock()  # the lease was granted or refreshed just now
         self._publishing = asyncio.Lock()
         self.challenge: Challenge | None = None
 
@@ -281,7 +308,14 @@ class NodeSession:
         _validate_models(heartbeat.models, "heartbeat.models")
         problems = [problem[:MAX_REASON_CHARS] for problem in heartbeat.problems[:MAX_PROBLEMS]]
         registry = self._registry
-        await registry.keeper.refresh(self.lease_id, timeout=registry.timing.lease_ttl_s / 2)
+        ttl = registry.timing.lease_ttl_s
+        # The lease is refreshed a third of its TTL after the last time, not on every
+        # heartbeat; and whenever the node's record is missing from the view (deleted, say), so
+        # a revoked lease ends the session at the next heartbeat.
+        missing = self.node_id not in registry.directory.records.values
+        if missing or registry.clock() - self._refreshed_at >= ttl / 3:
+            await registry.keeper.refresh(self.lease_id, timeout=ttl / 2)
+            self._refreshed_at = registry.clock()
         registry.heartbeats.add(1)
         state = node_pb2.NODE_STATE_DEGRADED if problems else node_pb2.NODE_STATE_ACTIVE
         if state != self.node.state:
@@ -291,7 +325,10 @@ class NodeSession:
         elif (
             list(self.node.models) == list(heartbeat.models)
             and list(self.node.problems) == problems
-            and _pending(self.node.metrics) == _pending(heartbeat.metrics)
+            and (
+                _pending(self.node.metrics) == _pending(heartbeat.metrics)
+                or registry.clock() - self._written_at < PENDING_REFRESH_S
+            )
             and registry.clock() - self._written_at < RECORD_REFRESH_S
         ):
             return
@@ -381,9 +418,6 @@ class NodeRegistry:
     ) -> NodeSession:
         """Admit a node that proved itself; one that reconnects within its lease keeps it."""
         _validate_registration(registration)
-        if not self.policy.trust_node_addresses:
-            for field, address in _addresses(registration):
-                await _check_address(address, peer_host, field)
         verify_attestation(
             attestation=registration.attestation,
             challenge=challenge,
@@ -413,6 +447,12 @@ class NodeRegistry:
                 enrolled = await self.enrollment.enroll_without_token(
                     node_id=node_id, public_key=public_key
                 )
+        # Only now, with the node's identity and enrollment checked, is any name it sent
+        # looked up.
+        addresses = dict(_addresses(registration))
+        if not self.policy.trust_node_addresses:
+            for field, address in addresses.items():
+                addresses[field] = await pinned_address(address, peer_host, field)
         existing = await self.store.get(keys.node(node_id))
         lease_id = await self._reuse_lease(existing.lease) if existing else None
         reconnected = existing is not None and lease_id is not None
@@ -437,8 +477,8 @@ class NodeRegistry:
             name=f"nodes/{node_id}",
             state=state,
             labels=registration.labels,
-            inference_address=registration.inference_address,
-            http_address=registration.http_address,
+            inference_address=addresses["registration.inference_address"],
+            http_address=addresses.get("registration.http_address", ""),
             agent_version=inventory.agent_version,
             triton_version=inventory.triton_version,
             models=registration.models,

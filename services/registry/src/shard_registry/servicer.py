@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import collections
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
@@ -72,11 +74,56 @@ class _Pushed:
         return updates
 
 
+class _Admission:
+    """Connect streams that have not proved themselves yet, in all and per client address:
+    beyond either cap a new stream is refused at once, so a flood of streams that never
+    register costs the registry no more than the caps' worth of memory."""
+
+    def __init__(self, *, total: int, per_address: int) -> None:
+        self._total = total
+        self._per_address = per_address
+        self._by_address: collections.Counter[str] = collections.Counter()
+        self._count = 0
+
+    @contextlib.contextmanager
+    def unauthenticated(self, address: str) -> Iterator[None]:
+        if self._count >= self._total:
+            raise ResourceExhaustedError(
+                "too many nodes are connecting at once; retry shortly",
+                reason="TOO_MANY_CONNECTS",
+            )
+        if self._by_address[address] >= self._per_address:
+            raise ResourceExhaustedError(
+                f"too many unregistered Connect streams from {address}",
+                reason="TOO_MANY_CONNECTS",
+                metadata={"address": address},
+            )
+        self._by_address[address] += 1
+        self._count += 1
+        try:
+            yield
+        finally:
+            self._count -= 1
+            self._by_address[address] -= 1
+            if not self._by_address[address]:
+                del self._by_address[address]
+
+
 class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
-    def __init__(self, registry: NodeRegistry, credentials: NodeCredentials) -> None:
+    def __init__(
+        self,
+        registry: NodeRegistry,
+        credentials: NodeCredentials,
+        *,
+        max_unauthenticated: int = 256,
+        max_unauthenticated_per_address: int = 16,
+    ) -> None:
         self._registry = registry
         self._credentials = credentials
         self._stopping = asyncio.Event()
+        self._admission = _Admission(
+            total=max_unauthenticated, per_address=max_unauthenticated_per_address
+        )
 
     def stop_streams(self) -> None:
         """End every node's stream now (the registry is shutting down): nodes reconnect to
@@ -88,34 +135,32 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
     ) -> AsyncIterator[node_service_pb2.ConnectResponse]:
         requests = aiter(request_iterator)
         answer_within = self._registry.policy.nonce_ttl_s
-        hello = await _next(requests, answer_within, "hello")
-        if hello is None:
-            return
-        if hello.WhichOneof("message") != "hello":
-            raise InvalidArgumentError(
-                "the first message on a Connect stream must be a hello",
-                metadata={"field": "hello"},
+        address = peer_host(context.peer())
+        with self._admission.unauthenticated(address):
+            hello = await _next(requests, answer_within, "hello")
+            if hello is None:
+                return
+            if hello.WhichOneof("message") != "hello":
+                raise InvalidArgumentError(
+                    "the first message on a Connect stream must be a hello",
+                    metadata={"field": "hello"},
+                )
+            node_id = validate_hello(hello.hello)
+            challenge = Challenge.new(self._registry.clock)
+            yield node_service_pb2.ConnectResponse(
+                challenge=node_service_pb2.Challenge(nonce=challenge.nonce)
             )
-        node_id = validate_hello(hello.hello)
-        challenge = Challenge.new(self._registry.clock)
-        yield node_service_pb2.ConnectResponse(
-            challenge=node_service_pb2.Challenge(nonce=challenge.nonce)
-        )
-        second = await _next(requests, answer_within, "registration")
-        if second is None:
-            return
-        if second.WhichOneof("message") != "registration":
-            raise InvalidArgumentError(
-                "the answer to the first challenge must be a registration",
-                metadata={"field": "registration"},
+            second = await _next(requests, answer_within, "registration")
+            if second is None:
+                return
+            if second.WhichOneof("message") != "registration":
+                raise InvalidArgumentError(
+                    "the answer to the first challenge must be a registration",
+                    metadata={"field": "registration"},
+                )
+            session = await self._registry.register(
+                node_id, hello.hello.public_key, second.registration, challenge, address
             )
-        session = await self._registry.register(
-            node_id,
-            hello.hello.public_key,
-            second.registration,
-            challenge,
-            peer_host(context.peer()),
-        )
         timing = self._registry.timing
         yield node_service_pb2.ConnectResponse(
             registered=node_service_pb2.Registered(
@@ -183,14 +228,21 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
                 "the registry is shutting down; reconnect", reason="REGISTRY_STOPPING"
             )
 
-    @staticmethod
     async def _read(
-        session: NodeSession, requests: AsyncIterator[node_service_pb2.ConnectRequest]
+        self, session: NodeSession, requests: AsyncIterator[node_service_pb2.ConnectRequest]
     ) -> None:
+        # Heartbeats coalesce: one that comes sooner than half an interval after the last one
+        # taken is dropped. Each carries the node's whole state, so the next one taken brings
+        # the latest; a node that floods heartbeats costs what one that keeps time does.
+        min_gap = self._registry.timing.heartbeat_interval_s / 2
+        loop = asyncio.get_running_loop()
+        taken_at = -min_gap
         async for request in requests:
             kind = request.WhichOneof("message")
             if kind == "heartbeat":
-                await session.heartbeat(request.heartbeat)
+                if loop.time() - taken_at >= min_gap:
+                    taken_at = loop.time()
+                    await session.heartbeat(request.heartbeat)
             elif kind == "attestation":
                 await session.attest(request.attestation)
             elif kind == "deregistration":

@@ -54,6 +54,19 @@ class RegistrySettings(ServiceSettings, EtcdSettings):
     require_gpu_cross_check: bool = Field(
         default=True, description="Policy: every GPU NVML reports must be on the PCI bus."
     )
+    max_connecting_nodes: int = Field(
+        default=256,
+        ge=1,
+        description="Connect streams that have not registered yet, in all; more are refused.",
+    )
+    max_connecting_nodes_per_address: int = Field(
+        default=16, ge=1, description="The same, from one client address."
+    )
+    max_message_bytes: int = Field(
+        default=4 << 20,
+        ge=2 << 20,
+        description="The largest message a client may send (blobs travel in 1 MiB chunks).",
+    )
     max_open_tasks_per_owner: int = Field(
         default=1000, ge=1, description="Tasks one principal may have PENDING or RUNNING at once."
     )

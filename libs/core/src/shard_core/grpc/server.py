@@ -25,16 +25,22 @@ _log = logging.getLogger(__name__)
 
 ShutdownHook = Callable[[], Awaitable[None]]
 
-# Keepalive settings that let long-lived streams (node agents, watchers) notice a dead peer.
-SERVER_OPTIONS: Sequence[tuple[str, int]] = (
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-)
+def server_options(*, max_receive_bytes: int = 64 << 20) -> Sequence[tuple[str, int]]:
+    """Keepalive settings that let long-lived streams (node agents, watchers) notice a dead
+    peer, and the largest message a client may send (tensors on the data plane; the registry,
+    which strangers reach, takes far less)."""
+    return (
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.max_receive_message_length", max_receive_bytes),
+        ("grpc.max_send_message_length", 64 << 20),
+    )
+
+
+SERVER_OPTIONS = server_options()
 
 
 class GrpcServer:
