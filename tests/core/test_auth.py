@@ -20,7 +20,7 @@ from shard_core.auth import (
     principal_of,
     token_hash,
 )
-from shard_core.errors import PermissionDeniedError, UnauthenticatedError
+from shard_core.errors import PermissionDeniedError, ShardError, UnauthenticatedError
 
 NOW = 1_800_000_000.0
 
@@ -121,21 +121,53 @@ def test_rules_refuse_what_a_principal_may_not_do() -> None:
     assert raised.value.reason == "PERMISSION_MISSING"
 
 
-def test_node_credentials_are_forgery_proof_and_end_with_quarantine() -> None:
-    quarantined = {"n2"}
-    credentials = NodeCredentials("bootstrap", allowed=lambda node: node not in quarantined)
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_node_credentials_are_forgery_proof_expire_and_end_with_their_session() -> None:
+    clock = _Clock()
+    ended: dict[str, ShardError] = {
+        "n2": PermissionDeniedError("quarantined", reason="NODE_NOT_ALLOWED")
+    }
+    credentials = NodeCredentials(
+        "bootstrap", lambda node, _session: ended.get(node), ttl_s=60, clock=clock
+    )
     ring = KeyRing(nodes=credentials)
-    node = ring.authenticate(f"Bearer {credentials.issue('n1')}")
+    token, expires = credentials.issue("n1", 5)
+    assert expires == clock.now + 60
+    node = ring.authenticate(f"Bearer {token}")
     assert node.id == "nodes/n1"
     # Model files and task jobs in, task results out, its own tasks claimed and completed.
     assert node.permissions == {
         Permission.BLOBS_READ, Permission.BLOBS_WRITE, Permission.TASKS_RUN
     }  # fmt: skip
-    other = NodeCredentials("another shard's token", allowed=lambda _: True)
-    with pytest.raises(UnauthenticatedError):
-        ring.authenticate(f"Bearer {other.issue('n1')}")
-    with pytest.raises(PermissionDeniedError):
-        ring.authenticate(f"Bearer {credentials.issue('n2')}")
+
+    def refused(secret: str) -> str:
+        with pytest.raises(ShardError) as raised:
+            ring.authenticate(f"Bearer {secret}")
+        return raised.value.reason
+
+    other = NodeCredentials("another shard's token", lambda *_: None, clock=clock)
+    assert refused(other.issue("n1", 5)[0]) == "BAD_CREDENTIALS"
+    node_id, session, expiry, mac = token.removeprefix("node_").split("_")
+    # Stretching its life, or moving it to another session or node, breaks the MAC.
+    assert refused(f"node_{node_id}_{session}_{int(expiry) + 1000}_{mac}") == "BAD_CREDENTIALS"
+    assert refused(f"node_{node_id}_{int(session) + 1}_{expiry}_{mac}") == "BAD_CREDENTIALS"
+    assert refused(f"node_n9_{session}_{expiry}_{mac}") == "BAD_CREDENTIALS"
+    for malformed in ("node_", "node_n1", "node_n1_1_2", "node_n1_x_2_ab", "node_n1_1_2_3_4"):
+        assert refused(malformed) == "BAD_CREDENTIALS", malformed
+    # A session that no longer stands ends its credentials, whatever their expiry.
+    assert refused(credentials.issue("n2", 5)[0]) == "NODE_NOT_ALLOWED"
+    ended["n1"] = UnauthenticatedError("registered again", reason="CREDENTIAL_REVOKED")
+    assert refused(token) == "CREDENTIAL_REVOKED"
+    del ended["n1"]
+    clock.now += 60
+    assert refused(token) == "CREDENTIAL_EXPIRED"
 
 
 def test_private_models_are_their_owner_s() -> None:

@@ -11,6 +11,8 @@ from typing import Any
 import grpc
 import pytest
 
+from shard.artifact.v1 import artifact_service_pb2 as artifact_api
+from shard.artifact.v1 import artifact_service_pb2_grpc
 from shard.auth.v1 import api_key_pb2, key_service_pb2_grpc
 from shard.auth.v1 import key_service_pb2 as key_api
 from shard.deployment.v1 import deployment_pb2
@@ -731,3 +733,60 @@ async def test_heartbeats_coalesce_and_are_not_an_etcd_write_each(
             break  # the goodbye revoked the lease
         writes += 1
     assert writes <= 1, f"{writes} writes for 500 heartbeats"
+
+
+async def _blob_call(channel: grpc.aio.Channel, credential: str) -> grpc.StatusCode:
+    """What the registry answers a node credential reading a blob that does not exist."""
+    stub = artifact_service_pb2_grpc.ArtifactServiceStub(channel)
+    try:
+        await stub.GetBlob(
+            artifact_api.GetBlobRequest(name="blobs/" + "0" * 64),
+            metadata=(("authorization", f"Bearer {credential}"),),
+        )
+    except grpc.aio.AioRpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
+
+
+async def _until_refused(channel: grpc.aio.Channel, credential: str) -> None:
+    deadline = time.monotonic() + 10
+    while await _blob_call(channel, credential) == grpc.StatusCode.NOT_FOUND:
+        assert time.monotonic() < deadline, "the credential still works"
+        await asyncio.sleep(0.1)
+    assert await _blob_call(channel, credential) == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_node_credentials_renew_with_attestations_and_die_with_the_session(
+    mesh: LocalMesh, stub: node_service_pb2_grpc.NodeServiceStub, tmp_path: Path
+) -> None:
+    identity = NodeIdentity.load_or_create(tmp_path)
+    agent = FakeAgent(stub)
+    first = (await agent.register(identity, token=await mesh.join_token("creds"))).registered
+    assert first.blob_credential_expire_time.seconds > time.time()
+    async with grpc.aio.insecure_channel(mesh.registry_address) as channel:
+        # Authenticated: the blob is simply not there.
+        assert await _blob_call(channel, first.blob_credential) == grpc.StatusCode.NOT_FOUND
+        beating = asyncio.ensure_future(_heartbeats(agent))
+        # Each accepted attestation brings a fresh credential.
+        while (message := await agent.read()).WhichOneof("message") != "challenge":
+            pass
+        proof = attestation(identity, message.challenge.nonce)
+        await agent.send(node_service_pb2.ConnectRequest(attestation=proof))
+        while (message := await agent.read()).WhichOneof("message") != "credential":
+            pass
+        renewed = message.credential.token
+        assert renewed != first.blob_credential
+        assert await _blob_call(channel, renewed) == grpc.StatusCode.NOT_FOUND
+        beating.cancel()
+
+        # A new session (the agent reconnects) ends the old session's credentials.
+        agent.call.cancel()
+        again = FakeAgent(stub)
+        third = (await again.register(identity, token="")).registered.blob_credential
+        await _until_refused(channel, renewed)
+        assert await _blob_call(channel, third) == grpc.StatusCode.NOT_FOUND
+
+        # Deleting the node ends them at once, without waiting for expiry.
+        await stub.DeleteNode(node_service_pb2.DeleteNodeRequest(name=first.name))
+        await _until_refused(channel, third)
+        again.call.cancel()

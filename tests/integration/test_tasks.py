@@ -428,8 +428,9 @@ async def test_exactly_one_claim_wins_and_forged_results_are_refused(
 
     # Another node may not claim it, nor an owner's key.
     first = await _node(mesh, "task-a")
-    others = NodeCredentials(mesh.admin_token, allowed=lambda _: True).issue(
-        first.name.removeprefix("nodes/")
+    # (A credential for it, made as the registry would: the test knows the admin token.)
+    others, _ = NodeCredentials(mesh.admin_token, lambda *_: None).issue(
+        first.name.removeprefix("nodes/"), first.register_time.ToMilliseconds()
     )
     claim = task_api.ClaimTaskRequest(name=created.name)
     await refused(

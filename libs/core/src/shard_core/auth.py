@@ -192,29 +192,53 @@ NODE_PERMISSIONS = frozenset({Permission.BLOBS_READ, Permission.BLOBS_WRITE, Per
 
 
 class NodeCredentials:
-    """Credentials the registry gives node agents for model files and tasks: `node_<id>_<mac>`, an
-    HMAC of the node id under a key derived from the admin token, so every registry replica can
-    check one without shared state. `allowed` decides whether the node may still read (enrolled,
-    not quarantined)."""
+    """Credentials the registry gives node agents on their stream, for model files and tasks:
+    `node_<id>_<session ms>_<expiry ms>_<mac>`, an HMAC under a key derived from the admin
+    token, so every registry replica checks one without shared state.
 
-    def __init__(self, admin_token: str, allowed: Callable[[str], bool]) -> None:
-        self._key = hmac.new(admin_token.encode(), b"shard node credentials", "sha256").digest()
-        self._allowed = allowed
+    A credential names the node's session (the time it registered): `standing` decides, from
+    the registry's live view, whether that session still stands (it is the node's latest, the
+    node is not deleted or quarantined) and returns why not otherwise. It also expires: the
+    registry issues a new one on each accepted attestation, long before the old one runs out."""
 
-    def _mac(self, node_id: str) -> str:
-        return hmac.new(self._key, node_id.encode(), "sha256").hexdigest()
+    def __init__(
+        self,
+        admin_token: str,
+        standing: Callable[[str, int], ShardError | None],
+        *,
+        ttl_s: float = 900.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._key = hmac.new(admin_token.encode(), b"shard node credentials v2", "sha256").digest()
+        self._standing = standing
+        self._ttl_s = ttl_s
+        self._clock = clock
 
-    def issue(self, node_id: str) -> str:
-        return f"{NODE_PREFIX}{node_id}_{self._mac(node_id)}"
+    def _mac(self, node_id: str, session_ms: int, expires_ms: int) -> str:
+        message = f"{node_id}|{session_ms}|{expires_ms}".encode()
+        return hmac.new(self._key, message, "sha256").hexdigest()
+
+    def issue(self, node_id: str, session_ms: int) -> tuple[str, float]:
+        """A credential for the node's session, and when it expires (seconds)."""
+        expires_ms = int((self._clock() + self._ttl_s) * 1000)
+        mac = self._mac(node_id, session_ms, expires_ms)
+        return f"{NODE_PREFIX}{node_id}_{session_ms}_{expires_ms}_{mac}", expires_ms / 1000
 
     def principal(self, secret: str) -> Principal:
-        node_id, _, mac = secret.removeprefix(NODE_PREFIX).rpartition("_")
-        if not node_id or not hmac.compare_digest(mac, self._mac(node_id)):
+        parts = secret.removeprefix(NODE_PREFIX).split("_")
+        if len(parts) != 4 or not all(parts) or not (parts[1] + parts[2]).isdigit():
             raise UnauthenticatedError("the node credential is not valid", reason="BAD_CREDENTIALS")
-        if not self._allowed(node_id):
-            raise PermissionDeniedError(
-                f"node {node_id} may not read model files now", reason="NODE_NOT_ALLOWED"
+        node_id, session, expires, mac = parts
+        session_ms, expires_ms = int(session), int(expires)
+        if not hmac.compare_digest(mac, self._mac(node_id, session_ms, expires_ms)):
+            raise UnauthenticatedError("the node credential is not valid", reason="BAD_CREDENTIALS")
+        if expires_ms / 1000 <= self._clock():
+            raise UnauthenticatedError(
+                f"the credential of node {node_id} has expired", reason="CREDENTIAL_EXPIRED"
             )
+        refusal = self._standing(node_id, session_ms)
+        if refusal is not None:
+            raise refusal
         return Principal(
             id=f"nodes/{node_id}",
             role=api_key_pb2.ROLE_UNSPECIFIED,

@@ -57,9 +57,7 @@ class NodeStatistics:
     def __init__(self) -> None:
         self._in_flight: dict[tuple[str, bytes], asyncio.Future[Any]] = {}
 
-    async def get(
-        self, address: str, request: bytes, fetch: Callable[[], Awaitable[bytes]]
-    ) -> Any:
+    async def get(self, address: str, request: bytes, fetch: Callable[[], Awaitable[bytes]]) -> Any:
         """The node's `ModelStatisticsResponse` to `request`."""
         key = (address, request)
         future = self._in_flight.get(key)

@@ -105,6 +105,12 @@ class NodeAgent:
             converging.cancel()
             await asyncio.gather(converging, self._tasks.stop(), return_exceptions=True)
 
+    def _use_credential(self, token: str) -> None:
+        """Send `token` from now on: the registry renews it with every attestation."""
+        self._models.credentials = self._tasks.credentials = (
+            [(AUTHORIZATION, f"Bearer {token}")] if token else []
+        )
+
     async def _attestation(self, nonce: bytes) -> node_service_pb2.Attestation:
         """Sign the registry's nonce with what this machine has, now."""
         inventory = await asyncio.to_thread(
@@ -160,6 +166,8 @@ class NodeAgent:
                 self._models.assign(list(reply.assignments.models))
             elif kind == "tasks":
                 self._tasks.offer(list(reply.tasks.tasks))
+            elif kind == "credential":
+                self._use_credential(reply.credential.token)
             elif kind == "challenge":
                 attestation = await self._attestation(reply.challenge.nonce)
                 outbox.put_nowait(node_service_pb2.ConnectRequest(attestation=attestation))
@@ -189,10 +197,7 @@ class NodeAgent:
                 raise ConnectionError("the registry closed the stream without an answer")
             interval = reply.registered.heartbeat_interval_ms / 1000
             self._lease_ttl_s = reply.registered.lease_ttl_ms / 1000 or float("inf")
-            credential = reply.registered.blob_credential
-            self._models.credentials = self._tasks.credentials = (
-                [(AUTHORIZATION, f"Bearer {credential}")] if credential else []
-            )
+            self._use_credential(reply.registered.blob_credential)
             _log.info("registered as %s; heartbeat every %.1fs", reply.registered.name, interval)
             self.registered.set()
             receiving = asyncio.ensure_future(self._receive(call, outbox))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 
 import grpc
@@ -13,7 +14,7 @@ from shard.artifact.v1 import artifact_service_pb2, artifact_service_pb2_grpc
 from shard.auth.v1 import key_service_pb2, key_service_pb2_grpc
 from shard.deployment.v1 import deployment_service_pb2, deployment_service_pb2_grpc
 from shard.model.v1 import model_service_pb2, model_service_pb2_grpc
-from shard.node.v1 import node_pb2, node_service_pb2, node_service_pb2_grpc
+from shard.node.v1 import node_service_pb2, node_service_pb2_grpc
 from shard.task.v1 import task_service_pb2, task_service_pb2_grpc
 from shard_core import keys
 from shard_core.auth import AuthInterceptor, KeyRing, NodeCredentials, token_hash
@@ -85,11 +86,10 @@ async def serve(settings: RegistrySettings) -> None:
     admin_token = settings.admin_token.get_secret_value()
     credentials = NodeCredentials(
         admin_token,
-        # A quarantined node reads no more model files.
-        allowed=lambda node_id: (
-            (admin := directory.admin_state(node_id)) is None
-            or admin.state != node_pb2.NODE_STATE_QUARANTINED
+        lambda node_id, session_ms: directory.session_standing(
+            node_id, session_ms, now=time.time()
         ),
+        ttl_s=settings.node_credential_ttl_s,
     )
     ring = KeyRing(admin_token_sha256=token_hash(admin_token), nodes=credentials)
     mirrors = [

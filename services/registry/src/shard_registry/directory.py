@@ -13,11 +13,14 @@ from collections.abc import Callable, Mapping
 from shard.node.v1 import node_pb2, node_service_pb2
 from shard.task.v1 import task_pb2
 from shard_core import keys
+from shard_core.errors import PermissionDeniedError, ShardError, UnauthenticatedError
 
 NodeListener = Callable[[], None]
 # None tells a watcher it fell too far behind and must start again.
 ChangeQueue = asyncio.Queue[node_service_pb2.WatchNodesResponse | None]
 WATCH_BACKLOG = 1000
+# How long a node's fresh session is believed before this replica's view shows its record.
+MIRROR_GRACE_S = 10.0
 
 UPSERTED = node_service_pb2.CHANGE_KIND_UPSERTED
 REMOVED = node_service_pb2.CHANGE_KIND_REMOVED
@@ -59,6 +62,8 @@ class NodeDirectory:
         self._listeners: dict[str, NodeListener] = {}
         self._watchers: set[ChangeQueue] = set()
         self._last: dict[str, node_pb2.Node] = {}
+        # Sessions this view saw end, by node: their start (ms), kept for a grace period.
+        self._ended: dict[str, int] = {}
 
     # -- what sessions ask ------------------------------------------------------------------
 
@@ -93,6 +98,40 @@ class NodeDirectory:
         if admin is not None:
             node.state, node.state_reason = admin.state, admin.state_reason
         return node
+
+    def session_standing(self, node_id: str, session_ms: int, *, now: float) -> ShardError | None:
+        """Whether the node's session that began at `session_ms` still stands, for a
+        credential issued on it: None if so, or why not. A session stands while it is the
+        node's latest and the node is not quarantined. A record this view has not seen yet is
+        given `MIRROR_GRACE_S` from the session's start: the view follows etcd a moment behind
+        the replica that wrote it."""
+        node = self.node(node_id)
+        if node is None:
+            ended = self._ended.get(node_id)
+            if now - session_ms / 1000 <= MIRROR_GRACE_S and (ended is None or session_ms > ended):
+                return None
+            return UnauthenticatedError(
+                f"node {node_id} is no longer in the shard", reason="CREDENTIAL_REVOKED"
+            )
+        if node.state == node_pb2.NODE_STATE_QUARANTINED:
+            return PermissionDeniedError(
+                f"node {node_id} is quarantined", reason="NODE_NOT_ALLOWED"
+            )
+        if session_ms < node.register_time.ToMilliseconds():
+            return UnauthenticatedError(
+                f"node {node_id} registered again since this credential was issued; use the "
+                "new one",
+                reason="CREDENTIAL_REVOKED",
+            )
+        return None
+
+    def _session_ended(self, node_id: str, session_ms: int) -> None:
+        """Remember a session that ended while its credentials are in their grace period."""
+        self._ended[node_id] = session_ms
+        oldest = session_ms - MIRROR_GRACE_S * 1000
+        for other, started in list(self._ended.items()):
+            if started < oldest:
+                del self._ended[other]
 
     def subscribe(self, node_id: str, listener: NodeListener) -> None:
         self._listeners[node_id] = listener
@@ -131,6 +170,7 @@ class NodeDirectory:
             gone = self._last.pop(node_id, None)
             if gone is None:
                 return
+            self._session_ended(node_id, gone.register_time.ToMilliseconds())
             change = node_service_pb2.WatchNodesResponse(kind=REMOVED, node=gone)
         for queue in list(self._watchers):
             try:

@@ -244,6 +244,7 @@ class NodeSession:
         self._refreshed_at = registry.clock()  # the lease was granted or refreshed just now
         self._publishing = asyncio.Lock()
         self.challenge: Challenge | None = None
+        self.attested = False  # an attestation was accepted since the last credential
 
     @property
     def node_id(self) -> str:
@@ -372,6 +373,8 @@ class NodeSession:
             await registry.change_state(
                 self.node.name, NodeAction.QUARANTINE, by=None, reason="; ".join(violations)
             )
+        else:
+            self.attested = True
         await self.publish()
 
     async def close(self, reason: str) -> None:

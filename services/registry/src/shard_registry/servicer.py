@@ -41,6 +41,7 @@ from shard_registry.enrollment import Challenge
 from shard_registry.lifecycle import NodeAction
 from shard_registry.models import MODEL_UPDATED_BY_DEFAULT, ModelRegistry
 from shard_registry.nodes import NodeRegistry, NodeSession, validate_hello
+from shard_registry.resources import timestamp
 from shard_registry.tasks import TaskRegistry
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -162,18 +163,20 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
                 node_id, hello.hello.public_key, second.registration, challenge, address
             )
         timing = self._registry.timing
+        credential = self._credential(session)
         yield node_service_pb2.ConnectResponse(
             registered=node_service_pb2.Registered(
                 name=session.node.name,
                 heartbeat_interval_ms=int(timing.heartbeat_interval_s * 1000),
                 lease_ttl_ms=timing.lease_ttl_s * 1000,
-                blob_credential=self._credentials.issue(session.node_id),
+                blob_credential=credential.token,
+                blob_credential_expire_time=credential.expire_time,
             )
         )
         changed = asyncio.Event()
         directory = self._registry.directory
         directory.subscribe(session.node_id, changed.set)
-        reader = asyncio.ensure_future(self._read(session, requests))
+        reader = asyncio.ensure_future(self._read(session, requests, changed))
         pushed = _Pushed()
         loop = asyncio.get_running_loop()
         challenged_at = loop.time()  # the registration answered the first challenge
@@ -201,6 +204,9 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
                         yield node_service_pb2.ConnectResponse(challenge=session.new_challenge())
                     continue
                 changed.clear()
+                if session.attested:
+                    session.attested = False
+                    yield node_service_pb2.ConnectResponse(credential=self._credential(session))
                 for update in pushed.updates(directory, session.node_id):
                     yield update
                 # Evicted replicas, and nodes that may no longer take traffic, stop being
@@ -228,8 +234,18 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
                 "the registry is shutting down; reconnect", reason="REGISTRY_STOPPING"
             )
 
+    def _credential(self, session: NodeSession) -> node_service_pb2.NodeCredential:
+        """A fresh credential for the node's current session."""
+        token, expires = self._credentials.issue(
+            session.node_id, session.node.register_time.ToMilliseconds()
+        )
+        return node_service_pb2.NodeCredential(token=token, expire_time=timestamp(expires))
+
     async def _read(
-        self, session: NodeSession, requests: AsyncIterator[node_service_pb2.ConnectRequest]
+        self,
+        session: NodeSession,
+        requests: AsyncIterator[node_service_pb2.ConnectRequest],
+        changed: asyncio.Event,
     ) -> None:
         # Heartbeats coalesce: one that comes sooner than half an interval after the last one
         # taken is dropped. Each carries the node's whole state, so the next one taken brings
@@ -245,6 +261,7 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
                     await session.heartbeat(request.heartbeat)
             elif kind == "attestation":
                 await session.attest(request.attestation)
+                changed.set()  # a new credential is due
             elif kind == "deregistration":
                 await session.close(request.deregistration.reason)
                 return

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from shard_core.settings import EtcdSettings, ServiceSettings
@@ -32,6 +32,12 @@ class RegistrySettings(ServiceSettings, EtcdSettings):
     )
     attest_interval_s: float = Field(
         default=300.0, gt=0, description="How often connected nodes must attest again."
+    )
+    node_credential_ttl_s: float = Field(
+        default=900.0,
+        gt=0,
+        description="How long a node's credential works; a new one comes with each accepted "
+        "attestation, so this must be longer than attest_interval_s.",
     )
     canary_interval_s: float = Field(
         default=30.0, gt=0, description="About how often each node gets a known-answer request."
@@ -88,3 +94,12 @@ class RegistrySettings(ServiceSettings, EtcdSettings):
     s3_access_key_id: str | None = Field(default=None)
     s3_secret_access_key: SecretStr | None = Field(default=None)
     s3_allow_http: bool = Field(default=False, description="Allow a plain-HTTP S3 endpoint.")
+
+    @model_validator(mode="after")
+    def _credentials_outlive_attestations(self) -> RegistrySettings:
+        if self.node_credential_ttl_s <= self.attest_interval_s:
+            raise ValueError(
+                "node_credential_ttl_s must be longer than attest_interval_s: nodes get a new "
+                "credential with each attestation"
+            )
+        return self

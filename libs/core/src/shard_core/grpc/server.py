@@ -25,6 +25,7 @@ _log = logging.getLogger(__name__)
 
 ShutdownHook = Callable[[], Awaitable[None]]
 
+
 def server_options(*, max_receive_bytes: int = 64 << 20) -> Sequence[tuple[str, int]]:
     """Keepalive settings that let long-lived streams (node agents, watchers) notice a dead
     peer, and the largest message a client may send (tensors on the data plane; the registry,

@@ -350,6 +350,7 @@ class ConnectResponse(_message.Message):
     ASSIGNMENTS_FIELD_NUMBER: _builtins.int
     CHALLENGE_FIELD_NUMBER: _builtins.int
     TASKS_FIELD_NUMBER: _builtins.int
+    CREDENTIAL_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def registered(self) -> Global___Registered:
         """The answer to the registration."""
@@ -372,6 +373,10 @@ class ConnectResponse(_message.Message):
         change. A task missing from it is no longer the node's to run: it stops it.
         """
 
+    @_builtins.property
+    def credential(self) -> Global___NodeCredential:
+        """A fresh credential, sent after each accepted attestation; it replaces the one before."""
+
     def __init__(
         self,
         *,
@@ -379,16 +384,49 @@ class ConnectResponse(_message.Message):
         assignments: Global___Assignments | None = ...,
         challenge: Global___Challenge | None = ...,
         tasks: Global___OpenTasks | None = ...,
+        credential: Global___NodeCredential | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "challenge", b"challenge", "message", b"message", "registered", b"registered", "tasks", b"tasks"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "challenge", b"challenge", "credential", b"credential", "message", b"message", "registered", b"registered", "tasks", b"tasks"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "challenge", b"challenge", "message", b"message", "registered", b"registered", "tasks", b"tasks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "challenge", b"challenge", "credential", b"credential", "message", b"message", "registered", b"registered", "tasks", b"tasks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["registered", "assignments", "challenge", "tasks"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["registered", "assignments", "challenge", "tasks", "credential"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
 Global___ConnectResponse: _TypeAlias = ConnectResponse  # noqa: Y015
+
+@_typing.final
+class NodeCredential(_message.Message):
+    """What a node agent sends as `authorization: Bearer <token>` to read model files and task jobs,
+    store task results, and claim and complete its tasks. It names the node and the session it
+    was issued on: it stops working when it expires, when the node starts another session (it
+    rotates), and at once when the node is deleted or quarantined.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    """The secret to send."""
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When it stops working, unless renewed before."""
+
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeCredential: _TypeAlias = NodeCredential  # noqa: Y015
 
 @_typing.final
 class OpenTasks(_message.Message):
@@ -470,6 +508,7 @@ class Registered(_message.Message):
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _builtins.int
     LEASE_TTL_MS_FIELD_NUMBER: _builtins.int
     BLOB_CREDENTIAL_FIELD_NUMBER: _builtins.int
+    BLOB_CREDENTIAL_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The resource name the node has in the shard, `nodes/{node}`."""
     heartbeat_interval_ms: _builtins.int
@@ -477,10 +516,13 @@ class Registered(_message.Message):
     lease_ttl_ms: _builtins.int
     """How long, in milliseconds, the node stays in the shard without a heartbeat."""
     blob_credential: _builtins.str
-    """The node's credential for reading model files (`ArtifactService.ReadBlob`), sent as
-    `authorization: Bearer <credential>`. It names the node and works while the node is enrolled
-    and not quarantined.
+    """The node's first credential (see `NodeCredential`), sent as
+    `authorization: Bearer <credential>`; later ones arrive as `ConnectResponse.credential`.
     """
+    @_builtins.property
+    def blob_credential_expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When `blob_credential` stops working, unless renewed before."""
+
     def __init__(
         self,
         *,
@@ -488,10 +530,11 @@ class Registered(_message.Message):
         heartbeat_interval_ms: _builtins.int = ...,
         lease_ttl_ms: _builtins.int = ...,
         blob_credential: _builtins.str = ...,
+        blob_credential_expire_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["blob_credential_expire_time", b"blob_credential_expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob_credential", b"blob_credential", "heartbeat_interval_ms", b"heartbeat_interval_ms", "lease_ttl_ms", b"lease_ttl_ms", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob_credential", b"blob_credential", "blob_credential_expire_time", b"blob_credential_expire_time", "heartbeat_interval_ms", b"heartbeat_interval_ms", "lease_ttl_ms", b"lease_ttl_ms", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
