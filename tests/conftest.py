@@ -36,6 +36,8 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LocalM
         model_repository=MODEL_REPOSITORY,
         ports=MeshPorts.free(),
         timing=TEST_TIMING,
+        # Limits small enough for the tests to reach.
+        registry_settings={"max_blob_bytes": 768 << 20, "blob_quota_bytes": 1 << 30},
     )
     try:
         await local.start(nodes=2)

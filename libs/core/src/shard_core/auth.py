@@ -277,6 +277,19 @@ class KeyRing:
     def delete(self, key: str) -> None:
         self._keys.pop(key.rstrip("/").rsplit("/", 1)[-1], None)
 
+    def active_keys(self, principal: str) -> int:
+        """How many keys of `principal` work now (neither revoked nor expired)."""
+        now = self._clock()
+        return sum(
+            1
+            for stored in self._keys.values()
+            if stored.key.principal == principal
+            and not stored.key.HasField("revoke_time")
+            and not (
+                stored.key.HasField("expire_time") and stored.key.expire_time.ToSeconds() <= now
+            )
+        )
+
     # -- authentication ---------------------------------------------------------------------
 
     def authenticate(self, authorization: str) -> Principal:

@@ -136,3 +136,22 @@ def task_group(group: str) -> str:
 def task_end(end_time_ms: int, task_id: str) -> str:
     """A finished task, by when it finished: what retention walks, oldest first."""
     return f"{TASK_ENDS}{end_time_ms:015d}/{task_id}"
+
+
+BLOB_HOLDERS = "blob-holders/"
+BLOB_USAGE = "blob-usage/"
+
+
+def _holder(principal: str) -> str:
+    """A principal id as one path segment (node principals are `nodes/{id}`)."""
+    return principal.replace("/", ":")
+
+
+def blob_holder(sha256: str, principal: str) -> str:
+    """A principal that stored blob `sha256`: its size and when, what its quota is charged."""
+    return f"{BLOB_HOLDERS}{sha256}/{_holder(principal)}"
+
+
+def blob_usage(principal: str) -> str:
+    """The bytes a principal's stored blobs add up to."""
+    return f"{BLOB_USAGE}{_holder(principal)}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from shard.auth.v1 import api_key_pb2
 from shard_core import keys
@@ -25,6 +26,7 @@ from shard_core.errors import (
     InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
+    ResourceExhaustedError,
     require,
 )
 from shard_core.etcd import paging
@@ -33,12 +35,29 @@ from shard_core.limits import check_rate
 from shard_registry.resources import check_id, parse_name, timestamp
 
 
+@dataclass(frozen=True, kw_only=True)
+class KeyLimits:
+    """How far a principal's keys may reach."""
+
+    max_keys_per_principal: int = 100
+    # What a key without a rate of its own gets at the data planes (their default).
+    default_rate_limit_rps: float = 1000.0
+    # How long a revoked or expired key is kept (shown as such) before it is deleted.
+    retention_s: float = 7 * 24 * 3600
+
+
 class KeyRegistry:
     def __init__(
-        self, store: EtcdStore, ring: KeyRing, *, clock: Callable[[], float] = time.time
+        self,
+        store: EtcdStore,
+        ring: KeyRing,
+        *,
+        limits: KeyLimits | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
         self._ring = ring  # this registry's own view, updated at once so a new key works here
+        self._limits = limits or KeyLimits()
         self._clock = clock
 
     async def create(
@@ -81,15 +100,61 @@ class KeyRegistry:
                     + ", ".join(sorted(wanted - caller.permissions)),
                     reason="PERMISSION_MISSING",
                 )
-        key_id, secret = new_secret()
         created = api_key_pb2.ApiKey()
         created.CopyFrom(key)
+        if not caller.admin:
+            self._within_creator(created, caller)
+        key_id, secret = new_secret()
         created.name = f"keys/{key_id}"
         created.create_time.CopyFrom(timestamp(self._clock()))
         created.ClearField("revoke_time")
         created.ClearField("rotate_time")
         await self._save(created, token_hash(secret), expect=0)
         return created, secret
+
+    def _within_creator(self, key: api_key_pb2.ApiKey, caller: Principal) -> None:
+        """A key reaches no further than the key that makes it: no faster, and no more of
+        them than the cap. A key that names no rate gets its creator's."""
+        ceiling = caller.rate_limit_rps or self._limits.default_rate_limit_rps
+        if ceiling:
+            if key.rate_limit_rps > ceiling:
+                raise PermissionDeniedError(
+                    f"api_key.rate_limit_rps {key.rate_limit_rps:g} is above the creating key's "
+                    f"{ceiling:g}",
+                    reason="RATE_ABOVE_YOURS",
+                    metadata={"field": "api_key.rate_limit_rps"},
+                )
+            key.rate_limit_rps = key.rate_limit_rps or ceiling
+        if self._ring.active_keys(key.principal) >= self._limits.max_keys_per_principal:
+            raise ResourceExhaustedError(
+                f"{key.principal} has {self._limits.max_keys_per_principal} keys, the most a "
+                "principal may have; revoke one first",
+                reason="TOO_MANY_KEYS",
+                metadata={"field": "api_key.principal"},
+            )
+
+    async def prune(self) -> int:
+        """Delete keys revoked or expired longer ago than the retention: nobody can use them,
+        and every service's ring forgets them with the deletion. Returns how many went."""
+        cutoff = self._clock() - self._limits.retention_s
+        pruned = 0
+        async for entry in paging.every(self._store, keys.API_KEYS):
+            key = api_key_pb2.StoredApiKey.FromString(entry.value).key
+            ended = (
+                key.revoke_time.ToSeconds()
+                if key.HasField("revoke_time")
+                else key.expire_time.ToSeconds()
+                if key.HasField("expire_time")
+                else None
+            )
+            if ended is not None and ended < cutoff:
+                deleted = await self._store.write(
+                    deletes=[entry.key], expect={entry.key: entry.mod_revision}
+                )
+                if deleted is not None:
+                    self._ring.delete(entry.key)
+                    pruned += 1
+        return pruned
 
     async def get(self, name: str, caller: Principal) -> api_key_pb2.ApiKey:
         return (await self._read(name, caller))[0].key

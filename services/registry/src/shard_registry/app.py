@@ -7,6 +7,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 
 import grpc
 
@@ -25,13 +26,14 @@ from shard_core.etcd.store import EtcdStore
 from shard_core.grpc.interceptors import ErrorInterceptor
 from shard_core.grpc.server import GrpcServer, server_options
 from shard_registry.access import RULES
-from shard_registry.apikeys import KeyRegistry
+from shard_registry.apikeys import KeyLimits, KeyRegistry
 from shard_registry.artifacts import BlobStore
+from shard_registry.blob_ledger import BlobLedger, BlobLimits
 from shard_registry.canary import CanaryProber
 from shard_registry.control import ControlLoop
 from shard_registry.deployments import DeploymentRegistry
 from shard_registry.directory import NodeDirectory
-from shard_registry.enrollment import NodePolicy
+from shard_registry.enrollment import Enrollment, NodePolicy
 from shard_registry.lifecycle import NodeAction
 from shard_registry.models import ModelRegistry
 from shard_registry.nodes import NodeRegistry, NodeTiming
@@ -76,6 +78,45 @@ def blob_store(settings: RegistrySettings) -> BlobStore:
     )
 
 
+def node_registry(
+    settings: RegistrySettings, store: EtcdStore, keeper: LeaseKeeper, directory: NodeDirectory
+) -> NodeRegistry:
+    return NodeRegistry(
+        store=store,
+        keeper=keeper,
+        timing=NodeTiming(
+            heartbeat_interval_s=settings.heartbeat_interval_s,
+            lease_ttl_s=settings.lease_ttl_s,
+            attest_interval_s=settings.attest_interval_s,
+        ),
+        directory=directory,
+        policy=NodePolicy(
+            min_gpu_memory_bytes=settings.min_gpu_memory_bytes,
+            allowed_gpu_models=settings.allowed_gpu_models,
+            min_agent_version=settings.min_agent_version,
+            require_gpu_cross_check=settings.require_gpu_cross_check,
+            require_join_token=settings.require_join_token,
+            trust_node_addresses=settings.trust_node_addresses,
+        ),
+        enrollment=Enrollment(
+            store=store,
+            token_retention_s=settings.join_token_retention_s,
+            enrollment_retention_s=settings.enrollment_retention_s,
+        ),
+    )
+
+
+async def every(period_s: float, work: Callable[[], Awaitable[object]], what: str) -> None:
+    """`work()` every `period_s`, for as long as this replica leads; a failed pass is logged
+    and the next one tries again."""
+    while True:
+        try:
+            await work()
+        except Exception:
+            _log.exception("%s failed; retrying next period", what)
+        await asyncio.sleep(period_s)
+
+
 async def serve(settings: RegistrySettings) -> None:
     store = EtcdStore(settings)
     await store.connect()
@@ -104,22 +145,23 @@ async def serve(settings: RegistrySettings) -> None:
     for mirror in mirrors:
         await mirror.wait_synced(settings.etcd_timeout_s * 3)
     blobs = blob_store(settings)
-    nodes = NodeRegistry(
-        store=store,
-        keeper=keeper,
-        timing=NodeTiming(
-            heartbeat_interval_s=settings.heartbeat_interval_s,
-            lease_ttl_s=settings.lease_ttl_s,
-            attest_interval_s=settings.attest_interval_s,
+    nodes = node_registry(settings, store, keeper, directory)
+    api_keys = KeyRegistry(
+        store,
+        ring,
+        limits=KeyLimits(
+            max_keys_per_principal=settings.max_keys_per_principal,
+            default_rate_limit_rps=settings.default_key_rate_limit_rps,
+            retention_s=settings.key_retention_s,
         ),
-        directory=directory,
-        policy=NodePolicy(
-            min_gpu_memory_bytes=settings.min_gpu_memory_bytes,
-            allowed_gpu_models=settings.allowed_gpu_models,
-            min_agent_version=settings.min_agent_version,
-            require_gpu_cross_check=settings.require_gpu_cross_check,
-            require_join_token=settings.require_join_token,
-            trust_node_addresses=settings.trust_node_addresses,
+    )
+    ledger = BlobLedger(
+        store=store,
+        blobs=blobs,
+        limits=BlobLimits(
+            max_blob_bytes=settings.max_blob_bytes,
+            quota_bytes=settings.blob_quota_bytes,
+            gc_grace_s=settings.blob_gc_grace_s,
         ),
     )
     models = ModelRegistry(store=store, blobs=blobs)
@@ -150,16 +192,20 @@ async def serve(settings: RegistrySettings) -> None:
         interval_s=settings.canary_interval_s,
     )
 
-    async def sweep_tasks() -> None:
-        while True:
-            try:
-                await tasks.sweep()
-            except Exception:
-                _log.exception("task sweep failed; retrying next period")
-            await asyncio.sleep(settings.control_period_s)
+    async def housekeeping() -> None:
+        """What grows with use and must not grow forever: old keys, join tokens and
+        enrollments, and blobs nothing refers to."""
+        await api_keys.prune()
+        await nodes.enrollment.prune(live=lambda node: node in directory.records.values)
+        await ledger.collect()
 
     async def lead(leader_revision: int) -> None:
-        await asyncio.gather(control.run(leader_revision), prober.run(), sweep_tasks())
+        await asyncio.gather(
+            control.run(leader_revision),
+            prober.run(),
+            every(settings.control_period_s, tasks.sweep, "task sweep"),
+            every(settings.housekeeping_interval_s, housekeeping, "housekeeping"),
+        )
 
     leading = asyncio.ensure_future(election.lead(lead))
 
@@ -173,7 +219,7 @@ async def serve(settings: RegistrySettings) -> None:
     def register(server: grpc.aio.Server) -> None:
         node_service_pb2_grpc.add_NodeServiceServicer_to_server(node_servicer, server)
         artifact_service_pb2_grpc.add_ArtifactServiceServicer_to_server(
-            ArtifactServicer(blobs), server
+            ArtifactServicer(blobs, ledger), server
         )
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(
             ModelServicer(models, deployments), server
@@ -181,9 +227,7 @@ async def serve(settings: RegistrySettings) -> None:
         deployment_service_pb2_grpc.add_DeploymentServiceServicer_to_server(
             DeploymentServicer(deployments, models), server
         )
-        key_service_pb2_grpc.add_KeyServiceServicer_to_server(
-            KeyServicer(KeyRegistry(store, ring)), server
-        )
+        key_service_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(api_keys), server)
         task_service_pb2_grpc.add_TaskServiceServicer_to_server(TaskServicer(tasks), server)
 
     server = GrpcServer(

@@ -25,6 +25,7 @@ from shard_core.errors import InvalidArgumentError, NotFoundError
 SHA256 = re.compile(r"[0-9a-f]{64}")
 PART_BYTES = 8 * 1024 * 1024
 READ_CHUNK_BYTES = 1024 * 1024
+UPLOADS = "uploads/"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,7 +123,7 @@ class BlobStore:
                 yield chunk
 
         existing = await self.stat(sha)
-        temporary = f"uploads/{uuid.uuid4().hex}"
+        temporary = f"{UPLOADS}{uuid.uuid4().hex}"
         stored = False
         try:
             if existing is not None:
@@ -158,6 +159,24 @@ class BlobStore:
                 with contextlib.suppress(Exception):
                     await obstore.delete_async(self._store, temporary)
         return StoredBlob(sha256=sha, size_bytes=size)
+
+    async def delete(self, sha: str) -> None:
+        """Remove blob `sha` (garbage collection); a blob already gone is no error."""
+        with contextlib.suppress(FileNotFoundError):
+            await obstore.delete_async(self._store, _path(sha))
+
+    async def forget_abandoned_uploads(self, older_than: float) -> int:
+        """Delete temporary objects of uploads that began before `older_than` (epoch seconds)
+        and never finished: what a registry killed mid-upload leaves. Returns how many."""
+        abandoned = []
+        async for batch in obstore.list(self._store, prefix=UPLOADS):
+            abandoned += [
+                meta["path"] for meta in batch if meta["last_modified"].timestamp() < older_than
+            ]
+        for path in abandoned:
+            with contextlib.suppress(FileNotFoundError):
+                await obstore.delete_async(self._store, path)
+        return len(abandoned)
 
     async def read(self, sha: str, *, offset: int = 0) -> AsyncIterator[bytes]:
         """The blob's bytes from `offset`, in chunks of about a mebibyte."""

@@ -30,7 +30,8 @@ from shard_core.errors import (
     PermissionDeniedError,
     UnauthenticatedError,
 )
-from shard_core.etcd.store import EtcdStore
+from shard_core.etcd import paging
+from shard_core.etcd.store import Entry, EtcdStore
 from shard_registry.resources import timestamp
 
 NONCE_BYTES = 32
@@ -133,10 +134,23 @@ def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+# An enrollment's last-seen time is rewritten at most this often (registrations stay cheap).
+SEEN_PRECISION_S = 24 * 3600
+
+
 class Enrollment:
-    def __init__(self, *, store: EtcdStore, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        *,
+        store: EtcdStore,
+        clock: Callable[[], float] = time.time,
+        token_retention_s: float = 7 * 24 * 3600,
+        enrollment_retention_s: float = 90 * 24 * 3600,
+    ) -> None:
         self._store = store
         self._clock = clock
+        self._token_retention_s = token_retention_s
+        self._enrollment_retention_s = enrollment_retention_s
 
     async def create_token(
         self, request: node_service_pb2.JoinToken, provider: str
@@ -205,7 +219,10 @@ class Enrollment:
             )
         record["used_by"] = node_id
         enrolled = node_pb2.Node(
-            name=f"nodes/{node_id}", public_key=public_key, provider=record.get("provider", "")
+            name=f"nodes/{node_id}",
+            public_key=public_key,
+            provider=record.get("provider", ""),
+            register_time=timestamp(self._clock()),
         )
         written = await self._store.write(
             puts={
@@ -224,6 +241,37 @@ class Enrollment:
 
     async def enroll_without_token(self, *, node_id: str, public_key: bytes) -> node_pb2.Node:
         """For shards that admit any node (`require_join_token` off)."""
-        enrolled = node_pb2.Node(name=f"nodes/{node_id}", public_key=public_key)
+        enrolled = node_pb2.Node(
+            name=f"nodes/{node_id}", public_key=public_key, register_time=timestamp(self._clock())
+        )
         await self._store.put(keys.enrolled(node_id), enrolled.SerializeToString())
         return enrolled
+
+    async def seen(self, node_id: str, enrolled: node_pb2.Node) -> None:
+        """The enrolled node registered: keep when, to the day, so that long-gone nodes'
+        enrollments can be forgotten."""
+        if self._clock() - enrolled.register_time.ToSeconds() < SEEN_PRECISION_S:
+            return
+        enrolled.register_time.CopyFrom(timestamp(self._clock()))
+        await self._store.put(keys.enrolled(node_id), enrolled.SerializeToString())
+
+    async def prune(self, live: Callable[[str], bool]) -> tuple[int, int]:
+        """Forget join tokens that expired longer ago than their retention (spent or not), and
+        the enrollments of nodes not `live` and not seen for the enrollment retention (they
+        need a new token to come back). Returns how many of each went."""
+        now = self._clock()
+        tokens = enrollments = 0
+        async for entry in paging.every(self._store, keys.JOIN_TOKENS):
+            if json.loads(entry.value)["expire_time"] < now - self._token_retention_s:
+                tokens += await self._delete(entry)
+        async for entry in paging.every(self._store, keys.ENROLLED):
+            enrolled = node_pb2.Node.FromString(entry.value)
+            node_id = entry.key.removeprefix(keys.ENROLLED)
+            stale = enrolled.register_time.ToSeconds() < now - self._enrollment_retention_s
+            if stale and not live(node_id):
+                enrollments += await self._delete(entry)
+        return tokens, enrollments
+
+    async def _delete(self, entry: Entry) -> int:
+        done = await self._store.write(deletes=[entry.key], expect={entry.key: entry.mod_revision})
+        return int(done is not None)

@@ -394,6 +394,7 @@ class NodeRegistry:
         timing: NodeTiming,
         directory: NodeDirectory,
         policy: NodePolicy,
+        enrollment: Enrollment | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -402,7 +403,7 @@ class NodeRegistry:
         self.directory = directory
         self.policy = policy
         self.clock = clock
-        self.enrollment = Enrollment(store=store, clock=clock)
+        self.enrollment = enrollment or Enrollment(store=store, clock=clock)
         meter = metrics.get_meter("shard.registry")
         self.heartbeats = meter.create_counter(
             "shard_registry_heartbeats", description="Heartbeats received from node agents."
@@ -441,15 +442,16 @@ class NodeRegistry:
                 metadata={"field": "registration.attestation.inventory"},
             )
         enrolled = await self.enrollment.enrolled(node_id)
-        if enrolled is None:
-            if self.policy.require_join_token:
-                enrolled = await self.enrollment.enroll(
-                    node_id=node_id, public_key=public_key, token=registration.join_token
-                )
-            else:
-                enrolled = await self.enrollment.enroll_without_token(
-                    node_id=node_id, public_key=public_key
-                )
+        if enrolled is not None:
+            await self.enrollment.seen(node_id, enrolled)
+        elif self.policy.require_join_token:
+            enrolled = await self.enrollment.enroll(
+                node_id=node_id, public_key=public_key, token=registration.join_token
+            )
+        else:
+            enrolled = await self.enrollment.enroll_without_token(
+                node_id=node_id, public_key=public_key
+            )
         # Only now, with the node's identity and enrollment checked, is any name it sent
         # looked up.
         addresses = dict(_addresses(registration))

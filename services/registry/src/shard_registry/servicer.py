@@ -35,6 +35,7 @@ from shard_core.net import peer_host
 from shard_registry.access import caller, require_owner, require_visible, visible
 from shard_registry.apikeys import KeyRegistry
 from shard_registry.artifacts import BlobStore, StoredBlob, blob_sha256
+from shard_registry.blob_ledger import BlobLedger
 from shard_registry.deployments import DeploymentRegistry
 from shard_registry.directory import NodeDirectory
 from shard_registry.enrollment import Challenge
@@ -355,8 +356,9 @@ def _blob(stored: StoredBlob) -> blob_pb2.Blob:
 
 
 class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
-    def __init__(self, blobs: BlobStore) -> None:
+    def __init__(self, blobs: BlobStore, ledger: BlobLedger) -> None:
         self._blobs = blobs
+        self._ledger = ledger
 
     async def UploadBlob(
         self,
@@ -377,14 +379,25 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
                     )
                 yield request.chunk
 
+        # Too large, or over the quota: refused before a byte is read (a client still sending
+        # may see its send fail before it reads this answer).
+        sha, size, who = first.header.sha256, first.header.size_bytes, caller()
+        self._ledger.check_size(size)
+        blob_sha256(f"blobs/{sha}", "header.sha256")
+        charged = await self._ledger.reserve(who, sha, size)
         try:
-            stored = await self._blobs.put(first.header.sha256, first.header.size_bytes, chunks())
-        except InvalidArgumentError:
-            # Refusing while the client still sends makes its gRPC library report a failed send
-            # (INTERNAL) instead of our status: take the rest of the stream, then refuse.
-            async for _ in request_iterator:
-                pass
+            stored = await self._blobs.put(sha, size, chunks())
+        except BaseException as error:
+            if charged:
+                await self._ledger.release(who, size)
+            if isinstance(error, InvalidArgumentError):
+                # Refusing while the client still sends makes its gRPC library report a failed
+                # send (INTERNAL) instead of our status: take the rest of the stream, then refuse.
+                async for _ in request_iterator:
+                    pass
             raise
+        if charged and not await self._ledger.hold(who, stored.sha256, size):
+            await self._ledger.release(who, size)  # a concurrent upload of it got there first
         return artifact_service_pb2.UploadBlobResponse(blob=_blob(stored))
 
     async def GetBlob(

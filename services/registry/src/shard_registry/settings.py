@@ -73,6 +73,44 @@ class RegistrySettings(ServiceSettings, EtcdSettings):
         ge=2 << 20,
         description="The largest message a client may send (blobs travel in 1 MiB chunks).",
     )
+    max_keys_per_principal: int = Field(
+        default=100, ge=1, description="Working API keys one principal may have."
+    )
+    default_key_rate_limit_rps: float = Field(
+        default=1000.0,
+        ge=0,
+        description="What a key without a rate of its own gets at the data planes (their "
+        "SHARD_*_KEY_RATE_LIMIT_RPS): the ceiling of the keys it makes.",
+    )
+    key_retention_s: float = Field(
+        default=7 * 24 * 3600, gt=0, description="How long revoked or expired keys are kept."
+    )
+    join_token_retention_s: float = Field(
+        default=7 * 24 * 3600, gt=0, description="How long join tokens are kept past expiry."
+    )
+    enrollment_retention_s: float = Field(
+        default=90 * 24 * 3600,
+        gt=0,
+        description="How long a node that stays away keeps its enrollment (then it needs a "
+        "new join token).",
+    )
+    max_blob_bytes: int = Field(
+        default=32 << 30, gt=0, description="The largest blob one upload may store."
+    )
+    blob_quota_bytes: int = Field(
+        default=256 << 30, gt=0, description="The blob bytes one principal may hold (not admins)."
+    )
+    blob_gc_grace_s: float = Field(
+        default=24 * 3600,
+        gt=0,
+        description="How long a blob nothing refers to is kept after it was stored.",
+    )
+    housekeeping_interval_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="How often the leader prunes old keys, join tokens, enrollments and "
+        "unreferenced blobs.",
+    )
     max_open_tasks_per_owner: int = Field(
         default=1000, ge=1, description="Tasks one principal may have PENDING or RUNNING at once."
     )

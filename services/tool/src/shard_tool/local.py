@@ -90,7 +90,9 @@ class LocalMesh:
         model_repository: Path,
         ports: MeshPorts | None = None,
         timing: MeshTiming | None = None,
+        registry_settings: Mapping[str, object] | None = None,
     ) -> None:
+        self.registry_settings = dict(registry_settings or {})  # beyond the defaults
         self.state_dir = state_dir.resolve()
         self.model_repository = model_repository.resolve()
         self.ports = ports or MeshPorts()
@@ -156,6 +158,7 @@ class LocalMesh:
                     "leader_ttl_s": max(2, self.timing.lease_ttl_s),
                     "blob_dir": self.state_dir / "blobs",
                     "admin_token": self.admin_token,
+                    **self.registry_settings,
                 },
             ),
         )

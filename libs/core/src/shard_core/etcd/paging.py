@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import AsyncIterator
 
 from shard_core.errors import InvalidArgumentError
 from shard_core.etcd.store import Entry, EtcdStore
@@ -39,3 +40,18 @@ async def page(
     after = _decode(page_token, prefix) if page_token else ""
     entries, more = await store.page(prefix, start_after=after, limit=size)
     return entries, _encode(entries[-1].key) if more and entries else ""
+
+
+async def every(
+    store: EtcdStore, prefix: str, *, batch: int = MAX_PAGE_SIZE
+) -> AsyncIterator[Entry]:
+    """Every entry under `prefix`, in key order, read a bounded page at a time: for sweeps
+    that must see a prefix of any size without holding it whole."""
+    after = ""
+    while True:
+        entries, more = await store.page(prefix, start_after=after, limit=batch)
+        for entry in entries:
+            yield entry
+        if not more or not entries:
+            return
+        after = entries[-1].key
