@@ -76,6 +76,7 @@ async def test_a_node_that_answers_wrong_is_quarantined_and_unrouted(
     await mesh.start_node(
         "liar",
         triton_url=honest.grpc_url,
+        triton_control_key=honest.control_key,
         repository=honest.model_repository,
         labels=labels,
         advertise_address=f"127.0.0.1:{front.server.port}",

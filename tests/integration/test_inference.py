@@ -279,14 +279,17 @@ def test_shared_memory_explains_it_cannot_cross_the_network(
     client.unregister_system_shared_memory()
 
 
-def test_trace_and_log_settings_read_a_node_s_and_refuse_changes(
+def test_trace_and_log_settings_are_the_providers_and_read_as_none(
     client: triton.InferenceServerClient, direct: triton.InferenceServerClient
 ) -> None:
-    assert client.get_log_settings(as_json=True) == direct.get_log_settings(as_json=True)
-    assert client.get_trace_settings(as_json=True) == direct.get_trace_settings(as_json=True)
-    assert client.get_trace_settings("simple", as_json=True) == direct.get_trace_settings(
-        "simple", as_json=True
-    )
+    assert client.get_log_settings(as_json=True) == {}
+    assert client.get_trace_settings(as_json=True) == {}
+    assert client.get_trace_settings("simple", as_json=True) == {}
+    # A node's Triton answers them only to its agent: they name files Triton writes.
+    for read in (direct.get_log_settings, direct.get_trace_settings):
+        with pytest.raises(InferenceServerException) as restricted:
+            read()
+        assert "restricted" in restricted.value.message()
     changes: list[Callable[[], object]] = [
         lambda: client.update_log_settings({"log_verbose_level": 1}),
         lambda: client.update_trace_settings(settings={"trace_rate": "1"}),

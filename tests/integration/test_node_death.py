@@ -30,7 +30,10 @@ async def test_sigkilled_node_stops_being_routed_to_after_its_lease_ttl(
     mesh: LocalMesh, spare_triton: TritonProcess, publisher: Publisher
 ) -> None:
     node = await mesh.start_node(
-        NODE, triton_url=spare_triton.grpc_url, repository=spare_triton.model_repository
+        NODE,
+        triton_url=spare_triton.grpc_url,
+        repository=spare_triton.model_repository,
+        triton_control_key=spare_triton.control_key,
     )
     # A replica of `simple` on every live node, the new one included.
     before = await publisher.deployments.GetDeployment(

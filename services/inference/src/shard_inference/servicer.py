@@ -394,8 +394,9 @@ class InferenceRouter:
         return read
 
     async def _settings(self, request: bytes, context: _Context, method: str) -> bytes:
-        """TraceSetting and LogSettings: reading answers with a node's settings (one serving
-        the model, when one is named); changing them is the providers' business, per node."""
+        """TraceSetting and LogSettings: each node's provider keeps its own (the shard has no
+        settings of its own to show, and nodes answer these only to their agent: the settings
+        name files Triton writes). Reading answers with none; changing them is refused."""
         message_type = (
             service_pb2.TraceSettingRequest
             if method == "TraceSetting"
@@ -413,16 +414,6 @@ class InferenceRouter:
             )
         model = getattr(parsed, "model_name", "")
         await self._admit(context, model, limited=True)
-        plan = self._balancer.plan(model, "") if model else None
-        routes = plan.routes if plan else self._balancer.table.any_routes()
-        if not routes:
-            if model:
-                await context.abort(grpc.StatusCode.NOT_FOUND, unknown_model(model, ""))
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "no node is serving")
-        try:
-            answer: bytes = await routes[0].backend.method(method)(
-                request, timeout=deadline(context, self._upstream_timeout_s)
-            )
-        except grpc.aio.AioRpcError as error:
-            await context.abort(error.code(), error.details() or "")
-        return answer
+        if model and not self._balancer.plan(model, "").routes:
+            await context.abort(grpc.StatusCode.NOT_FOUND, unknown_model(model, ""))
+        return b""

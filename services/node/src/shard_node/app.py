@@ -40,12 +40,20 @@ async def serve(settings: NodeSettings) -> None:
                 http=settings.triton_http_port,
                 metrics=settings.triton_metrics_port,
             ),
+            listen_host=settings.triton_listen_host,
         )
         await launched.start()
         triton_url = launched.grpc_url
+    control_key = (
+        launched.control_key
+        if launched
+        else settings.triton_control_key.get_secret_value()
+        if settings.triton_control_key
+        else None
+    )
     try:
         async with (
-            TritonControl(triton_url) as triton,
+            TritonControl(triton_url, control_key) as triton,
             grpc.aio.insecure_channel(settings.registry_address, CHANNEL_OPTIONS) as channel,
         ):
             models = ModelManager(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from shard_core.settings import ServiceSettings
@@ -28,6 +28,16 @@ class NodeSettings(ServiceSettings):
         default=None,
         description="The Triton model repository the agent manages; default: state_dir/repository."
         " When attaching to a running Triton, that Triton's repository.",
+    )
+    triton_listen_host: str = Field(
+        default="127.0.0.1",
+        description="Where a launched Triton listens for the shard's calls (inference, "
+        "metadata, statistics); its metrics and model control stay the agent's.",
+    )
+    triton_control_key: SecretStr | None = Field(
+        default=None,
+        description="For an attached Triton: the key its --grpc-restricted-protocol and "
+        "--http-restricted-api demand (header shard-node-control) for model control.",
     )
     triton_grpc_port: int = Field(default=8101, ge=1, le=65535)
     triton_http_port: int = Field(default=8100, ge=1, le=65535)

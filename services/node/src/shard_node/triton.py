@@ -14,6 +14,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import secrets
 import shutil
 import sys
 import sysconfig
@@ -57,12 +58,39 @@ class TritonPorts:
     metrics: int
 
 
-class TritonProcess:
-    """A real `tritonserver` in explicit model-control mode, owned by this process."""
+# Triton's APIs that only the agent may call: loading and unloading model code, shared memory,
+# and trace and log settings (which name files Triton writes). Everything else (health,
+# metadata, config, inference, statistics) serves the shard.
+RESTRICTED = "model-repository,shared-memory,trace,logging"
+CONTROL_KEY = "shard-node-control"
+# Triton expects the gRPC form of the header with this prefix.
+GRPC_CONTROL_HEADER = f"triton-grpc-protocol-{CONTROL_KEY}"
 
-    def __init__(self, *, model_repository: Path, state_dir: Path, ports: TritonPorts) -> None:
+
+def restricted_flags(control_key: str) -> list[str]:
+    """Triton's flags that refuse its restricted APIs to callers without `control_key`."""
+    return [
+        f"--grpc-restricted-protocol={RESTRICTED}:{CONTROL_KEY}={control_key}",
+        f"--http-restricted-api={RESTRICTED}:{CONTROL_KEY}={control_key}",
+    ]
+
+
+class TritonProcess:
+    """A real `tritonserver` in explicit model-control mode, owned by this process. It listens
+    on `listen_host` for the shard's calls and on loopback for its metrics; its model control
+    takes a key made here for each launch, which only the agent holds."""
+
+    def __init__(
+        self,
+        *,
+        model_repository: Path,
+        state_dir: Path,
+        ports: TritonPorts,
+        listen_host: str = "127.0.0.1",
+    ) -> None:
         self.ports = ports
         self.model_repository = model_repository
+        self.control_key = secrets.token_urlsafe(32)
         self.grpc_url = f"127.0.0.1:{ports.grpc}"
         self.http_url = f"127.0.0.1:{ports.http}"
         root = _pytriton_root()
@@ -84,9 +112,13 @@ class TritonProcess:
                 f"--model-repository={model_repository.resolve()}",
                 f"--backend-directory={backends}",
                 "--model-control-mode=explicit",
+                f"--grpc-address={listen_host}",
                 f"--grpc-port={ports.grpc}",
+                f"--http-address={listen_host}",
                 f"--http-port={ports.http}",
+                "--metrics-address=127.0.0.1",
                 f"--metrics-port={ports.metrics}",
+                *restricted_flags(self.control_key),
                 "--log-verbose=0",
                 "--exit-timeout-secs=5",
             ],
@@ -107,7 +139,7 @@ class TritonProcess:
 
     async def start(self, *, timeout: float = 60.0) -> None:
         self.process.start()
-        async with TritonControl(self.grpc_url) as control:
+        async with TritonControl(self.grpc_url, self.control_key) as control:
             await self.process.wait_ready(control.ready, timeout=timeout)
 
     def stop(self) -> None:
@@ -117,10 +149,12 @@ class TritonProcess:
 class TritonControl:
     """The agent's client of its Triton: readiness, version, model control and states."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, control_key: str | None) -> None:
         self.url = url
         self._client = triton_grpc.InferenceServerClient(url)
         self._pid: int | None = None
+        # Sent with the calls Triton restricts: model control and the repository index.
+        self._control = {GRPC_CONTROL_HEADER: control_key} if control_key else None
 
     async def __aenter__(self) -> TritonControl:
         return self
@@ -149,11 +183,11 @@ class TritonControl:
 
     async def load(self, model_name: str) -> None:
         _log.info("loading model %s", model_name)
-        await self._client.load_model(model_name, client_timeout=300.0)
+        await self._client.load_model(model_name, headers=self._control, client_timeout=300.0)
 
     async def unload(self, model_name: str) -> None:
         _log.info("unloading model %s", model_name)
-        await self._client.unload_model(model_name, client_timeout=60.0)
+        await self._client.unload_model(model_name, headers=self._control, client_timeout=60.0)
 
     def memory_bytes(self, model_dir: Path) -> tuple[int, int] | None:
         """Resident memory of the Triton process itself, and of the backend processes serving
@@ -188,7 +222,9 @@ class TritonControl:
 
     async def model_statuses(self) -> list[node_pb2.ModelStatus]:
         """Every model version Triton knows, with its state; loaded versions only have numbers."""
-        index = await self._client.get_model_repository_index(client_timeout=5.0)
+        index = await self._client.get_model_repository_index(
+            headers=self._control, client_timeout=5.0
+        )
         return sorted(
             (
                 node_pb2.ModelStatus(

@@ -240,9 +240,11 @@ class LocalMesh:
         repository: Path | None = None,
         labels: Mapping[str, str] | None = None,
         advertise_address: str | None = None,
+        triton_control_key: str | None = None,
     ) -> NodeHandle:
         """Start a node agent that launches its own Triton, or attaches to the Triton at
-        `triton_url` serving `repository`, and wait until it is ACTIVE."""
+        `triton_url` serving `repository` (whose model control takes `triton_control_key`),
+        and wait until it is ACTIVE."""
         state_dir = self.state_dir / "nodes" / name
         settings: dict[str, object] = {
             "registry_address": self.registry_address,
@@ -260,6 +262,8 @@ class LocalMesh:
             }
         else:
             settings |= {"triton_url": triton_url, "repository": repository}
+            if triton_control_key is not None:
+                settings["triton_control_key"] = triton_control_key
         if advertise_address is not None:
             settings["advertise_address"] = advertise_address
         process = self._service(f"node-{name}", "shard_node", _endpoint_env("NODE", settings))
