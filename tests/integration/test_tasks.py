@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Collection
 from pathlib import Path
@@ -658,7 +659,7 @@ async def test_tasks_survive_a_registry_restart_and_cancel_stops_them(
         )  # fmt: skip
 
 
-async def test_a_completion_sent_while_etcd_is_down_lands_when_it_returns(
+async def test_a_run_that_ends_while_etcd_is_down_is_reported_when_it_returns(
     mesh: LocalMesh, owner: grpc.aio.Channel, tmp_path: Path
 ) -> None:
     provider = await _node(mesh, "task-b")
@@ -666,7 +667,11 @@ async def test_a_completion_sent_while_etcd_is_down_lands_when_it_returns(
     task = await tasks.submit(owner, spec, work_dir=tmp_path)
     await _until(owner, task.name, {task_pb2.TASK_STATE_RUNNING})
     registry_log = mesh.services["registry"].log_path
-    failed_completion = "etcd failed in /shard.task.v1.TaskService/CompleteTask"
+    # The run ends during the outage: storing its results, or reporting them, is refused.
+    refused_report = re.compile(
+        r"etcd failed in /shard\.(artifact\.v1\.ArtifactService/UploadBlob"
+        r"|task\.v1\.TaskService/CompleteTask)"
+    )
     mesh.etcd.stop()
     try:
         # Callers are told the store is away, by code and reason, on reads and writes alike.
@@ -678,10 +683,9 @@ async def test_a_completion_sent_while_etcd_is_down_lands_when_it_returns(
         ):
             error = await refused(call(), grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE")
             assert "etcd" in (error.details() or "")
-        # The run ends during the outage; its completion is refused and tried again.
         deadline = time.monotonic() + 90
-        while failed_completion not in registry_log.read_text():
-            assert time.monotonic() < deadline, "the agent never tried to complete the task"
+        while not refused_report.search(registry_log.read_text()):
+            assert time.monotonic() < deadline, "the agent never tried to report its run"
             await asyncio.sleep(0.2)
     finally:
         await mesh.etcd.start()

@@ -74,6 +74,7 @@ class NodeAgent:
         self._metrics_url = metrics_url
         self._tasks = tasks
         self._stopping = asyncio.Event()
+        self._last_triton_version = ""
         self.registered = asyncio.Event()
 
     def stop(self) -> None:
@@ -111,12 +112,23 @@ class NodeAgent:
             [(AUTHORIZATION, f"Bearer {token}")] if token else []
         )
 
+    async def _triton_version(self) -> str:
+        """Triton's version, or the last one seen while it restarts: a Triton that is down
+        for a moment must not cost the node its stream (and, if that outlasts the lease, its
+        replicas)."""
+        try:
+            self._last_triton_version = await self._triton.version()
+        except InferenceServerException:
+            if not self._last_triton_version:
+                raise
+        return self._last_triton_version
+
     async def _attestation(self, nonce: bytes) -> node_service_pb2.Attestation:
         """Sign the registry's nonce with what this machine has, now."""
         inventory = await asyncio.to_thread(
             read_inventory,
             state_dir=self._state_dir,
-            triton_version=await self._triton.version(),
+            triton_version=await self._triton_version(),
             agent_version=AGENT_VERSION,
         )
         time_ms = int(time.time() * 1000)

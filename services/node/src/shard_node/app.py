@@ -14,6 +14,7 @@ from shard_node.health import HealthCheck, supervise
 from shard_node.identity import NodeIdentity
 from shard_node.inventory import read_inventory
 from shard_node.models import ModelManager
+from shard_node.sandbox import protect_agent
 from shard_node.settings import NodeSettings
 from shard_node.tasks import TaskRunner
 from shard_node.triton import TritonControl, TritonPorts, TritonProcess
@@ -25,6 +26,8 @@ CHANNEL_OPTIONS = (("grpc.max_receive_message_length", 64 * 1024 * 1024),)
 
 
 async def serve(settings: NodeSettings) -> None:
+    # Nothing the agent starts (model code above all) may read its memory or environment.
+    protect_agent()
     identity = NodeIdentity.load_or_create(settings.state_dir)
     _log.info("node id %s", identity.node_id)
     repository = settings.repository or settings.state_dir / "repository"
@@ -41,6 +44,7 @@ async def serve(settings: NodeSettings) -> None:
                 metrics=settings.triton_metrics_port,
             ),
             listen_host=settings.triton_listen_host,
+            sandbox=settings.sandbox,
         )
         await launched.start()
         triton_url = launched.grpc_url

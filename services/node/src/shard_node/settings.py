@@ -8,6 +8,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from shard_core.settings import ServiceSettings
+from shard_node.triton import Sandboxing
 
 
 class NodeSettings(ServiceSettings):
@@ -38,6 +39,12 @@ class NodeSettings(ServiceSettings):
         default=None,
         description="For an attached Triton: the key its --grpc-restricted-protocol and "
         "--http-restricted-api demand (header shard-node-control) for model control.",
+    )
+    sandbox: Sandboxing = Field(
+        default="strict",
+        description="The sandbox a launched Triton (and the model code in it) runs in: "
+        "'strict' (Landlock filesystem and TCP rules, Linux 6.7+), 'filesystem' (no TCP rules, "
+        "for older kernels), or 'off' (development only).",
     )
     triton_grpc_port: int = Field(default=8101, ge=1, le=65535)
     triton_http_port: int = Field(default=8100, ge=1, le=65535)

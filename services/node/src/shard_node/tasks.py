@@ -112,6 +112,13 @@ async def retrying(call: Callable[[], Awaitable[T]], *, for_s: float = RETRY_FOR
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def _time_left(task: task_pb2.Task) -> float:
+    """How long a finished run's results are worth trying to deliver: until the task would
+    expire, and at least the usual half minute."""
+    ends = task.start_time.ToNanoseconds() / 1e9 + task.max_duration.ToNanoseconds() / 1e9
+    return max(RETRY_FOR_S, ends - time.time())
+
+
 class TaskRunner:
     def __init__(
         self,
@@ -236,11 +243,8 @@ class TaskRunner:
         )
         # A finished run is not lost to an outage: it is reported for as long as the task
         # could still end well.
-        ends = task.start_time.ToNanoseconds() / 1e9 + task.max_duration.ToNanoseconds() / 1e9
         try:
-            reply = await self._call(
-                self._tasks.CompleteTask, request, for_s=max(RETRY_FOR_S, ends - time.time())
-            )
+            reply = await self._call(self._tasks.CompleteTask, request, for_s=_time_left(task))
         except grpc.aio.AioRpcError as error:
             _log.warning("completing task %s failed: %s", task.name, error.details())
             if result is not None and error.code() == grpc.StatusCode.INVALID_ARGUMENT:
@@ -293,7 +297,8 @@ class TaskRunner:
             context = sealing.task_output_context(task.name, task.provider, task.input)
             await asyncio.to_thread(sealing.seal_file, output, stored, owner, context)
         sha256, _ = await retrying(
-            lambda: upload_file(self._artifacts, stored, metadata=self.credentials)
+            lambda: upload_file(self._artifacts, stored, metadata=self.credentials),
+            for_s=_time_left(task),
         )
         result.output = f"blobs/{sha256}"
         result.signature = self._identity.private_key.sign(

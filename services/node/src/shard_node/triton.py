@@ -20,6 +20,7 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import psutil
 import tritonclient.grpc.aio as triton_grpc
@@ -27,6 +28,11 @@ from tritonclient.utils import InferenceServerException
 
 from shard.node.v1 import node_pb2
 from shard_core.process import ManagedProcess
+from shard_node.sandbox import triton_policy
+
+# How much of the sandbox a launched Triton runs in: all of it; its filesystem rules only (for
+# kernels before 6.7, whose Landlock cannot restrict TCP); none (development only).
+Sandboxing = Literal["strict", "filesystem", "off"]
 
 _log = logging.getLogger(__name__)
 
@@ -87,6 +93,7 @@ class TritonProcess:
         state_dir: Path,
         ports: TritonPorts,
         listen_host: str = "127.0.0.1",
+        sandbox: Sandboxing = "strict",
     ) -> None:
         self.ports = ports
         self.model_repository = model_repository
@@ -100,15 +107,29 @@ class TritonProcess:
             str(sysconfig.get_config_var("LIBDIR")),
             str(root.parent / "nvidia_pytriton.libs"),
         ]
-        env = dict(os.environ)
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(
-            [*lib_dirs, *filter(None, [env.get("LD_LIBRARY_PATH")])]
-        )
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        library_path = os.pathsep.join(lib_dirs)
+        # The venv's `bin` first: the Python backend stub finds its interpreter on PATH.
+        path = os.pathsep.join([str(Path(sys.executable).parent), "/usr/local/bin:/usr/bin:/bin"])
+        program = [str(server / "bin" / "tritonserver")]
+        env = {**os.environ, "LD_LIBRARY_PATH": library_path, "PATH": path}
+        if sandbox != "off":
+            temporary = state_dir / "triton-tmp"
+            shutil.rmtree(temporary, ignore_errors=True)
+            temporary.mkdir(mode=0o700, parents=True)
+            policy = triton_policy(
+                programs=[str(server), *lib_dirs, str(backends), sys.prefix, sys.base_prefix],
+                repository=str(model_repository.resolve()),
+                temporary=str(temporary),
+                ports=[ports.grpc, ports.http, ports.metrics],
+                path=path,
+                library_path=library_path,
+                require_network_rules=sandbox == "strict",
+            )
+            program = [sys.executable, "-m", "shard_node.sandbox", policy.to_json(), "--", *program]
         self.process = ManagedProcess(
             "tritonserver",
             [
-                str(server / "bin" / "tritonserver"),
+                *program,
                 f"--model-repository={model_repository.resolve()}",
                 f"--backend-directory={backends}",
                 "--model-control-mode=explicit",
