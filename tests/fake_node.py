@@ -216,6 +216,9 @@ async def fake_node_serving(
             await agent.read()
 
     running = [asyncio.ensure_future(heartbeats()), asyncio.ensure_future(drain())]
+    # The labels it claims select nothing until an admin sets them (the stub is an admin's).
+    node = node_pb2.Node(name=reply.registered.name, labels=labels)
+    await stub.UpdateNode(node_service_pb2.UpdateNodeRequest(node=node), timeout=10)
     try:
         yield reply.registered.name
     finally:

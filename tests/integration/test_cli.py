@@ -84,6 +84,16 @@ def test_nodes(shard: Shard, mesh: LocalMesh) -> None:
     name = nodes[0]["name"]
     got = shard("-o", "yaml", "node", "get", name.removeprefix("nodes/"))
     assert yaml.safe_load(got.stdout)["name"] == name
+    # Labels an admin sets are facts, shown apart from what the node claims.
+    node_id = name.removeprefix("nodes/")
+    labelled = shard("-o", "json", "node", "label", node_id, "cli-test=yes")
+    assert labelled["labels"]["cli-test"] == "yes"
+    assert "cli-test" not in labelled["claimed_labels"]
+    detail = shard("node", "get", node_id).stdout
+    assert "claimed labels: shard.local/name=" in detail
+    unlabelled = shard("-o", "json", "node", "label", node_id, "cli-test-")
+    assert "cli-test" not in unlabelled["labels"]
+    assert "neither" in shard("node", "label", node_id, "oops", expect=2).stderr
     table = shard("node", "ls").stdout  # a table by default
     assert "NAME" in table
     assert "TASKS" in table

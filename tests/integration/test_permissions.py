@@ -22,7 +22,7 @@ from shard.deployment.v1 import deployment_pb2, deployment_service_pb2_grpc
 from shard.deployment.v1 import deployment_service_pb2 as deployment_api
 from shard.model.v1 import model_pb2, model_service_pb2_grpc
 from shard.model.v1 import model_service_pb2 as model_api
-from shard.node.v1 import node_service_pb2, node_service_pb2_grpc
+from shard.node.v1 import node_pb2, node_service_pb2, node_service_pb2_grpc
 from shard.task.v1 import task_pb2, task_service_pb2_grpc
 from shard.task.v1 import task_service_pb2 as task_api
 from shard_core.errors import error_info
@@ -119,6 +119,9 @@ def _calls() -> dict[str, Call]:
         ),
         "DeleteNode": lambda c, m: nodes(c).DeleteNode(
             node_service_pb2.DeleteNodeRequest(name=node), metadata=m
+        ),
+        "UpdateNode": lambda c, m: nodes(c).UpdateNode(
+            node_service_pb2.UpdateNodeRequest(node=node_pb2.Node(name=node)), metadata=m
         ),
         "CreateJoinToken": lambda c, m: nodes(c).CreateJoinToken(
             node_service_pb2.CreateJoinTokenRequest(
@@ -224,6 +227,7 @@ ALLOWED: dict[str, set[str]] = {
     "UncordonNode": {"admin", "provider"},
     "DrainNode": {"admin", "provider"},
     "DeleteNode": {"admin", "provider"},
+    "UpdateNode": {"admin"},  # labels are facts: a provider's word is a claim
     "CreateJoinToken": {"admin", "provider"},
     # Task owners (developers too) store sealed jobs and read sealed results.
     "UploadBlob": TASK_OWNERS,

@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import field_mask_pb2
 
 from shard.artifact.v1 import artifact_service_pb2 as artifact_api
 from shard.artifact.v1 import artifact_service_pb2_grpc
@@ -73,6 +74,22 @@ async def _eventually_present(store: EtcdStore, key: str, *, present: bool) -> N
     pytest.fail(f"{key} never became {'present' if present else 'absent'}")
 
 
+async def _until_unschedulable(publisher: Publisher, name: str) -> None:
+    for _ in range(100):
+        deployment = (
+            await publisher.deployments.GetDeployment(
+                deployment_api.GetDeploymentRequest(name=name)
+            )
+        ).deployment
+        conditions = {c.type: c for c in deployment.status.conditions}
+        unschedulable = conditions.get("Unschedulable")
+        if unschedulable is not None and unschedulable.status:
+            assert "labels do not match" in unschedulable.message, unschedulable.message
+            return
+        await asyncio.sleep(0.1)
+    pytest.fail(f"{name} never became unschedulable")
+
+
 async def _until_state(
     stub: node_service_pb2_grpc.NodeServiceStub, name: str, state: node_pb2.NodeState.ValueType
 ) -> node_pb2.Node:
@@ -106,13 +123,22 @@ async def test_assigned_ready_models_become_routable_and_unassigned_ones_stop(
     await _until_state(stub, reply.registered.name, node_pb2.NODE_STATE_ACTIVE)
     assert await _assignments(agent, models=set()) == []
 
-    # A deployment that only this node may serve is assigned to it, files and all.
+    # What a node claims is not a fact: a deployment whose selector only its claimed labels
+    # match waits for a node an admin labelled.
     await push_copy(publisher, "fake-echo")
     await publisher.deploy(
         "fake-echo",
         [target("1", replicas=1)],
         node_selector=deployment_pb2.NodeSelector(labels=pool),
     )
+    await _until_unschedulable(publisher, "deployments/fake-echo")
+    node = (await stub.GetNode(node_service_pb2.GetNodeRequest(name=reply.registered.name))).node
+    assert (dict(node.labels), dict(node.claimed_labels)) == ({}, pool)
+    # An admin's label is a fact: the deployment only this node may serve is assigned to it,
+    # files and all.
+    labelled = node_pb2.Node(name=reply.registered.name, labels=pool)
+    updated = await stub.UpdateNode(node_service_pb2.UpdateNodeRequest(node=labelled))
+    assert dict(updated.node.labels) == pool
     (assignment,) = await _assignments(agent, models={"fake-echo"})
     assert (assignment.model_name, assignment.model_version) == ("fake-echo", "1")
     assert {file.path for file in assignment.files} == {"model.py"}
@@ -790,3 +816,30 @@ async def test_node_credentials_renew_with_attestations_and_die_with_the_session
         await stub.DeleteNode(node_service_pb2.DeleteNodeRequest(name=first.name))
         await _until_refused(channel, third)
         again.call.cancel()
+
+
+@pytest.mark.parametrize(
+    ("labels", "mask", "field"),
+    [
+        ({"bad key": "x"}, [], "node.labels[bad key]"),
+        ({"k": "v" * 64}, [], "node.labels[k]"),
+        ({f"k{i}": "v" for i in range(65)}, [], "node.labels"),
+        ({"k": "v"}, ["state"], "update_mask"),
+    ],
+)
+async def test_bad_node_updates_name_the_field(
+    stub: node_service_pb2_grpc.NodeServiceStub,
+    labels: dict[str, str],
+    mask: list[str],
+    field: str,
+) -> None:
+    node = node_pb2.Node(name="nodes/nwhatever", labels=labels)
+    error = await refused(
+        stub.UpdateNode(
+            node_service_pb2.UpdateNodeRequest(
+                node=node, update_mask=field_mask_pb2.FieldMask(paths=mask)
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert error_info(error).metadata["field"] == field  # type: ignore[union-attr]

@@ -64,6 +64,7 @@ class Permission(enum.StrEnum):
     NODES_READ = "nodes.read"
     NODES_WRITE = "nodes.write"
     NODES_ENROLL = "nodes.enroll"
+    NODES_LABEL = "nodes.label"  # set the facts about nodes: admins only
     BLOBS_READ = "blobs.read"
     BLOBS_WRITE = "blobs.write"
     MODELS_READ = "models.read"

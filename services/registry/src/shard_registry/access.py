@@ -35,6 +35,7 @@ RULES: MethodRules = {
             "UncordonNode": Permission.NODES_WRITE,
             "DrainNode": Permission.NODES_WRITE,
             "DeleteNode": Permission.NODES_WRITE,
+            "UpdateNode": Permission.NODES_LABEL,
             "CreateJoinToken": Permission.NODES_ENROLL,
         },
     ),

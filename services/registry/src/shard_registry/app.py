@@ -123,7 +123,7 @@ async def serve(settings: RegistrySettings) -> None:
     keeper = LeaseKeeper(store)
     keeper.start()
     # Each mirror reconnects its own client on failure, so each gets one of its own.
-    directory = NodeDirectory()
+    directory = NodeDirectory(trusted_claims=settings.trusted_label_claims)
     admin_token = settings.admin_token.get_secret_value()
     credentials = NodeCredentials(
         admin_token,
@@ -182,7 +182,10 @@ async def serve(settings: RegistrySettings) -> None:
         ttl_s=settings.leader_ttl_s,
     )
     control = ControlLoop(
-        store=store, election_key=election.key, period_s=settings.control_period_s
+        store=store,
+        election_key=election.key,
+        period_s=settings.control_period_s,
+        trusted_claims=settings.trusted_label_claims,
     )
     prober = CanaryProber(
         store=store,

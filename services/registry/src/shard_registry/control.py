@@ -19,6 +19,7 @@ from shard.model.v1 import model_pb2
 from shard.node.v1 import node_pb2
 from shard_core import keys
 from shard_core.etcd.store import EtcdStore
+from shard_registry.lifecycle import overlay
 from shard_registry.scheduler import NodeView, Replica, Scheduler
 
 _log = logging.getLogger(__name__)
@@ -36,8 +37,16 @@ def _node_id(key: str, prefix: str) -> str:
 
 
 class ControlLoop:
-    def __init__(self, *, store: EtcdStore, election_key: str, period_s: float) -> None:
+    def __init__(
+        self,
+        *,
+        store: EtcdStore,
+        election_key: str,
+        period_s: float,
+        trusted_claims: frozenset[str] = frozenset(),
+    ) -> None:
         self._store = store
+        self._trusted_claims = trusted_claims
         self._election_key = election_key
         self._period_s = period_s
         self._sequence = time.time_ns()
@@ -108,13 +117,14 @@ class ControlLoop:
         }
         views = []
         for entry in (await self._store.snapshot(keys.NODES)).entries:
-            node = node_pb2.Node.FromString(entry.value)
             node_id = entry.key.removeprefix(keys.NODES)
-            override = admin.get(node_id)
+            node = overlay(
+                node_pb2.Node.FromString(entry.value), admin.get(node_id), self._trusted_claims
+            )
             views.append(
                 NodeView(
                     node_id=node_id,
-                    state=override.state if override else node.state,
+                    state=node.state,
                     labels=dict(node.labels),
                     capacity=node.capacity,
                     models={status.model_name: status for status in node.models},

@@ -14,6 +14,7 @@ from shard.node.v1 import node_pb2, node_service_pb2
 from shard.task.v1 import task_pb2
 from shard_core import keys
 from shard_core.errors import PermissionDeniedError, ShardError, UnauthenticatedError
+from shard_registry.lifecycle import overlay
 
 NodeListener = Callable[[], None]
 # None tells a watcher it fell too far behind and must start again.
@@ -54,7 +55,8 @@ class _Prefix:
 
 
 class NodeDirectory:
-    def __init__(self) -> None:
+    def __init__(self, *, trusted_claims: frozenset[str] = frozenset()) -> None:
+        self.trusted_claims = trusted_claims  # claimed label keys the policy takes as facts
         self.records = _Prefix(keys.NODES, self._changed)
         self.admin = _Prefix(keys.NODE_ADMIN, self._changed)
         self.assignment_records = _Prefix(keys.ASSIGNMENTS, self._changed)
@@ -89,15 +91,13 @@ class NodeDirectory:
         return node_pb2.Node.FromString(value) if value is not None else None
 
     def node(self, node_id: str) -> node_pb2.Node | None:
-        """The node's record with its operator state laid over it."""
+        """The node's record with what admins and the shard set laid over it."""
         value = self.records.values.get(node_id)
         if value is None:
             return None
-        node = node_pb2.Node.FromString(value)
-        admin = self.admin_state(node_id)
-        if admin is not None:
-            node.state, node.state_reason = admin.state, admin.state_reason
-        return node
+        return overlay(
+            node_pb2.Node.FromString(value), self.admin_state(node_id), self.trusted_claims
+        )
 
     def session_standing(self, node_id: str, session_ms: int, *, now: float) -> ShardError | None:
         """Whether the node's session that began at `session_ms` still stands, for a

@@ -1,4 +1,5 @@
-"""A node's operator states and who may move it between them: the one place that decides.
+"""A node's operator states and who may move it between them, and what is fact about a node:
+the one place that decides.
 
 Over a node's own state (PENDING, ACTIVE, DEGRADED, which its heartbeats drive) lies at most one
 operator state, kept in `node-admin/{node}` so it outlasts the node's sessions: CORDONED and
@@ -80,3 +81,19 @@ def decide(
     if action == NodeAction.DELETE:
         return Decision(state=None, forget=True)
     return Decision(state=_TARGET[action])
+
+
+def overlay(
+    node: node_pb2.Node, admin: node_pb2.Node | None, trusted_claims: frozenset[str]
+) -> node_pb2.Node:
+    """`node` (its record as its session wrote it) with what was set over it: the operator
+    state an admin or the shard imposed, and as `labels` the facts an admin set, plus the
+    labels the node claims whose keys the shard's policy trusts. Everything that decides by a
+    node's state or labels (the scheduler, filters, credentials) reads it through this."""
+    if admin is not None and admin.state:
+        node.state, node.state_reason = admin.state, admin.state_reason
+    labels = {k: v for k, v in node.claimed_labels.items() if k in trusted_claims}
+    labels.update(admin.labels if admin is not None else {})
+    node.labels.clear()
+    node.labels.update(labels)
+    return node

@@ -17,7 +17,7 @@ import ipaddress
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from opentelemetry import metrics
@@ -38,7 +38,14 @@ from shard_core.identity import ED25519_PUBLIC_KEY_BYTES, node_id_for
 from shard_core.sealing import X25519_KEY_BYTES, encryption_key_message, signed_by
 from shard_registry.directory import NodeDirectory
 from shard_registry.enrollment import Challenge, Enrollment, NodePolicy, verify_attestation
-from shard_registry.lifecycle import Actor, Decision, NodeAction, TransitionRefusedError, decide
+from shard_registry.lifecycle import (
+    Actor,
+    Decision,
+    NodeAction,
+    TransitionRefusedError,
+    decide,
+    overlay,
+)
 from shard_registry.resources import (
     RESOURCE_ID,
     VERSION_ID,
@@ -131,6 +138,35 @@ async def pinned_address(address: str, peer: str, field: str) -> str:
             metadata={"field": field},
         )
     return f"[{peer_ip}]:{port}" if peer_ip.version == 6 else f"{peer_ip}:{port}"
+
+
+LABEL_KEY = re.compile(
+    r"([a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?"
+)
+LABEL_VALUE = re.compile(r"([A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?")
+MAX_LABELS = 64
+
+
+def _validate_labels(labels: Mapping[str, str], field: str) -> None:
+    """Labels as Kubernetes spells them: `[prefix/]name` keys, short plain values."""
+    if len(labels) > MAX_LABELS:
+        raise InvalidArgumentError(
+            f"{field} has more than {MAX_LABELS} labels", metadata={"field": field}
+        )
+    for key, value in labels.items():
+        if not LABEL_KEY.fullmatch(key) or not LABEL_VALUE.fullmatch(value):
+            raise InvalidArgumentError(
+                f"{field}: {key[:80]!r}={value[:80]!r} is not a label (keys [prefix/]name, "
+                "values up to 63 letters, digits, '-', '_' or '.')",
+                metadata={"field": f"{field}[{key[:80]}]"},
+            )
+
+
+def _admin_write(key: str, record: node_pb2.Node) -> tuple[dict[str, bytes], list[str]]:
+    """The write that leaves `record` as the node's admin record: gone when it holds nothing."""
+    if record.state or record.labels:
+        return {key: record.SerializeToString()}, []
+    return {}, [key]
 
 
 def _stable(inventory: node_pb2.Inventory) -> node_pb2.Inventory:
@@ -252,7 +288,7 @@ class NodeSession:
 
     def effective_state(self) -> node_pb2.NodeState.ValueType:
         admin = self._registry.directory.admin_state(self.node_id)
-        return admin.state if admin is not None else self.node.state
+        return admin.state if admin is not None and admin.state else self.node.state
 
     def _endpoints(self) -> dict[str, bytes]:
         """Endpoints for the model versions the node is assigned and reports READY, while its
@@ -481,7 +517,7 @@ class NodeRegistry:
         node = node_pb2.Node(
             name=f"nodes/{node_id}",
             state=state,
-            labels=registration.labels,
+            claimed_labels=registration.labels,
             inference_address=addresses["registration.inference_address"],
             http_address=addresses.get("registration.http_address", ""),
             agent_version=inventory.agent_version,
@@ -554,9 +590,11 @@ class NodeRegistry:
     async def _complete(self, node: node_pb2.Node) -> node_pb2.Node:
         node_id = node.name.removeprefix("nodes/")
         admin = await self.store.get(keys.node_admin(node_id))
-        if admin is not None:
-            state = node_pb2.Node.FromString(admin.value)
-            node.state, node.state_reason = state.state, state.state_reason
+        overlay(
+            node,
+            node_pb2.Node.FromString(admin.value) if admin else None,
+            self.directory.trusted_claims,
+        )
         history = await self.store.get(keys.node_transitions(node_id))
         if history is not None:
             node.transitions.extend(node_pb2.Node.FromString(history.value).transitions)
@@ -629,13 +667,13 @@ class NodeRegistry:
         key = keys.node_admin(node_id)
         while True:
             found = await self.store.get(key)
-            current = node_pb2.Node.FromString(found.value).state if found else None
+            record = node_pb2.Node.FromString(found.value) if found else node_pb2.Node()
+            current = record.state or None
             decision = await self._decide(node_id, action, actor, by, current)
-            if decision.state is None:
-                puts, deletes = {}, [key]
-            else:
-                record = node_pb2.Node(name=node.name, state=decision.state, state_reason=reason)
-                puts, deletes = {key: record.SerializeToString()}, []
+            record.name = node.name
+            record.state = decision.state or node_pb2.NODE_STATE_UNSPECIFIED
+            record.state_reason = reason if decision.state else ""
+            puts, deletes = _admin_write(key, record)
             expect = {key: found.mod_revision if found else 0}
             if await self.store.write(puts=puts, deletes=deletes, expect=expect):
                 break
@@ -647,6 +685,32 @@ class NodeRegistry:
             )
             after = await self.get_node(name)
         return after
+
+    async def set_labels(
+        self, name: str, labels: Mapping[str, str], *, by: Principal
+    ) -> node_pb2.Node:
+        """Set what an admin states about a live node: its labels, which selectors match.
+        A provider's word about its own node is a claim, so only an admin sets them."""
+        if not by.admin:
+            raise PermissionDeniedError(
+                "only an admin sets a node's labels; a provider's are claims "
+                "(the agent's SHARD_NODE_LABELS)",
+                reason="ADMIN_ONLY",
+                metadata={"field": "node.labels"},
+            )
+        _validate_labels(labels, "node.labels")
+        node = await self.get_node(name)
+        key = keys.node_admin(node.name.removeprefix("nodes/"))
+        while True:
+            found = await self.store.get(key)
+            record = node_pb2.Node.FromString(found.value) if found else node_pb2.Node()
+            record.name = node.name
+            record.labels.clear()
+            record.labels.update(labels)
+            puts, deletes = _admin_write(key, record)
+            expect = {key: found.mod_revision if found else 0}
+            if await self.store.write(puts=puts, deletes=deletes, expect=expect):
+                return await self.get_node(name)
 
     async def provider_of(self, name: str) -> str:
         """The principal that runs the node, from its record or else its enrollment."""
@@ -669,7 +733,7 @@ class NodeRegistry:
         admin_key = keys.node_admin(node_id)
         while True:
             admin = await self.store.get(admin_key)
-            current = node_pb2.Node.FromString(admin.value).state if admin else None
+            current = (node_pb2.Node.FromString(admin.value).state or None) if admin else None
             decision = await self._decide(node_id, NodeAction.DELETE, actor, by, current)
             deletes = [keys.enrolled(node_id)]
             if decision.forget:

@@ -323,6 +323,19 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
         await self._registry.delete_node(request.name, by=caller())
         return node_service_pb2.DeleteNodeResponse()
 
+    async def UpdateNode(
+        self, request: node_service_pb2.UpdateNodeRequest, context: Context
+    ) -> node_service_pb2.UpdateNodeResponse:
+        require(request.HasField("node"), "node")
+        paths = set(request.update_mask.paths) or {"labels"}
+        if paths != {"labels"}:
+            raise InvalidArgumentError(
+                f"update_mask may name only labels, not {', '.join(sorted(paths - {'labels'}))}",
+                metadata={"field": "update_mask"},
+            )
+        node = await self._registry.set_labels(request.node.name, request.node.labels, by=caller())
+        return node_service_pb2.UpdateNodeResponse(node=node)
+
     async def CreateJoinToken(
         self, request: node_service_pb2.CreateJoinTokenRequest, context: Context
     ) -> node_service_pb2.CreateJoinTokenResponse:

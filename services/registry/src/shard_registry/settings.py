@@ -47,6 +47,11 @@ class RegistrySettings(ServiceSettings, EtcdSettings):
         description="Accept a node's Triton address even if it is not where the node connects "
         "from (for nodes behind NAT); by default a node can only point traffic at itself.",
     )
+    trusted_label_claims: frozenset[str] = Field(
+        default=frozenset(),
+        description="Keys of the labels nodes claim (SHARD_NODE_LABELS) that node selectors "
+        "match as if an admin had set them; by default none: an admin sets labels (UpdateNode).",
+    )
     require_join_token: bool = Field(
         default=True, description="New nodes need a one-time join token made by an admin."
     )

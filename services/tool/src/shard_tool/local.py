@@ -246,10 +246,11 @@ class LocalMesh:
         `triton_url` serving `repository` (whose model control takes `triton_control_key`),
         and wait until it is ACTIVE."""
         state_dir = self.state_dir / "nodes" / name
+        node_labels = {**(labels or {}), LOCAL_NAME_LABEL: name}
         settings: dict[str, object] = {
             "registry_address": self.registry_address,
             "state_dir": state_dir,
-            "labels": {**(labels or {}), LOCAL_NAME_LABEL: name},
+            "labels": node_labels,
             "join_token": await self.join_token(f"local node {name}"),
         }
         triton_grpc_port = triton_http_port = None
@@ -277,7 +278,20 @@ class LocalMesh:
         self.nodes[name] = handle
         process.start()
         await process.wait_ready(lambda: self._node_registered(name), timeout=120, interval=0.2)
+        # What a provider's agent says of its node is a claim; the mesh's admin confirms it.
+        await self.set_labels(name, node_labels)
         return handle
+
+    async def set_labels(self, name: str, labels: Mapping[str, str]) -> None:
+        """Set the labels of the node this mesh started as `name`, as an admin."""
+        node = await self.find_node(name)
+        assert node is not None, name
+        node.labels.clear()
+        node.labels.update(labels)
+        async with self.admin_channel() as channel:
+            await node_service_pb2_grpc.NodeServiceStub(channel).UpdateNode(
+                node_service_pb2.UpdateNodeRequest(node=node), timeout=10
+            )
 
     async def join_token(self, description: str) -> str:
         """A one-time join token from the registry, as an admin would make one."""
@@ -301,7 +315,8 @@ class LocalMesh:
                 node_service_pb2.ListNodesRequest(page_size=1000), timeout=2
             )
         return next(
-            (node for node in reply.nodes if node.labels.get(LOCAL_NAME_LABEL) == name), None
+            (node for node in reply.nodes if node.claimed_labels.get(LOCAL_NAME_LABEL) == name),
+            None,
         )
 
     async def _gateway_live(self) -> bool:

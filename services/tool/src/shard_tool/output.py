@@ -53,6 +53,15 @@ def emit(
     Console(soft_wrap=True).print(table)
 
 
+def emit_one(message: Message, fields: Sequence[Column], output: Format) -> None:
+    """Print one message in full: `field: value` lines (nothing cut at any width), or whole as
+    JSON or YAML."""
+    if output is not Format.TABLE:
+        emit(message, fields, output)
+        return
+    emit_data({title: _cell(value(message)) for title, value in fields}, output)
+
+
 def emit_data(data: Any, output: Format) -> None:
     """Print plain data (dicts and lists) in a machine format, or as `key: value` lines."""
     if output is Format.JSON:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from shard.node.v1 import node_pb2, node_service_pb2, node_service_pb2_grpc
-from shard_tool.output import Column, emit, emit_data
+from shard_tool.output import Column, emit, emit_data, emit_one
 from shard_tool.session import TIMEOUT_S, all_pages, resource_name, session
 
 app = typer.Typer(help="Nodes: list, inspect, cordon, drain and remove machines; join tokens.")
@@ -27,6 +27,12 @@ COLUMNS: list[Column] = [
     ("tasks", lambda n: "yes" if n.encryption_key.public_key else "no"),
     ("models", lambda n: sorted({m.model_name for m in n.models})),
     ("labels", lambda n: dict(n.labels)),
+]
+# One node, in full: what it claims shown apart from what an admin set or the shard measured.
+DETAIL: list[Column] = [
+    *COLUMNS,
+    ("claimed labels", lambda n: dict(n.claimed_labels)),
+    ("claimed gpus", lambda n: [g.model for g in n.inventory.gpus]),
 ]
 Name = Annotated[str, typer.Argument(help="The node id (or nodes/<id>).")]
 Stub = node_service_pb2_grpc.NodeServiceStub
@@ -72,7 +78,47 @@ def get_node(ctx: typer.Context, node: Name) -> None:
     s = session(ctx)
     request = node_service_pb2.GetNodeRequest(name=resource_name("nodes", node))
     reply = s.call(Stub, lambda nodes: nodes.GetNode(request, timeout=TIMEOUT_S))
-    emit(reply.node, COLUMNS, s.output)
+    emit_one(reply.node, DETAIL, s.output)
+
+
+@app.command("label")
+def label(
+    ctx: typer.Context,
+    node: Name,
+    labels: Annotated[
+        list[str] | None, typer.Argument(help="key=value labels to set; key- removes one.")
+    ] = None,
+) -> None:
+    """Set a node's labels, as an admin: the facts deployments' node selectors match.
+
+    What the node's agent reports (SHARD_NODE_LABELS) is a claim, shown apart; it selects
+    nothing until an admin sets it here.
+
+    Example: shard node label nk3gbxs7 pool=a100 rack=4 old-
+    """
+    s = session(ctx)
+    name = resource_name("nodes", node)
+    changes = list(labels or [])
+    for change in changes:
+        if "=" not in change and not change.endswith("-"):
+            raise typer.BadParameter(
+                f"{change!r} is neither key=value nor key-", param_hint="LABELS"
+            )
+
+    async def work() -> node_pb2.Node:
+        stub = s.registry(Stub)
+        current = await stub.GetNode(node_service_pb2.GetNodeRequest(name=name), timeout=TIMEOUT_S)
+        wanted = dict(current.node.labels)
+        for change in changes:
+            if change.endswith("-") and "=" not in change:
+                wanted.pop(change[:-1], None)
+            else:
+                key, _, value = change.partition("=")
+                wanted[key] = value
+        update = node_service_pb2.UpdateNodeRequest(node=node_pb2.Node(name=name, labels=wanted))
+        return (await stub.UpdateNode(update, timeout=TIMEOUT_S)).node
+
+    emit_one(s.run(work), DETAIL, s.output)
 
 
 @app.command("cordon")

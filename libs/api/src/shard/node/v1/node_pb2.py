@@ -28,7 +28,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from shard.model.v1 import model_pb2 as shard_dot_model_dot_v1_dot_model__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18shard/node/v1/node.proto\x12\rshard.node.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ashard/model/v1/model.proto\"\x8d\x07\n\x04Node\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12-\n\x05state\x18\x02 \x01(\x0e\x32\x18.shard.node.v1.NodeStateB\x04\xe2\x41\x01\x03\x12/\n\x06labels\x18\x03 \x03(\x0b\x32\x1f.shard.node.v1.Node.LabelsEntry\x12\x19\n\x11inference_address\x18\x04 \x01(\t\x12\x14\n\x0chttp_address\x18\x13 \x01(\t\x12\x15\n\ragent_version\x18\x05 \x01(\t\x12\x16\n\x0etriton_version\x18\x06 \x01(\t\x12\x30\n\x06models\x18\x07 \x03(\x0b\x32\x1a.shard.node.v1.ModelStatusB\x04\xe2\x41\x01\x03\x12\x37\n\rregister_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x38\n\x0eheartbeat_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x18\n\npublic_key\x18\n \x01(\x0c\x42\x04\xe2\x41\x01\x05\x12\x34\n\x08\x63\x61pacity\x18\x0b \x01(\x0b\x32\x1c.shard.node.v1.NodeResourcesB\x04\xe2\x41\x01\x03\x12\x1a\n\x0cstate_reason\x18\x0c \x01(\tB\x04\xe2\x41\x01\x03\x12\x31\n\tinventory\x18\r \x01(\x0b\x32\x18.shard.node.v1.InventoryB\x04\xe2\x41\x01\x03\x12\x39\n\x0btransitions\x18\x0e \x03(\x0b\x32\x1e.shard.node.v1.StateTransitionB\x04\xe2\x41\x01\x03\x12\x31\n\x07metrics\x18\x0f \x01(\x0b\x32\x1a.shard.node.v1.NodeMetricsB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x61ttest_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x16\n\x08problems\x18\x11 \x03(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08provider\x18\x12 \x01(\tB\x04\xe2\x41\x01\x03\x12:\n\x0e\x65ncryption_key\x18\x14 \x01(\x0b\x32\x1c.shard.node.v1.EncryptionKeyB\x04\xe2\x41\x01\x03\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01:-\xea\x41*\n\rshard.ai/Node\x12\x0cnodes/{node}*\x05nodes2\x04node\"6\n\rEncryptionKey\x12\x12\n\npublic_key\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\x99\x01\n\x0fStateTransition\x12&\n\x04\x66rom\x18\x01 \x01(\x0e\x32\x18.shard.node.v1.NodeState\x12$\n\x02to\x18\x02 \x01(\x0e\x32\x18.shard.node.v1.NodeState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe7\x01\n\tInventory\x12&\n\x04gpus\x18\x01 \x03(\x0b\x32\x18.shard.node.v1.GpuDevice\x12\x1a\n\x12gpus_cross_checked\x18\x02 \x01(\x08\x12\x11\n\tcpu_model\x18\x03 \x01(\t\x12\x11\n\tcpu_cores\x18\x04 \x01(\x05\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x03\x12\x12\n\ndisk_bytes\x18\x06 \x01(\x03\x12\x17\n\x0f\x64isk_free_bytes\x18\x07 \x01(\x03\x12\x16\n\x0etriton_version\x18\x08 \x01(\t\x12\x15\n\ragent_version\x18\t \x01(\t\"R\n\tGpuDevice\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x03\x12\x0c\n\x04uuid\x18\x03 \x01(\t\x12\x12\n\npci_bus_id\x18\x04 \x01(\t\"\x8d\x01\n\x0bNodeMetrics\x12$\n\x04gpus\x18\x01 \x03(\x0b\x32\x16.shard.node.v1.GpuLoad\x12\x13\n\x0b\x63pu_percent\x18\x02 \x01(\x01\x12\x19\n\x11memory_used_bytes\x18\x03 \x01(\x03\x12(\n\x06models\x18\x04 \x03(\x0b\x32\x18.shard.node.v1.ModelLoad\"O\n\x07GpuLoad\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\x1b\n\x13utilization_percent\x18\x02 \x01(\x01\x12\x19\n\x11memory_used_bytes\x18\x03 \x01(\x03\"0\n\tModelLoad\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07pending\x18\x02 \x01(\x03\"[\n\rNodeResources\x12\x12\n\ncpu_millis\x18\x01 \x01(\x03\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x03\x12 \n\x04gpus\x18\x03 \x03(\x0b\x32\x12.shard.node.v1.Gpu\"*\n\x03Gpu\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x03\"\xa2\x01\n\x0bModelStatus\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.shard.node.v1.ModelState\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x03\x12\x18\n\x10gpu_memory_bytes\x18\x06 \x01(\x03\"\x9a\x01\n\x0fModelAssignment\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0e\n\x06\x63onfig\x18\x03 \x01(\t\x12(\n\x05\x66iles\x18\x04 \x03(\x0b\x32\x19.shard.model.v1.ModelFile\x12\x12\n\ndeployment\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\"\x8a\x01\n\rModelEndpoint\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x19\n\x11inference_address\x18\x04 \x01(\t\x12\x14\n\x0chttp_address\x18\x06 \x01(\t\x12\x0f\n\x07pending\x18\x05 \x01(\x03*\xbd\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12NODE_STATE_PENDING\x10\x01\x12\x15\n\x11NODE_STATE_ACTIVE\x10\x02\x12\x17\n\x13NODE_STATE_CORDONED\x10\x03\x12\x17\n\x13NODE_STATE_DRAINING\x10\x04\x12\x17\n\x13NODE_STATE_DEGRADED\x10\x05\x12\x1a\n\x16NODE_STATE_QUARANTINED\x10\x06*\x8e\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x1b\n\x17MODEL_STATE_UNAVAILABLE\x10\x03\x12\x16\n\x12MODEL_STATE_FAILED\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18shard/node/v1/node.proto\x12\rshard.node.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ashard/model/v1/model.proto\"\x89\x08\n\x04Node\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12-\n\x05state\x18\x02 \x01(\x0e\x32\x18.shard.node.v1.NodeStateB\x04\xe2\x41\x01\x03\x12/\n\x06labels\x18\x03 \x03(\x0b\x32\x1f.shard.node.v1.Node.LabelsEntry\x12\x44\n\x0e\x63laimed_labels\x18\x15 \x03(\x0b\x32&.shard.node.v1.Node.ClaimedLabelsEntryB\x04\xe2\x41\x01\x03\x12\x19\n\x11inference_address\x18\x04 \x01(\t\x12\x14\n\x0chttp_address\x18\x13 \x01(\t\x12\x15\n\ragent_version\x18\x05 \x01(\t\x12\x16\n\x0etriton_version\x18\x06 \x01(\t\x12\x30\n\x06models\x18\x07 \x03(\x0b\x32\x1a.shard.node.v1.ModelStatusB\x04\xe2\x41\x01\x03\x12\x37\n\rregister_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x38\n\x0eheartbeat_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x18\n\npublic_key\x18\n \x01(\x0c\x42\x04\xe2\x41\x01\x05\x12\x34\n\x08\x63\x61pacity\x18\x0b \x01(\x0b\x32\x1c.shard.node.v1.NodeResourcesB\x04\xe2\x41\x01\x03\x12\x1a\n\x0cstate_reason\x18\x0c \x01(\tB\x04\xe2\x41\x01\x03\x12\x31\n\tinventory\x18\r \x01(\x0b\x32\x18.shard.node.v1.InventoryB\x04\xe2\x41\x01\x03\x12\x39\n\x0btransitions\x18\x0e \x03(\x0b\x32\x1e.shard.node.v1.StateTransitionB\x04\xe2\x41\x01\x03\x12\x31\n\x07metrics\x18\x0f \x01(\x0b\x32\x1a.shard.node.v1.NodeMetricsB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x61ttest_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x16\n\x08problems\x18\x11 \x03(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08provider\x18\x12 \x01(\tB\x04\xe2\x41\x01\x03\x12:\n\x0e\x65ncryption_key\x18\x14 \x01(\x0b\x32\x1c.shard.node.v1.EncryptionKeyB\x04\xe2\x41\x01\x03\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x34\n\x12\x43laimedLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01:-\xea\x41*\n\rshard.ai/Node\x12\x0cnodes/{node}*\x05nodes2\x04node\"6\n\rEncryptionKey\x12\x12\n\npublic_key\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\x99\x01\n\x0fStateTransition\x12&\n\x04\x66rom\x18\x01 \x01(\x0e\x32\x18.shard.node.v1.NodeState\x12$\n\x02to\x18\x02 \x01(\x0e\x32\x18.shard.node.v1.NodeState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe7\x01\n\tInventory\x12&\n\x04gpus\x18\x01 \x03(\x0b\x32\x18.shard.node.v1.GpuDevice\x12\x1a\n\x12gpus_cross_checked\x18\x02 \x01(\x08\x12\x11\n\tcpu_model\x18\x03 \x01(\t\x12\x11\n\tcpu_cores\x18\x04 \x01(\x05\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x03\x12\x12\n\ndisk_bytes\x18\x06 \x01(\x03\x12\x17\n\x0f\x64isk_free_bytes\x18\x07 \x01(\x03\x12\x16\n\x0etriton_version\x18\x08 \x01(\t\x12\x15\n\ragent_version\x18\t \x01(\t\"R\n\tGpuDevice\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x03\x12\x0c\n\x04uuid\x18\x03 \x01(\t\x12\x12\n\npci_bus_id\x18\x04 \x01(\t\"\x8d\x01\n\x0bNodeMetrics\x12$\n\x04gpus\x18\x01 \x03(\x0b\x32\x16.shard.node.v1.GpuLoad\x12\x13\n\x0b\x63pu_percent\x18\x02 \x01(\x01\x12\x19\n\x11memory_used_bytes\x18\x03 \x01(\x03\x12(\n\x06models\x18\x04 \x03(\x0b\x32\x18.shard.node.v1.ModelLoad\"O\n\x07GpuLoad\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\x1b\n\x13utilization_percent\x18\x02 \x01(\x01\x12\x19\n\x11memory_used_bytes\x18\x03 \x01(\x03\"0\n\tModelLoad\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07pending\x18\x02 \x01(\x03\"[\n\rNodeResources\x12\x12\n\ncpu_millis\x18\x01 \x01(\x03\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x03\x12 \n\x04gpus\x18\x03 \x03(\x0b\x32\x12.shard.node.v1.Gpu\"*\n\x03Gpu\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x03\"\xa2\x01\n\x0bModelStatus\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.shard.node.v1.ModelState\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x03\x12\x18\n\x10gpu_memory_bytes\x18\x06 \x01(\x03\"\x9a\x01\n\x0fModelAssignment\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0e\n\x06\x63onfig\x18\x03 \x01(\t\x12(\n\x05\x66iles\x18\x04 \x03(\x0b\x32\x19.shard.model.v1.ModelFile\x12\x12\n\ndeployment\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\"\x8a\x01\n\rModelEndpoint\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x19\n\x11inference_address\x18\x04 \x01(\t\x12\x14\n\x0chttp_address\x18\x06 \x01(\t\x12\x0f\n\x07pending\x18\x05 \x01(\x03*\xbd\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12NODE_STATE_PENDING\x10\x01\x12\x15\n\x11NODE_STATE_ACTIVE\x10\x02\x12\x17\n\x13NODE_STATE_CORDONED\x10\x03\x12\x17\n\x13NODE_STATE_DRAINING\x10\x04\x12\x17\n\x13NODE_STATE_DEGRADED\x10\x05\x12\x1a\n\x16NODE_STATE_QUARANTINED\x10\x06*\x8e\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x1b\n\x17MODEL_STATE_UNAVAILABLE\x10\x03\x12\x16\n\x12MODEL_STATE_FAILED\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,10 +37,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_NODE_LABELSENTRY']._loaded_options = None
   _globals['_NODE_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_NODE_CLAIMEDLABELSENTRY']._loaded_options = None
+  _globals['_NODE_CLAIMEDLABELSENTRY']._serialized_options = b'8\001'
   _globals['_NODE'].fields_by_name['name']._loaded_options = None
   _globals['_NODE'].fields_by_name['name']._serialized_options = b'\342A\001\010'
   _globals['_NODE'].fields_by_name['state']._loaded_options = None
   _globals['_NODE'].fields_by_name['state']._serialized_options = b'\342A\001\003'
+  _globals['_NODE'].fields_by_name['claimed_labels']._loaded_options = None
+  _globals['_NODE'].fields_by_name['claimed_labels']._serialized_options = b'\342A\001\003'
   _globals['_NODE'].fields_by_name['models']._loaded_options = None
   _globals['_NODE'].fields_by_name['models']._serialized_options = b'\342A\001\003'
   _globals['_NODE'].fields_by_name['register_time']._loaded_options = None
@@ -69,36 +73,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NODE'].fields_by_name['encryption_key']._serialized_options = b'\342A\001\003'
   _globals['_NODE']._loaded_options = None
   _globals['_NODE']._serialized_options = b'\352A*\n\rshard.ai/Node\022\014nodes/{node}*\005nodes2\004node'
-  _globals['_NODESTATE']._serialized_start=2482
-  _globals['_NODESTATE']._serialized_end=2671
-  _globals['_MODELSTATE']._serialized_start=2674
-  _globals['_MODELSTATE']._serialized_end=2816
+  _globals['_NODESTATE']._serialized_start=2606
+  _globals['_NODESTATE']._serialized_end=2795
+  _globals['_MODELSTATE']._serialized_start=2798
+  _globals['_MODELSTATE']._serialized_end=2940
   _globals['_NODE']._serialized_start=165
-  _globals['_NODE']._serialized_end=1074
-  _globals['_NODE_LABELSENTRY']._serialized_start=982
-  _globals['_NODE_LABELSENTRY']._serialized_end=1027
-  _globals['_ENCRYPTIONKEY']._serialized_start=1076
-  _globals['_ENCRYPTIONKEY']._serialized_end=1130
-  _globals['_STATETRANSITION']._serialized_start=1133
-  _globals['_STATETRANSITION']._serialized_end=1286
-  _globals['_INVENTORY']._serialized_start=1289
-  _globals['_INVENTORY']._serialized_end=1520
-  _globals['_GPUDEVICE']._serialized_start=1522
-  _globals['_GPUDEVICE']._serialized_end=1604
-  _globals['_NODEMETRICS']._serialized_start=1607
-  _globals['_NODEMETRICS']._serialized_end=1748
-  _globals['_GPULOAD']._serialized_start=1750
-  _globals['_GPULOAD']._serialized_end=1829
-  _globals['_MODELLOAD']._serialized_start=1831
-  _globals['_MODELLOAD']._serialized_end=1879
-  _globals['_NODERESOURCES']._serialized_start=1881
-  _globals['_NODERESOURCES']._serialized_end=1972
-  _globals['_GPU']._serialized_start=1974
-  _globals['_GPU']._serialized_end=2016
-  _globals['_MODELSTATUS']._serialized_start=2019
-  _globals['_MODELSTATUS']._serialized_end=2181
-  _globals['_MODELASSIGNMENT']._serialized_start=2184
-  _globals['_MODELASSIGNMENT']._serialized_end=2338
-  _globals['_MODELENDPOINT']._serialized_start=2341
-  _globals['_MODELENDPOINT']._serialized_end=2479
+  _globals['_NODE']._serialized_end=1198
+  _globals['_NODE_LABELSENTRY']._serialized_start=1052
+  _globals['_NODE_LABELSENTRY']._serialized_end=1097
+  _globals['_NODE_CLAIMEDLABELSENTRY']._serialized_start=1099
+  _globals['_NODE_CLAIMEDLABELSENTRY']._serialized_end=1151
+  _globals['_ENCRYPTIONKEY']._serialized_start=1200
+  _globals['_ENCRYPTIONKEY']._serialized_end=1254
+  _globals['_STATETRANSITION']._serialized_start=1257
+  _globals['_STATETRANSITION']._serialized_end=1410
+  _globals['_INVENTORY']._serialized_start=1413
+  _globals['_INVENTORY']._serialized_end=1644
+  _globals['_GPUDEVICE']._serialized_start=1646
+  _globals['_GPUDEVICE']._serialized_end=1728
+  _globals['_NODEMETRICS']._serialized_start=1731
+  _globals['_NODEMETRICS']._serialized_end=1872
+  _globals['_GPULOAD']._serialized_start=1874
+  _globals['_GPULOAD']._serialized_end=1953
+  _globals['_MODELLOAD']._serialized_start=1955
+  _globals['_MODELLOAD']._serialized_end=2003
+  _globals['_NODERESOURCES']._serialized_start=2005
+  _globals['_NODERESOURCES']._serialized_end=2096
+  _globals['_GPU']._serialized_start=2098
+  _globals['_GPU']._serialized_end=2140
+  _globals['_MODELSTATUS']._serialized_start=2143
+  _globals['_MODELSTATUS']._serialized_end=2305
+  _globals['_MODELASSIGNMENT']._serialized_start=2308
+  _globals['_MODELASSIGNMENT']._serialized_end=2462
+  _globals['_MODELENDPOINT']._serialized_start=2465
+  _globals['_MODELENDPOINT']._serialized_end=2603
 # @@protoc_insertion_point(module_scope)

@@ -123,9 +123,30 @@ class Node(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class ClaimedLabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    CLAIMED_LABELS_FIELD_NUMBER: _builtins.int
     INFERENCE_ADDRESS_FIELD_NUMBER: _builtins.int
     HTTP_ADDRESS_FIELD_NUMBER: _builtins.int
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
@@ -169,7 +190,13 @@ class Node(_message.Message):
     """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Labels the provider gave the node, for selection and filtering."""
+        """Labels an admin set on the node (`UpdateNode`): facts, which deployments' node selectors and
+        list filters match. A claimed label counts too where the shard's policy trusts its key.
+        """
+
+    @_builtins.property
+    def claimed_labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Labels the node's agent reported when it registered: claims, shown apart from `labels`."""
 
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelStatus]:
@@ -189,7 +216,10 @@ class Node(_message.Message):
 
     @_builtins.property
     def inventory(self) -> Global___Inventory:
-        """What the node attested it has, as of its last attestation."""
+        """What the node attested it has, as of its last attestation: a claim signed by its identity
+        key. Without hardware evidence nothing proves it; the shard's policy decides whether
+        placement trusts it (`capacity` is derived from it).
+        """
 
     @_builtins.property
     def transitions(self) -> _containers.RepeatedCompositeFieldContainer[Global___StateTransition]:
@@ -217,6 +247,7 @@ class Node(_message.Message):
         name: _builtins.str = ...,
         state: Global___NodeState.ValueType = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        claimed_labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         inference_address: _builtins.str = ...,
         http_address: _builtins.str = ...,
         agent_version: _builtins.str = ...,
@@ -237,7 +268,7 @@ class Node(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["attest_time", b"attest_time", "capacity", b"capacity", "encryption_key", b"encryption_key", "heartbeat_time", b"heartbeat_time", "inventory", b"inventory", "metrics", b"metrics", "register_time", b"register_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "attest_time", b"attest_time", "capacity", b"capacity", "encryption_key", b"encryption_key", "heartbeat_time", b"heartbeat_time", "http_address", b"http_address", "inference_address", b"inference_address", "inventory", b"inventory", "labels", b"labels", "metrics", b"metrics", "models", b"models", "name", b"name", "problems", b"problems", "provider", b"provider", "public_key", b"public_key", "register_time", b"register_time", "state", b"state", "state_reason", b"state_reason", "transitions", b"transitions", "triton_version", b"triton_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "attest_time", b"attest_time", "capacity", b"capacity", "claimed_labels", b"claimed_labels", "encryption_key", b"encryption_key", "heartbeat_time", b"heartbeat_time", "http_address", b"http_address", "inference_address", b"inference_address", "inventory", b"inventory", "labels", b"labels", "metrics", b"metrics", "models", b"models", "name", b"name", "problems", b"problems", "provider", b"provider", "public_key", b"public_key", "register_time", b"register_time", "state", b"state", "state_reason", b"state_reason", "transitions", b"transitions", "triton_version", b"triton_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -323,7 +354,9 @@ class Inventory(_message.Message):
     TRITON_VERSION_FIELD_NUMBER: _builtins.int
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
     gpus_cross_checked: _builtins.bool
-    """Whether every GPU NVML reported was also found among the PCI devices in sysfs."""
+    """Whether every GPU NVML reported was also found among the PCI devices in sysfs, by the
+    agent's own account: a claim like the rest of the inventory.
+    """
     cpu_model: _builtins.str
     """The CPU model name."""
     cpu_cores: _builtins.int

@@ -25,12 +25,13 @@ _sym_db = _symbol_database.Default()
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
+from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from shard.node.v1 import node_pb2 as shard_dot_node_dot_v1_dot_node__pb2
 from shard.task.v1 import task_pb2 as shard_dot_task_dot_v1_dot_task__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n shard/node/v1/node_service.proto\x12\rshard.node.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18shard/node/v1/node.proto\x1a\x18shard/task/v1/task.proto\"\xe4\x01\n\tJoinToken\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x13\n\x05token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x19\n\x0bttl_seconds\x18\x04 \x01(\x03\x42\x04\xe2\x41\x01\x04\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t:G\xea\x41\x44\n\x12shard.ai/JoinToken\x12\x17joinTokens/{join_token}*\njoinTokens2\tjoinToken\"\x92\x02\n\x0e\x43onnectRequest\x12\x33\n\x0cregistration\x18\x01 \x01(\x0b\x32\x1b.shard.node.v1.RegistrationH\x00\x12-\n\theartbeat\x18\x02 \x01(\x0b\x32\x18.shard.node.v1.HeartbeatH\x00\x12\x37\n\x0e\x64\x65registration\x18\x03 \x01(\x0b\x32\x1d.shard.node.v1.DeregistrationH\x00\x12%\n\x05hello\x18\x04 \x01(\x0b\x32\x14.shard.node.v1.HelloH\x00\x12\x31\n\x0b\x61ttestation\x18\x05 \x01(\x0b\x32\x1a.shard.node.v1.AttestationH\x00\x42\t\n\x07message\"8\n\x05Hello\x12\x15\n\x07node_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\npublic_key\x18\x02 \x01(\x0c\x42\x04\xe2\x41\x01\x02\"\x85\x01\n\x0b\x41ttestation\x12\x13\n\x05nonce\x18\x01 \x01(\x0c\x42\x04\xe2\x41\x01\x02\x12\x31\n\tinventory\x18\x02 \x01(\x0b\x32\x18.shard.node.v1.InventoryB\x04\xe2\x41\x01\x02\x12\x15\n\x07time_ms\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x02\x12\x17\n\tsignature\x18\x04 \x01(\x0c\x42\x04\xe2\x41\x01\x02\"\xb6\x03\n\x0cRegistration\x12\x1f\n\x11inference_address\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x0chttp_address\x18\x0b \x01(\t\x12\x37\n\x06labels\x18\x04 \x03(\x0b\x32\'.shard.node.v1.Registration.LabelsEntry\x12*\n\x06models\x18\x07 \x03(\x0b\x32\x1a.shard.node.v1.ModelStatus\x12\x12\n\njoin_token\x18\t \x01(\t\x12\x34\n\x0e\x65ncryption_key\x18\x0c \x01(\x0b\x32\x1c.shard.node.v1.EncryptionKey\x12\x35\n\x0b\x61ttestation\x18\n \x01(\x0b\x32\x1a.shard.node.v1.AttestationB\x04\xe2\x41\x01\x02\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01J\x04\x08\x01\x10\x02J\x04\x08\x02\x10\x03J\x04\x08\x05\x10\x06J\x04\x08\x06\x10\x07J\x04\x08\x08\x10\tR\x07node_idR\npublic_keyR\ragent_versionR\x0etriton_versionR\x08\x63\x61pacity\"v\n\tHeartbeat\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.shard.node.v1.ModelStatus\x12+\n\x07metrics\x18\x02 \x01(\x0b\x32\x1a.shard.node.v1.NodeMetrics\x12\x10\n\x08problems\x18\x03 \x03(\t\" \n\x0e\x44\x65registration\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x8f\x02\n\x0f\x43onnectResponse\x12/\n\nregistered\x18\x01 \x01(\x0b\x32\x19.shard.node.v1.RegisteredH\x00\x12\x31\n\x0b\x61ssignments\x18\x02 \x01(\x0b\x32\x1a.shard.node.v1.AssignmentsH\x00\x12-\n\tchallenge\x18\x03 \x01(\x0b\x32\x18.shard.node.v1.ChallengeH\x00\x12)\n\x05tasks\x18\x04 \x01(\x0b\x32\x18.shard.node.v1.OpenTasksH\x00\x12\x33\n\ncredential\x18\x05 \x01(\x0b\x32\x1d.shard.node.v1.NodeCredentialH\x00\x42\t\n\x07message\"P\n\x0eNodeCredential\x12\r\n\x05token\x18\x01 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"/\n\tOpenTasks\x12\"\n\x05tasks\x18\x01 \x03(\x0b\x32\x13.shard.task.v1.Task\"\x1a\n\tChallenge\x12\r\n\x05nonce\x18\x01 \x01(\x0c\"=\n\x0b\x41ssignments\x12.\n\x06models\x18\x01 \x03(\x0b\x32\x1e.shard.node.v1.ModelAssignment\"\xa9\x01\n\nRegistered\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x14\n\x0clease_ttl_ms\x18\x03 \x01(\r\x12\x17\n\x0f\x62lob_credential\x18\x04 \x01(\t\x12?\n\x1b\x62lob_credential_expire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"6\n\x0eGetNodeRequest\x12$\n\x04name\x18\x01 \x01(\tB\x16\xe2\x41\x01\x02\xfa\x41\x0f\n\rshard.ai/Node\"4\n\x0fGetNodeResponse\x12!\n\x04node\x18\x01 \x01(\x0b\x32\x13.shard.node.v1.Node\"[\n\x10ListNodesRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x14\n\x06\x66ilter\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"P\n\x11ListNodesResponse\x12\"\n\x05nodes\x18\x01 \x03(\x0b\x32\x13.shard.node.v1.Node\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"O\n\x11\x43ordonNodeRequest\x12$\n\x04name\x18\x01 \x01(\tB\x16\xe2\x41\x01\x02\xfa\x41\x0f\n\rshard.ai/Node\x12\x14\n\x06reason\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"7\n\x12\x43ordonNodeResponse\x12!\n\x04node\x18\x01 \x01(\x0b\x32\x13.shard.node.v1.Node\";\n\x13UncordonNodeRequest\x12$\n\x04name\x18\x01 \x01(\tB\x16\xe2\x41\x01\x02\xfa\x41\x0f\n\rshard.ai/Node\"9\n\x14UncordonNodeResponse\x12!\n\x04node\x18\x01 \x01(\x0b\x32\x13.shard.node.v1.Node\"N\n\x10\x44rainNodeRequest\x12$\n\x04name\x18\x01 \x01(\tB\x16\xe2\x41\x01\x02\xfa\x41\x0f\n\rshard.ai/Node\x12\x14\n\x06reason\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"6\n\x11\x44rainNodeResponse\x12!\n\x04node\x18\x01 \x01(\x0b\x32\x13.shard.node.v1.Node\"\x13\n\x11WatchNodesRequest\"`\n\x12WatchNodesResponse\x12\'\n\x04kind\x18\x01 \x01(\x0e\x32\x19.shard.node.v1.ChangeKind\x12!\n\x04node\x18\x02 \x01(\x0b\x32\x13.shard.node.v1.Node\"9\n\x11\x44\x65leteNodeRequest\x12$\n\x04name\x18\x01 \x01(\tB\x16\xe2\x41\x01\x02\xfa\x41\x0f\n\rshard.ai/Node\"\x14\n\x12\x44\x65leteNodeResponse\"L\n\x16\x43reateJoinTokenRequest\x12\x32\n\njoin_token\x18\x01 \x01(\x0b\x32\x18.shard.node.v1.JoinTokenB\x04\xe2\x41\x01\x01\"G\n\x17\x43reateJoinTokenResponse\x12,\n\njoin_token\x18\x01 \x01(\x0b\x32\x18.shard.node.v1.JoinToken*\\\n\nChangeKind\x12\x1b\n\x17\x43HANGE_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43HANGE_KIND_UPSERTED\x10\x01\x12\x17\n\x13\x43HANGE_KIND_REMOVED\x10\x02\x32\xe9\x07\n\x0bNodeService\x12L\n\x07\x43onnect\x12\x1d.shard.node.v1.ConnectRequest\x1a\x1e.shard.node.v1.ConnectResponse(\x01\x30\x01\x12g\n\x07GetNode\x12\x1d.shard.node.v1.GetNodeRequest\x1a\x1e.shard.node.v1.GetNodeResponse\"\x1d\x90\x02\x01\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/{name=nodes/*}\x12\x64\n\tListNodes\x12\x1f.shard.node.v1.ListNodesRequest\x1a .shard.node.v1.ListNodesResponse\"\x14\x90\x02\x01\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/nodes\x12w\n\nCordonNode\x12 .shard.node.v1.CordonNodeRequest\x1a!.shard.node.v1.CordonNodeResponse\"$\x82\xd3\xe4\x93\x02\x1e\"\x19/v1/{name=nodes/*}:cordon:\x01*\x12\x7f\n\x0cUncordonNode\x12\".shard.node.v1.UncordonNodeRequest\x1a#.shard.node.v1.UncordonNodeResponse\"&\x82\xd3\xe4\x93\x02 \"\x1b/v1/{name=nodes/*}:uncordon:\x01*\x12s\n\tDrainNode\x12\x1f.shard.node.v1.DrainNodeRequest\x1a .shard.node.v1.DrainNodeResponse\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/{name=nodes/*}:drain:\x01*\x12X\n\nWatchNodes\x12 .shard.node.v1.WatchNodesRequest\x1a!.shard.node.v1.WatchNodesResponse\"\x03\x90\x02\x01\x30\x01\x12m\n\nDeleteNode\x12 .shard.node.v1.DeleteNodeRequest\x1a!.shard.node.v1.DeleteNodeResponse\"\x1a\x82\xd3\xe4\x93\x02\x14*\x12/v1/{name=nodes/*}\x12\x84\x01\n\x0f\x43reateJoinToken\x12%.shard.node.v1.CreateJoinTokenRequest\x1a&.shard.node.v1.CreateJoinTokenResponse\"\"\x82\xd3\xe4\x93\x02\x1c\"\x0e/v1/joinTokens:\njoin_tokenb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n shard/node/v1/node_service.proto\x12\rshard.node.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18shard/node/v1/node.proto\x1a\x18shard/task/v1/task.proto\"\xe4\x01\n\tJoinToken\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x13\n\x05token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x19\n\x0bttl_seconds\x18\x04 \x01(\x03\x42\x04\xe2\x41\x01\x04\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t:G\xea\x41\x44\n\x12shard.ai/JoinToken\x12\x17joinTokens/{join_token}*\njoinTokens2\tjoinToken\"\x92\x02\n\x0e\x43onnectRequest\x12\x33\n\x0cregistration\x18\x01 \x01(\x0b\x32\x1b.shard.node.v1.RegistrationH\x00\x12-\n\theartbeat\x18\x02 \x01(\x0b\x32\x18.shard.node.v1.HeartbeatH\x00\x12\x37\n\x0e\x64\x65registration\x18\x03 \x01(\x0b\x32\x1d.shard.node.v1.DeregistrationH\x00\x12%\n\x05hello\x18\x04 \x01(\x0b\x32\x14.shard.node.v1.HelloH\x00\x12\x31\n\x0b\x61ttestation\x18\x05 \x01(\x0b\x32\x1a.shard.node.v1.AttestationH\x00\x42\t\n\x07message\"8\n\x05Hello\x12\x15\n\x07node_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\npublic_key\x18\x02 \x01(\x0c\x42\x04\xe2\x41\x01\x02\"\x85\x01\n\x0b\x41ttestation\x12\x13\n\x05nonce\x18\x01 \x01(\x0c\x42\x04\xe2\x41\x01\x02\x12\x31\n\tinventory\x18\x02 \x01(\x0b\x32\x18.shard.node.v1.InventoryB\x04\xe2\x41\x01\x02\x12\x15\n\x07time_ms\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x02\x12\x17\n\tsignature\x18\x04 \x01(\x0c\x42\x04\xe2\x41\x01\x02\"\xb6\x03\n\x0cRegistration\x12\x1f\n\x11inference_address\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x0chttp_address\x18\x0b \x01(\t\x12\x37\n\x06labels\x18\x04 \x03(\x0b\x32\'.shard.node.v1.Registration.LabelsEntry\x12*\n\x06models\x18\x07 \x03(\x0b\x32\x1a.shard.node.v1.ModelStatus\x12\x12\n\njoin_token\x18\t \x01(\t\x12\x34\n\x0e\x65ncryption_key\x18\x0c \x01(\x0b\x32\x1c.shard.node.v1.EncryptionKey\x12\x35\n\x0b\x61ttestation\x18\n \x01(\x0b\x32\x1a.shard.node.v1.AttestationB\x04\xe2\x41\x01\x02\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01J\x04\x08\x01\x10\x02J\x04\x08\x02\x10\x03J\x04\x08\x05\x10\x06J\x04\x08\x06\x10\x07J\x04\x08\x08\x10\tR\x07node_idR\npublic_keyR\ragent_versionR\x0etriton_versionR\x08\x63\x61pacity\"v\n\tHeartbeat\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.shard.node.v1.ModelStatus\x12+\n\x07metrics\x18\x02 \x01(\x0b\x32\x1a.shard.node.v1.NodeMetrics\x12\x10\n\x08problems\x18\x03 \x03(\t\" \n\x0e\x44\x65registration\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x8f\x02\n\x0f\x43onnectResponse\x12/\n\nregistered\x18\x01 \x01(\x0b\x32\x19.shard.node.v1.RegisteredH\x00\x12\x31\n\x0b\x61ssignments\x18\x02 \x01(\x0b\x32\x1a.shard.node.v1.AssignmentsH\x00\x12-\n\tchallenge\x18\x03 \x01(\x0b\x32\x18.shard.node.v1.ChallengeH\x00\x12)\n\x05tasks\x18\x04 \x01(\x0b\x32\x18.shard.node.v1.OpenTasksH\x00\x12\x33\n\ncredential\x18\x05 \x01(\x0b\x32\x1d.shard.node.v1.NodeCredentialH\x00\x42\t\n\x07message\"P\n\x0eNodeCredential\x12\r\n\x05token\x18\x01 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"/\n\tOpenTasks\x12\"\n\x05tasks\x18\x01 \x03(\x0b\x32\x13.shard.task.v1.Task\"\x1a\n\tChallenge\x12\r\n\x05nonce\x18\x01 \x01(\x0c\"=\n\x0b\x41ssignments\x12.\n\x06models\x18\x01 \x03(\x0b\x32\x1e.shard.node.v1.ModelAssignment\"\xa9\x01\n\nRegistered\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x14\n\x0clease_ttl_ms\x18\x03 \x01(\r\x12\x17\n\x0f\x62lob_credential\x18\x04 \x01(\t\x12?\n\x1b\x62lob_credential_expire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"6\n\x0eGetNodeRequest\x12$\n\x04name\x18\x01 \x01(\tB\x16\xe2\x41\x01\x02\xfa\x41\x0f\n\rshard.ai/Node\"4\n\x0fGetNodeResponse\x12!\n\x04node\x18\x01 \x01(\x0b\x32\x13.shard.node.v1.Node\"[\n\x10ListNodesRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x14\n\x06\x66ilter\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"P\n\x11ListNodesResponse\x12\"\n\x05nodes\x18\x01 \x03(\x0b\x32\x13.shard.node.v1.Node\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"O\n\x11\x43ordonNodeRequest\x12$\n\x04name\x18\x01 \x01(\tB\x16\xe2\x41\x01\x02\xfa\x41\x0f\n\rshard.ai/Node\x12\x14\n\x06reason\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"7\n\x12\x43ordonNodeResponse\x12!\n\x04node\x18\x01 \x01(\x0b\x32\x13.shard.node.v1.Node\";\n\x13UncordonNodeRequest\x12$\n\x04name\x18\x01 \x01(\tB\x16\xe2\x41\x01\x02\xfa\x41\x0f\n\rshard.ai/Node\"9\n\x14UncordonNodeResponse\x12!\n\x04node\x18\x01 \x01(\x0b\x32\x13.shard.node.v1.Node\"N\n\x10\x44rainNodeRequest\x12$\n\x04name\x18\x01 \x01(\tB\x16\xe2\x41\x01\x02\xfa\x41\x0f\n\rshard.ai/Node\x12\x14\n\x06reason\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"6\n\x11\x44rainNodeResponse\x12!\n\x04node\x18\x01 \x01(\x0b\x32\x13.shard.node.v1.Node\"\x13\n\x11WatchNodesRequest\"`\n\x12WatchNodesResponse\x12\'\n\x04kind\x18\x01 \x01(\x0e\x32\x19.shard.node.v1.ChangeKind\x12!\n\x04node\x18\x02 \x01(\x0b\x32\x13.shard.node.v1.Node\"9\n\x11\x44\x65leteNodeRequest\x12$\n\x04name\x18\x01 \x01(\tB\x16\xe2\x41\x01\x02\xfa\x41\x0f\n\rshard.ai/Node\"\x14\n\x12\x44\x65leteNodeResponse\"m\n\x11UpdateNodeRequest\x12\'\n\x04node\x18\x01 \x01(\x0b\x32\x13.shard.node.v1.NodeB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"7\n\x12UpdateNodeResponse\x12!\n\x04node\x18\x01 \x01(\x0b\x32\x13.shard.node.v1.Node\"L\n\x16\x43reateJoinTokenRequest\x12\x32\n\njoin_token\x18\x01 \x01(\x0b\x32\x18.shard.node.v1.JoinTokenB\x04\xe2\x41\x01\x01\"G\n\x17\x43reateJoinTokenResponse\x12,\n\njoin_token\x18\x01 \x01(\x0b\x32\x18.shard.node.v1.JoinToken*\\\n\nChangeKind\x12\x1b\n\x17\x43HANGE_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43HANGE_KIND_UPSERTED\x10\x01\x12\x17\n\x13\x43HANGE_KIND_REMOVED\x10\x02\x32\xe3\x08\n\x0bNodeService\x12L\n\x07\x43onnect\x12\x1d.shard.node.v1.ConnectRequest\x1a\x1e.shard.node.v1.ConnectResponse(\x01\x30\x01\x12g\n\x07GetNode\x12\x1d.shard.node.v1.GetNodeRequest\x1a\x1e.shard.node.v1.GetNodeResponse\"\x1d\x90\x02\x01\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/{name=nodes/*}\x12\x64\n\tListNodes\x12\x1f.shard.node.v1.ListNodesRequest\x1a .shard.node.v1.ListNodesResponse\"\x14\x90\x02\x01\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/nodes\x12w\n\nCordonNode\x12 .shard.node.v1.CordonNodeRequest\x1a!.shard.node.v1.CordonNodeResponse\"$\x82\xd3\xe4\x93\x02\x1e\"\x19/v1/{name=nodes/*}:cordon:\x01*\x12\x7f\n\x0cUncordonNode\x12\".shard.node.v1.UncordonNodeRequest\x1a#.shard.node.v1.UncordonNodeResponse\"&\x82\xd3\xe4\x93\x02 \"\x1b/v1/{name=nodes/*}:uncordon:\x01*\x12s\n\tDrainNode\x12\x1f.shard.node.v1.DrainNodeRequest\x1a .shard.node.v1.DrainNodeResponse\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/{name=nodes/*}:drain:\x01*\x12X\n\nWatchNodes\x12 .shard.node.v1.WatchNodesRequest\x1a!.shard.node.v1.WatchNodesResponse\"\x03\x90\x02\x01\x30\x01\x12m\n\nDeleteNode\x12 .shard.node.v1.DeleteNodeRequest\x1a!.shard.node.v1.DeleteNodeResponse\"\x1a\x82\xd3\xe4\x93\x02\x14*\x12/v1/{name=nodes/*}\x12x\n\nUpdateNode\x12 .shard.node.v1.UpdateNodeRequest\x1a!.shard.node.v1.UpdateNodeResponse\"%\x82\xd3\xe4\x93\x02\x1f\x32\x17/v1/{node.name=nodes/*}:\x04node\x12\x84\x01\n\x0f\x43reateJoinToken\x12%.shard.node.v1.CreateJoinTokenRequest\x1a&.shard.node.v1.CreateJoinTokenResponse\"\"\x82\xd3\xe4\x93\x02\x1c\"\x0e/v1/joinTokens:\njoin_tokenb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -85,6 +86,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DRAINNODEREQUEST'].fields_by_name['reason']._serialized_options = b'\342A\001\001'
   _globals['_DELETENODEREQUEST'].fields_by_name['name']._loaded_options = None
   _globals['_DELETENODEREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\017\n\rshard.ai/Node'
+  _globals['_UPDATENODEREQUEST'].fields_by_name['node']._loaded_options = None
+  _globals['_UPDATENODEREQUEST'].fields_by_name['node']._serialized_options = b'\342A\001\002'
   _globals['_CREATEJOINTOKENREQUEST'].fields_by_name['join_token']._loaded_options = None
   _globals['_CREATEJOINTOKENREQUEST'].fields_by_name['join_token']._serialized_options = b'\342A\001\001'
   _globals['_NODESERVICE'].methods_by_name['GetNode']._loaded_options = None
@@ -101,70 +104,76 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NODESERVICE'].methods_by_name['WatchNodes']._serialized_options = b'\220\002\001'
   _globals['_NODESERVICE'].methods_by_name['DeleteNode']._loaded_options = None
   _globals['_NODESERVICE'].methods_by_name['DeleteNode']._serialized_options = b'\202\323\344\223\002\024*\022/v1/{name=nodes/*}'
+  _globals['_NODESERVICE'].methods_by_name['UpdateNode']._loaded_options = None
+  _globals['_NODESERVICE'].methods_by_name['UpdateNode']._serialized_options = b'\202\323\344\223\002\0372\027/v1/{node.name=nodes/*}:\004node'
   _globals['_NODESERVICE'].methods_by_name['CreateJoinToken']._loaded_options = None
   _globals['_NODESERVICE'].methods_by_name['CreateJoinToken']._serialized_options = b'\202\323\344\223\002\034\"\016/v1/joinTokens:\njoin_token'
-  _globals['_CHANGEKIND']._serialized_start=3221
-  _globals['_CHANGEKIND']._serialized_end=3313
-  _globals['_JOINTOKEN']._serialized_start=227
-  _globals['_JOINTOKEN']._serialized_end=455
-  _globals['_CONNECTREQUEST']._serialized_start=458
-  _globals['_CONNECTREQUEST']._serialized_end=732
-  _globals['_HELLO']._serialized_start=734
-  _globals['_HELLO']._serialized_end=790
-  _globals['_ATTESTATION']._serialized_start=793
-  _globals['_ATTESTATION']._serialized_end=926
-  _globals['_REGISTRATION']._serialized_start=929
-  _globals['_REGISTRATION']._serialized_end=1367
-  _globals['_REGISTRATION_LABELSENTRY']._serialized_start=1230
-  _globals['_REGISTRATION_LABELSENTRY']._serialized_end=1275
-  _globals['_HEARTBEAT']._serialized_start=1369
-  _globals['_HEARTBEAT']._serialized_end=1487
-  _globals['_DEREGISTRATION']._serialized_start=1489
-  _globals['_DEREGISTRATION']._serialized_end=1521
-  _globals['_CONNECTRESPONSE']._serialized_start=1524
-  _globals['_CONNECTRESPONSE']._serialized_end=1795
-  _globals['_NODECREDENTIAL']._serialized_start=1797
-  _globals['_NODECREDENTIAL']._serialized_end=1877
-  _globals['_OPENTASKS']._serialized_start=1879
-  _globals['_OPENTASKS']._serialized_end=1926
-  _globals['_CHALLENGE']._serialized_start=1928
-  _globals['_CHALLENGE']._serialized_end=1954
-  _globals['_ASSIGNMENTS']._serialized_start=1956
-  _globals['_ASSIGNMENTS']._serialized_end=2017
-  _globals['_REGISTERED']._serialized_start=2020
-  _globals['_REGISTERED']._serialized_end=2189
-  _globals['_GETNODEREQUEST']._serialized_start=2191
-  _globals['_GETNODEREQUEST']._serialized_end=2245
-  _globals['_GETNODERESPONSE']._serialized_start=2247
-  _globals['_GETNODERESPONSE']._serialized_end=2299
-  _globals['_LISTNODESREQUEST']._serialized_start=2301
-  _globals['_LISTNODESREQUEST']._serialized_end=2392
-  _globals['_LISTNODESRESPONSE']._serialized_start=2394
-  _globals['_LISTNODESRESPONSE']._serialized_end=2474
-  _globals['_CORDONNODEREQUEST']._serialized_start=2476
-  _globals['_CORDONNODEREQUEST']._serialized_end=2555
-  _globals['_CORDONNODERESPONSE']._serialized_start=2557
-  _globals['_CORDONNODERESPONSE']._serialized_end=2612
-  _globals['_UNCORDONNODEREQUEST']._serialized_start=2614
-  _globals['_UNCORDONNODEREQUEST']._serialized_end=2673
-  _globals['_UNCORDONNODERESPONSE']._serialized_start=2675
-  _globals['_UNCORDONNODERESPONSE']._serialized_end=2732
-  _globals['_DRAINNODEREQUEST']._serialized_start=2734
-  _globals['_DRAINNODEREQUEST']._serialized_end=2812
-  _globals['_DRAINNODERESPONSE']._serialized_start=2814
-  _globals['_DRAINNODERESPONSE']._serialized_end=2868
-  _globals['_WATCHNODESREQUEST']._serialized_start=2870
-  _globals['_WATCHNODESREQUEST']._serialized_end=2889
-  _globals['_WATCHNODESRESPONSE']._serialized_start=2891
-  _globals['_WATCHNODESRESPONSE']._serialized_end=2987
-  _globals['_DELETENODEREQUEST']._serialized_start=2989
-  _globals['_DELETENODEREQUEST']._serialized_end=3046
-  _globals['_DELETENODERESPONSE']._serialized_start=3048
-  _globals['_DELETENODERESPONSE']._serialized_end=3068
-  _globals['_CREATEJOINTOKENREQUEST']._serialized_start=3070
-  _globals['_CREATEJOINTOKENREQUEST']._serialized_end=3146
-  _globals['_CREATEJOINTOKENRESPONSE']._serialized_start=3148
-  _globals['_CREATEJOINTOKENRESPONSE']._serialized_end=3219
-  _globals['_NODESERVICE']._serialized_start=3316
-  _globals['_NODESERVICE']._serialized_end=4317
+  _globals['_CHANGEKIND']._serialized_start=3423
+  _globals['_CHANGEKIND']._serialized_end=3515
+  _globals['_JOINTOKEN']._serialized_start=261
+  _globals['_JOINTOKEN']._serialized_end=489
+  _globals['_CONNECTREQUEST']._serialized_start=492
+  _globals['_CONNECTREQUEST']._serialized_end=766
+  _globals['_HELLO']._serialized_start=768
+  _globals['_HELLO']._serialized_end=824
+  _globals['_ATTESTATION']._serialized_start=827
+  _globals['_ATTESTATION']._serialized_end=960
+  _globals['_REGISTRATION']._serialized_start=963
+  _globals['_REGISTRATION']._serialized_end=1401
+  _globals['_REGISTRATION_LABELSENTRY']._serialized_start=1264
+  _globals['_REGISTRATION_LABELSENTRY']._serialized_end=1309
+  _globals['_HEARTBEAT']._serialized_start=1403
+  _globals['_HEARTBEAT']._serialized_end=1521
+  _globals['_DEREGISTRATION']._serialized_start=1523
+  _globals['_DEREGISTRATION']._serialized_end=1555
+  _globals['_CONNECTRESPONSE']._serialized_start=1558
+  _globals['_CONNECTRESPONSE']._serialized_end=1829
+  _globals['_NODECREDENTIAL']._serialized_start=1831
+  _globals['_NODECREDENTIAL']._serialized_end=1911
+  _globals['_OPENTASKS']._serialized_start=1913
+  _globals['_OPENTASKS']._serialized_end=1960
+  _globals['_CHALLENGE']._serialized_start=1962
+  _globals['_CHALLENGE']._serialized_end=1988
+  _globals['_ASSIGNMENTS']._serialized_start=1990
+  _globals['_ASSIGNMENTS']._serialized_end=2051
+  _globals['_REGISTERED']._serialized_start=2054
+  _globals['_REGISTERED']._serialized_end=2223
+  _globals['_GETNODEREQUEST']._serialized_start=2225
+  _globals['_GETNODEREQUEST']._serialized_end=2279
+  _globals['_GETNODERESPONSE']._serialized_start=2281
+  _globals['_GETNODERESPONSE']._serialized_end=2333
+  _globals['_LISTNODESREQUEST']._serialized_start=2335
+  _globals['_LISTNODESREQUEST']._serialized_end=2426
+  _globals['_LISTNODESRESPONSE']._serialized_start=2428
+  _globals['_LISTNODESRESPONSE']._serialized_end=2508
+  _globals['_CORDONNODEREQUEST']._serialized_start=2510
+  _globals['_CORDONNODEREQUEST']._serialized_end=2589
+  _globals['_CORDONNODERESPONSE']._serialized_start=2591
+  _globals['_CORDONNODERESPONSE']._serialized_end=2646
+  _globals['_UNCORDONNODEREQUEST']._serialized_start=2648
+  _globals['_UNCORDONNODEREQUEST']._serialized_end=2707
+  _globals['_UNCORDONNODERESPONSE']._serialized_start=2709
+  _globals['_UNCORDONNODERESPONSE']._serialized_end=2766
+  _globals['_DRAINNODEREQUEST']._serialized_start=2768
+  _globals['_DRAINNODEREQUEST']._serialized_end=2846
+  _globals['_DRAINNODERESPONSE']._serialized_start=2848
+  _globals['_DRAINNODERESPONSE']._serialized_end=2902
+  _globals['_WATCHNODESREQUEST']._serialized_start=2904
+  _globals['_WATCHNODESREQUEST']._serialized_end=2923
+  _globals['_WATCHNODESRESPONSE']._serialized_start=2925
+  _globals['_WATCHNODESRESPONSE']._serialized_end=3021
+  _globals['_DELETENODEREQUEST']._serialized_start=3023
+  _globals['_DELETENODEREQUEST']._serialized_end=3080
+  _globals['_DELETENODERESPONSE']._serialized_start=3082
+  _globals['_DELETENODERESPONSE']._serialized_end=3102
+  _globals['_UPDATENODEREQUEST']._serialized_start=3104
+  _globals['_UPDATENODEREQUEST']._serialized_end=3213
+  _globals['_UPDATENODERESPONSE']._serialized_start=3215
+  _globals['_UPDATENODERESPONSE']._serialized_end=3270
+  _globals['_CREATEJOINTOKENREQUEST']._serialized_start=3272
+  _globals['_CREATEJOINTOKENREQUEST']._serialized_end=3348
+  _globals['_CREATEJOINTOKENRESPONSE']._serialized_start=3350
+  _globals['_CREATEJOINTOKENRESPONSE']._serialized_end=3421
+  _globals['_NODESERVICE']._serialized_start=3518
+  _globals['_NODESERVICE']._serialized_end=4641
 # @@protoc_insertion_point(module_scope)

@@ -75,6 +75,11 @@ class NodeServiceStub:
                 request_serializer=shard_dot_node_dot_v1_dot_node__service__pb2.DeleteNodeRequest.SerializeToString,
                 response_deserializer=shard_dot_node_dot_v1_dot_node__service__pb2.DeleteNodeResponse.FromString,
                 _registered_method=True)
+        self.UpdateNode = channel.unary_unary(
+                '/shard.node.v1.NodeService/UpdateNode',
+                request_serializer=shard_dot_node_dot_v1_dot_node__service__pb2.UpdateNodeRequest.SerializeToString,
+                response_deserializer=shard_dot_node_dot_v1_dot_node__service__pb2.UpdateNodeResponse.FromString,
+                _registered_method=True)
         self.CreateJoinToken = channel.unary_unary(
                 '/shard.node.v1.NodeService/CreateJoinToken',
                 request_serializer=shard_dot_node_dot_v1_dot_node__service__pb2.CreateJoinTokenRequest.SerializeToString,
@@ -147,6 +152,14 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateNode(self, request, context):
+        """Sets an admin's facts about a node: its `labels`, which deployments' node selectors match.
+        Admins only: a provider's word about its own node is a claim.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateJoinToken(self, request, context):
         """Makes a one-time join token for enrolling a node.
         """
@@ -196,6 +209,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.DeleteNode,
                     request_deserializer=shard_dot_node_dot_v1_dot_node__service__pb2.DeleteNodeRequest.FromString,
                     response_serializer=shard_dot_node_dot_v1_dot_node__service__pb2.DeleteNodeResponse.SerializeToString,
+            ),
+            'UpdateNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateNode,
+                    request_deserializer=shard_dot_node_dot_v1_dot_node__service__pb2.UpdateNodeRequest.FromString,
+                    response_serializer=shard_dot_node_dot_v1_dot_node__service__pb2.UpdateNodeResponse.SerializeToString,
             ),
             'CreateJoinToken': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateJoinToken,
@@ -420,6 +438,33 @@ class NodeService:
             '/shard.node.v1.NodeService/DeleteNode',
             shard_dot_node_dot_v1_dot_node__service__pb2.DeleteNodeRequest.SerializeToString,
             shard_dot_node_dot_v1_dot_node__service__pb2.DeleteNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shard.node.v1.NodeService/UpdateNode',
+            shard_dot_node_dot_v1_dot_node__service__pb2.UpdateNodeRequest.SerializeToString,
+            shard_dot_node_dot_v1_dot_node__service__pb2.UpdateNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

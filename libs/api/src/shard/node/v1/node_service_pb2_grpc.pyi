@@ -39,6 +39,10 @@ class NodeServiceStub:
     """Removes a node from the shard: it is disconnected, its replicas move elsewhere, and it
     needs a new join token to come back.
     """
+    UpdateNode: _aio.UnaryUnaryMultiCallable[_node_service_pb2.UpdateNodeRequest, _node_service_pb2.UpdateNodeResponse]
+    """Sets an admin's facts about a node: its `labels`, which deployments' node selectors match.
+    Admins only: a provider's word about its own node is a claim.
+    """
     CreateJoinToken: _aio.UnaryUnaryMultiCallable[_node_service_pb2.CreateJoinTokenRequest, _node_service_pb2.CreateJoinTokenResponse]
     """Makes a one-time join token for enrolling a node."""
 
@@ -114,6 +118,16 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _abc.Awaitable[_node_service_pb2.DeleteNodeResponse]:
         """Removes a node from the shard: it is disconnected, its replicas move elsewhere, and it
         needs a new join token to come back.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateNode(
+        self,
+        request: _node_service_pb2.UpdateNodeRequest,
+        context: _aio.ServicerContext[_node_service_pb2.UpdateNodeRequest, _abc.Awaitable[_node_service_pb2.UpdateNodeResponse]],
+    ) -> _abc.Awaitable[_node_service_pb2.UpdateNodeResponse]:
+        """Sets an admin's facts about a node: its `labels`, which deployments' node selectors match.
+        Admins only: a provider's word about its own node is a claim.
         """
 
     @_abc_1.abstractmethod
