@@ -32,14 +32,18 @@ def attestation(
     inventory: node_pb2.Inventory = INVENTORY,
     signer: Ed25519PrivateKey | None = None,
     time_ms: int | None = None,
+    evidence: Sequence[node_service_pb2.HardwareEvidence] = (),
 ) -> node_service_pb2.Attestation:
     when = int(time.time() * 1000) if time_ms is None else time_ms
-    message = signed_bytes(nonce=nonce, inventory=inventory, time_ms=when, node_id=identity.node_id)
+    message = signed_bytes(
+        nonce=nonce, inventory=inventory, time_ms=when, node_id=identity.node_id, evidence=evidence
+    )
     return node_service_pb2.Attestation(
         nonce=nonce,
         inventory=inventory,
         time_ms=when,
         signature=(signer or identity.private_key).sign(message),
+        hardware_evidence=evidence,
     )
 
 
@@ -58,7 +62,11 @@ class FakeAgent:
         await self.outbox.put(request)
 
     async def read(self) -> node_service_pb2.ConnectResponse:
-        reply = await asyncio.wait_for(self.call.read(), 10)
+        return await asyncio.wait_for(self.read_any(), 10)
+
+    async def read_any(self) -> node_service_pb2.ConnectResponse:
+        """The next message, however long it takes."""
+        reply = await self.call.read()
         assert isinstance(reply, node_service_pb2.ConnectResponse)
         return reply
 
@@ -90,10 +98,14 @@ class FakeAgent:
         await self.send(node_service_pb2.ConnectRequest(registration=registration))
         return await self.read()
 
-    async def close(self) -> grpc.StatusCode:
+    async def goodbye(self) -> None:
+        """Deregister and end the request stream (what the registry answers is still to read)."""
         goodbye = node_service_pb2.Deregistration(reason="test done")
         await self.outbox.put(node_service_pb2.ConnectRequest(deregistration=goodbye))
         await self.outbox.put(None)
+
+    async def close(self) -> grpc.StatusCode:
+        await self.goodbye()
         # gRPC reports the status only after every message before it has been read.
         while isinstance(
             await asyncio.wait_for(self.call.read(), 10), node_service_pb2.ConnectResponse
@@ -117,7 +129,8 @@ async def refused(
 
 
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
-Answer = Callable[[service_pb2.ModelInferRequest], service_pb2.ModelInferResponse]
+# What the node answers to a request; None: it answers UNAVAILABLE.
+Answer = Callable[[service_pb2.ModelInferRequest], service_pb2.ModelInferResponse | None]
 
 
 def simple_answer(request: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
@@ -135,7 +148,8 @@ def simple_answer(request: service_pb2.ModelInferRequest) -> service_pb2.ModelIn
 
 class FakeTriton:
     """A KServe v2 gRPC server on loopback that stands in for a node's Triton: it answers
-    ModelInfer with `answer` and records what each call carried (method, deadline, metadata)."""
+    ModelInfer with `answer` and records what each call carried (method, deadline, metadata,
+    with the model as `model` and the caller's connection as `peer`)."""
 
     def __init__(self, answer: Answer = simple_answer) -> None:
         self.answer = answer
@@ -154,11 +168,15 @@ class FakeTriton:
     def _handler(self, method: str) -> Callable[[bytes, Any], Awaitable[bytes]]:
         async def handle(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
             metadata = {k: str(v) for k, v in context.invocation_metadata() or ()}
+            metadata["peer"] = context.peer()
             if method == "ModelInfer":
                 parsed = service_pb2.ModelInferRequest.FromString(request)
                 metadata["model"] = parsed.model_name
                 self.calls.append((method, context.time_remaining(), metadata))
-                return bytes(self.answer(parsed).SerializeToString())
+                answer = self.answer(parsed)
+                if answer is None:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "not answering")
+                return bytes(answer.SerializeToString())
             self.calls.append((method, context.time_remaining(), metadata))
             if method == "ModelStatistics":
                 return bytes(self._statistics(request).SerializeToString())
@@ -211,18 +229,27 @@ async def fake_node_serving(
             await agent.send(beat)
             await asyncio.sleep(0.5)
 
-    async def drain() -> None:
-        while True:
-            await agent.read()
+    async def answer_challenges() -> None:
+        """Read what the registry sends until the stream ends; answer its attestation
+        challenges, as agents do."""
+        while isinstance(reply := await agent.call.read(), node_service_pb2.ConnectResponse):
+            if reply.HasField("challenge"):
+                proof = attestation(identity, reply.challenge.nonce)
+                await agent.send(node_service_pb2.ConnectRequest(attestation=proof))
 
-    running = [asyncio.ensure_future(heartbeats()), asyncio.ensure_future(drain())]
+    beating = asyncio.ensure_future(heartbeats())
+    reading = asyncio.ensure_future(answer_challenges())
     # The labels it claims select nothing until an admin sets them (the stub is an admin's).
     node = node_pb2.Node(name=reply.registered.name, labels=labels)
     await stub.UpdateNode(node_service_pb2.UpdateNodeRequest(node=node), timeout=10)
     try:
         yield reply.registered.name
     finally:
-        for task in running:
-            task.cancel()
-        await asyncio.gather(*running, return_exceptions=True)
+        beating.cancel()
+        await asyncio.gather(beating, return_exceptions=True)
+        # Leave as agents do, so the node is gone for the tests after this one. (Cancelling a
+        # pending read would cancel the whole call, goodbye unsent: let the reader finish.)
+        await agent.goodbye()
+        with contextlib.suppress(grpc.aio.AioRpcError, TimeoutError):
+            await asyncio.wait_for(reading, 10)
         agent.call.cancel()

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from shard.node.v1 import node_pb2
-from shard_core.attestation import signature_valid, signed_bytes
+from shard.node.v1 import node_pb2, node_service_pb2
+from shard_core.attestation import evidence_nonce, signature_valid, signed_bytes
 from shard_node.inventory import on_pci_bus
 from shard_registry.enrollment import NodePolicy
 
@@ -67,3 +67,38 @@ def test_a_signature_binds_nonce_inventory_time_and_node() -> None:
             signature=signature,
             **{**signed, **change},  # type: ignore[arg-type]
         )
+
+
+def test_a_signature_binds_hardware_evidence_made_for_this_challenge() -> None:
+    key = Ed25519PrivateKey.generate()
+    public = key.public_key().public_bytes_raw()
+    nonce = b"n" * 32
+    quote = node_service_pb2.HardwareEvidence(
+        kind=node_service_pb2.EVIDENCE_KIND_NVIDIA_CC, evidence=evidence_nonce(nonce, "nabc")
+    )
+    signed = {
+        "nonce": nonce,
+        "inventory": node_pb2.Inventory(cpu_cores=8),
+        "time_ms": 1_000,
+        "node_id": "nabc",
+        "evidence": [quote],
+    }
+    signature = key.sign(signed_bytes(**signed))  # type: ignore[arg-type]
+    assert signature_valid(public_key=public, signature=signature, **signed)  # type: ignore[arg-type]
+    other_kind = node_service_pb2.HardwareEvidence(
+        kind=node_service_pb2.EVIDENCE_KIND_TPM_QUOTE, evidence=quote.evidence
+    )
+    changes: list[dict[str, object]] = [
+        {"evidence": []},
+        {"evidence": [other_kind]},
+        {"evidence": [quote, quote]},
+    ]
+    for change in changes:
+        assert not signature_valid(
+            public_key=public,
+            signature=signature,
+            **{**signed, **change},  # type: ignore[arg-type]
+        )
+    # Evidence is tied to one challenge and one node.
+    assert evidence_nonce(nonce, "nabc") != evidence_nonce(b"m" * 32, "nabc")
+    assert evidence_nonce(nonce, "nabc") != evidence_nonce(nonce, "nabd")

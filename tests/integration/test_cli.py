@@ -103,6 +103,10 @@ def test_nodes(shard: Shard, mesh: LocalMesh) -> None:
     unknown = shard("node", "get", "nosuchnode", expect=1)
     assert "NOT_FOUND" in unknown.stderr
     assert "Traceback" not in unknown.output
+    # Quarantine needs a reason (kept in the node's history) and a node that exists.
+    assert "--reason" in shard("node", "quarantine", node_id, expect=2).stderr
+    missing = shard("node", "quarantine", "nosuchnode", "--reason", "X: y", expect=1)
+    assert "NOT_FOUND" in missing.stderr
 
 
 def test_models_deployments_and_inference(shard: Shard, tmp_path: Path) -> None:
@@ -117,6 +121,13 @@ def test_models_deployments_and_inference(shard: Shard, tmp_path: Path) -> None:
     models = {m["name"] for m in shard("-o", "json", "model", "ls")}
     assert {"models/simple", "models/cli-simple"} <= models
     assert shard("-o", "json", "model", "get", "cli-simple")["visibility"] == "VISIBILITY_PUBLIC"
+    checked = shard("-o", "json", "model", "create", "cli-checked", "--verify-fraction", "0.05")
+    assert checked["verify_fraction"] == 0.05
+    assert "5%" in shard("model", "get", "cli-checked").stdout
+    assert (
+        "--verify-fraction"
+        in shard("model", "create", "cli-over", "--verify-fraction", "2", expect=2).stderr
+    )
 
     created = shard("-o", "json", "deploy", "create", "cli-simple", "-t", "1=1")
     assert created["targets"] == [{"version": "1", "replicas": 1, "weight": 1}]

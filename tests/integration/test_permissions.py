@@ -123,6 +123,9 @@ def _calls() -> dict[str, Call]:
         "UpdateNode": lambda c, m: nodes(c).UpdateNode(
             node_service_pb2.UpdateNodeRequest(node=node_pb2.Node(name=node)), metadata=m
         ),
+        "QuarantineNode": lambda c, m: nodes(c).QuarantineNode(
+            node_service_pb2.QuarantineNodeRequest(name=node, reason="MATRIX: a test"), metadata=m
+        ),
         "CreateJoinToken": lambda c, m: nodes(c).CreateJoinToken(
             node_service_pb2.CreateJoinTokenRequest(
                 join_token=node_service_pb2.JoinToken(ttl_seconds=-1)
@@ -160,6 +163,9 @@ def _calls() -> dict[str, Call]:
         ),
         "DeleteModelVersion": lambda c, m: models(c).DeleteModelVersion(
             model_api.DeleteModelVersionRequest(name=f"{model}/versions/1"), metadata=m
+        ),
+        "AddModelVersionCanaries": lambda c, m: models(c).AddModelVersionCanaries(
+            model_api.AddModelVersionCanariesRequest(name=f"{model}/versions/1"), metadata=m
         ),
         "CreateDeployment": lambda c, m: deployments(c).CreateDeployment(
             deployment_api.CreateDeploymentRequest(
@@ -228,6 +234,7 @@ ALLOWED: dict[str, set[str]] = {
     "DrainNode": {"admin", "provider"},
     "DeleteNode": {"admin", "provider"},
     "UpdateNode": {"admin"},  # labels are facts: a provider's word is a claim
+    "QuarantineNode": {"admin"},  # and the shard itself, on failed checks
     "CreateJoinToken": {"admin", "provider"},
     # Task owners (developers too) store sealed jobs and read sealed results.
     "UploadBlob": TASK_OWNERS,
@@ -242,6 +249,7 @@ ALLOWED: dict[str, set[str]] = {
     "GetModelVersion": EVERYONE,
     "ListModelVersions": EVERYONE,
     "DeleteModelVersion": OWNERS,
+    "AddModelVersionCanaries": OWNERS,
     "CreateDeployment": OWNERS,
     "GetDeployment": OWNERS,
     "ListDeployments": OWNERS,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +20,13 @@ from shard.deployment.v1 import deployment_pb2
 from shard.deployment.v1 import deployment_service_pb2 as deployment_api
 from shard.node.v1 import node_pb2, node_service_pb2, node_service_pb2_grpc
 from shard_core import keys
+from shard_core.attestation import evidence_nonce
 from shard_core.auth import bearer_interceptors
 from shard_core.errors import error_info
 from shard_core.etcd.store import EtcdStore
 from shard_core.settings import EtcdSettings
 from shard_node.identity import NodeIdentity
+from shard_registry.enrollment import MAX_EVIDENCE_BYTES
 from shard_tool.local import LocalMesh
 from shard_tool.publish import Publisher
 from tests.demo import push_copy, target
@@ -222,6 +224,61 @@ async def test_a_forged_signature_isrefused(
     )
     await agent.send(node_service_pb2.ConnectRequest(registration=registration))
     await refused(agent.read(), grpc.StatusCode.UNAUTHENTICATED, "BAD_SIGNATURE")
+
+
+async def test_hardware_evidence_is_bound_to_the_challenge_and_bounded(
+    mesh: LocalMesh, stub: node_service_pb2_grpc.NodeServiceStub, tmp_path: Path
+) -> None:
+    identity = NodeIdentity.load_or_create(tmp_path)
+    token = await mesh.join_token("t")
+
+    async def register(proof: Callable[[bytes], node_service_pb2.Attestation]) -> FakeAgent:
+        agent = FakeAgent(stub)
+        registration = node_service_pb2.Registration(
+            inference_address="127.0.0.1:1",
+            join_token=token,
+            attestation=proof(await agent.hello(identity)),
+        )
+        await agent.send(node_service_pb2.ConnectRequest(registration=registration))
+        return agent
+
+    def quote(nonce: bytes, report: bytes = b"") -> node_service_pb2.HardwareEvidence:
+        """A TPM quote as a node makes it: over the evidence nonce of this challenge."""
+        return node_service_pb2.HardwareEvidence(
+            kind=node_service_pb2.EVIDENCE_KIND_TPM_QUOTE,
+            evidence=report or evidence_nonce(nonce, identity.node_id),
+        )
+
+    def swapped(nonce: bytes) -> node_service_pb2.Attestation:
+        """Signed over one quote, sent with another (one replayed from elsewhere)."""
+        proof = attestation(identity, nonce, evidence=[quote(nonce)])
+        proof.hardware_evidence[0].evidence = b"replayed quote"
+        return proof
+
+    await refused(
+        (await register(swapped)).read(), grpc.StatusCode.UNAUTHENTICATED, "BAD_SIGNATURE"
+    )
+
+    def kindless(nonce: bytes) -> node_service_pb2.Attestation:
+        item = node_service_pb2.HardwareEvidence(evidence=b"x")
+        return attestation(identity, nonce, evidence=[item])
+
+    error = await refused((await register(kindless)).read(), grpc.StatusCode.INVALID_ARGUMENT)
+    assert error_info(error).metadata["field"] == (  # type: ignore[union-attr]
+        "registration.attestation.hardware_evidence[0].kind"
+    )
+
+    def huge(nonce: bytes) -> node_service_pb2.Attestation:
+        return attestation(
+            identity, nonce, evidence=[quote(nonce, b"q" * (MAX_EVIDENCE_BYTES + 1))]
+        )
+
+    error = await refused((await register(huge)).read(), grpc.StatusCode.INVALID_ARGUMENT)
+    assert "at most" in error.details()  # type: ignore[operator]
+
+    agent = await register(lambda nonce: attestation(identity, nonce, evidence=[quote(nonce)]))
+    assert (await agent.read()).registered.name == f"nodes/{identity.node_id}"
+    assert await agent.close() == grpc.StatusCode.OK
 
 
 async def test_a_replayed_nonce_isrefused(

@@ -64,7 +64,7 @@ class Permission(enum.StrEnum):
     NODES_READ = "nodes.read"
     NODES_WRITE = "nodes.write"
     NODES_ENROLL = "nodes.enroll"
-    NODES_LABEL = "nodes.label"  # set the facts about nodes: admins only
+    NODES_ADMIN = "nodes.admin"  # set the facts about nodes, quarantine them: admins only
     BLOBS_READ = "blobs.read"
     BLOBS_WRITE = "blobs.write"
     MODELS_READ = "models.read"
@@ -146,6 +146,9 @@ ANONYMOUS = Principal(id="", role=api_key_pb2.ROLE_UNSPECIFIED, permissions=froz
 BOOTSTRAP_ADMIN = Principal(
     id="admin", role=api_key_pb2.ROLE_ADMIN, permissions=ROLE_PERMISSIONS[api_key_pb2.ROLE_ADMIN]
 )
+# Metadata an admin's call (the registry's canary prober) sets to send a request to one node:
+# the router honours it only from admins, and never passes it on.
+CANARY_NODE = "shard-canary-node"
 # The principal of the call being served, set by `AuthInterceptor`.
 current_principal: contextvars.ContextVar[Principal] = contextvars.ContextVar(
     "current_principal", default=ANONYMOUS
@@ -328,9 +331,12 @@ class ModelAccess:
     def __init__(self) -> None:
         self._models: dict[str, tuple[bool, str]] = {}  # model id -> (public, owner)
         self._rates: dict[str, float] = {}  # model id -> its rate limit, where it has one
+        self._verified: dict[str, float] = {}  # model id -> the share of requests re-run
 
     def reset(self, entries: Mapping[str, bytes]) -> None:
         self._models.clear()
+        self._rates.clear()
+        self._verified.clear()
         for key, value in entries.items():
             self.put(key, value)
 
@@ -342,15 +348,23 @@ class ModelAccess:
         self._rates.pop(model_id, None)
         if model.rate_limit_rps > 0:
             self._rates[model_id] = model.rate_limit_rps
+        self._verified.pop(model_id, None)
+        if model.verify_fraction > 0:
+            self._verified[model_id] = model.verify_fraction
 
     def delete(self, key: str) -> None:
         model_id = key.rstrip("/").rsplit("/", 1)[-1]
         self._models.pop(model_id, None)
         self._rates.pop(model_id, None)
+        self._verified.pop(model_id, None)
 
     def rate_limit(self, model_name: str) -> float:
         """The model's requests a second for everyone together; 0: no limit."""
         return self._rates.get(model_name, 0.0)
+
+    def verify_fraction(self, model_name: str) -> float:
+        """The share of the model's requests run again on another replica and compared."""
+        return self._verified.get(model_name, 0.0)
 
     def public(self, model_name: str) -> bool:
         found = self._models.get(model_name)

@@ -10,6 +10,8 @@ import grpc
 from opentelemetry import metrics
 
 from shard.inference.v1 import endpoint_service_pb2_grpc
+from shard.node.v1 import node_service_pb2, node_service_pb2_grpc
+from shard_core.auth import AUTHORIZATION
 from shard_core.grpc.server import GrpcServer
 from shard_inference.backends import SERVICE, NodeChannel
 from shard_inference.cache import MemoryCache
@@ -17,6 +19,7 @@ from shard_inference.endpoints import EndpointWatch, ViewChanges
 from shard_inference.repository import Repository
 from shard_inference.servicer import InferenceRouter
 from shard_inference.settings import InferenceSettings
+from shard_inference.verification import Outcome, Verifier
 from shard_inference.view import ShardView
 
 _log = logging.getLogger(__name__)
@@ -66,6 +69,35 @@ async def serve(settings: InferenceSettings) -> None:
     )
     watch = EndpointWatch(table, split, changes, view.guard)
     registry = grpc.aio.insecure_channel(settings.registry_address)
+    verifications = meter.create_counter(
+        "shard_router_verifications",
+        description="Answers checked by running their request again on other replicas, by "
+        "outcome (agreed, caught, undecided, unchecked, skipped).",
+    )
+
+    async def report(node: str, reason: str) -> None:
+        """Have the registry quarantine a node (`nodes/{id}`) caught giving a wrong answer."""
+        if settings.admin_token is None:
+            _log.error("cannot report %s (no admin token): %s", node, reason)
+            return
+        token = settings.admin_token.get_secret_value()
+        await node_service_pb2_grpc.NodeServiceStub(registry).QuarantineNode(
+            node_service_pb2.QuarantineNodeRequest(name=node, reason=reason),
+            metadata=((AUTHORIZATION, f"Bearer {token}"),),
+            timeout=30,
+        )
+
+    def counted(outcome: Outcome) -> None:
+        verifications.add(1, {"outcome": outcome.value})
+
+    verifier = Verifier(
+        table,
+        fraction=view.guard.access.verify_fraction,
+        report=report,
+        timeout_s=settings.upstream_timeout_s,
+        on_outcome=counted,
+    )
+    server_stops.append(verifier.stop)
     router = InferenceRouter(
         table,
         split=split,
@@ -75,6 +107,7 @@ async def serve(settings: InferenceSettings) -> None:
         guard=view.guard,
         cacheable=view.cacheable,
         responses=responses,
+        verifier=verifier,
         on_cache=lambda hit: lookups.add(1, {"result": "hit" if hit else "miss"}),
         trusted_proxies=settings.trusted_proxies,
         on_failure=lambda address: failed_attempts.add(1, {"address": address}),

@@ -7,7 +7,15 @@ from typing import Any
 
 import grpc
 
-from shard_core.auth import AUTHORIZATION, FORWARDED_FOR, InferenceGuard, Principal
+from shard_core.auth import (
+    AUTHORIZATION,
+    CANARY_NODE,
+    FORWARDED_FOR,
+    InferenceGuard,
+    Permission,
+    Principal,
+)
+from shard_core.errors import PermissionDeniedError
 from shard_core.net import peer_host
 
 CACHE_CONTROL = "cache-control"
@@ -17,6 +25,7 @@ CACHE_CONTROL = "cache-control"
 class Caller:
     principal: Principal
     fresh: bool  # `cache-control: no-cache`: the caller wants a fresh answer
+    pinned_node: str = ""  # the node an admin's canary must go to (`shard-canary-node`)
 
 
 def admit(
@@ -29,7 +38,7 @@ def admit(
 ) -> Caller:
     """Check the call with the guard. Anonymous callers are limited per address; a trusted
     proxy (the gateway) names the address it serves in `x-forwarded-for`."""
-    authorization = forwarded = cache_control = ""
+    authorization = forwarded = cache_control = pinned = ""
     for key, value in context.invocation_metadata() or ():
         if key == AUTHORIZATION:
             authorization = str(value)
@@ -37,11 +46,22 @@ def admit(
             forwarded = str(value)
         elif key == CACHE_CONTROL:
             cache_control = str(value)
+        elif key == CANARY_NODE:
+            pinned = str(value)
     client = peer_host(context.peer())
     if forwarded and client in trusted_proxies:
         client = forwarded.split(",")[0].strip()
     principal = guard.check(authorization, model_name, client=client, limited=limited)
-    return Caller(principal=principal, fresh="no-cache" in cache_control.lower())
+    if pinned and not principal.may(Permission.NODES_ADMIN):
+        raise PermissionDeniedError(
+            f"the {CANARY_NODE} header is the shard's own (its canaries): send requests "
+            "without it and the shard picks the node",
+            reason="PERMISSION_MISSING",
+            metadata={"field": CANARY_NODE},
+        )
+    return Caller(
+        principal=principal, fresh="no-cache" in cache_control.lower(), pinned_node=pinned
+    )
 
 
 def deadline(context: grpc.aio.ServicerContext[Any, Any], cap_s: float) -> float:

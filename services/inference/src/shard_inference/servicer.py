@@ -20,14 +20,15 @@ from grpc.aio import ServicerContext
 from tritonclient.grpc import service_pb2
 
 from shard_client.routing import Balancer, EndpointTable, TrafficSplit, unknown_model
-from shard_core.auth import InferenceGuard
-from shard_core.errors import ShardError
+from shard_core.auth import CANARY_NODE, InferenceGuard
+from shard_core.errors import NotFoundError, ShardError, UnavailableError
 from shard_inference.backends import SERVICE, NodeChannel
 from shard_inference.cache import CacheableVersions, ResponseCache, cache_key
 from shard_inference.callers import Caller, admit, deadline
 from shard_inference.repository import Repository
 from shard_inference.statistics import NodeStatistics, summed
 from shard_inference.streams import StreamRouting
+from shard_inference.verification import Verifier
 from shard_inference.wire import (
     MalformedRequestError,
     model_route,
@@ -60,6 +61,9 @@ LOAD_WAIT_S = 300.0
 FORWARDED = ("ModelInfer", "ModelMetadata", "ModelConfig")
 # Nodes asked for statistics at once by one call.
 STATISTICS_PARALLEL = 16
+# The share of a pinned call's time given to the node: the rest is for saying that the node,
+# not the router, failed to answer.
+PINNED_SHARE = 0.8
 
 _Context = ServicerContext[bytes, bytes]
 
@@ -90,6 +94,7 @@ class InferenceRouter:
         guard: InferenceGuard,
         cacheable: CacheableVersions,
         responses: ResponseCache,
+        verifier: Verifier,
         on_cache: Callable[[bool], None] = lambda _: None,
         trusted_proxies: frozenset[str] = frozenset(),
         on_failure: Callable[[str], None] = lambda _: None,
@@ -102,6 +107,7 @@ class InferenceRouter:
         self._guard = guard
         self._cacheable = cacheable
         self._responses = responses
+        self._verifier = verifier
         self._on_cache = on_cache  # called with True on a hit, False on a miss
         self._trusted_proxies = trusted_proxies
         self._table = table
@@ -290,8 +296,52 @@ class InferenceRouter:
         try:
             return admit(self._guard, self._trusted_proxies, context, name, limited=limited)
         except ShardError as error:
-            status = error.to_status()
-            await context.abort(status.code, status.details, status.trailing_metadata)
+            await _abort(context, error)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _pinned(
+        self, request: bytes, context: _Context, *, method: str, model: tuple[str, str], node: str
+    ) -> bytes:
+        """An admin's call for one node (the registry's canaries): no other replica, no
+        retry, no cache, no check. A failure says whether the node or the router failed, so
+        that only a node that keeps its lease and leaves canaries unanswered is judged."""
+        route = next((r for r in self._table.candidates(*model) if r.node == node), None)
+        if route is None:
+            await _abort(
+                context,
+                NotFoundError(
+                    f"node {node!r} serves no ready replica of {model[0]} v{model[1]}",
+                    metadata={"field": CANARY_NODE},
+                ),
+            )
+        assert route is not None
+        backend = route.backend
+        backend.in_flight += 1
+        try:
+            timeout = deadline(context, self._upstream_timeout_s) * PINNED_SHARE
+            answer: bytes = await backend.method(method)(request, timeout=timeout)
+            return answer
+        except grpc.aio.AioRpcError as error:
+            await _abort(
+                context,
+                UnavailableError(
+                    f"node {node!r} did not answer: {error.code().name}: {error.details()}",
+                    reason="NODE_UNANSWERED",
+                    metadata={"node": node},
+                ),
+            )
+        finally:
+            backend.in_flight -= 1
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _sequence(self, method: str, request: bytes, context: _Context) -> str:
+        """The Triton sequence id an inference request carries, if any."""
+        if method != "ModelInfer" or SEQUENCE_ID not in request:
+            return ""
+        try:
+            return sequence_id(request)
+        except MalformedRequestError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed parameters: {error}")
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _forwarder(self, method: str) -> Callable[[bytes, _Context], Awaitable[bytes]]:
@@ -303,14 +353,15 @@ class InferenceRouter:
             name, model_version, caller = await self._route_fields(
                 request, context, limited=limited
             )
-            sequence = ""
-            if method == "ModelInfer" and SEQUENCE_ID in request:
-                try:
-                    sequence = sequence_id(request)
-                except MalformedRequestError as error:
-                    await context.abort(
-                        grpc.StatusCode.INVALID_ARGUMENT, f"malformed parameters: {error}"
-                    )
+            if caller.pinned_node:
+                return await self._pinned(
+                    request,
+                    context,
+                    method=method,
+                    model=(name, model_version),
+                    node=caller.pinned_node,
+                )
+            sequence = await self._sequence(method, request, context)
             plan = self._balancer.plan(name, model_version, sequence)
             if not plan.routes:
                 await context.abort(grpc.StatusCode.NOT_FOUND, unknown_model(name, model_version))
@@ -332,6 +383,8 @@ class InferenceRouter:
                     self._balancer.ejection.succeeded(backend)
                     if cached is not None:
                         await self._responses.put(cached.key, response, cached.ttl_s)
+                    if cached_method and not sequence:
+                        self._verifier.sample(name, plan.version, request, response, route.node)
                     return response
                 except grpc.aio.AioRpcError as error:
                     if error.code() != grpc.StatusCode.UNAVAILABLE:
@@ -417,3 +470,9 @@ class InferenceRouter:
         if model and not self._balancer.plan(model, "").routes:
             await context.abort(grpc.StatusCode.NOT_FOUND, unknown_model(model, ""))
         return b""
+
+
+async def _abort(context: _Context, error: ShardError) -> None:
+    """End the call with `error`'s code, message and details."""
+    status = error.to_status()
+    await context.abort(status.code, status.details, status.trailing_metadata)

@@ -21,8 +21,15 @@ from shard_node.triton import TritonControl, TritonPorts, TritonProcess
 
 _log = logging.getLogger(__name__)
 
-# Model files can be large: let blob chunks through.
-CHANNEL_OPTIONS = (("grpc.max_receive_message_length", 64 * 1024 * 1024),)
+# Model files can be large: let blob chunks through. gRPC's own reconnect backoff (up to two
+# minutes by default) would outlast the node's lease after a registry restart: calls would fail
+# fast on a cached error long after the registry is back. Keep it short; the agent adds jitter.
+CHANNEL_OPTIONS = (
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
 
 
 async def serve(settings: NodeSettings) -> None:

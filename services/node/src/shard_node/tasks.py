@@ -33,6 +33,7 @@ from shard.task.v1 import task_pb2, task_service_pb2_grpc
 from shard.task.v1 import task_service_pb2 as task_api
 from shard_client.blobs import BlobError, download, upload_file
 from shard_core import sealing, taskjob
+from shard_core.errors import error_info
 from shard_node.identity import NodeIdentity
 
 _log = logging.getLogger(__name__)
@@ -49,6 +50,10 @@ TRANSIENT = frozenset(
         grpc.StatusCode.CANCELLED,
     }
 )
+# A credential the registry no longer takes (the node's session ended, in a registry restart
+# say, or it expired) is renewed when the agent reconnects and attests: calls made with it are
+# tried again, with the new one.
+RENEWABLE = frozenset({"CREDENTIAL_REVOKED", "CREDENTIAL_EXPIRED"})
 RETRY_FOR_S = 30.0
 MAX_BACKOFF_S = 5.0
 # Requests of one task in flight at once on the node's Triton, and read ahead at once.
@@ -97,6 +102,17 @@ def _batches(lines: Iterator[bytes]) -> Iterator[list[bytes]]:
         yield batch
 
 
+def _transient(error: grpc.aio.AioRpcError) -> bool:
+    if error.code() in TRANSIENT:
+        return True
+    info = error_info(error)
+    return (
+        error.code() == grpc.StatusCode.UNAUTHENTICATED
+        and info is not None
+        and info.reason in RENEWABLE
+    )
+
+
 async def retrying(call: Callable[[], Awaitable[T]], *, for_s: float = RETRY_FOR_S) -> T:
     """`call()`, made again on a transient failure for about `for_s` seconds."""
     deadline = time.monotonic() + for_s
@@ -105,7 +121,7 @@ async def retrying(call: Callable[[], Awaitable[T]], *, for_s: float = RETRY_FOR
             return await call()
         except grpc.aio.AioRpcError as error:
             delay = min(0.2 * 2**attempt, MAX_BACKOFF_S)
-            if error.code() not in TRANSIENT or time.monotonic() + delay > deadline:
+            if not _transient(error) or time.monotonic() + delay > deadline:
                 raise
             _log.info("registry call failed (%s); trying again", error.code().name)
         await asyncio.sleep(delay)
@@ -139,6 +155,9 @@ class TaskRunner:
         # What this process claimed, by task, with the attempt it claimed.
         self._claimed: dict[str, int] = {}
         self._offered: list[task_pb2.Task] = []
+        # Claims and reports the registry refused, by task, with the attempt offered: not
+        # tried again until the registry offers the tasks afresh.
+        self._refused: dict[str, int] = {}
         # Sent with every call: the registry's credential for this node, set on registering.
         self.credentials: list[tuple[str, str]] = []
         shutil.rmtree(work_dir, ignore_errors=True)  # what a killed agent left behind
@@ -147,6 +166,11 @@ class TaskRunner:
     def offer(self, tasks: list[task_pb2.Task]) -> None:
         """Take the registry's complete list of this node's open tasks."""
         self._offered = [task for task in tasks if TASK_NAME.fullmatch(task.name)]
+        self._refused.clear()
+        self._schedule()
+
+    def _schedule(self) -> None:
+        """Start, stop or report runs to match the latest offer."""
         offered = {task.name: task for task in self._offered}
         for name, run in list(self._running.items()):
             task = offered.get(name)
@@ -160,7 +184,7 @@ class TaskRunner:
                 run.cancel()
         self._claimed = {n: a for n, a in self._claimed.items() if n in offered}
         for task in self._offered:
-            if task.name in self._running:
+            if task.name in self._running or self._refused.get(task.name) == task.attempts:
                 continue
             if task.state == task_pb2.TASK_STATE_PENDING:
                 job = self._run(task)
@@ -179,7 +203,7 @@ class TaskRunner:
         """A run ended: look at the latest offer again (the task may be back, requeued)."""
         if self._running.get(name) is run:
             del self._running[name]
-            self.offer(self._offered)
+            self._schedule()
 
     async def stop(self) -> None:
         for run in self._running.values():
@@ -226,6 +250,7 @@ class TaskRunner:
             )
         except grpc.aio.AioRpcError as error:
             _log.info("task %s not claimed: %s", task.name, error.details())
+            self._refused[task.name] = task.attempts
             return None
         self._claimed[task.name] = reply.task.attempts
         _log.info("task %s claimed (attempt %d)", task.name, reply.task.attempts)
@@ -247,6 +272,7 @@ class TaskRunner:
             reply = await self._call(self._tasks.CompleteTask, request, for_s=_time_left(task))
         except grpc.aio.AioRpcError as error:
             _log.warning("completing task %s failed: %s", task.name, error.details())
+            self._refused[task.name] = task.attempts
             if result is not None and error.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 # The registry refused the result itself: report that, not nothing.
                 await self._complete(task, failure=f"RESULT_REFUSED: {error.details()}")

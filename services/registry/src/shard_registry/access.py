@@ -35,7 +35,8 @@ RULES: MethodRules = {
             "UncordonNode": Permission.NODES_WRITE,
             "DrainNode": Permission.NODES_WRITE,
             "DeleteNode": Permission.NODES_WRITE,
-            "UpdateNode": Permission.NODES_LABEL,
+            "UpdateNode": Permission.NODES_ADMIN,
+            "QuarantineNode": Permission.NODES_ADMIN,
             "CreateJoinToken": Permission.NODES_ENROLL,
         },
     ),
@@ -59,6 +60,7 @@ RULES: MethodRules = {
             "GetModelVersion": Permission.MODELS_READ,
             "ListModelVersions": Permission.MODELS_READ,
             "DeleteModelVersion": Permission.MODELS_WRITE,
+            "AddModelVersionCanaries": Permission.MODELS_WRITE,
         },
     ),
     **_rules(

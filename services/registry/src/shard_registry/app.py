@@ -189,10 +189,13 @@ async def serve(settings: RegistrySettings) -> None:
     )
     prober = CanaryProber(
         store=store,
+        router_address=settings.router_address,
+        admin_token=settings.admin_token.get_secret_value(),
         quarantine=lambda node, reason: nodes.change_state(
             node, NodeAction.QUARANTINE, by=None, reason=reason
         ),
         interval_s=settings.canary_interval_s,
+        lease_ttl_s=settings.lease_ttl_s,
     )
 
     async def housekeeping() -> None:

@@ -1,7 +1,14 @@
-"""Behaviour validation: requests with known answers, sent at random times to every node that
-serves a model version that has them. A node whose Triton answers one wrong is quarantined: it
-stops getting traffic and its replicas move. A node that does not answer is not judged here;
-liveness is the lease's business.
+"""Behaviour validation: requests with known answers (each version's pool of canaries, which
+its owner can extend), sent at random times to every node that serves a version that has them.
+
+Canaries go through the data path like any request: the registry asks a router, with the admin's
+credentials and the `shard-canary-node` header naming the node, and the router sends the bytes
+over the same connection as real traffic. A node sees a request of the model, nothing more.
+
+A node whose Triton answers one wrong is quarantined: it stops getting traffic and its replicas
+move. A node that leaves several in a row unanswered while it keeps its lease (a dead node's
+endpoints vanish with its lease first) is quarantined too. Failures of the router, or a node
+the router does not route to, judge nobody.
 
 Runs on the registry replica that leads, beside the scheduler.
 """
@@ -11,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -19,33 +28,27 @@ from tritonclient.grpc import service_pb2
 
 from shard.model.v1 import model_pb2
 from shard.node.v1 import node_pb2
+from shard_client.answers import mismatch
 from shard_core import keys
+from shard_core.auth import AUTHORIZATION, CANARY_NODE
+from shard_core.errors import error_info
 from shard_core.etcd.store import EtcdStore
 
 _log = logging.getLogger(__name__)
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 PARALLEL_PROBES = 8
+TIMEOUT_S = 10.0
+# Canaries in a row a node leaves unanswered before it is judged.
+MAX_UNANSWERED = 3
+UNANSWERED = "NODE_UNANSWERED"  # the router's reason when the node failed, not the router
 
 
-def mismatch(
-    expected: service_pb2.ModelInferResponse, actual: service_pb2.ModelInferResponse
-) -> str:
-    """What differs between the known answer and the node's, or an empty string."""
-    got = {
-        output.name: (output, actual.raw_output_contents[index])
-        for index, output in enumerate(actual.outputs)
-        if index < len(actual.raw_output_contents)
-    }
-    for index, output in enumerate(expected.outputs):
-        if output.name not in got:
-            return f"output {output.name} is missing"
-        tensor, contents = got[output.name]
-        if tensor.datatype != output.datatype or list(tensor.shape) != list(output.shape):
-            return f"output {output.name} is {tensor.datatype}{list(tensor.shape)}"
-        if contents != expected.raw_output_contents[index]:
-            return f"output {output.name} has other values"
-    return ""
+@dataclass(slots=True)
+class _Silence:
+    count: int
+    since: float  # monotonic time of the first unanswered canary in the row
+    last: str  # what the router said about the last one
 
 
 class CanaryProber:
@@ -53,16 +56,27 @@ class CanaryProber:
         self,
         *,
         store: EtcdStore,
+        router_address: str,
+        admin_token: str,
         quarantine: Callable[[str, str], Awaitable[object]],
         interval_s: float,
+        lease_ttl_s: float,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
+        self._router_address = router_address
+        self._metadata = ((AUTHORIZATION, f"Bearer {admin_token}"),)
         self._quarantine = quarantine
         self._interval_s = interval_s
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        # A node silent for longer than this while its endpoints stay has kept its lease.
+        self._patience_s = lease_ttl_s + interval_s
+        self._clock = clock
+        self._silences: dict[str, _Silence] = {}
+        self._channel: grpc.aio.Channel | None = None
 
     async def run(self) -> None:
         """Probe at random times, about once an interval, for as long as this replica leads."""
+        self._channel = grpc.aio.insecure_channel(self._router_address)
         try:
             while True:
                 await asyncio.sleep(self._interval_s * random.uniform(0.5, 1.5))
@@ -71,9 +85,9 @@ class CanaryProber:
                 except Exception:
                     _log.exception("canary pass failed")
         finally:
-            for channel in self._channels.values():
-                await channel.close(None)
-            self._channels.clear()
+            await self._channel.close(None)
+            self._channel = None
+            self._silences.clear()
 
     async def probe_all(self) -> None:
         endpoints = [
@@ -98,25 +112,29 @@ class CanaryProber:
                 await probe
 
         await asyncio.gather(*(limited(probe) for probe in probes))
-        live = {endpoint.inference_address for endpoint in endpoints}
-        for address in [a for a in self._channels if a not in live]:
-            await self._channels.pop(address).close(None)
+        live = {endpoint.node for endpoint in endpoints}
+        for node in [n for n in self._silences if n not in live]:
+            del self._silences[node]
 
     async def _probe(self, endpoint: node_pb2.ModelEndpoint, canary: model_pb2.Canary) -> None:
+        assert self._channel is not None
         request = service_pb2.ModelInferRequest.FromString(canary.request)
         request.model_name, request.model_version = endpoint.model_name, endpoint.model_version
-        channel = self._channels.get(endpoint.inference_address)
-        if channel is None:
-            channel = self._channels[endpoint.inference_address] = grpc.aio.insecure_channel(
-                endpoint.inference_address
-            )
+        where = f"{endpoint.model_name} v{endpoint.model_version}"
         try:
-            raw = await channel.unary_unary(MODEL_INFER, None, None)(
-                request.SerializeToString(), timeout=10
+            raw = await self._channel.unary_unary(MODEL_INFER, None, None)(
+                request.SerializeToString(),
+                timeout=TIMEOUT_S,
+                metadata=(*self._metadata, (CANARY_NODE, endpoint.node)),
             )
         except grpc.aio.AioRpcError as error:
-            _log.info("canary to %s not answered: %s", endpoint.node, error.code().name)
+            info = error_info(error)
+            if info is not None and info.reason == UNANSWERED:
+                await self._unanswered(endpoint.node, where, error.details() or "")
+            else:  # the router's failure, or a node it no longer routes to: nobody to judge
+                _log.info("canary for %s not sent: %s", endpoint.node, error.details())
             return
+        self._silences.pop(endpoint.node, None)
         try:
             answer = service_pb2.ModelInferResponse.FromString(raw)
         except DecodeError:
@@ -124,6 +142,23 @@ class CanaryProber:
         else:
             wrong = mismatch(service_pb2.ModelInferResponse.FromString(canary.response), answer)
         if wrong:
-            reason = f"CANARY_FAILED: {endpoint.model_name} v{endpoint.model_version}: {wrong}"
-            _log.warning("quarantining %s: %s", endpoint.node, reason)
-            await self._quarantine(endpoint.node, reason)
+            await self._judge(endpoint.node, f"CANARY_FAILED: {where}: {wrong}")
+
+    async def _unanswered(self, node: str, where: str, details: str) -> None:
+        now = self._clock()
+        silence = self._silences.setdefault(node, _Silence(count=0, since=now, last=""))
+        silence.count += 1
+        silence.last = details
+        _log.info("canary to %s not answered (%d in a row): %s", node, silence.count, details)
+        if silence.count >= MAX_UNANSWERED and now - silence.since >= self._patience_s:
+            del self._silences[node]
+            await self._judge(
+                node,
+                f"CANARY_UNANSWERED: {where}: {silence.count} canaries in a row over "
+                f"{now - silence.since:.0f} s got no answer while the node kept its lease "
+                f"(last: {details})",
+            )
+
+    async def _judge(self, node: str, reason: str) -> None:
+        _log.warning("quarantining %s: %s", node, reason)
+        await self._quarantine(node, reason)

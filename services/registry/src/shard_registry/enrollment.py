@@ -35,6 +35,10 @@ from shard_core.etcd.store import Entry, EtcdStore
 from shard_registry.resources import timestamp
 
 NONCE_BYTES = 32
+# Hardware evidence an attestation may carry: a few items, each the size of a report and its
+# certificate chain.
+MAX_EVIDENCE_ITEMS = 4
+MAX_EVIDENCE_BYTES = 64 * 1024
 MAX_TOKEN_TTL_S = 7 * 24 * 3600
 DEFAULT_TOKEN_TTL_S = 3600
 
@@ -115,6 +119,7 @@ def verify_attestation(
             reason="CLOCK_SKEW",
             metadata={"field": f"{field}.time_ms"},
         )
+    _check_evidence(attestation.hardware_evidence, field=f"{field}.hardware_evidence")
     if not signature_valid(
         public_key=public_key,
         signature=attestation.signature,
@@ -122,12 +127,33 @@ def verify_attestation(
         inventory=attestation.inventory,
         time_ms=attestation.time_ms,
         node_id=node_id,
+        evidence=attestation.hardware_evidence,
     ):
         raise UnauthenticatedError(
             f"{field}.signature is not the node's signature over the challenge",
             reason="BAD_SIGNATURE",
             metadata={"field": f"{field}.signature"},
         )
+
+
+def _check_evidence(evidence: Sequence[node_service_pb2.HardwareEvidence], *, field: str) -> None:
+    """Refuse evidence no verifier could take: too much of it, or of no kind."""
+    if len(evidence) > MAX_EVIDENCE_ITEMS:
+        raise InvalidArgumentError(
+            f"{field} has {len(evidence)} items; at most {MAX_EVIDENCE_ITEMS}",
+            metadata={"field": field},
+        )
+    for index, item in enumerate(evidence):
+        if item.kind == node_service_pb2.EVIDENCE_KIND_UNSPECIFIED:
+            raise InvalidArgumentError(
+                f"{field}[{index}].kind is required", metadata={"field": f"{field}[{index}].kind"}
+            )
+        if len(item.evidence) > MAX_EVIDENCE_BYTES:
+            raise InvalidArgumentError(
+                f"{field}[{index}].evidence is {len(item.evidence)} bytes; at most "
+                f"{MAX_EVIDENCE_BYTES}",
+                metadata={"field": f"{field}[{index}].evidence"},
+            )
 
 
 def _hash(secret: str) -> str:

@@ -39,9 +39,24 @@ from shard_registry.resources import (
 )
 
 # What an update with no mask changes; the owner changes only when named (by an admin).
-MODEL_UPDATED_BY_DEFAULT = ("description", "visibility", "labels", "rate_limit_rps")
+MODEL_UPDATED_BY_DEFAULT = (
+    "description",
+    "visibility",
+    "labels",
+    "rate_limit_rps",
+    "verify_fraction",
+)
 MODEL_MUTABLE_FIELDS = (*MODEL_UPDATED_BY_DEFAULT, "owner")
 MAX_CACHE_TTL_S = 7 * 24 * 3600
+MAX_CANARIES = 1000
+
+
+def _check_verify_fraction(value: float) -> None:
+    if not 0 <= value <= 1:  # also refuses NaN
+        raise InvalidArgumentError(
+            "model.verify_fraction must be between 0 and 1",
+            metadata={"field": "model.verify_fraction"},
+        )
 
 
 def _tensor_specs(tensors: Sequence[object]) -> list[model_pb2.TensorSpec]:
@@ -118,10 +133,14 @@ def parse_config(text: str, model_id: str) -> model_config_pb2.ModelConfig:
     return config
 
 
-def check_canaries(canaries: Sequence[model_pb2.Canary], input_names: set[str]) -> None:
+def check_canaries(canaries: Sequence[model_pb2.Canary], input_names: set[str], field: str) -> None:
     """Refuse canaries that are not a request and an answer the version could give."""
+    if len(canaries) > MAX_CANARIES:
+        raise InvalidArgumentError(
+            f"a version has at most {MAX_CANARIES} canaries", metadata={"field": field}
+        )
     for index, canary in enumerate(canaries):
-        where = f"model_version.canaries[{index}]"
+        where = f"{field}[{index}]"
         try:
             request = service_pb2.ModelInferRequest.FromString(canary.request)
             response = service_pb2.ModelInferResponse.FromString(canary.response)
@@ -183,6 +202,7 @@ class ModelRegistry:
     async def create_model(self, model_id: str, model: model_pb2.Model) -> model_pb2.Model:
         check_id(model_id, "model_id")
         check_rate(model.rate_limit_rps, "model.rate_limit_rps")
+        _check_verify_fraction(model.verify_fraction)
         _check_visibility(model.visibility)
         now = timestamp(self._clock())
         record = model_pb2.Model()
@@ -240,6 +260,7 @@ class ModelRegistry:
         check_etag(model.etag, revision, model.name)
         apply_mask(current, model, mask, MODEL_MUTABLE_FIELDS)
         check_rate(current.rate_limit_rps, "model.rate_limit_rps")
+        _check_verify_fraction(current.verify_fraction)
         _check_visibility(current.visibility)
         current.etag = ""
         current.update_time.CopyFrom(timestamp(self._clock()))
@@ -287,7 +308,9 @@ class ModelRegistry:
         await self._read_model(model_id)
         config = parse_config(version.config, model_id)
         await self._check_files(version.files, config)
-        check_canaries(version.canaries, {tensor.name for tensor in config.input})
+        check_canaries(
+            version.canaries, {tensor.name for tensor in config.input}, "model_version.canaries"
+        )
         if not 0 <= version.response_cache_ttl_seconds <= MAX_CACHE_TTL_S:
             raise InvalidArgumentError(
                 f"model_version.response_cache_ttl_seconds must be between 0 and {MAX_CACHE_TTL_S}",
@@ -362,6 +385,31 @@ class ModelRegistry:
         if found is None:
             raise NotFoundError(f"model version {name} not found", metadata={"name": name})
         return model_pb2.ModelVersion.FromString(found.value)
+
+    async def add_canaries(
+        self, name: str, canaries: Sequence[model_pb2.Canary]
+    ) -> model_pb2.ModelVersion:
+        """Add known answers to a version's pool (compare-and-swap on its record)."""
+        model_id, version_id = parse_name(name, "models/{}/versions/{}")
+        require(canaries, "canaries")
+        key = keys.version(model_id, version_id)
+        while True:
+            found = await self._store.get(key)
+            if found is None:
+                raise NotFoundError(f"model version {name} not found", metadata={"name": name})
+            version = model_pb2.ModelVersion.FromString(found.value)
+            config = parse_config(version.config, model_id)
+            if len(version.canaries) + len(canaries) > MAX_CANARIES:
+                raise InvalidArgumentError(
+                    f"a version has at most {MAX_CANARIES} canaries; {name} has "
+                    f"{len(version.canaries)}",
+                    metadata={"field": "canaries"},
+                )
+            check_canaries(canaries, {tensor.name for tensor in config.input}, "canaries")
+            version.canaries.extend(canaries)
+            value = version.SerializeToString()
+            if await self._store.write(puts={key: value}, expect={key: found.mod_revision}):
+                return version
 
     async def list_versions(
         self, parent: str, *, page_size: int, page_token: str

@@ -336,6 +336,15 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
         node = await self._registry.set_labels(request.node.name, request.node.labels, by=caller())
         return node_service_pb2.UpdateNodeResponse(node=node)
 
+    async def QuarantineNode(
+        self, request: node_service_pb2.QuarantineNodeRequest, context: Context
+    ) -> node_service_pb2.QuarantineNodeResponse:
+        require(request.reason, "reason")
+        node = await self._registry.change_state(
+            request.name, NodeAction.QUARANTINE, by=caller(), reason=request.reason[:1000]
+        )
+        return node_service_pb2.QuarantineNodeResponse(node=node)
+
     async def CreateJoinToken(
         self, request: node_service_pb2.CreateJoinTokenRequest, context: Context
     ) -> node_service_pb2.CreateJoinTokenResponse:
@@ -473,9 +482,6 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         require_owner(model.owner, model.name)
         return model
 
-    async def _require_visible(self, name: str) -> None:
-        require_visible(await self._models.get_model("/".join(name.split("/")[:2])))
-
     async def UpdateModel(
         self, request: model_api.UpdateModelRequest, context: Context
     ) -> model_api.UpdateModelResponse:
@@ -508,21 +514,40 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         )
         return model_api.CreateModelVersionResponse(model_version=version)
 
+    async def _require_visible_canaries(self, name: str) -> bool:
+        """Refuse a model the caller may not see; whether it may see its canaries (its owner
+        and admins: a provider who knew them could tell them from real requests)."""
+        model = await self._models.get_model("/".join(name.split("/")[:2]))
+        require_visible(model)
+        return caller().owns(model.owner)
+
     async def GetModelVersion(
         self, request: model_api.GetModelVersionRequest, context: Context
     ) -> model_api.GetModelVersionResponse:
-        await self._require_visible(request.name)
+        owner = await self._require_visible_canaries(request.name)
         version = await self._models.get_version(request.name)
+        if not owner:
+            version.ClearField("canaries")
         return model_api.GetModelVersionResponse(model_version=version)
 
     async def ListModelVersions(
         self, request: model_api.ListModelVersionsRequest, context: Context
     ) -> model_api.ListModelVersionsResponse:
-        await self._require_visible(request.parent)
+        owner = await self._require_visible_canaries(request.parent)
         versions, token = await self._models.list_versions(
             request.parent, page_size=request.page_size, page_token=request.page_token
         )
+        if not owner:
+            for version in versions:
+                version.ClearField("canaries")
         return model_api.ListModelVersionsResponse(model_versions=versions, next_page_token=token)
+
+    async def AddModelVersionCanaries(
+        self, request: model_api.AddModelVersionCanariesRequest, context: Context
+    ) -> model_api.AddModelVersionCanariesResponse:
+        await self._require_owner_of(request.name)
+        version = await self._models.add_canaries(request.name, request.canaries)
+        return model_api.AddModelVersionCanariesResponse(model_version=version)
 
     async def DeleteModelVersion(
         self, request: model_api.DeleteModelVersionRequest, context: Context

@@ -42,6 +42,10 @@ class RegistrySettings(ServiceSettings, EtcdSettings):
     canary_interval_s: float = Field(
         default=30.0, gt=0, description="About how often each node gets a known-answer request."
     )
+    router_address: str = Field(
+        default="127.0.0.1:8001",
+        description="A router (KServe v2 gRPC) the canaries go through, like any request.",
+    )
     trust_node_addresses: bool = Field(
         default=False,
         description="Accept a node's Triton address even if it is not where the node connects "

@@ -155,6 +155,7 @@ class LocalMesh:
                     "control_period_s": self.timing.control_period_s,
                     "attest_interval_s": self.timing.attest_interval_s,
                     "canary_interval_s": self.timing.canary_interval_s,
+                    "router_address": self.router_address,
                     "leader_ttl_s": max(2, self.timing.lease_ttl_s),
                     "blob_dir": self.state_dir / "blobs",
                     "admin_token": self.admin_token,

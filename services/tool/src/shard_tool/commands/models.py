@@ -19,6 +19,7 @@ COLUMNS: list[Column] = [
     ("owner", lambda m: m.owner),
     ("visibility", lambda m: model_pb2.Visibility.Name(m.visibility).removeprefix("VISIBILITY_")),
     ("rate limit", lambda m: m.rate_limit_rps or "-"),
+    ("verified", lambda m: f"{m.verify_fraction:.0%}" if m.verify_fraction else "-"),
     ("description", lambda m: m.description),
 ]
 VISIBILITY = {"private": model_pb2.VISIBILITY_PRIVATE, "public": model_pb2.VISIBILITY_PUBLIC}
@@ -38,13 +39,26 @@ def create(
     model: Annotated[str, typer.Argument(help="The new model's id.")],
     visibility: Annotated[str, typer.Option(help="'private' or 'public'.")] = "private",
     description: Annotated[str, typer.Option(help="What the model does.")] = "",
+    verify_fraction: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Share of answers re-run on a second node and compared (0 to 1); a node "
+            "caught answering differently is quarantined.",
+        ),
+    ] = 0.0,
 ) -> None:
     """Register a model (its versions come with `shard model push`).
 
-    Example: shard model create resnet50 --visibility public
+    Example: shard model create resnet50 --visibility public --verify-fraction 0.01
     """
     s = session(ctx)
-    wanted = model_pb2.Model(visibility=_visibility(visibility), description=description)
+    wanted = model_pb2.Model(
+        visibility=_visibility(visibility),
+        description=description,
+        verify_fraction=verify_fraction,
+    )
     request = model_service_pb2.CreateModelRequest(model_id=model, model=wanted)
     reply = s.call(Stub, lambda models: models.CreateModel(request, timeout=TIMEOUT_S))
     emit(reply.model, COLUMNS, s.output)

@@ -11,7 +11,9 @@ from shard.node.v1 import node_pb2, node_service_pb2, node_service_pb2_grpc
 from shard_tool.output import Column, emit, emit_data, emit_one
 from shard_tool.session import TIMEOUT_S, all_pages, resource_name, session
 
-app = typer.Typer(help="Nodes: list, inspect, cordon, drain and remove machines; join tokens.")
+app = typer.Typer(
+    help="Nodes: list, inspect, cordon, drain, quarantine and remove machines; join tokens."
+)
 token_app = typer.Typer(help="Join tokens for enrolling new nodes.")
 app.add_typer(token_app, name="token")
 
@@ -146,6 +148,27 @@ def uncordon(ctx: typer.Context, node: Name) -> None:
     s = session(ctx)
     request = node_service_pb2.UncordonNodeRequest(name=resource_name("nodes", node))
     reply = s.call(Stub, lambda nodes: nodes.UncordonNode(request, timeout=TIMEOUT_S))
+    emit(reply.node, COLUMNS, s.output)
+
+
+@app.command("quarantine")
+def quarantine(
+    ctx: typer.Context,
+    node: Name,
+    reason: Annotated[
+        str, typer.Option(help="Why, as UPPER_SNAKE: details, kept in the node's history.")
+    ],
+) -> None:
+    """Take a node out of service: no traffic, its replicas move, and only an admin's
+    uncordon brings it back (its provider cannot). Admins only.
+
+    Example: shard node quarantine nk3gbxs7 --reason "WRONG_ANSWERS: reported by a customer"
+    """
+    s = session(ctx)
+    request = node_service_pb2.QuarantineNodeRequest(
+        name=resource_name("nodes", node), reason=reason
+    )
+    reply = s.call(Stub, lambda nodes: nodes.QuarantineNode(request, timeout=TIMEOUT_S))
     emit(reply.node, COLUMNS, s.output)
 
 

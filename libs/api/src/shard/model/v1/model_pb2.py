@@ -27,7 +27,7 @@ from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ashard/model/v1/model.proto\x12\x0eshard.model.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9f\x03\n\x05Model\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12.\n\nvisibility\x18\x04 \x01(\x0e\x32\x1a.shard.model.v1.Visibility\x12\x31\n\x06labels\x18\x05 \x03(\x0b\x32!.shard.model.v1.Model.LabelsEntry\x12\x35\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x0c\n\x04\x65tag\x18\x08 \x01(\t\x12\x1c\n\x0erate_limit_rps\x18\t \x01(\x01\x42\x04\xe2\x41\x01\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01:2\xea\x41/\n\x0eshard.ai/Model\x12\x0emodels/{model}*\x06models2\x05model\"\x8b\x04\n\x0cModelVersion\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x15\n\x06\x63onfig\x18\x02 \x01(\tB\x05\xe2\x41\x02\x02\x05\x12/\n\x05\x66iles\x18\x03 \x03(\x0b\x32\x19.shard.model.v1.ModelFileB\x05\xe2\x41\x02\x02\x05\x12\x15\n\x07\x62\x61\x63kend\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1c\n\x0emax_batch_size\x18\x05 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x30\n\x06inputs\x18\x06 \x03(\x0b\x32\x1a.shard.model.v1.TensorSpecB\x04\xe2\x41\x01\x03\x12\x31\n\x07outputs\x18\x07 \x03(\x0b\x32\x1a.shard.model.v1.TensorSpecB\x04\xe2\x41\x01\x03\x12\x18\n\nsize_bytes\x18\x08 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12.\n\x08\x63\x61naries\x18\n \x03(\x0b\x32\x16.shard.model.v1.CanaryB\x04\xe2\x41\x01\x05\x12(\n\x1aresponse_cache_ttl_seconds\x18\x0b \x01(\x05\x42\x04\xe2\x41\x01\x05:Z\xea\x41W\n\x15shard.ai/ModelVersion\x12!models/{model}/versions/{version}*\rmodelVersions2\x0cmodelVersion\"7\n\x06\x43\x61nary\x12\x15\n\x07request\x18\x01 \x01(\x0c\x42\x04\xe2\x41\x01\x02\x12\x16\n\x08response\x18\x02 \x01(\x0c\x42\x04\xe2\x41\x01\x02\"O\n\tModelFile\x12\x12\n\x04path\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06sha256\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nsize_bytes\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x02\";\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tdata_type\x18\x02 \x01(\t\x12\x0c\n\x04\x64ims\x18\x03 \x03(\x03*W\n\nVisibility\x12\x1a\n\x16VISIBILITY_UNSPECIFIED\x10\x00\x12\x16\n\x12VISIBILITY_PRIVATE\x10\x01\x12\x15\n\x11VISIBILITY_PUBLIC\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ashard/model/v1/model.proto\x12\x0eshard.model.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbe\x03\n\x05Model\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12.\n\nvisibility\x18\x04 \x01(\x0e\x32\x1a.shard.model.v1.Visibility\x12\x31\n\x06labels\x18\x05 \x03(\x0b\x32!.shard.model.v1.Model.LabelsEntry\x12\x35\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x0c\n\x04\x65tag\x18\x08 \x01(\t\x12\x1c\n\x0erate_limit_rps\x18\t \x01(\x01\x42\x04\xe2\x41\x01\x01\x12\x1d\n\x0fverify_fraction\x18\n \x01(\x01\x42\x04\xe2\x41\x01\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01:2\xea\x41/\n\x0eshard.ai/Model\x12\x0emodels/{model}*\x06models2\x05model\"\x8b\x04\n\x0cModelVersion\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x15\n\x06\x63onfig\x18\x02 \x01(\tB\x05\xe2\x41\x02\x02\x05\x12/\n\x05\x66iles\x18\x03 \x03(\x0b\x32\x19.shard.model.v1.ModelFileB\x05\xe2\x41\x02\x02\x05\x12\x15\n\x07\x62\x61\x63kend\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1c\n\x0emax_batch_size\x18\x05 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x30\n\x06inputs\x18\x06 \x03(\x0b\x32\x1a.shard.model.v1.TensorSpecB\x04\xe2\x41\x01\x03\x12\x31\n\x07outputs\x18\x07 \x03(\x0b\x32\x1a.shard.model.v1.TensorSpecB\x04\xe2\x41\x01\x03\x12\x18\n\nsize_bytes\x18\x08 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12.\n\x08\x63\x61naries\x18\n \x03(\x0b\x32\x16.shard.model.v1.CanaryB\x04\xe2\x41\x01\x05\x12(\n\x1aresponse_cache_ttl_seconds\x18\x0b \x01(\x05\x42\x04\xe2\x41\x01\x05:Z\xea\x41W\n\x15shard.ai/ModelVersion\x12!models/{model}/versions/{version}*\rmodelVersions2\x0cmodelVersion\"7\n\x06\x43\x61nary\x12\x15\n\x07request\x18\x01 \x01(\x0c\x42\x04\xe2\x41\x01\x02\x12\x16\n\x08response\x18\x02 \x01(\x0c\x42\x04\xe2\x41\x01\x02\"O\n\tModelFile\x12\x12\n\x04path\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06sha256\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nsize_bytes\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x02\";\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tdata_type\x18\x02 \x01(\t\x12\x0c\n\x04\x64ims\x18\x03 \x03(\x03*W\n\nVisibility\x12\x1a\n\x16VISIBILITY_UNSPECIFIED\x10\x00\x12\x16\n\x12VISIBILITY_PRIVATE\x10\x01\x12\x15\n\x11VISIBILITY_PUBLIC\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,6 +44,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODEL'].fields_by_name['update_time']._serialized_options = b'\342A\001\003'
   _globals['_MODEL'].fields_by_name['rate_limit_rps']._loaded_options = None
   _globals['_MODEL'].fields_by_name['rate_limit_rps']._serialized_options = b'\342A\001\001'
+  _globals['_MODEL'].fields_by_name['verify_fraction']._loaded_options = None
+  _globals['_MODEL'].fields_by_name['verify_fraction']._serialized_options = b'\342A\001\001'
   _globals['_MODEL']._loaded_options = None
   _globals['_MODEL']._serialized_options = b'\352A/\n\016shard.ai/Model\022\016models/{model}*\006models2\005model'
   _globals['_MODELVERSION'].fields_by_name['name']._loaded_options = None
@@ -80,18 +82,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELFILE'].fields_by_name['sha256']._serialized_options = b'\342A\001\002'
   _globals['_MODELFILE'].fields_by_name['size_bytes']._loaded_options = None
   _globals['_MODELFILE'].fields_by_name['size_bytes']._serialized_options = b'\342A\001\002'
-  _globals['_VISIBILITY']._serialized_start=1282
-  _globals['_VISIBILITY']._serialized_end=1369
+  _globals['_VISIBILITY']._serialized_start=1313
+  _globals['_VISIBILITY']._serialized_end=1400
   _globals['_MODEL']._serialized_start=140
-  _globals['_MODEL']._serialized_end=555
-  _globals['_MODEL_LABELSENTRY']._serialized_start=458
-  _globals['_MODEL_LABELSENTRY']._serialized_end=503
-  _globals['_MODELVERSION']._serialized_start=558
-  _globals['_MODELVERSION']._serialized_end=1081
-  _globals['_CANARY']._serialized_start=1083
-  _globals['_CANARY']._serialized_end=1138
-  _globals['_MODELFILE']._serialized_start=1140
-  _globals['_MODELFILE']._serialized_end=1219
-  _globals['_TENSORSPEC']._serialized_start=1221
-  _globals['_TENSORSPEC']._serialized_end=1280
+  _globals['_MODEL']._serialized_end=586
+  _globals['_MODEL_LABELSENTRY']._serialized_start=489
+  _globals['_MODEL_LABELSENTRY']._serialized_end=534
+  _globals['_MODELVERSION']._serialized_start=589
+  _globals['_MODELVERSION']._serialized_end=1112
+  _globals['_CANARY']._serialized_start=1114
+  _globals['_CANARY']._serialized_end=1169
+  _globals['_MODELFILE']._serialized_start=1171
+  _globals['_MODELFILE']._serialized_end=1250
+  _globals['_TENSORSPEC']._serialized_start=1252
+  _globals['_TENSORSPEC']._serialized_end=1311
 # @@protoc_insertion_point(module_scope)

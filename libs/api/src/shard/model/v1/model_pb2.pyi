@@ -79,6 +79,7 @@ class Model(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
     RATE_LIMIT_RPS_FIELD_NUMBER: _builtins.int
+    VERIFY_FRACTION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The resource name, `models/{model}`. `{model}` is also the Triton model name clients use."""
     owner: _builtins.str
@@ -94,6 +95,11 @@ class Model(_message.Message):
     rate_limit_rps: _builtins.float
     """Inference requests a second the whole shard takes for this model, from everyone together
     (a token bucket with a burst of twice that); 0: no limit.
+    """
+    verify_fraction: _builtins.float
+    """The fraction (0 to 1) of this model's inference requests the shard runs again on another
+    replica and compares, to catch a node that answers canaries honestly and lies otherwise.
+    Only for deterministic models: the owner pays for the extra runs. 0: none.
     """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -119,10 +125,11 @@ class Model(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         etag: _builtins.str = ...,
         rate_limit_rps: _builtins.float = ...,
+        verify_fraction: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "etag", b"etag", "labels", b"labels", "name", b"name", "owner", b"owner", "rate_limit_rps", b"rate_limit_rps", "update_time", b"update_time", "visibility", b"visibility"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "etag", b"etag", "labels", b"labels", "name", b"name", "owner", b"owner", "rate_limit_rps", b"rate_limit_rps", "update_time", b"update_time", "verify_fraction", b"verify_fraction", "visibility", b"visibility"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -183,8 +190,11 @@ class ModelVersion(_message.Message):
 
     @_builtins.property
     def canaries(self) -> _containers.RepeatedCompositeFieldContainer[Global___Canary]:
-        """Requests with known answers. The shard sends them, at random times, to every node serving
-        the version; a node that answers one wrong is quarantined.
+        """Requests with known answers. The shard sends them, at random times and through the data
+        path like any request, to every node serving the version; a node that answers one wrong, or
+        leaves several in a row unanswered, is quarantined. Shown only to the model's owner and
+        admins (a provider who knew them could tell them from traffic); the owner adds more with
+        `AddModelVersionCanaries`.
         """
 
     def __init__(

@@ -469,3 +469,55 @@ class DeleteModelVersionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteModelVersionResponse: _TypeAlias = DeleteModelVersionResponse  # noqa: Y015
+
+@_typing.final
+class AddModelVersionCanariesRequest(_message.Message):
+    """The request to add canaries to a version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    CANARIES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The resource name, `models/{model}/versions/{version}`."""
+    @_builtins.property
+    def canaries(self) -> _containers.RepeatedCompositeFieldContainer[_model_pb2.Canary]:
+        """The canaries to add to those the version has."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        canaries: _abc.Iterable[_model_pb2.Canary] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["canaries", b"canaries", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddModelVersionCanariesRequest: _TypeAlias = AddModelVersionCanariesRequest  # noqa: Y015
+
+@_typing.final
+class AddModelVersionCanariesResponse(_message.Message):
+    """The answer to adding canaries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def model_version(self) -> _model_pb2.ModelVersion:
+        """The version with its whole pool of canaries."""
+
+    def __init__(
+        self,
+        *,
+        model_version: _model_pb2.ModelVersion | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model_version", b"model_version"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_version", b"model_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddModelVersionCanariesResponse: _TypeAlias = AddModelVersionCanariesResponse  # noqa: Y015

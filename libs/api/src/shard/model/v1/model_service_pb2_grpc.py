@@ -80,6 +80,11 @@ class ModelServiceStub:
                 request_serializer=shard_dot_model_dot_v1_dot_model__service__pb2.DeleteModelVersionRequest.SerializeToString,
                 response_deserializer=shard_dot_model_dot_v1_dot_model__service__pb2.DeleteModelVersionResponse.FromString,
                 _registered_method=True)
+        self.AddModelVersionCanaries = channel.unary_unary(
+                '/shard.model.v1.ModelService/AddModelVersionCanaries',
+                request_serializer=shard_dot_model_dot_v1_dot_model__service__pb2.AddModelVersionCanariesRequest.SerializeToString,
+                response_deserializer=shard_dot_model_dot_v1_dot_model__service__pb2.AddModelVersionCanariesResponse.FromString,
+                _registered_method=True)
 
 
 class ModelServiceServicer:
@@ -149,6 +154,13 @@ class ModelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddModelVersionCanaries(self, request, context):
+        """Adds requests with known answers to a version's pool of canaries.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -196,6 +208,11 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.DeleteModelVersion,
                     request_deserializer=shard_dot_model_dot_v1_dot_model__service__pb2.DeleteModelVersionRequest.FromString,
                     response_serializer=shard_dot_model_dot_v1_dot_model__service__pb2.DeleteModelVersionResponse.SerializeToString,
+            ),
+            'AddModelVersionCanaries': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddModelVersionCanaries,
+                    request_deserializer=shard_dot_model_dot_v1_dot_model__service__pb2.AddModelVersionCanariesRequest.FromString,
+                    response_serializer=shard_dot_model_dot_v1_dot_model__service__pb2.AddModelVersionCanariesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -442,6 +459,33 @@ class ModelService:
             '/shard.model.v1.ModelService/DeleteModelVersion',
             shard_dot_model_dot_v1_dot_model__service__pb2.DeleteModelVersionRequest.SerializeToString,
             shard_dot_model_dot_v1_dot_model__service__pb2.DeleteModelVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddModelVersionCanaries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shard.model.v1.ModelService/AddModelVersionCanaries',
+            shard_dot_model_dot_v1_dot_model__service__pb2.AddModelVersionCanariesRequest.SerializeToString,
+            shard_dot_model_dot_v1_dot_model__service__pb2.AddModelVersionCanariesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -34,6 +34,8 @@ class ModelServiceStub:
     """Lists a model's versions, in version order."""
     DeleteModelVersion: _aio.UnaryUnaryMultiCallable[_model_service_pb2.DeleteModelVersionRequest, _model_service_pb2.DeleteModelVersionResponse]
     """Deletes a model version that no deployment uses."""
+    AddModelVersionCanaries: _aio.UnaryUnaryMultiCallable[_model_service_pb2.AddModelVersionCanariesRequest, _model_service_pb2.AddModelVersionCanariesResponse]
+    """Adds requests with known answers to a version's pool of canaries."""
 
 class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
     """Models and their versions."""
@@ -109,5 +111,13 @@ class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _aio.ServicerContext[_model_service_pb2.DeleteModelVersionRequest, _abc.Awaitable[_model_service_pb2.DeleteModelVersionResponse]],
     ) -> _abc.Awaitable[_model_service_pb2.DeleteModelVersionResponse]:
         """Deletes a model version that no deployment uses."""
+
+    @_abc_1.abstractmethod
+    def AddModelVersionCanaries(
+        self,
+        request: _model_service_pb2.AddModelVersionCanariesRequest,
+        context: _aio.ServicerContext[_model_service_pb2.AddModelVersionCanariesRequest, _abc.Awaitable[_model_service_pb2.AddModelVersionCanariesResponse]],
+    ) -> _abc.Awaitable[_model_service_pb2.AddModelVersionCanariesResponse]:
+        """Adds requests with known answers to a version's pool of canaries."""
 
 def add_ModelServiceServicer_to_server(servicer: ModelServiceServicer, server: _aio.Server) -> None: ...

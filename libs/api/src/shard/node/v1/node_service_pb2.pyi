@@ -23,6 +23,30 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _EvidenceKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EvidenceKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EvidenceKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EVIDENCE_KIND_UNSPECIFIED: _EvidenceKind.ValueType  # 0
+    """Not set."""
+    EVIDENCE_KIND_NVIDIA_CC: _EvidenceKind.ValueType  # 1
+    """An NVIDIA GPU's confidential-computing attestation report."""
+    EVIDENCE_KIND_TPM_QUOTE: _EvidenceKind.ValueType  # 2
+    """A TPM 2.0 quote."""
+
+class EvidenceKind(_EvidenceKind, metaclass=_EvidenceKindEnumTypeWrapper):
+    """Kinds of hardware evidence."""
+
+EVIDENCE_KIND_UNSPECIFIED: EvidenceKind.ValueType  # 0
+"""Not set."""
+EVIDENCE_KIND_NVIDIA_CC: EvidenceKind.ValueType  # 1
+"""An NVIDIA GPU's confidential-computing attestation report."""
+EVIDENCE_KIND_TPM_QUOTE: EvidenceKind.ValueType  # 2
+"""A TPM 2.0 quote."""
+Global___EvidenceKind: _TypeAlias = EvidenceKind  # noqa: Y015
+
 class _ChangeKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -179,6 +203,7 @@ class Attestation(_message.Message):
     INVENTORY_FIELD_NUMBER: _builtins.int
     TIME_MS_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
+    HARDWARE_EVIDENCE_FIELD_NUMBER: _builtins.int
     nonce: _builtins.bytes
     """The registry's single-use nonce, from the challenge being answered."""
     time_ms: _builtins.int
@@ -189,6 +214,14 @@ class Attestation(_message.Message):
     def inventory(self) -> _node_pb2.Inventory:
         """What the node has."""
 
+    @_builtins.property
+    def hardware_evidence(self) -> _containers.RepeatedCompositeFieldContainer[Global___HardwareEvidence]:
+        """Evidence from the node's hardware, each item made over the evidence nonce (see
+        `shard_core.attestation.evidence_nonce`); the signature covers their digest. The registry
+        has no verifier for any kind yet: evidence is signed over but not trusted, and the
+        inventory stays a claim.
+        """
+
     def __init__(
         self,
         *,
@@ -196,14 +229,44 @@ class Attestation(_message.Message):
         inventory: _node_pb2.Inventory | None = ...,
         time_ms: _builtins.int = ...,
         signature: _builtins.bytes = ...,
+        hardware_evidence: _abc.Iterable[Global___HardwareEvidence] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["inventory", b"inventory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inventory", b"inventory", "nonce", b"nonce", "signature", b"signature", "time_ms", b"time_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hardware_evidence", b"hardware_evidence", "inventory", b"inventory", "nonce", b"nonce", "signature", b"signature", "time_ms", b"time_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Attestation: _TypeAlias = Attestation  # noqa: Y015
+
+@_typing.final
+class HardwareEvidence(_message.Message):
+    """What a node's hardware says about it, as its verifier takes it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    EVIDENCE_FIELD_NUMBER: _builtins.int
+    kind: Global___EvidenceKind.ValueType
+    """Which hardware made it."""
+    evidence: _builtins.bytes
+    """The evidence with what checks it: for NVIDIA confidential computing, the GPU attestation
+    report and its certificate chain; for a TPM, the quote, its signature, the PCR values and
+    the attestation key's certificate chain.
+    """
+    def __init__(
+        self,
+        *,
+        kind: Global___EvidenceKind.ValueType = ...,
+        evidence: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evidence", b"evidence", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HardwareEvidence: _TypeAlias = HardwareEvidence  # noqa: Y015
 
 @_typing.final
 class Registration(_message.Message):
@@ -876,6 +939,56 @@ class DeleteNodeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteNodeResponse: _TypeAlias = DeleteNodeResponse  # noqa: Y015
+
+@_typing.final
+class QuarantineNodeRequest(_message.Message):
+    """The request to quarantine a node."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The resource name of the node, `nodes/{node}`."""
+    reason: _builtins.str
+    """Why, as `UPPER_SNAKE: details`, kept in the node's history."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QuarantineNodeRequest: _TypeAlias = QuarantineNodeRequest  # noqa: Y015
+
+@_typing.final
+class QuarantineNodeResponse(_message.Message):
+    """The answer to a quarantine."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def node(self) -> _node_pb2.Node:
+        """The node as it is now."""
+
+    def __init__(
+        self,
+        *,
+        node: _node_pb2.Node | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QuarantineNodeResponse: _TypeAlias = QuarantineNodeResponse  # noqa: Y015
 
 @_typing.final
 class UpdateNodeRequest(_message.Message):

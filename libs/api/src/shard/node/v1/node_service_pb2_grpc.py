@@ -80,6 +80,11 @@ class NodeServiceStub:
                 request_serializer=shard_dot_node_dot_v1_dot_node__service__pb2.UpdateNodeRequest.SerializeToString,
                 response_deserializer=shard_dot_node_dot_v1_dot_node__service__pb2.UpdateNodeResponse.FromString,
                 _registered_method=True)
+        self.QuarantineNode = channel.unary_unary(
+                '/shard.node.v1.NodeService/QuarantineNode',
+                request_serializer=shard_dot_node_dot_v1_dot_node__service__pb2.QuarantineNodeRequest.SerializeToString,
+                response_deserializer=shard_dot_node_dot_v1_dot_node__service__pb2.QuarantineNodeResponse.FromString,
+                _registered_method=True)
         self.CreateJoinToken = channel.unary_unary(
                 '/shard.node.v1.NodeService/CreateJoinToken',
                 request_serializer=shard_dot_node_dot_v1_dot_node__service__pb2.CreateJoinTokenRequest.SerializeToString,
@@ -160,6 +165,14 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def QuarantineNode(self, request, context):
+        """Quarantines a node: no traffic, its replicas move, until an admin uncordons it. Admins
+        only (and the shard itself, when a node fails its canaries or its answers are caught out).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateJoinToken(self, request, context):
         """Makes a one-time join token for enrolling a node.
         """
@@ -214,6 +227,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.UpdateNode,
                     request_deserializer=shard_dot_node_dot_v1_dot_node__service__pb2.UpdateNodeRequest.FromString,
                     response_serializer=shard_dot_node_dot_v1_dot_node__service__pb2.UpdateNodeResponse.SerializeToString,
+            ),
+            'QuarantineNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.QuarantineNode,
+                    request_deserializer=shard_dot_node_dot_v1_dot_node__service__pb2.QuarantineNodeRequest.FromString,
+                    response_serializer=shard_dot_node_dot_v1_dot_node__service__pb2.QuarantineNodeResponse.SerializeToString,
             ),
             'CreateJoinToken': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateJoinToken,
@@ -465,6 +483,33 @@ class NodeService:
             '/shard.node.v1.NodeService/UpdateNode',
             shard_dot_node_dot_v1_dot_node__service__pb2.UpdateNodeRequest.SerializeToString,
             shard_dot_node_dot_v1_dot_node__service__pb2.UpdateNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QuarantineNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shard.node.v1.NodeService/QuarantineNode',
+            shard_dot_node_dot_v1_dot_node__service__pb2.QuarantineNodeRequest.SerializeToString,
+            shard_dot_node_dot_v1_dot_node__service__pb2.QuarantineNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,10 @@ class NodeServiceStub:
     """Sets an admin's facts about a node: its `labels`, which deployments' node selectors match.
     Admins only: a provider's word about its own node is a claim.
     """
+    QuarantineNode: _aio.UnaryUnaryMultiCallable[_node_service_pb2.QuarantineNodeRequest, _node_service_pb2.QuarantineNodeResponse]
+    """Quarantines a node: no traffic, its replicas move, until an admin uncordons it. Admins
+    only (and the shard itself, when a node fails its canaries or its answers are caught out).
+    """
     CreateJoinToken: _aio.UnaryUnaryMultiCallable[_node_service_pb2.CreateJoinTokenRequest, _node_service_pb2.CreateJoinTokenResponse]
     """Makes a one-time join token for enrolling a node."""
 
@@ -128,6 +132,16 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _abc.Awaitable[_node_service_pb2.UpdateNodeResponse]:
         """Sets an admin's facts about a node: its `labels`, which deployments' node selectors match.
         Admins only: a provider's word about its own node is a claim.
+        """
+
+    @_abc_1.abstractmethod
+    def QuarantineNode(
+        self,
+        request: _node_service_pb2.QuarantineNodeRequest,
+        context: _aio.ServicerContext[_node_service_pb2.QuarantineNodeRequest, _abc.Awaitable[_node_service_pb2.QuarantineNodeResponse]],
+    ) -> _abc.Awaitable[_node_service_pb2.QuarantineNodeResponse]:
+        """Quarantines a node: no traffic, its replicas move, until an admin uncordons it. Admins
+        only (and the shard itself, when a node fails its canaries or its answers are caught out).
         """
 
     @_abc_1.abstractmethod
