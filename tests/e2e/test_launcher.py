@@ -45,6 +45,9 @@ def test_shard_up_serves_the_demo_models_and_shard_down_leaves_no_process(tmp_pa
             "--gateway-port", str(ports.gateway),
             "--registry-port", str(ports.registry),
             "--etcd-port", str(ports.etcd),
+            "--registry-tls-port", str(ports.registry_tls),
+            "--router-tls-port", str(ports.router_tls),
+            "--gateway-tls-port", str(ports.gateway_tls),
         ],
         cwd=REPO,
         env={**os.environ, "SHARD_CONFIG": str(config)},
@@ -67,10 +70,27 @@ def test_shard_up_serves_the_demo_models_and_shard_down_leaves_no_process(tmp_pa
         assert {"etcd", "tritonserver"} <= names
         assert len(tree) >= 6  # etcd, registry, router, gateway, node agent, Triton (+ stubs)
 
-        # The CLI's `local` context points at the mesh, with the admin token's file.
+        # The router's TLS port serves clients that trust the mesh CA.
+        ca_file = tmp_path / "ca" / "ca.pem"
+        infer_simple(
+            triton.InferenceServerClient(
+                f"127.0.0.1:{ports.router_tls}", ssl=True, root_certificates=str(ca_file)
+            )
+        )
+
+        # The CLI's `local` context points at the mesh over TLS, with the admin token's file.
         context = yaml.safe_load(config.read_text())["contexts"]["local"]
-        assert context["registry"] == f"127.0.0.1:{ports.registry}"
+        assert context["registry"] == f"127.0.0.1:{ports.registry_tls}"
+        assert context["tls"] is True
+        assert context["ca_file"] == str(ca_file)
         assert Path(context["key_file"]).read_text()
+        nodes = subprocess.run(
+            [sys.executable, "-m", "shard_tool", "-o", "json", "node", "ls"],
+            cwd=REPO, capture_output=True, text=True, check=False,
+            env={**os.environ, "SHARD_CONFIG": str(config)},
+        )  # fmt: skip
+        assert nodes.returncode == 0, nodes.stderr
+        assert json.loads(nodes.stdout)[0]["state"] == "NODE_STATE_ACTIVE"
 
         # `shard down` SIGTERMs the launcher, which stops everything it started.
         down = subprocess.run(

@@ -18,6 +18,7 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
+from shard_core.pki import Authority
 from shard_tool.cli import app
 from shard_tool.local import LocalMesh
 
@@ -75,6 +76,42 @@ def test_contexts_and_overrides(shard: Shard, mesh: LocalMesh, tmp_path: Path) -
     config = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert config["contexts"]["here"]["key_file"] == str(key_file)
     assert (tmp_path / "config.yaml").stat().st_mode & 0o077 == 0  # it may hold keys
+
+
+def test_a_tls_context_reaches_the_shard_trusting_its_ca(
+    shard: Shard, mesh: LocalMesh, tmp_path: Path
+) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text(mesh.admin_token)
+    shard(
+        "context", "add", "secure", "--registry", mesh.registry_tls_address,
+        "--router", mesh.router_tls_address, "--key-file", str(key_file), "--tls",
+        "--ca-file", str(mesh.ca_file), "--use", as_admin=False,
+    )  # fmt: skip
+    assert shard("-o", "json", "model", "ls", as_admin=False)
+    ones = json.dumps([[1] * 16])
+    answer = shard("-o", "json", "infer", "simple", "-i", f"INPUT0={ones}", "-i",
+                   f"INPUT1={ones}", as_admin=False)  # fmt: skip
+    outputs = {o["name"]: o for o in answer["outputs"]}
+    assert outputs["OUTPUT0"]["data"] == [[2] * 16]
+    # A CA the shard's certificate does not chain to, or plaintext to a TLS port: one line.
+    stranger = tmp_path / "stranger.pem"
+    stranger.write_bytes(Authority.create().bundle_pem)
+    shard(
+        "context", "add", "spoofed", "--registry", mesh.registry_tls_address, "--tls",
+        "--ca-file", str(stranger), "--use", as_admin=False,
+    )  # fmt: skip
+    failed = shard("node", "ls", expect=1, as_admin=False)
+    assert "cannot reach the shard" in failed.stderr
+    assert "local issuer certificate" in failed.stderr
+    assert "Traceback" not in failed.output
+    shard("context", "add", "plain", "--registry", mesh.registry_tls_address, "--use",
+          as_admin=False)  # fmt: skip
+    assert "cannot reach the shard" in shard("node", "ls", expect=1, as_admin=False).stderr
+    # No plaintext leaves this machine.
+    shard("context", "add", "remote", "--registry", "192.0.2.1:7070", "--use", as_admin=False)
+    remote = shard("node", "ls", expect=1, as_admin=False)
+    assert "loopback" in remote.stderr
 
 
 def test_nodes(shard: Shard, mesh: LocalMesh) -> None:

@@ -19,6 +19,7 @@ import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -28,6 +29,7 @@ from tritonclient.utils import InferenceServerException
 
 from shard.inference.v1 import endpoint_service_pb2, endpoint_service_pb2_grpc
 from shard_client.routing import Balancer, EndpointTable, Plan, TrafficSplit, unknown_model
+from shard_core import tls
 
 _log = logging.getLogger(__name__)
 
@@ -59,8 +61,18 @@ class InferenceServerClient:
     """The shard as one Triton, reached node by node. Use as an async context manager, or call
     `connect` first and `close` at the end."""
 
-    def __init__(self, url: str, *, api_key: str, max_attempts: int = 2) -> None:
-        self._router = grpc.aio.insecure_channel(url)
+    def __init__(
+        self,
+        url: str,
+        *,
+        api_key: str,
+        max_attempts: int = 2,
+        ssl: bool = False,
+        root_certificates: Path | None = None,
+    ) -> None:
+        """`url` is the router; with `ssl`, its TLS port, trusting `root_certificates` (the
+        mesh CA; the system's roots when None). Plaintext only reaches a loopback router."""
+        self._router = tls.channel(url, tls.trusting(root_certificates) if ssl else None)
         self._url = url
         self._credentials = (("authorization", f"Bearer {api_key}"),)
         self._table: EndpointTable[NodeClient] = EndpointTable(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Coroutine
+from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -27,14 +28,29 @@ class InferenceServerClient:
     """The shard as one Triton, reached node by node; blocking calls."""
 
     def __init__(
-        self, url: str, *, api_key: str, max_attempts: int = 2, connect_timeout: float = 10.0
+        self,
+        url: str,
+        *,
+        api_key: str,
+        max_attempts: int = 2,
+        connect_timeout: float = 10.0,
+        ssl: bool = False,
+        root_certificates: Path | None = None,
     ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="shard-client", daemon=True
         )
         self._thread.start()
-        self._client = self._run(self._open(url, api_key, max_attempts))
+        self._client = self._run(
+            self._open(
+                url,
+                api_key=api_key,
+                max_attempts=max_attempts,
+                ssl=ssl,
+                root_certificates=root_certificates,
+            )
+        )
         try:
             self._run(self._client.connect(connect_timeout))
         except BaseException:
@@ -42,8 +58,8 @@ class InferenceServerClient:
             raise
 
     @staticmethod
-    async def _open(url: str, api_key: str, max_attempts: int) -> aio.InferenceServerClient:
-        return aio.InferenceServerClient(url, api_key=api_key, max_attempts=max_attempts)
+    async def _open(url: str, **options: Any) -> aio.InferenceServerClient:
+        return aio.InferenceServerClient(url, **options)
 
     def _run(self, work: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(work, self._loop).result()

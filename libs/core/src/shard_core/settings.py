@@ -6,6 +6,8 @@ variables and passed in; nothing reads a global.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -32,3 +34,15 @@ class EtcdSettings(BaseSettings):
     etcd_port: int = Field(default=2379, ge=1, le=65535, description="etcd client port.")
     etcd_prefix: str = Field(default="/shard/", description="Key prefix of all shard records.")
     etcd_timeout_s: float = Field(default=5.0, gt=0, description="Timeout of one etcd call.")
+
+
+class TlsSettings(BaseSettings):
+    """A service's mesh identity: its TLS files, and where it listens with TLS."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="forbid")
+
+    tls_dir: Path | None = Field(
+        default=None,
+        description="Directory with ca.pem (the mesh's CA), cert.pem and key.pem (this "
+        "service's certificate and key); unset: no TLS listener.",
+    )

@@ -10,6 +10,7 @@ from aiohttp import web
 from opentelemetry import metrics
 
 from shard_client.routing import http_address
+from shard_core.tls import TlsIdentity, require_loopback
 from shard_gateway.direct import DirectInference, NodeHttp
 from shard_gateway.rest import make_app
 from shard_gateway.service import Shard
@@ -51,9 +52,14 @@ async def serve(settings: GatewaySettings) -> None:
     )
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
-    await site.start()
-    _log.info("gateway serving HTTP on %s:%d", settings.host, settings.port)
+    if settings.port is not None:
+        require_loopback(f"{settings.host}:{settings.port}", what="a plaintext listener")
+        await web.TCPSite(runner, settings.host, settings.port).start()
+        _log.info("gateway serving HTTP on %s:%d", settings.host, settings.port)
+    if settings.tls_dir is not None:
+        context = TlsIdentity(settings.tls_dir).ssl_context()
+        await web.TCPSite(runner, settings.tls_host, settings.tls_port, ssl_context=context).start()
+        _log.info("gateway serving HTTPS on %s:%d", settings.tls_host, settings.tls_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -5,15 +5,19 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from shard_core.settings import ServiceSettings
+from shard_core.settings import ServiceSettings, TlsSettings
 from shard_inference.settings import DataPlaneSettings
 
 
-class GatewaySettings(ServiceSettings, DataPlaneSettings):
+class GatewaySettings(ServiceSettings, DataPlaneSettings, TlsSettings):
     model_config = SettingsConfigDict(env_prefix="SHARD_GATEWAY_", frozen=True, extra="forbid")
 
-    host: str = Field(default="0.0.0.0", description="HTTP listen host.")
-    port: int = Field(default=8000, ge=0, le=65535, description="HTTP listen port.")
+    host: str = Field(default="127.0.0.1", description="HTTP listen host: loopback only.")
+    port: int | None = Field(
+        default=8000, ge=0, le=65535, description="HTTP listen port; empty for none."
+    )
+    tls_host: str = Field(default="0.0.0.0", description="HTTPS listen host (with tls_dir).")
+    tls_port: int = Field(default=8443, ge=0, le=65535, description="HTTPS listen port.")
     router_address: str = Field(
         default="127.0.0.1:8001", description="gRPC address of the inference router."
     )

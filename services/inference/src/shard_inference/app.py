@@ -13,6 +13,7 @@ from shard.inference.v1 import endpoint_service_pb2_grpc
 from shard.node.v1 import node_service_pb2, node_service_pb2_grpc
 from shard_core.auth import AUTHORIZATION
 from shard_core.grpc.server import GrpcServer
+from shard_core.tls import TlsIdentity
 from shard_inference.backends import SERVICE, NodeChannel
 from shard_inference.cache import MemoryCache
 from shard_inference.endpoints import EndpointWatch, ViewChanges
@@ -122,7 +123,9 @@ async def serve(settings: InferenceSettings) -> None:
     # No interceptors on the data plane: every request pays for them, and the router answers
     # with Triton's own status codes rather than the management APIs' error details.
     server = GrpcServer(
-        address=settings.address,
+        address=settings.address or None,
+        tls=TlsIdentity(settings.tls_dir) if settings.tls_dir else None,
+        tls_address=settings.tls_address if settings.tls_dir else None,
         services=[SERVICE, ENDPOINT_SERVICE],
         register=register,
         interceptors=(),
@@ -150,5 +153,9 @@ async def serve(settings: InferenceSettings) -> None:
         await asyncio.gather(reporting, return_exceptions=True)
 
     server.on_shutdown(stop_reporting)
-    _log.info("inference router serving on port %d", server.port)
+    _log.info(
+        "inference router serving on port %d (plaintext, loopback) and %d (TLS)",
+        server.port,
+        server.tls_port,
+    )
     await server.serve_until_signalled()

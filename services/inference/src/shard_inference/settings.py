@@ -6,7 +6,7 @@ from __future__ import annotations
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
-from shard_core.settings import EtcdSettings, ServiceSettings
+from shard_core.settings import EtcdSettings, ServiceSettings, TlsSettings
 
 
 class DataPlaneSettings(EtcdSettings):
@@ -42,11 +42,16 @@ class DataPlaneSettings(EtcdSettings):
     )
 
 
-class InferenceSettings(ServiceSettings, DataPlaneSettings):
+class InferenceSettings(ServiceSettings, DataPlaneSettings, TlsSettings):
     model_config = SettingsConfigDict(env_prefix="SHARD_INFERENCE_", frozen=True, extra="forbid")
 
-    address: str = Field(
-        default="0.0.0.0:8001", description="KServe v2 gRPC listen address (Triton's port)."
+    address: str | None = Field(
+        default="127.0.0.1:8001",
+        description="KServe v2 gRPC plaintext listen address (Triton's port): loopback only; "
+        "empty for none.",
+    )
+    tls_address: str = Field(
+        default="0.0.0.0:8444", description="KServe v2 gRPC TLS listen address (with tls_dir)."
     )
     registry_address: str = Field(
         default="127.0.0.1:7070",

@@ -25,6 +25,7 @@ from shard_core.etcd.mirror import PrefixMirror
 from shard_core.etcd.store import EtcdStore
 from shard_core.grpc.interceptors import ErrorInterceptor
 from shard_core.grpc.server import GrpcServer, server_options
+from shard_core.tls import TlsIdentity
 from shard_registry.access import RULES
 from shard_registry.apikeys import KeyLimits, KeyRegistry
 from shard_registry.artifacts import BlobStore
@@ -237,7 +238,9 @@ async def serve(settings: RegistrySettings) -> None:
         task_service_pb2_grpc.add_TaskServiceServicer_to_server(TaskServicer(tasks), server)
 
     server = GrpcServer(
-        address=settings.address,
+        address=settings.address or None,
+        tls=TlsIdentity(settings.tls_dir) if settings.tls_dir else None,
+        tls_address=settings.tls_address if settings.tls_dir else None,
         services=SERVICE_NAMES,
         register=register,
         interceptors=(ErrorInterceptor(), AuthInterceptor(ring, RULES)),
@@ -256,5 +259,9 @@ async def serve(settings: RegistrySettings) -> None:
     server.on_shutdown(keeper.stop)
     server.on_shutdown(store.close)
     await server.start()
-    _log.info("registry serving on port %d", server.port)
+    _log.info(
+        "registry serving on port %d (plaintext, loopback) and %d (TLS)",
+        server.port,
+        server.tls_port,
+    )
     await server.serve_until_signalled()

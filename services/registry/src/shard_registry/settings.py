@@ -7,13 +7,27 @@ from pathlib import Path
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from shard_core.settings import EtcdSettings, ServiceSettings
+from shard_core.settings import EtcdSettings, ServiceSettings, TlsSettings
 
 
-class RegistrySettings(ServiceSettings, EtcdSettings):
+class RegistrySettings(ServiceSettings, EtcdSettings, TlsSettings):
     model_config = SettingsConfigDict(env_prefix="SHARD_REGISTRY_", frozen=True, extra="forbid")
 
-    address: str = Field(default="0.0.0.0:7070", description="gRPC listen address.")
+    address: str | None = Field(
+        default="127.0.0.1:7070",
+        description="Plaintext gRPC listen address: loopback only; empty for none.",
+    )
+    tls_address: str = Field(
+        default="0.0.0.0:7443", description="TLS gRPC listen address (with tls_dir)."
+    )
+    ca_dir: Path | None = Field(
+        default=None,
+        description="The mesh CA that issues node certificates: ca.pem (roots), ca-cert.pem "
+        "(the signing certificate, then any intermediates) and ca-key.pem.",
+    )
+    trust_domain: str = Field(
+        default="shard.local", description="The mesh's name in its workloads' SPIFFE IDs."
+    )
     admin_token: SecretStr = Field(
         description="The token admin calls (cordon, drain, delete, join tokens, model and "
         "deployment writes) must carry; required: there is no unauthenticated mode."

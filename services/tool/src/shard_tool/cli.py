@@ -84,6 +84,9 @@ def up(
     router_port: Annotated[int, typer.Option(help="KServe v2 gRPC port of the router.")] = 8001,
     gateway_port: Annotated[int, typer.Option(help="HTTP port of the gateway.")] = 8000,
     registry_port: Annotated[int, typer.Option(help="gRPC port of the registry.")] = 7070,
+    router_tls_port: Annotated[int, typer.Option(help="The router's TLS port.")] = 8444,
+    gateway_tls_port: Annotated[int, typer.Option(help="The gateway's HTTPS port.")] = 8443,
+    registry_tls_port: Annotated[int, typer.Option(help="The registry's TLS port.")] = 7443,
     etcd_port: Annotated[int, typer.Option(help="Client port of etcd.")] = 2379,
     lease_ttl: Annotated[int, typer.Option(min=2, help="Node lease TTL in seconds.")] = 10,
 ) -> None:
@@ -107,6 +110,9 @@ def up(
             registry=registry_port,
             router=router_port,
             gateway=gateway_port,
+            registry_tls=registry_tls_port,
+            router_tls=router_tls_port,
+            gateway_tls=gateway_tls_port,
         ),
         timing=MeshTiming(lease_ttl_s=lease_ttl),
     )
@@ -148,9 +154,11 @@ def _save_local_context(mesh: LocalMesh) -> None:
         typer.echo(f"  no CLI context written: {error}", err=True)
         return
     found.contexts["local"] = config.Context(
-        registry=mesh.registry_address,
-        router=mesh.router_address,
+        registry=mesh.registry_tls_address,
+        router=mesh.router_tls_address,
         key_file=str(mesh.state_dir / "admin-token"),
+        tls=True,
+        ca_file=str(mesh.ca_file),
     )
     found.current_context = found.current_context or "local"
     path = config.save(found)

@@ -23,10 +23,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shard.deployment.v1 import deployment_pb2
 from shard.model.v1 import model_pb2
 from shard.node.v1 import node_pb2, node_service_pb2, node_service_pb2_grpc
+from shard_core import pki
 from shard_core.auth import bearer_interceptors
 from shard_core.etcd.server import EtcdServer
 from shard_core.net import free_port
 from shard_core.process import ManagedProcess
+from shard_core.tls import write_identity
 from shard_tool.publish import Publisher
 
 
@@ -42,6 +44,9 @@ class MeshPorts:
     registry_metrics: int = 9101
     router_metrics: int = 9102
     gateway_metrics: int = 9103
+    registry_tls: int = 7443
+    router_tls: int = 8444
+    gateway_tls: int = 8443
 
     @classmethod
     def free(cls) -> MeshPorts:
@@ -118,6 +123,51 @@ class LocalMesh:
         return f"127.0.0.1:{self.ports.registry}"
 
     @property
+    def registry_tls_address(self) -> str:
+        return f"127.0.0.1:{self.ports.registry_tls}"
+
+    @property
+    def router_tls_address(self) -> str:
+        return f"127.0.0.1:{self.ports.router_tls}"
+
+    @property
+    def gateway_tls_url(self) -> str:
+        return f"https://127.0.0.1:{self.ports.gateway_tls}"
+
+    @property
+    def ca_file(self) -> Path:
+        """The mesh CA's trust bundle: what clients of the TLS ports trust."""
+        return self.ca_dir / "ca.pem"
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.state_dir / "ca"
+
+    def _tls_dir(self, service: str) -> Path:
+        """A fresh certificate for `service`, from the mesh CA (made on the first run)."""
+        if (self.ca_dir / "ca-key.pem").exists():
+            authority = pki.Authority.load(
+                certificate=self.ca_dir / "ca-cert.pem",
+                key=self.ca_dir / "ca-key.pem",
+                bundle=self.ca_file,
+            )
+        else:
+            authority = pki.Authority.create()
+            authority.write(self.ca_dir)
+        key = pki.new_key()
+        issued = authority.issue(
+            key.public_key(),
+            authority.workload("service", service),
+            lifetime_s=pki.MAX_LIFETIME_S,
+            addresses=["127.0.0.1", "localhost"],
+        )
+        directory = self.state_dir / "tls" / service
+        write_identity(
+            directory, chain=issued.chain_pem, key=pki.key_pem(key), bundle=authority.bundle_pem
+        )
+        return directory
+
+    @property
     def router_address(self) -> str:
         return f"127.0.0.1:{self.ports.router}"
 
@@ -149,6 +199,9 @@ class LocalMesh:
                 {
                     **etcd,
                     "address": self.registry_address,
+                    "tls_address": self.registry_tls_address,
+                    "tls_dir": self._tls_dir("registry"),
+                    "ca_dir": self.ca_dir,
                     "metrics_port": self.ports.registry_metrics,
                     "heartbeat_interval_s": self.timing.heartbeat_interval_s,
                     "lease_ttl_s": self.timing.lease_ttl_s,
@@ -171,6 +224,8 @@ class LocalMesh:
                 {
                     **etcd,
                     "address": self.router_address,
+                    "tls_address": self.router_tls_address,
+                    "tls_dir": self._tls_dir("router"),
                     "metrics_port": self.ports.router_metrics,
                     "registry_address": self.registry_address,
                     "admin_token": self.admin_token,
@@ -189,6 +244,9 @@ class LocalMesh:
                     "host": "127.0.0.1",
                     **etcd,
                     "port": self.ports.gateway,
+                    "tls_host": "127.0.0.1",
+                    "tls_port": self.ports.gateway_tls,
+                    "tls_dir": self._tls_dir("gateway"),
                     "router_address": self.router_address,
                     "registry_address": self.registry_address,
                     "metrics_port": self.ports.gateway_metrics,
@@ -355,8 +413,12 @@ class LocalMesh:
     def endpoints(self) -> dict[str, str]:
         return {
             "router (KServe v2 gRPC)": self.router_address,
+            "router (gRPC, TLS)": self.router_tls_address,
             "gateway (HTTP)": self.gateway_url,
+            "gateway (HTTPS)": self.gateway_tls_url,
             "registry (gRPC)": self.registry_address,
+            "registry (gRPC, TLS)": self.registry_tls_address,
+            "mesh CA": str(self.ca_file),
             "etcd": f"127.0.0.1:{self.ports.etcd}",
             "metrics": ", ".join(
                 f"{name} 127.0.0.1:{port}"

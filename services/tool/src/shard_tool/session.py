@@ -17,6 +17,7 @@ import typer
 from typer._click.exceptions import NoArgsIsHelpError, UsageError
 from typer.core import TyperGroup
 
+from shard_core import tls
 from shard_core.auth import bearer_interceptors
 from shard_tool.config import ConfigError, Context, Overrides, resolve
 from shard_tool.output import Format
@@ -62,12 +63,15 @@ class Session:
             except OSError as error:
                 fail(f"cannot read the key file: {error}")
             interceptors = bearer_interceptors(secret) if secret else None
-            if self.context.tls:
-                root = Path(self.context.ca_file).read_bytes() if self.context.ca_file else None
-                credentials = grpc.ssl_channel_credentials(root_certificates=root)
-                channel = grpc.aio.secure_channel(address, credentials, interceptors=interceptors)
-            else:
-                channel = grpc.aio.insecure_channel(address, interceptors=interceptors)
+            try:
+                credentials = (
+                    tls.trusting(Path(self.context.ca_file) if self.context.ca_file else None)
+                    if self.context.tls
+                    else None
+                )
+                channel = tls.channel(address, credentials, interceptors=interceptors)
+            except (OSError, ValueError) as error:
+                fail(f"cannot connect to {address}: {error}")
             self._channels[address] = channel
         return channel
 

@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from shard_core.grpc.interceptors import ErrorInterceptor
+from shard_core.tls import TlsIdentity, require_loopback
 
 _log = logging.getLogger(__name__)
 
@@ -50,13 +51,18 @@ class GrpcServer:
     def __init__(
         self,
         *,
-        address: str,
+        address: str | None,
         services: Sequence[str],
         register: Callable[[grpc.aio.Server], None],
         interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (ErrorInterceptor(),),
         grace_s: float = 5.0,
         options: Sequence[tuple[str, int]] = SERVER_OPTIONS,
+        tls: TlsIdentity | None = None,
+        tls_address: str | None = None,
+        require_client_certificate: bool = False,
     ) -> None:
+        """Listen in plaintext on `address` (loopback only; None for no plaintext listener)
+        and with TLS on `tls_address` using `tls`."""
         self._server = grpc.aio.server(interceptors=list(interceptors), options=list(options))
         self._health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
@@ -64,13 +70,31 @@ class GrpcServer:
         names = [*services, health.SERVICE_NAME, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(names, self._server)
         self._services = list(services)
-        self.port = self._server.add_insecure_port(address)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {address}")
+        self.port = 0
+        if address is not None:
+            require_loopback(address, what="a plaintext listener")
+            self.port = self._listen(address, self._server.add_insecure_port)
+        self.tls_port = 0
+        if tls_address is not None:
+            if tls is None:
+                raise ValueError(f"a TLS listener on {tls_address} needs TLS files")
+            credentials = tls.server_credentials(
+                require_client_certificate=require_client_certificate
+            )
+            self.tls_port = self._listen(
+                tls_address, lambda at: self._server.add_secure_port(at, credentials)
+            )
         self._grace_s = grace_s
         self._shutdown_hooks: list[ShutdownHook] = []
         self._stopping_hooks: list[Callable[[], None]] = []
         self._stopped = asyncio.Event()
+
+    @staticmethod
+    def _listen(address: str, add: Callable[[str], int]) -> int:
+        port = add(address)
+        if port == 0:
+            raise OSError(f"cannot listen on {address}")
+        return port
 
     def on_stopping(self, hook: Callable[[], None]) -> None:
         """Run `hook` when shutdown begins, before the grace period: for ending calls that never

@@ -93,7 +93,11 @@ def infer(
     headers = {"authorization": f"Bearer {secret}"} if secret else {}
 
     async def work() -> None:
-        client = triton.InferenceServerClient(s.context.router, ssl=s.context.tls)
+        client = triton.InferenceServerClient(
+            s.context.router,
+            ssl=s.context.tls,
+            root_certificates=s.context.ca_file or None,
+        )
         try:
             inputs = [
                 _tensor(

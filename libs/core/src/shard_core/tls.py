@@ -1,0 +1,179 @@
+"""The one place TLS credentials are built: for every gRPC server and channel in the shard, the
+CLI and the client SDK.
+
+A workload's material is a directory of three PEM files: `ca.pem` (the mesh's trust bundle),
+`cert.pem` (its certificate and the chain above it) and `key.pem` (owner-only). Servers pick up
+renewed files for new handshakes without a restart; a client that names the peer it expects
+(`expect`) checks it by the certificate's DNS SAN, so a certificate of another workload under the
+same CA is refused.
+
+Plaintext is for loopback only: `require_loopback` refuses a plaintext listener anywhere else.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import ssl
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from shard_core.pki import Workload
+
+CA_FILE = "ca.pem"
+CERT_FILE = "cert.pem"
+KEY_FILE = "key.pem"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Material:
+    """PEM bytes of one workload's TLS identity (no certificate: trust only, a client's)."""
+
+    bundle: bytes
+    chain: bytes = b""
+    key: bytes = b""
+
+
+class TlsIdentity:
+    """A workload's TLS files, read again when they change."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._lock = threading.Lock()
+        self._stamp: tuple[float, ...] = ()
+        self._material = Material(bundle=b"")
+        self.material()  # fail now, not at the first handshake, when a file is missing
+
+    @property
+    def paths(self) -> tuple[Path, Path, Path]:
+        return (self.directory / CA_FILE, self.directory / CERT_FILE, self.directory / KEY_FILE)
+
+    def material(self) -> Material:
+        """The files' contents, re-read only when one changed."""
+        ca, cert, key = self.paths
+        stamp = tuple(path.stat().st_mtime for path in (ca, cert, key) if path.exists())
+        with self._lock:
+            if stamp != self._stamp:
+                self._material = Material(
+                    bundle=ca.read_bytes(),
+                    chain=cert.read_bytes() if cert.exists() else b"",
+                    key=key.read_bytes() if key.exists() else b"",
+                )
+                self._stamp = stamp
+            return self._material
+
+    def server_credentials(self, *, require_client_certificate: bool) -> grpc.ServerCredentials:
+        """Credentials for a TLS listener; a renewed certificate serves new handshakes."""
+        served = self.material()
+
+        def configuration() -> grpc.ServerCertificateConfiguration:
+            return grpc.ssl_server_certificate_configuration(
+                [(served.key, served.chain)], root_certificates=served.bundle
+            )
+
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            nonlocal served
+            current = self.material()
+            if current is served:
+                return None  # unchanged
+            served = current
+            return configuration()
+
+        return grpc.dynamic_ssl_server_credentials(
+            configuration(),
+            fetch,  # type: ignore[arg-type]  # None means "unchanged", as gRPC documents
+            require_client_authentication=require_client_certificate,
+        )
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A server context for HTTP listeners; renewed files serve new handshakes."""
+        _, cert, key = self.paths
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(cert, key)
+        loaded = self.material()
+
+        def reload(*_: object) -> None:
+            nonlocal loaded
+            current = self.material()
+            if current is not loaded:
+                context.load_cert_chain(cert, key)
+                loaded = current
+
+        context.sni_callback = reload
+        return context
+
+    def channel_credentials(self, *, present_certificate: bool = True) -> grpc.ChannelCredentials:
+        """Credentials for a channel that trusts the mesh's CA and, when it has one and
+        `present_certificate`, proves who it is with its certificate."""
+        material = self.material()
+        if present_certificate and material.chain and material.key:
+            return grpc.ssl_channel_credentials(material.bundle, material.key, material.chain)
+        return grpc.ssl_channel_credentials(material.bundle)
+
+
+def trusting(ca_file: Path | None) -> grpc.ChannelCredentials:
+    """TLS for a client without a certificate of its own (an API key's holder), trusting
+    `ca_file` (the mesh CA), or the system's roots when None."""
+    return grpc.ssl_channel_credentials(ca_file.read_bytes() if ca_file else None)
+
+
+def write_identity(
+    directory: Path, *, chain: bytes, key: bytes, bundle: bytes | None = None
+) -> None:
+    """Store a workload's (renewed) material; each file is replaced whole, the key owner-only."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if bundle is not None:
+        _replace(directory / CA_FILE, bundle, 0o644)
+    _replace(directory / KEY_FILE, key, 0o600)
+    _replace(directory / CERT_FILE, chain, 0o644)
+
+
+def _replace(path: Path, data: bytes, mode: int) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(descriptor, "wb") as out:
+        out.write(data)
+    os.replace(temporary, path)
+
+
+def channel(
+    address: str,
+    credentials: grpc.ChannelCredentials | None,
+    *,
+    expect: Workload | None = None,
+    options: Sequence[tuple[str, Any]] = (),
+    interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
+) -> grpc.aio.Channel:
+    """A channel to `address`: TLS with `credentials` (checking the peer is `expect`, when
+    given), or plaintext when None, which only a loopback address may take."""
+    if credentials is None:
+        require_loopback(address, what="a plaintext channel")
+        return grpc.aio.insecure_channel(address, options, interceptors=interceptors)
+    if expect is not None:
+        options = [*options, ("grpc.ssl_target_name_override", expect.dns)]
+    return grpc.aio.secure_channel(address, credentials, options, interceptors=interceptors)
+
+
+def is_loopback(address: str) -> bool:
+    """Whether `host:port` names this machine only."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def require_loopback(address: str, *, what: str) -> None:
+    if not is_loopback(address):
+        raise ValueError(
+            f"{what} may only use a loopback address, not {address}: give the service its TLS "
+            "files (tls_dir) and listen with TLS"
+        )
