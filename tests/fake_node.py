@@ -33,10 +33,16 @@ def attestation(
     signer: Ed25519PrivateKey | None = None,
     time_ms: int | None = None,
     evidence: Sequence[node_service_pb2.HardwareEvidence] = (),
+    certificate_request: bytes = b"",
 ) -> node_service_pb2.Attestation:
     when = int(time.time() * 1000) if time_ms is None else time_ms
     message = signed_bytes(
-        nonce=nonce, inventory=inventory, time_ms=when, node_id=identity.node_id, evidence=evidence
+        nonce=nonce,
+        inventory=inventory,
+        time_ms=when,
+        node_id=identity.node_id,
+        evidence=evidence,
+        certificate_request=certificate_request,
     )
     return node_service_pb2.Attestation(
         nonce=nonce,
@@ -44,6 +50,7 @@ def attestation(
         time_ms=when,
         signature=(signer or identity.private_key).sign(message),
         hardware_evidence=evidence,
+        certificate_request=certificate_request,
     )
 
 
@@ -97,6 +104,12 @@ class FakeAgent:
         )
         await self.send(node_service_pb2.ConnectRequest(registration=registration))
         return await self.read()
+
+    async def heartbeats(self, interval_s: float = 0.5) -> None:
+        """Beat until cancelled, as agents do, so the node keeps its lease."""
+        while True:
+            await self.send(node_service_pb2.ConnectRequest(heartbeat=node_service_pb2.Heartbeat()))
+            await asyncio.sleep(interval_s)
 
     async def goodbye(self) -> None:
         """Deregister and end the request stream (what the registry answers is still to read)."""

@@ -47,12 +47,6 @@ async def shard_etcd(mesh: LocalMesh) -> AsyncIterator[EtcdStore]:
     await store.close()
 
 
-async def _heartbeats(agent: FakeAgent) -> None:
-    while True:
-        await agent.send(node_service_pb2.ConnectRequest(heartbeat=node_service_pb2.Heartbeat()))
-        await asyncio.sleep(0.5)
-
-
 async def _read_until_closed(agent: FakeAgent) -> None:
     while True:
         await agent.read()
@@ -393,7 +387,7 @@ async def test_re_attestation_notices_a_changed_inventory_and_quarantines_a_bad_
     agent = FakeAgent(stub)
     reply = await agent.register(identity, token=await mesh.join_token("t"))
     name = reply.registered.name
-    beating = asyncio.ensure_future(_heartbeats(agent))  # challenges come slower than the TTL
+    beating = asyncio.ensure_future(agent.heartbeats())  # challenges come slower than the TTL
 
     async def next_challenge() -> bytes:
         while True:
@@ -676,7 +670,7 @@ async def test_a_provider_cannot_lift_its_own_quarantine(
         identity = NodeIdentity.load_or_create(tmp_path)
         agent = FakeAgent(stub)
         name = (await agent.register(identity, token=token.join_token.token)).registered.name
-        beating = asyncio.ensure_future(_heartbeats(agent))
+        beating = asyncio.ensure_future(agent.heartbeats())
         await _quarantine_by_policy(agent, identity, stub)
 
         # Every way out is refused to the provider, in any order, and each refusal is kept.
@@ -699,7 +693,7 @@ async def test_a_provider_cannot_lift_its_own_quarantine(
         token = await provider.CreateJoinToken(node_service_pb2.CreateJoinTokenRequest())
         again = FakeAgent(stub)
         await again.register(identity, token=token.join_token.token)
-        beating = asyncio.ensure_future(_heartbeats(again))
+        beating = asyncio.ensure_future(again.heartbeats())
         node = (await stub.GetNode(node_service_pb2.GetNodeRequest(name=name))).node
         assert node.state == node_pb2.NODE_STATE_QUARANTINED
         await refused(
@@ -849,7 +843,7 @@ async def test_node_credentials_renew_with_attestations_and_die_with_the_session
     async with grpc.aio.insecure_channel(mesh.registry_address) as channel:
         # Authenticated: the blob is simply not there.
         assert await _blob_call(channel, first.blob_credential) == grpc.StatusCode.NOT_FOUND
-        beating = asyncio.ensure_future(_heartbeats(agent))
+        beating = asyncio.ensure_future(agent.heartbeats())
         # Each accepted attestation brings a fresh credential.
         while (message := await agent.read()).WhichOneof("message") != "challenge":
             pass

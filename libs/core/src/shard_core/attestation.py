@@ -46,6 +46,7 @@ def signed_bytes(
     time_ms: int,
     node_id: str,
     evidence: Sequence[node_service_pb2.HardwareEvidence] = (),
+    certificate_request: bytes = b"",
 ) -> bytes:
     """The bytes an attestation's signature covers."""
     return (
@@ -55,17 +56,20 @@ def signed_bytes(
         + time_ms.to_bytes(8, "big", signed=True)
         + node_id.encode()
         + evidence_digest(evidence)
+        + (b"csr" + hashlib.sha256(certificate_request).digest() if certificate_request else b"")
     )
 
 
 def signature_valid(
     *, public_key: bytes, signature: bytes, nonce: bytes, inventory: node_pb2.Inventory,
     time_ms: int, node_id: str, evidence: Sequence[node_service_pb2.HardwareEvidence] = (),
+    certificate_request: bytes = b"",
 ) -> bool:  # fmt: skip
     """Whether `signature` is the node's Ed25519 signature over the attestation."""
     message = signed_bytes(
-        nonce=nonce, inventory=inventory, time_ms=time_ms, node_id=node_id, evidence=evidence
-    )
+        nonce=nonce, inventory=inventory, time_ms=time_ms, node_id=node_id, evidence=evidence,
+        certificate_request=certificate_request,
+    )  # fmt: skip
     try:
         Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
     except (InvalidSignature, ValueError):

@@ -290,6 +290,14 @@ class Authority:
     ) -> Issued:
         """Issue for a CSR that may name only `workload`; anything else is refused, naming
         `field`."""
+        key = self.check_request(request_pem, workload, field=field)
+        return self.issue(key, workload, lifetime_s=lifetime_s)
+
+    def check_request(
+        self, request_pem: bytes, workload: Workload, *, field: str
+    ) -> ec.EllipticCurvePublicKey:
+        """The public key of a CSR that may name only `workload`; anything else is refused,
+        naming `field`."""
         try:
             request = x509.load_pem_x509_csr(request_pem)
         except ValueError as error:
@@ -315,7 +323,7 @@ class Authority:
             elif not isinstance(value, x509.BasicConstraints | x509.KeyUsage):
                 oid = extension.oid.dotted_string
                 raise _refused(field, f"asks for an extension the CA does not grant ({oid})")
-        return self.issue(public_key, workload, lifetime_s=lifetime_s)
+        return public_key
 
 
 def _refused(field: str, why: str) -> InvalidArgumentError:

@@ -29,6 +29,7 @@ from tritonclient.utils import InferenceServerException
 from shard.node.v1 import node_service_pb2, node_service_pb2_grpc
 from shard_core.attestation import signed_bytes
 from shard_core.auth import AUTHORIZATION
+from shard_node.certificate import NodeCertificates
 from shard_node.health import HealthCheck
 from shard_node.identity import NodeIdentity
 from shard_node.inventory import read_inventory, read_metrics
@@ -58,8 +59,10 @@ class NodeAgent:
         health: HealthCheck,
         metrics_url: str | None,
         tasks: TaskRunner,
+        certificates: NodeCertificates | None = None,
     ) -> None:
         self._identity = identity
+        self._certificates = certificates
         self._triton = triton
         self._models = models
         self._stub = node_service_pb2_grpc.NodeServiceStub(channel)
@@ -132,14 +135,20 @@ class NodeAgent:
             agent_version=AGENT_VERSION,
         )
         time_ms = int(time.time() * 1000)
+        request = self._certificates.request() if self._certificates is not None else b""
         message = signed_bytes(
-            nonce=nonce, inventory=inventory, time_ms=time_ms, node_id=self._identity.node_id
+            nonce=nonce,
+            inventory=inventory,
+            time_ms=time_ms,
+            node_id=self._identity.node_id,
+            certificate_request=request,
         )
         return node_service_pb2.Attestation(
             nonce=nonce,
             inventory=inventory,
             time_ms=time_ms,
             signature=self._identity.private_key.sign(message),
+            certificate_request=request,
         )
 
     async def _registration(self, nonce: bytes) -> node_service_pb2.ConnectRequest:
@@ -180,6 +189,8 @@ class NodeAgent:
                 self._tasks.offer(list(reply.tasks.tasks))
             elif kind == "credential":
                 self._use_credential(reply.credential.token)
+            elif kind == "certificate" and self._certificates is not None:
+                self._certificates.accept(reply.certificate)
             elif kind == "challenge":
                 attestation = await self._attestation(reply.challenge.nonce)
                 outbox.put_nowait(node_service_pb2.ConnectRequest(attestation=attestation))

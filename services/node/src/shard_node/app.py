@@ -9,7 +9,10 @@ import signal
 import grpc
 
 from shard.artifact.v1 import artifact_service_pb2_grpc
+from shard_core import tls
+from shard_core.pki import Workload
 from shard_node.agent import AGENT_VERSION, NodeAgent
+from shard_node.certificate import NodeCertificates
 from shard_node.health import HealthCheck, supervise
 from shard_node.identity import NodeIdentity
 from shard_node.inventory import read_inventory
@@ -65,7 +68,7 @@ async def serve(settings: NodeSettings) -> None:
     try:
         async with (
             TritonControl(triton_url, control_key) as triton,
-            grpc.aio.insecure_channel(settings.registry_address, CHANNEL_OPTIONS) as channel,
+            _registry_channel(settings) as channel,
         ):
             models = ModelManager(
                 triton=triton,
@@ -116,6 +119,15 @@ async def serve(settings: NodeSettings) -> None:
                 health=health,
                 metrics_url=metrics_url,
                 tasks=tasks,
+                # In a mesh with TLS, the node holds a certificate from the mesh CA.
+                certificates=NodeCertificates(
+                    settings.state_dir / "tls",
+                    Workload(
+                        trust_domain=settings.trust_domain, kind="node", name=identity.node_id
+                    ),
+                )
+                if settings.registry_ca_file
+                else None,
             )
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGTERM, signal.SIGINT):
@@ -131,3 +143,12 @@ async def serve(settings: NodeSettings) -> None:
     finally:
         if launched is not None:
             launched.stop()
+
+
+def _registry_channel(settings: NodeSettings) -> grpc.aio.Channel:
+    """The channel to the registry: TLS checking it is the registry, or loopback plaintext."""
+    credentials = tls.trusting(settings.registry_ca_file) if settings.registry_ca_file else None
+    registry = Workload(trust_domain=settings.trust_domain, kind="service", name="registry")
+    return tls.channel(
+        settings.registry_address, credentials, expect=registry, options=CHANNEL_OPTIONS
+    )

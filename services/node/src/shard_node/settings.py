@@ -17,6 +17,13 @@ class NodeSettings(ServiceSettings):
     registry_address: str = Field(
         default="127.0.0.1:7070", description="gRPC address of the registry."
     )
+    registry_ca_file: Path | None = Field(
+        default=None,
+        description="The mesh CA's trust bundle (ca.pem, given with the join token): connect to "
+        "the registry's TLS port and check it is the registry. Unset: plaintext, which only a "
+        "loopback registry address may take.",
+    )
+    trust_domain: str = Field(default="shard.local", description="The mesh's trust domain.")
     state_dir: Path = Field(
         default=Path(".shard/node"), description="Where the identity key and Triton files live."
     )

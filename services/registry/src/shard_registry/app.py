@@ -25,6 +25,7 @@ from shard_core.etcd.mirror import PrefixMirror
 from shard_core.etcd.store import EtcdStore
 from shard_core.grpc.interceptors import ErrorInterceptor
 from shard_core.grpc.server import GrpcServer, server_options
+from shard_core.pki import Authority
 from shard_core.tls import TlsIdentity
 from shard_registry.access import RULES
 from shard_registry.apikeys import KeyLimits, KeyRegistry
@@ -219,6 +220,8 @@ async def serve(settings: RegistrySettings) -> None:
     node_servicer = NodeServicer(
         nodes,
         credentials,
+        authority=_authority(settings),
+        certificate_lifetime_s=settings.node_certificate_lifetime_s,
         max_unauthenticated=settings.max_connecting_nodes,
         max_unauthenticated_per_address=settings.max_connecting_nodes_per_address,
     )
@@ -265,3 +268,15 @@ async def serve(settings: RegistrySettings) -> None:
         server.tls_port,
     )
     await server.serve_until_signalled()
+
+
+def _authority(settings: RegistrySettings) -> Authority | None:
+    """The mesh CA that issues node certificates, when the registry is given one."""
+    if settings.ca_dir is None:
+        return None
+    return Authority.load(
+        certificate=settings.ca_dir / "ca-cert.pem",
+        key=settings.ca_dir / "ca-key.pem",
+        bundle=settings.ca_dir / "ca.pem",
+        trust_domain=settings.trust_domain,
+    )

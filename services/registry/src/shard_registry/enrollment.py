@@ -128,6 +128,7 @@ def verify_attestation(
         time_ms=attestation.time_ms,
         node_id=node_id,
         evidence=attestation.hardware_evidence,
+        certificate_request=attestation.certificate_request,
     ):
         raise UnauthenticatedError(
             f"{field}.signature is not the node's signature over the challenge",

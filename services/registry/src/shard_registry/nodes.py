@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from cryptography.hazmat.primitives.asymmetric import ec
 from opentelemetry import metrics
 
 from shard.node.v1 import node_pb2, node_service_pb2
@@ -281,6 +282,8 @@ class NodeSession:
         self._publishing = asyncio.Lock()
         self.challenge: Challenge | None = None
         self.attested = False  # an attestation was accepted since the last credential
+        # The key of the certificate the last attestation asked for, issued once it is taken.
+        self.certificate_key: ec.EllipticCurvePublicKey | None = None
 
     @property
     def node_id(self) -> str:

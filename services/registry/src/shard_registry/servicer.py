@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
+import logging
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
+from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf import field_mask_pb2
 
 from shard.artifact.v1 import artifact_service_pb2, artifact_service_pb2_grpc, blob_pb2
@@ -32,6 +35,7 @@ from shard_core.errors import (
     require,
 )
 from shard_core.net import peer_host
+from shard_core.pki import DEFAULT_LIFETIME_S, Authority
 from shard_registry.access import caller, require_owner, require_visible, visible
 from shard_registry.apikeys import KeyRegistry
 from shard_registry.artifacts import BlobStore, StoredBlob, blob_sha256
@@ -44,6 +48,8 @@ from shard_registry.models import MODEL_UPDATED_BY_DEFAULT, ModelRegistry
 from shard_registry.nodes import NodeRegistry, NodeSession, validate_hello
 from shard_registry.resources import timestamp
 from shard_registry.tasks import TaskRegistry
+
+_log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -117,11 +123,15 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
         registry: NodeRegistry,
         credentials: NodeCredentials,
         *,
+        authority: Authority | None = None,
+        certificate_lifetime_s: float = DEFAULT_LIFETIME_S,
         max_unauthenticated: int = 256,
         max_unauthenticated_per_address: int = 16,
     ) -> None:
         self._registry = registry
         self._credentials = credentials
+        self._authority = authority
+        self._certificate_lifetime_s = certificate_lifetime_s
         self._stopping = asyncio.Event()
         self._admission = _Admission(
             total=max_unauthenticated, per_address=max_unauthenticated_per_address
@@ -160,20 +170,15 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
                     "the answer to the first challenge must be a registration",
                     metadata={"field": "registration"},
                 )
+            wanted = self._certificate_key(
+                second.registration.attestation, node_id, field="registration.attestation"
+            )
             session = await self._registry.register(
                 node_id, hello.hello.public_key, second.registration, challenge, address
             )
+        for welcome in self._welcome(session, wanted):
+            yield welcome
         timing = self._registry.timing
-        credential = self._credential(session)
-        yield node_service_pb2.ConnectResponse(
-            registered=node_service_pb2.Registered(
-                name=session.node.name,
-                heartbeat_interval_ms=int(timing.heartbeat_interval_s * 1000),
-                lease_ttl_ms=timing.lease_ttl_s * 1000,
-                blob_credential=credential.token,
-                blob_credential_expire_time=credential.expire_time,
-            )
-        )
         changed = asyncio.Event()
         directory = self._registry.directory
         directory.subscribe(session.node_id, changed.set)
@@ -205,10 +210,8 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
                         yield node_service_pb2.ConnectResponse(challenge=session.new_challenge())
                     continue
                 changed.clear()
-                if session.attested:
-                    session.attested = False
-                    yield node_service_pb2.ConnectResponse(credential=self._credential(session))
-                for update in pushed.updates(directory, session.node_id):
+                renewed = self._renewals(session)
+                for update in itertools.chain(renewed, pushed.updates(directory, session.node_id)):
                     yield update
                 # Evicted replicas, and nodes that may no longer take traffic, stop being
                 # routable now.
@@ -234,6 +237,74 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
             raise UnavailableError(
                 "the registry is shutting down; reconnect", reason="REGISTRY_STOPPING"
             )
+
+    def _welcome(
+        self, session: NodeSession, wanted: ec.EllipticCurvePublicKey | None
+    ) -> Iterator[node_service_pb2.ConnectResponse]:
+        """The answer to a registration: the node's name, timing and first credential, then
+        its certificate if it asked for one."""
+        timing = self._registry.timing
+        credential = self._credential(session)
+        yield node_service_pb2.ConnectResponse(
+            registered=node_service_pb2.Registered(
+                name=session.node.name,
+                heartbeat_interval_ms=int(timing.heartbeat_interval_s * 1000),
+                lease_ttl_ms=timing.lease_ttl_s * 1000,
+                blob_credential=credential.token,
+                blob_credential_expire_time=credential.expire_time,
+            )
+        )
+        yield from self._certificate(session, wanted)
+
+    def _renewals(self, session: NodeSession) -> Iterator[node_service_pb2.ConnectResponse]:
+        """After an accepted attestation: a fresh credential, and the certificate it asked
+        for."""
+        if not session.attested:
+            return
+        session.attested = False
+        yield node_service_pb2.ConnectResponse(credential=self._credential(session))
+        wanted, session.certificate_key = session.certificate_key, None
+        yield from self._certificate(session, wanted)
+
+    def _certificate_key(
+        self, attestation: node_service_pb2.Attestation, node_id: str, *, field: str
+    ) -> ec.EllipticCurvePublicKey | None:
+        """The key a certificate request asks a node certificate for, checked before the
+        attestation is taken (a bad request leaves nothing made); None without a request, or
+        without a CA to answer it."""
+        if not attestation.certificate_request or self._authority is None:
+            return None
+        return self._authority.check_request(
+            attestation.certificate_request,
+            self._authority.workload("node", node_id),
+            field=f"{field}.certificate_request",
+        )
+
+    def _certificate(
+        self, session: NodeSession, key: ec.EllipticCurvePublicKey | None
+    ) -> Iterator[node_service_pb2.ConnectResponse]:
+        """The node's certificate for `key`, if it asked and may have one (a quarantined node
+        may not)."""
+        if key is None or self._authority is None:
+            return
+        # What admins and the shard set is in the directory; the session's copy is the node's.
+        current = self._registry.directory.node(session.node_id) or session.node
+        if node_pb2.NODE_STATE_QUARANTINED in (current.state, session.node.state):
+            _log.info("no certificate for quarantined node %s", session.node_id)
+            return
+        issued = self._authority.issue(
+            key,
+            self._authority.workload("node", session.node_id),
+            lifetime_s=self._certificate_lifetime_s,
+        )
+        _log.info("node %s certificate %x issued", session.node_id, issued.serial)
+        yield node_service_pb2.ConnectResponse(
+            certificate=node_service_pb2.NodeCertificate(
+                certificate_chain=issued.chain_pem,
+                trust_bundle=self._authority.bundle_pem,
+                expire_time=timestamp(issued.not_after.timestamp()),
+            )
+        )
 
     def _credential(self, session: NodeSession) -> node_service_pb2.NodeCredential:
         """A fresh credential for the node's current session."""
@@ -261,7 +332,11 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
                     taken_at = loop.time()
                     await session.heartbeat(request.heartbeat)
             elif kind == "attestation":
+                wanted = self._certificate_key(
+                    request.attestation, session.node_id, field="attestation"
+                )
                 await session.attest(request.attestation)
+                session.certificate_key = wanted
                 changed.set()  # a new credential is due
             elif kind == "deregistration":
                 await session.close(request.deregistration.reason)

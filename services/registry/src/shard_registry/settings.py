@@ -28,6 +28,12 @@ class RegistrySettings(ServiceSettings, EtcdSettings, TlsSettings):
     trust_domain: str = Field(
         default="shard.local", description="The mesh's name in its workloads' SPIFFE IDs."
     )
+    node_certificate_lifetime_s: float = Field(
+        default=4 * 3600,
+        gt=0,
+        le=24 * 3600,
+        description="How long a node certificate lives; agents renew at half its life.",
+    )
     admin_token: SecretStr = Field(
         description="The token admin calls (cordon, drain, delete, join tokens, model and "
         "deployment writes) must carry; required: there is no unauthenticated mode."

@@ -307,7 +307,8 @@ class LocalMesh:
         state_dir = self.state_dir / "nodes" / name
         node_labels = {**(labels or {}), LOCAL_NAME_LABEL: name}
         settings: dict[str, object] = {
-            "registry_address": self.registry_address,
+            "registry_address": self.registry_tls_address,
+            "registry_ca_file": self.ca_file,
             "state_dir": state_dir,
             "labels": node_labels,
             "join_token": await self.join_token(f"local node {name}"),

@@ -204,12 +204,19 @@ class Attestation(_message.Message):
     TIME_MS_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
     HARDWARE_EVIDENCE_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_REQUEST_FIELD_NUMBER: _builtins.int
     nonce: _builtins.bytes
     """The registry's single-use nonce, from the challenge being answered."""
     time_ms: _builtins.int
     """When the node signed, in milliseconds since the epoch."""
     signature: _builtins.bytes
     """The Ed25519 signature."""
+    certificate_request: _builtins.bytes
+    """A PEM certificate signing request for the node's mesh certificate (ECDSA P-256 or P-384),
+    sent when the node has none or its certificate is past half its life. The CA takes only
+    its public key; the names are the CA's (the node's SPIFFE ID). The signature covers it. The
+    answer, once the attestation is accepted, is `ConnectResponse.certificate`.
+    """
     @_builtins.property
     def inventory(self) -> _node_pb2.Inventory:
         """What the node has."""
@@ -230,10 +237,11 @@ class Attestation(_message.Message):
         time_ms: _builtins.int = ...,
         signature: _builtins.bytes = ...,
         hardware_evidence: _abc.Iterable[Global___HardwareEvidence] | None = ...,
+        certificate_request: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["inventory", b"inventory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hardware_evidence", b"hardware_evidence", "inventory", b"inventory", "nonce", b"nonce", "signature", b"signature", "time_ms", b"time_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_request", b"certificate_request", "hardware_evidence", b"hardware_evidence", "inventory", b"inventory", "nonce", b"nonce", "signature", b"signature", "time_ms", b"time_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -417,6 +425,7 @@ class ConnectResponse(_message.Message):
     CHALLENGE_FIELD_NUMBER: _builtins.int
     TASKS_FIELD_NUMBER: _builtins.int
     CREDENTIAL_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def registered(self) -> Global___Registered:
         """The answer to the registration."""
@@ -443,6 +452,10 @@ class ConnectResponse(_message.Message):
     def credential(self) -> Global___NodeCredential:
         """A fresh credential, sent after each accepted attestation; it replaces the one before."""
 
+    @_builtins.property
+    def certificate(self) -> Global___NodeCertificate:
+        """The node's mesh certificate, sent after an accepted attestation that asked for one."""
+
     def __init__(
         self,
         *,
@@ -451,16 +464,52 @@ class ConnectResponse(_message.Message):
         challenge: Global___Challenge | None = ...,
         tasks: Global___OpenTasks | None = ...,
         credential: Global___NodeCredential | None = ...,
+        certificate: Global___NodeCertificate | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "challenge", b"challenge", "credential", b"credential", "message", b"message", "registered", b"registered", "tasks", b"tasks"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "certificate", b"certificate", "challenge", b"challenge", "credential", b"credential", "message", b"message", "registered", b"registered", "tasks", b"tasks"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "challenge", b"challenge", "credential", b"credential", "message", b"message", "registered", b"registered", "tasks", b"tasks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "certificate", b"certificate", "challenge", b"challenge", "credential", b"credential", "message", b"message", "registered", b"registered", "tasks", b"tasks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["registered", "assignments", "challenge", "tasks", "credential"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["registered", "assignments", "challenge", "tasks", "credential", "certificate"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
 Global___ConnectResponse: _TypeAlias = ConnectResponse  # noqa: Y015
+
+@_typing.final
+class NodeCertificate(_message.Message):
+    """A node's X.509 certificate from the mesh CA: it names the node
+    (`spiffe://<trust domain>/node/<node id>`), lives hours, and is never issued to a
+    quarantined node.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CERTIFICATE_CHAIN_FIELD_NUMBER: _builtins.int
+    TRUST_BUNDLE_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    certificate_chain: _builtins.bytes
+    """PEM: the node's certificate, then any intermediate CAs (not the root)."""
+    trust_bundle: _builtins.bytes
+    """PEM: the mesh's trust bundle (its root CAs)."""
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the certificate expires; the agent asks for another past half its life."""
+
+    def __init__(
+        self,
+        *,
+        certificate_chain: _builtins.bytes = ...,
+        trust_bundle: _builtins.bytes = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_chain", b"certificate_chain", "expire_time", b"expire_time", "trust_bundle", b"trust_bundle"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeCertificate: _TypeAlias = NodeCertificate  # noqa: Y015
 
 @_typing.final
 class NodeCredential(_message.Message):

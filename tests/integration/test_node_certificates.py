@@ -1,0 +1,183 @@
+"""Node certificates from the mesh CA: asked for in an attestation, issued only once it is
+accepted, naming only the node, never to a quarantined node; and the real agent keeps one."""
+
+from __future__ import annotations
+
+import asyncio
+import stat
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+
+from shard.node.v1 import node_pb2, node_service_pb2, node_service_pb2_grpc
+from shard_core import pki
+from shard_core.errors import error_info
+from shard_node.identity import NodeIdentity
+from shard_tool.local import LocalMesh
+from tests.fake_node import FakeAgent, attestation, refused
+
+
+@pytest.fixture
+async def stub(mesh: LocalMesh) -> AsyncIterator[node_service_pb2_grpc.NodeServiceStub]:
+    async with mesh.admin_channel() as channel:
+        yield node_service_pb2_grpc.NodeServiceStub(channel)
+
+
+def _workload(identity: NodeIdentity) -> pki.Workload:
+    return pki.Workload(trust_domain=pki.DEFAULT_TRUST_DOMAIN, kind="node", name=identity.node_id)
+
+
+async def _until(agent: FakeAgent, kind: str) -> list[node_service_pb2.ConnectResponse]:
+    """Every message the registry sends up to and including the next one of `kind`."""
+    seen = []
+    while True:
+        reply = await agent.read()
+        seen.append(reply)
+        if reply.WhichOneof("message") == kind:
+            return seen
+
+
+async def _register(
+    agent: FakeAgent, identity: NodeIdentity, token: str, request: bytes
+) -> node_service_pb2.ConnectResponse:
+    challenge = await agent.hello(identity)
+    proof = attestation(identity, challenge, certificate_request=request)
+    registration = node_service_pb2.Registration(
+        inference_address="127.0.0.1:1", join_token=token, attestation=proof
+    )
+    await agent.send(node_service_pb2.ConnectRequest(registration=registration))
+    return await agent.read()
+
+
+def _leaf(certificate: node_service_pb2.NodeCertificate, mesh: LocalMesh) -> x509.Certificate:
+    """The issued certificate, checked to chain to the mesh CA's bundle."""
+    chain = x509.load_pem_x509_certificates(certificate.certificate_chain)
+    (root,) = x509.load_pem_x509_certificates(mesh.ca_file.read_bytes())
+    assert certificate.trust_bundle == mesh.ca_file.read_bytes()
+    for child, parent in zip(chain, [*chain[1:], root], strict=True):
+        child.verify_directly_issued_by(parent)
+    return chain[0]
+
+
+async def test_a_node_gets_its_certificate_after_attesting_and_renews_it(
+    mesh: LocalMesh, stub: node_service_pb2_grpc.NodeServiceStub, tmp_path: Path
+) -> None:
+    identity = NodeIdentity.load_or_create(tmp_path)
+    key = pki.new_key()
+    agent = FakeAgent(stub)
+    request = pki.certificate_request(key, _workload(identity))
+    reply = await _register(agent, identity, await mesh.join_token("cert"), request)
+    assert reply.registered.name == f"nodes/{identity.node_id}"
+    beating = asyncio.ensure_future(agent.heartbeats())  # keep the lease while attesting
+    issued = (await _until(agent, "certificate"))[-1].certificate
+    leaf = _leaf(issued, mesh)
+    assert leaf.public_key() == key.public_key()
+    assert pki.workload_of(leaf) == _workload(identity)
+    lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
+    assert lifetime.total_seconds() <= pki.DEFAULT_LIFETIME_S + 600  # hours, not months
+    assert issued.expire_time.ToDatetime().timestamp() == pytest.approx(
+        leaf.not_valid_after_utc.timestamp(), abs=1
+    )
+
+    # A re-attestation that asks again gets a fresh credential, then a certificate for the
+    # new key.
+    challenge = (await _until(agent, "challenge"))[-1].challenge.nonce
+    renewed_key = pki.new_key()
+    proof = attestation(
+        identity,
+        challenge,
+        certificate_request=pki.certificate_request(renewed_key, _workload(identity)),
+    )
+    await agent.send(node_service_pb2.ConnectRequest(attestation=proof))
+    after = await _until(agent, "certificate")
+    assert "credential" in [m.WhichOneof("message") for m in after]
+    renewed = _leaf(after[-1].certificate, mesh)
+    assert renewed.public_key() == renewed_key.public_key()
+    assert renewed.serial_number != leaf.serial_number
+    beating.cancel()
+    assert await agent.close() == grpc.StatusCode.OK
+
+
+async def test_bad_certificate_requests_are_refused_and_nothing_is_made(
+    mesh: LocalMesh, stub: node_service_pb2_grpc.NodeServiceStub, tmp_path: Path
+) -> None:
+    identity = NodeIdentity.load_or_create(tmp_path / "a")
+    other = NodeIdentity.load_or_create(tmp_path / "b")
+    key = pki.new_key()
+    token = await mesh.join_token("bad csr")
+    # A request naming another node is refused, naming the field; the node is not registered.
+    error = await refused(
+        _register(FakeAgent(stub), identity, token, pki.certificate_request(key, _workload(other))),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "BAD_CERTIFICATE_REQUEST",
+    )
+    assert error_info(error).metadata["field"] == (  # type: ignore[union-attr]
+        "registration.attestation.certificate_request"
+    )
+    await refused(
+        stub.GetNode(node_service_pb2.GetNodeRequest(name=f"nodes/{identity.node_id}")),
+        grpc.StatusCode.NOT_FOUND,
+    )
+    # The signature covers the request: one swapped on the way (for the attacker's key) fails.
+    agent = FakeAgent(stub)
+    challenge = await agent.hello(identity)
+    proof = attestation(
+        identity, challenge, certificate_request=pki.certificate_request(key, _workload(identity))
+    )
+    proof.certificate_request = pki.certificate_request(pki.new_key(), _workload(identity))
+    registration = node_service_pb2.Registration(
+        inference_address="127.0.0.1:1", join_token=token, attestation=proof
+    )
+    await agent.send(node_service_pb2.ConnectRequest(registration=registration))
+    await refused(agent.read(), grpc.StatusCode.UNAUTHENTICATED, "BAD_SIGNATURE")
+    # Garbage is refused as such, and the token is still good for the node's real attempt.
+    error = await refused(
+        _register(FakeAgent(stub), identity, token, b"not a request"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "BAD_CERTIFICATE_REQUEST",
+    )
+    assert "PEM" in (error.details() or "")
+    good = FakeAgent(stub)
+    reply = await _register(
+        good, identity, token, pki.certificate_request(key, _workload(identity))
+    )
+    assert reply.registered.name == f"nodes/{identity.node_id}"
+    assert await good.close() == grpc.StatusCode.OK
+
+
+async def test_a_quarantined_node_gets_no_certificate(
+    mesh: LocalMesh, stub: node_service_pb2_grpc.NodeServiceStub, tmp_path: Path
+) -> None:
+    identity = NodeIdentity.load_or_create(tmp_path)
+    agent = FakeAgent(stub)
+    reply = await _register(agent, identity, await mesh.join_token("q"), b"")
+    name = reply.registered.name
+    beating = asyncio.ensure_future(agent.heartbeats())
+    await stub.QuarantineNode(
+        node_service_pb2.QuarantineNodeRequest(name=name, reason="TEST: no certificate for it")
+    )
+    node = (await stub.GetNode(node_service_pb2.GetNodeRequest(name=name))).node
+    assert node.state == node_pb2.NODE_STATE_QUARANTINED
+    challenge = (await _until(agent, "challenge"))[-1].challenge.nonce
+    request = pki.certificate_request(pki.new_key(), _workload(identity))
+    proof = attestation(identity, challenge, certificate_request=request)
+    await agent.send(node_service_pb2.ConnectRequest(attestation=proof))
+    # Whatever the attestation brings comes before the next challenge: no certificate in it.
+    answered = await _until(agent, "challenge")
+    assert "certificate" not in [m.WhichOneof("message") for m in answered]
+    beating.cancel()
+    agent.call.cancel()
+
+
+def test_the_agent_keeps_its_certificate_owner_only(mesh: LocalMesh) -> None:
+    node = mesh.nodes["node-0"]
+    directory = node.state_dir / "tls"
+    leaf = x509.load_pem_x509_certificates((directory / "cert.pem").read_bytes())[0]
+    workload = pki.workload_of(leaf)
+    assert workload is not None
+    assert workload.kind == "node"
+    assert (directory / "key.pem").stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO) == 0
+    leaf.verify_directly_issued_by(x509.load_pem_x509_certificates(mesh.ca_file.read_bytes())[0])
