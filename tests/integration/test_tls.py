@@ -4,6 +4,7 @@ clients that trust the CA reach them, and plaintext is served on loopback only."
 from __future__ import annotations
 
 import json
+import socket
 import ssl
 import urllib.error
 import urllib.request
@@ -12,6 +13,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shard_client import grpc as shard_grpc
@@ -86,3 +88,37 @@ async def test_the_registry_answers_over_tls_as_the_workload_it_names(mesh: Loca
             await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=10
             )
+
+
+async def test_renewed_service_certificates_serve_without_a_restart(mesh: LocalMesh) -> None:
+    def served(address: str) -> int:
+        """The serial of the certificate a new handshake gets (by IP address: no SNI)."""
+        trusted = ssl.create_default_context(cafile=str(mesh.ca_file))
+        host, port = address.rsplit(":", 1)
+        with (
+            socket.create_connection((host, int(port)), timeout=10) as raw,
+            trusted.wrap_socket(raw, server_hostname=host) as wrapped,
+        ):
+            der = wrapped.getpeercert(binary_form=True)
+        assert der is not None
+        return x509.load_der_x509_certificate(der).serial_number
+
+    def on_disk(service: str) -> x509.Certificate:
+        path = mesh.state_dir / "tls" / service / "cert.pem"
+        return x509.load_pem_x509_certificates(path.read_bytes())[0]
+
+    gateway = mesh.gateway_tls_url.removeprefix("https://")
+    addresses = {"router": mesh.router_tls_address, "gateway": gateway}
+    before = {service: served(address) for service, address in addresses.items()}
+    mesh.renew_certificates()
+    for service, address in addresses.items():
+        renewed = on_disk(service).serial_number
+        assert renewed != before[service], service
+        assert served(address) == renewed, service
+    lifetime = on_disk("router").not_valid_after_utc - on_disk("router").not_valid_before_utc
+    assert lifetime.total_seconds() <= 24 * 3600  # hours, renewed while the mesh runs
+    # Clients that held a connection, and new ones, still work.
+    with triton.InferenceServerClient(
+        mesh.router_tls_address, ssl=True, root_certificates=str(mesh.ca_file)
+    ) as client:
+        infer_simple(client)

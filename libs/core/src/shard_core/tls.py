@@ -91,22 +91,28 @@ class TlsIdentity:
         )
 
     def ssl_context(self) -> ssl.SSLContext:
-        """A server context for HTTP listeners; renewed files serve new handshakes."""
+        """A server context for HTTP listeners. Each handshake checks the files: renewed ones
+        serve it from a fresh context (every ClientHello reaches the callback, SNI or not)."""
         _, cert, key = self.paths
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(cert, key)
         loaded = self.material()
 
-        def reload(*_: object) -> None:
+        def build() -> ssl.SSLContext:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            context.load_cert_chain(cert, key)
+            context.sni_callback = choose
+            return context
+
+        def choose(connection: ssl.SSLObject, _name: str | None, _: ssl.SSLContext) -> None:
             nonlocal loaded
             current = self.material()
             if current is not loaded:
-                context.load_cert_chain(cert, key)
-                loaded = current
+                latest[0], loaded = build(), current
+            if connection.context is not latest[0]:
+                connection.context = latest[0]
 
-        context.sni_callback = reload
-        return context
+        latest = [build()]
+        return latest[0]
 
     def channel_credentials(self, *, present_certificate: bool = True) -> grpc.ChannelCredentials:
         """Credentials for a channel that trusts the mesh's CA and, when it has one and

@@ -75,6 +75,9 @@ class NodeHandle:
 
 
 LOCAL_NAME_LABEL = "shard.local/name"
+# The services `shard up` gives certificates, renewed at half their life while it runs.
+TLS_SERVICES = ("registry", "router", "gateway")
+SERVICE_CERTIFICATE_LIFETIME_S = 12 * 3600
 
 
 def _endpoint_env(prefix: str, values: Mapping[str, object]) -> dict[str, str]:
@@ -108,6 +111,7 @@ class LocalMesh:
             peer_port=self.ports.etcd_peer,
         )
         self.services: dict[str, ManagedProcess] = {}
+        self._renewing: asyncio.Future[None] | None = None
         self.nodes: dict[str, NodeHandle] = {}
         # The local mesh's admin credential: made fresh for every run, never written to a log.
         self.admin_token = secrets.token_urlsafe(32)
@@ -143,6 +147,16 @@ class LocalMesh:
     def ca_dir(self) -> Path:
         return self.state_dir / "ca"
 
+    def renew_certificates(self) -> None:
+        """Fresh certificates for every service; each serves new handshakes with it at once."""
+        for service in TLS_SERVICES:
+            self._tls_dir(service)
+
+    async def _keep_certificates_fresh(self) -> None:
+        while True:
+            await asyncio.sleep(SERVICE_CERTIFICATE_LIFETIME_S / 2)
+            self.renew_certificates()
+
     def _tls_dir(self, service: str) -> Path:
         """A fresh certificate for `service`, from the mesh CA (made on the first run)."""
         if (self.ca_dir / "ca-key.pem").exists():
@@ -158,7 +172,7 @@ class LocalMesh:
         issued = authority.issue(
             key.public_key(),
             authority.workload("service", service),
-            lifetime_s=pki.MAX_LIFETIME_S,
+            lifetime_s=SERVICE_CERTIFICATE_LIFETIME_S,
             addresses=["127.0.0.1", "localhost"],
         )
         directory = self.state_dir / "tls" / service
@@ -266,6 +280,7 @@ class LocalMesh:
             ),
             self.services["gateway"].wait_ready(self._gateway_live, timeout=30),
         )
+        self._renewing = asyncio.ensure_future(self._keep_certificates_fresh())
         await asyncio.gather(*(self.start_node(f"node-{index}") for index in range(nodes)))
         self._write_state()
         await self.publish_demo_models(replicas=nodes)
@@ -405,6 +420,8 @@ class LocalMesh:
 
     def stop(self) -> None:
         """Stop nodes first (they deregister), then the services, then etcd."""
+        if self._renewing is not None:
+            self._renewing.cancel()
         for node in self.nodes.values():
             node.process.stop()
         for process in reversed(list(self.services.values())):
