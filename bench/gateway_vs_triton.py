@@ -2,8 +2,10 @@
 
 Starts a local shard with one node, then drives `simple` with tritonclient's asyncio HTTP client
 (binary tensors, as it sends by default) at concurrency 1 and 16: first at the node's Triton HTTP
-port, then at the gateway (which goes on to the router and the node over gRPC). Prints throughput,
-p50/p99 latency, the ratios to Triton, and the gateway's and router's CPU time per request.
+port, then at the gateway (which goes on to the router and the node over gRPC), in plaintext on
+loopback and over HTTPS trusting the mesh CA (what every client off this machine uses). Prints
+throughput, p50/p99 latency, the ratios to Triton, and the gateway's and router's CPU time per
+request.
 
     uv run python -m bench.gateway_vs_triton [--seconds 5]
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ssl
 import tempfile
 import time
 from pathlib import Path
@@ -36,9 +39,17 @@ def _inputs() -> list[triton_http.InferInput]:
 
 
 async def _drive(
-    url: str, concurrency: int, seconds: float, watched: list[psutil.Process]
+    url: str,
+    concurrency: int,
+    seconds: float,
+    watched: list[psutil.Process],
+    *,
+    trusted: ssl.SSLContext | None = None,
 ) -> Result:
-    async with triton_http.InferenceServerClient(url, conn_limit=concurrency) as client:
+    """Drive `url` (HTTPS trusting `trusted`, when given) at `concurrency` for `seconds`."""
+    async with triton_http.InferenceServerClient(
+        url, conn_limit=concurrency, ssl=trusted is not None, ssl_context=trusted
+    ) as client:
         inputs = _inputs()
         for _ in range(50):  # warm up connections and Triton
             await client.infer("simple", inputs)
@@ -67,11 +78,16 @@ async def main(seconds: float) -> None:
             hops = [psutil.Process(mesh.services[name].pid) for name in ("gateway", "inference")]
             triton_url = f"127.0.0.1:{mesh.nodes['node-0'].triton_http_port}"
             gateway_url = mesh.gateway_url.removeprefix("http://")
+            gateway_tls_url = mesh.gateway_tls_url.removeprefix("https://")
+            trusted = ssl.create_default_context(cafile=str(mesh.ca_file))
             print_header("gw+router µs/req")
             for concurrency in (1, 16):
                 results = {
                     "triton": await _drive(triton_url, concurrency, seconds, hops),
                     "gateway": await _drive(gateway_url, concurrency, seconds, hops),
+                    "gateway tls": await _drive(
+                        gateway_tls_url, concurrency, seconds, hops, trusted=trusted
+                    ),
                 }
                 print_rows(concurrency, results, baseline="triton")
         finally:

@@ -2,8 +2,10 @@
 
 Starts a local shard with one node, then drives `simple` at concurrency 1 and 16: with
 tritonclient's asyncio gRPC client straight at the node's Triton, the same client through the
-router, and `shard_client.aio` (the same API, routing in the client). Prints throughput, p50/p99
-latency, the ratios to direct, and the router's CPU time per request.
+router (its loopback plaintext port, then its TLS port trusting the mesh CA: what every client
+off this machine uses), and `shard_client.aio` (the same API, routing in the client; its watch
+of the router in plaintext, then over TLS). Prints throughput, p50/p99 latency, the ratios to
+direct, and the router's CPU time per request.
 
     uv run python -m bench.router_vs_direct [--seconds 5]
 """
@@ -14,6 +16,7 @@ import argparse
 import asyncio
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -37,12 +40,14 @@ def _inputs() -> list[triton.InferInput]:
     return inputs
 
 
+Opened = Callable[[], triton.InferenceServerClient | ShardClient]
+
+
 async def _drive(
-    url: str, concurrency: int, seconds: float, router: psutil.Process, *, api_key: str | None
+    opened: Opened, concurrency: int, seconds: float, router: psutil.Process
 ) -> Result:
-    """Drive `url` with tritonclient, or with the client-side router when given an API key."""
-    opened = ShardClient(url, api_key=api_key) if api_key else triton.InferenceServerClient(url)
-    async with opened as client:
+    """Drive the client `opened` makes at `concurrency` for `seconds`."""
+    async with opened() as client:
         inputs = _inputs()
         for _ in range(50):  # warm up channels and Triton
             await client.infer("simple", inputs)
@@ -70,15 +75,27 @@ async def main(seconds: float) -> None:
             await mesh.start(nodes=1)
             router = psutil.Process(mesh.services["inference"].pid)
             direct_url = f"127.0.0.1:{mesh.nodes['node-0'].triton_grpc_port}"
+            ca = str(mesh.ca_file)
+            key = mesh.admin_token
+            clients: dict[str, Opened] = {
+                "direct": lambda: triton.InferenceServerClient(direct_url),
+                "router": lambda: triton.InferenceServerClient(mesh.router_address),
+                "router tls": lambda: triton.InferenceServerClient(
+                    mesh.router_tls_address, ssl=True, root_certificates=ca
+                ),
+                "client": lambda: ShardClient(mesh.router_address, api_key=key),
+                "client tls": lambda: ShardClient(
+                    mesh.router_tls_address,
+                    api_key=key,
+                    ssl=True,
+                    root_certificates=mesh.ca_file,
+                ),
+            }
             print_header("router µs/req")
             for concurrency in (1, 16):
                 results = {
-                    name: await _drive(url, concurrency, seconds, router, api_key=api_key)
-                    for name, url, api_key in (
-                        ("direct", direct_url, None),
-                        ("router", mesh.router_address, None),
-                        ("client", mesh.router_address, mesh.admin_token),
-                    )
+                    name: await _drive(opened, concurrency, seconds, router)
+                    for name, opened in clients.items()
                 }
                 print_rows(concurrency, results, baseline="direct")
         finally:

@@ -48,9 +48,9 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LocalM
 
 @pytest.fixture
 def etcd_settings(mesh: LocalMesh, request: pytest.FixtureRequest) -> EtcdSettings:
-    """The session's etcd, under a prefix of this test's own."""
-    return EtcdSettings(
-        etcd_port=mesh.ports.etcd, etcd_prefix=f"/test/{request.node.name}/", etcd_timeout_s=5
+    """The session's etcd, as its root user, under a prefix of this test's own."""
+    return mesh.etcd.settings().model_copy(
+        update={"etcd_prefix": f"/test/{request.node.name}/", "etcd_timeout_s": 5}
     )
 
 

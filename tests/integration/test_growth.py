@@ -26,7 +26,6 @@ from shard_core import keys
 from shard_core.auth import BOOTSTRAP_ADMIN, ROLE_PERMISSIONS, KeyRing, Principal
 from shard_core.errors import InvalidArgumentError, ResourceExhaustedError
 from shard_core.etcd.store import EtcdStore
-from shard_core.settings import EtcdSettings
 from shard_registry.apikeys import KeyLimits, KeyRegistry
 from shard_registry.artifacts import BlobStore
 from shard_registry.blob_ledger import BlobLedger, BlobLimits
@@ -227,7 +226,7 @@ async def _until_usage(store: EtcdStore, principal: str, used: int) -> None:
 
 
 async def test_uploads_are_capped_and_charged_before_their_first_byte(mesh: LocalMesh) -> None:
-    store = EtcdStore(EtcdSettings(etcd_port=mesh.ports.etcd))  # the mesh's own records
+    store = EtcdStore(mesh.etcd.settings())  # the mesh's own records
     async with grpc.aio.insecure_channel(mesh.registry_address) as channel:
         secret = await _create_key(
             channel, mesh.admin_token, principal="uploader", role=api_key_pb2.ROLE_DEVELOPER

@@ -24,7 +24,6 @@ from shard_core.attestation import evidence_nonce
 from shard_core.auth import bearer_interceptors
 from shard_core.errors import error_info
 from shard_core.etcd.store import EtcdStore
-from shard_core.settings import EtcdSettings
 from shard_node.identity import NodeIdentity
 from shard_registry.enrollment import MAX_EVIDENCE_BYTES
 from shard_tool.local import LocalMesh
@@ -42,7 +41,7 @@ async def stub(mesh: LocalMesh) -> AsyncIterator[node_service_pb2_grpc.NodeServi
 @pytest.fixture
 async def shard_etcd(mesh: LocalMesh) -> AsyncIterator[EtcdStore]:
     """The mesh's own records, as the control plane sees them."""
-    store = EtcdStore(EtcdSettings(etcd_port=mesh.ports.etcd))
+    store = EtcdStore(mesh.etcd.settings())
     yield store
     await store.close()
 

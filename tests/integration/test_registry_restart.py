@@ -13,7 +13,6 @@ from shard.deployment.v1 import deployment_service_pb2_grpc
 from shard.node.v1 import node_service_pb2, node_service_pb2_grpc
 from shard_core import keys
 from shard_core.etcd.store import Entry, EtcdStore
-from shard_core.settings import EtcdSettings
 from shard_tool.local import LocalMesh
 from shard_tool.publish import Publisher
 from tests.demo import infer_simple
@@ -43,7 +42,7 @@ async def _settled_assignments(mesh: LocalMesh, store: EtcdStore) -> list[Entry]
 
 
 async def test_registry_restart_keeps_nodes_leases_and_deployments(mesh: LocalMesh) -> None:
-    store = EtcdStore(EtcdSettings(etcd_port=mesh.ports.etcd))
+    store = EtcdStore(mesh.etcd.settings())
     router = triton.InferenceServerClient(mesh.router_address)
     try:
         leases_before = await _node_leases(store)

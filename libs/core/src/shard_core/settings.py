@@ -34,6 +34,12 @@ class EtcdSettings(BaseSettings):
     etcd_port: int = Field(default=2379, ge=1, le=65535, description="etcd client port.")
     etcd_prefix: str = Field(default="/shard/", description="Key prefix of all shard records.")
     etcd_timeout_s: float = Field(default=5.0, gt=0, description="Timeout of one etcd call.")
+    etcd_tls_dir: Path | None = Field(
+        default=None,
+        description="This service's etcd client identity (ca.pem, cert.pem, key.pem; the "
+        "certificate's CN is its etcd user): connect with mutual TLS and check the peer is "
+        "the mesh's etcd. Unset: plaintext, loopback only.",
+    )
 
 
 class TlsSettings(BaseSettings):

@@ -25,9 +25,10 @@ from shard.model.v1 import model_pb2
 from shard.node.v1 import node_pb2, node_service_pb2, node_service_pb2_grpc
 from shard_core import pki
 from shard_core.auth import bearer_interceptors
-from shard_core.etcd.server import EtcdServer
+from shard_core.etcd.server import EtcdServer, EtcdTls
 from shard_core.net import free_port
 from shard_core.process import ManagedProcess
+from shard_core.settings import EtcdSettings
 from shard_core.tls import write_identity
 from shard_tool.publish import Publisher
 
@@ -76,7 +77,7 @@ class NodeHandle:
 
 LOCAL_NAME_LABEL = "shard.local/name"
 # The services `shard up` gives certificates, renewed at half their life while it runs.
-TLS_SERVICES = ("registry", "router", "gateway")
+TLS_SERVICES = ("registry", "router", "gateway", "etcd", "root")
 SERVICE_CERTIFICATE_LIFETIME_S = 12 * 3600
 
 
@@ -109,6 +110,8 @@ class LocalMesh:
             data_dir=self.state_dir / "etcd",
             client_port=self.ports.etcd,
             peer_port=self.ports.etcd_peer,
+            # etcd's certificate, and the client one of its root user (CN root).
+            tls=EtcdTls(server=self._tls_path("etcd"), root=self._tls_path("root")),
         )
         self.services: dict[str, ManagedProcess] = {}
         self._renewing: asyncio.Future[None] | None = None
@@ -150,14 +153,17 @@ class LocalMesh:
     def renew_certificates(self) -> None:
         """Fresh certificates for every service; each serves new handshakes with it at once."""
         for service in TLS_SERVICES:
-            self._tls_dir(service)
+            self._issue(service)
 
     async def _keep_certificates_fresh(self) -> None:
         while True:
             await asyncio.sleep(SERVICE_CERTIFICATE_LIFETIME_S / 2)
             self.renew_certificates()
 
-    def _tls_dir(self, service: str) -> Path:
+    def _tls_path(self, service: str) -> Path:
+        return self.state_dir / "tls" / service
+
+    def _issue(self, service: str) -> Path:
         """A fresh certificate for `service`, from the mesh CA (made on the first run)."""
         if (self.ca_dir / "ca-key.pem").exists():
             authority = pki.Authority.load(
@@ -175,7 +181,7 @@ class LocalMesh:
             lifetime_s=SERVICE_CERTIFICATE_LIFETIME_S,
             addresses=["127.0.0.1", "localhost"],
         )
-        directory = self.state_dir / "tls" / service
+        directory = self._tls_path(service)
         write_identity(
             directory, chain=issued.chain_pem, key=pki.key_pem(key), bundle=authority.bundle_pem
         )
@@ -203,7 +209,13 @@ class LocalMesh:
         # The local mesh's etcd starts empty: records of an earlier run would point the router
         # at Tritons that are gone. Node identities, under nodes/, are kept.
         shutil.rmtree(self.etcd.data_dir / "data", ignore_errors=True)
+        self.renew_certificates()
         await self.etcd.start()
+        # Only the control plane reaches etcd, each service as its own user: the registry
+        # writes, the router and gateway read.
+        await self.etcd.enable_auth(
+            prefix=EtcdSettings().etcd_prefix, writers=["registry"], readers=["router", "gateway"]
+        )
         etcd = {"etcd_port": self.ports.etcd}
         self.services["registry"] = self._service(
             "registry",
@@ -214,7 +226,8 @@ class LocalMesh:
                     **etcd,
                     "address": self.registry_address,
                     "tls_address": self.registry_tls_address,
-                    "tls_dir": self._tls_dir("registry"),
+                    "tls_dir": self._tls_path("registry"),
+                    "etcd_tls_dir": self._tls_path("registry"),
                     "ca_dir": self.ca_dir,
                     "metrics_port": self.ports.registry_metrics,
                     "heartbeat_interval_s": self.timing.heartbeat_interval_s,
@@ -239,7 +252,8 @@ class LocalMesh:
                     **etcd,
                     "address": self.router_address,
                     "tls_address": self.router_tls_address,
-                    "tls_dir": self._tls_dir("router"),
+                    "tls_dir": self._tls_path("router"),
+                    "etcd_tls_dir": self._tls_path("router"),
                     "metrics_port": self.ports.router_metrics,
                     "registry_address": self.registry_address,
                     "admin_token": self.admin_token,
@@ -260,7 +274,8 @@ class LocalMesh:
                     "port": self.ports.gateway,
                     "tls_host": "127.0.0.1",
                     "tls_port": self.ports.gateway_tls,
-                    "tls_dir": self._tls_dir("gateway"),
+                    "tls_dir": self._tls_path("gateway"),
+                    "etcd_tls_dir": self._tls_path("gateway"),
                     "router_address": self.router_address,
                     "registry_address": self.registry_address,
                     "metrics_port": self.ports.gateway_metrics,

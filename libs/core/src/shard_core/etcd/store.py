@@ -13,12 +13,15 @@ from typing import Any, ParamSpec, TypeVar
 
 import aetcd
 import aetcd.exceptions
+import aetcd.watcher
 import grpc
 from aetcd import rpc
 from aetcd.utils import prefix_range_end
 
 from shard_core.errors import UnavailableError
+from shard_core.pki import DEFAULT_TRUST_DOMAIN, Workload
 from shard_core.settings import EtcdSettings
+from shard_core.tls import TlsIdentity, require_loopback
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -65,6 +68,53 @@ CHANNEL_OPTIONS = {
 }
 
 
+# The etcd every service's client expects to reach (its certificate's name).
+ETCD = Workload(trust_domain=DEFAULT_TRUST_DOMAIN, kind="service", name="etcd")
+
+
+class TlsClient(aetcd.Client):  # type: ignore[misc]  # aetcd ships no type information
+    """aetcd's client over a mutual-TLS channel. aetcd 1.0 opens plaintext channels only; this
+    opens the channel and makes the same stubs and watcher on it."""
+
+    def __init__(self, *, credentials: grpc.ChannelCredentials, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._credentials = credentials
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        target = f"{self._host}:{self._port}"
+        self.channel = grpc.aio.secure_channel(
+            target, self._credentials, options=list(self._options.items())
+        )
+        self.kvstub = rpc.KVStub(self.channel)
+        self.clusterstub = rpc.ClusterStub(self.channel)
+        self.leasestub = rpc.LeaseStub(self.channel)
+        self.maintenancestub = rpc.MaintenanceStub(self.channel)
+        self.auth_stub = rpc.AuthStub(self.channel)
+        self._watcher = aetcd.watcher.Watcher(
+            rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+        )
+        self._connected.set()
+
+
+def client(settings: EtcdSettings, *, timeout: float | None = None) -> aetcd.Client:
+    """An etcd client as `settings` say: mutual TLS with the service's identity, checking the
+    peer is the mesh's etcd, or plaintext (loopback only)."""
+    options: dict[str, Any] = {**CHANNEL_OPTIONS}
+    common: dict[str, Any] = {
+        "host": settings.etcd_host,
+        "port": settings.etcd_port,
+        "timeout": timeout or settings.etcd_timeout_s,
+    }
+    if settings.etcd_tls_dir is None:
+        require_loopback(f"{settings.etcd_host}:{settings.etcd_port}", what="plaintext to etcd")
+        return aetcd.Client(**common, options=options)
+    options["grpc.ssl_target_name_override"] = ETCD.dns
+    credentials = TlsIdentity(settings.etcd_tls_dir).channel_credentials()
+    return TlsClient(credentials=credentials, **common, options=options)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Entry:
     """One key and its value, with the revision that last changed it."""
@@ -92,12 +142,7 @@ class EtcdStore:
         self.client = self._new_client()
 
     def _new_client(self) -> aetcd.Client:
-        return aetcd.Client(
-            host=self.settings.etcd_host,
-            port=self.settings.etcd_port,
-            timeout=self.settings.etcd_timeout_s,
-            options=CHANNEL_OPTIONS,
-        )
+        return client(self.settings)
 
     @_unavailable
     async def connect(self) -> None:
