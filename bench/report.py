@@ -24,7 +24,7 @@ class Result:
 
 def print_header(cpu_label: str) -> None:
     print(
-        f"{'target':<8} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'target':<12} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
         f"{'x base':>9} {'+p50 ms':>8} {cpu_label:>17}"
     )
 
@@ -38,7 +38,7 @@ def print_rows(concurrency: int, results: Mapping[str, Result], *, baseline: str
         added = result.percentile(50) - base.percentile(50)
         cpu_us = 0 if name == baseline else result.hop_cpu_s / result.requests * 1e6
         print(
-            f"{name:<8} {concurrency:>4} {result.throughput:>9.0f} "
+            f"{name:<12} {concurrency:>4} {result.throughput:>9.0f} "
             f"{result.percentile(50):>8.2f} {result.percentile(99):>8.2f} "
             f"{ratio:>9.2f} {added:>8.2f} {cpu_us:>17.0f}"
         )
