@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shard_core import pki
 from shard_core.errors import InvalidArgumentError
-from shard_core.grpc.server import GrpcServer
+from shard_core.grpc.server import GrpcServer, server_options
 from shard_core.pki import Authority, Workload
 from shard_core.tls import TlsIdentity, channel, is_loopback, write_identity
 
@@ -272,3 +272,40 @@ def test_workload_names_and_loopback() -> None:
     assert is_loopback("localhost:1")
     assert not is_loopback("0.0.0.0:7070")
     assert not is_loopback("10.0.0.1:1")
+
+
+async def test_a_client_that_stalls_the_handshake_is_dropped_and_others_are_served(
+    tmp_path: Path,
+) -> None:
+    ca = Authority.create()
+    server = GrpcServer(
+        address=None,
+        tls=_identity(ca, REGISTRY, tmp_path / "registry"),
+        tls_address="127.0.0.1:0",
+        services=[],
+        register=lambda s: None,
+        options=server_options(handshake_timeout_ms=1_000),
+    )
+    await server.start()
+    try:
+        # Many connections that never say a word (nor finish a handshake they started).
+        stalled = []
+        for index in range(100):
+            connection = socket.create_connection(("127.0.0.1", server.tls_port), timeout=30)
+            if index % 2:
+                connection.sendall(b"\x16\x03\x01\x00\xff")  # a ClientHello that never ends
+            stalled.append(connection)
+        # Meanwhile a real client is served.
+        await _check(
+            f"127.0.0.1:{server.tls_port}", grpc.ssl_channel_credentials(ca.bundle_pem), REGISTRY
+        )
+        # And the server hangs up on every staller (each read ends: EOF or a reset).
+        for connection in stalled:
+            with connection:
+                try:
+                    ended = await asyncio.to_thread(connection.recv, 1024)
+                except ConnectionResetError:
+                    ended = b""
+                assert ended == b""
+    finally:
+        await server.stop()

@@ -27,11 +27,16 @@ _log = logging.getLogger(__name__)
 ShutdownHook = Callable[[], Awaitable[None]]
 
 
-def server_options(*, max_receive_bytes: int = 64 << 20) -> Sequence[tuple[str, int]]:
+def server_options(
+    *, max_receive_bytes: int = 64 << 20, handshake_timeout_ms: int = 10_000
+) -> Sequence[tuple[str, int]]:
     """Keepalive settings that let long-lived streams (node agents, watchers) notice a dead
-    peer, and the largest message a client may send (tensors on the data plane; the registry,
-    which strangers reach, takes far less)."""
+    peer, the largest message a client may send (tensors on the data plane; the registry,
+    which strangers reach, takes far less), and how long a connection may take over its TLS
+    handshake before it is dropped (gRPC's default, two minutes, lets a stalling client hold
+    sockets)."""
     return (
+        ("grpc.server_handshake_timeout_ms", handshake_timeout_ms),
         ("grpc.keepalive_time_ms", 10_000),
         ("grpc.keepalive_timeout_ms", 5_000),
         ("grpc.keepalive_permit_without_calls", 1),
