@@ -68,8 +68,8 @@ class FakeAgent:
     async def send(self, request: node_service_pb2.ConnectRequest) -> None:
         await self.outbox.put(request)
 
-    async def read(self) -> node_service_pb2.ConnectResponse:
-        return await asyncio.wait_for(self.read_any(), 10)
+    async def read(self, timeout: float = 10) -> node_service_pb2.ConnectResponse:
+        return await asyncio.wait_for(self.read_any(), timeout)
 
     async def read_any(self) -> node_service_pb2.ConnectResponse:
         """The next message, however long it takes."""

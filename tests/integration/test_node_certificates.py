@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -13,8 +13,11 @@ import pytest
 from cryptography import x509
 
 from shard.node.v1 import node_pb2, node_service_pb2, node_service_pb2_grpc
-from shard_core import pki
+from shard.task.v1 import task_service_pb2 as task_api
+from shard.task.v1 import task_service_pb2_grpc
+from shard_core import pki, tls
 from shard_core.errors import error_info
+from shard_core.tls import TlsIdentity, write_identity
 from shard_node.identity import NodeIdentity
 from shard_tool.local import LocalMesh
 from tests.fake_node import FakeAgent, attestation, refused
@@ -31,10 +34,11 @@ def _workload(identity: NodeIdentity) -> pki.Workload:
 
 
 async def _until(agent: FakeAgent, kind: str) -> list[node_service_pb2.ConnectResponse]:
-    """Every message the registry sends up to and including the next one of `kind`."""
+    """Every message the registry sends up to and including the next one of `kind` (a
+    loaded machine may take a while over the etcd writes an attestation makes)."""
     seen = []
     while True:
-        reply = await agent.read()
+        reply = await agent.read(timeout=60)
         seen.append(reply)
         if reply.WhichOneof("message") == kind:
             return seen
@@ -181,3 +185,95 @@ def test_the_agent_keeps_its_certificate_owner_only(mesh: LocalMesh) -> None:
     assert workload.kind == "node"
     assert (directory / "key.pem").stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO) == 0
     leaf.verify_directly_issued_by(x509.load_pem_x509_certificates(mesh.ca_file.read_bytes())[0])
+
+
+async def test_a_node_calls_by_certificate_and_loses_it_with_its_standing(
+    mesh: LocalMesh, stub: node_service_pb2_grpc.NodeServiceStub, tmp_path: Path
+) -> None:
+    identity = NodeIdentity.load_or_create(tmp_path / "node")
+    key = pki.new_key()
+    agent = FakeAgent(stub)
+    request = pki.certificate_request(key, _workload(identity))
+    name = (
+        await _register(agent, identity, await mesh.join_token("calls"), request)
+    ).registered.name
+    beating = asyncio.ensure_future(agent.heartbeats())
+    issued = (await _until(agent, "certificate"))[-1].certificate
+    write_identity(
+        tmp_path / "tls", chain=issued.certificate_chain, key=pki.key_pem(key),
+        bundle=issued.trust_bundle,
+    )  # fmt: skip
+    registry = pki.Workload(trust_domain=pki.DEFAULT_TRUST_DOMAIN, kind="service", name="registry")
+
+    def by(identity_dir: Path) -> grpc.aio.Channel:
+        credentials = TlsIdentity(identity_dir).channel_credentials()
+        return tls.channel(mesh.registry_mesh_address, credentials, expect=registry)
+
+    claim = task_api.ClaimTaskRequest(name="tasks/no-such-task")
+    async with by(tmp_path / "tls") as channel:
+        tasks = task_service_pb2_grpc.TaskServiceStub(channel)
+        # What a node may do, it does with no secret sent: past authentication to the lookup.
+        await refused(tasks.ClaimTask(claim, timeout=10), grpc.StatusCode.NOT_FOUND)
+        # The control plane is not a node's.
+        nodes = node_service_pb2_grpc.NodeServiceStub(channel)
+        quarantine = node_service_pb2.QuarantineNodeRequest(name=name, reason="SELF: x")
+        await refused(
+            nodes.QuarantineNode(quarantine, timeout=10),
+            grpc.StatusCode.PERMISSION_DENIED,
+            "PERMISSION_MISSING",
+        )
+        # Quarantined, its certificate stops working at once, long before it expires.
+        await stub.QuarantineNode(
+            node_service_pb2.QuarantineNodeRequest(name=name, reason="TEST: revoke")
+        )
+        await _refused_soon(
+            lambda: tasks.ClaimTask(claim, timeout=10),
+            grpc.StatusCode.PERMISSION_DENIED,
+            "NODE_NOT_ALLOWED",
+        )
+        # Deleted, it is no node at all.
+        await stub.DeleteNode(node_service_pb2.DeleteNodeRequest(name=name))
+        await _refused_soon(
+            lambda: tasks.ClaimTask(claim, timeout=10),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "CREDENTIAL_REVOKED",
+        )
+    beating.cancel()
+    agent.call.cancel()
+
+    # A service's certificate from the same CA does not act as a node; no certificate at all,
+    # or another CA's, does not get past the handshake.
+    async with by(mesh.state_dir / "tls" / "router") as channel:
+        await refused(
+            task_service_pb2_grpc.TaskServiceStub(channel).ClaimTask(claim, timeout=10),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "CERTIFICATE_NOT_ACCEPTED",
+        )
+    async with tls.channel(
+        mesh.registry_mesh_address, tls.trusting(mesh.ca_file), expect=registry
+    ) as channel:
+        await refused(
+            task_service_pb2_grpc.TaskServiceStub(channel).ClaimTask(claim, timeout=10),
+            grpc.StatusCode.UNAVAILABLE,
+        )
+
+
+async def _refused_soon(
+    call: Callable[[], Awaitable[object]], code: grpc.StatusCode, reason: str
+) -> None:
+    """`call` is refused with `code` and `reason` once the registry's live view has caught up
+    (it follows etcd a moment behind the write)."""
+    deadline = asyncio.get_running_loop().time() + 30
+    while True:
+        try:
+            await refused(call(), code, reason)
+            return
+        except AssertionError:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
+def test_the_real_agent_calls_the_registry_by_certificate(mesh: LocalMesh) -> None:
+    log = mesh.nodes["node-0"].process.log_path.read_text()
+    assert "prove who this node is by its certificate now" in log

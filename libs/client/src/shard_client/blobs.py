@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 
@@ -18,6 +19,8 @@ TIMEOUT_S = 30.0
 TRANSFER_TIMEOUT_S = 3600.0
 Metadata = Sequence[tuple[str, str]]
 Progress = Callable[[int], None]
+RequestT = TypeVar("RequestT")
+ResponseT = TypeVar("ResponseT")
 
 
 class BlobError(Exception):
@@ -51,6 +54,23 @@ async def _chunks(
             on_bytes(len(chunk))
 
 
+async def send_all(
+    call: grpc.aio.StreamUnaryCall[RequestT, ResponseT], requests: AsyncIterable[RequestT]
+) -> ResponseT:
+    """Send `requests` on a client-streaming `call`; its answer. A server that answers before
+    the last request (refusing an upload at its header) ends the call: sending stops, and what
+    is raised is the server's own status, not the INTERNAL that gRPC reports for a request
+    iterator whose writes fail."""
+    async for request in requests:
+        try:
+            await call.write(request)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            break  # the call has ended; awaiting it says why
+    else:
+        await call.done_writing()
+    return await call
+
+
 async def upload_file(
     stub: artifact_service_pb2_grpc.ArtifactServiceStub,
     path: Path,
@@ -69,9 +89,8 @@ async def upload_file(
     except grpc.aio.AioRpcError as error:
         if error.code() != grpc.StatusCode.NOT_FOUND:
             raise
-        await stub.UploadBlob(
-            _chunks(path, sha256, size, on_bytes), timeout=TRANSFER_TIMEOUT_S, metadata=metadata
-        )
+        call = stub.UploadBlob(None, timeout=TRANSFER_TIMEOUT_S, metadata=metadata)
+        await send_all(call, _chunks(path, sha256, size, on_bytes))
     else:
         on_bytes(size)  # already stored: a repeated upload resumes past it
     return sha256, size

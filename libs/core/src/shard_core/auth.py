@@ -20,11 +20,12 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from cryptography import x509
 
 from shard.auth.v1 import api_key_pb2
 from shard.auth.v1.api_key_pb2 import Role
@@ -32,6 +33,7 @@ from shard.model.v1 import model_pb2
 from shard_core.errors import PermissionDeniedError, ShardError, UnauthenticatedError
 from shard_core.grpc.interceptors import handler_kind, with_behaviour
 from shard_core.limits import RateLimits
+from shard_core.pki import Workload, issued_at
 
 if TYPE_CHECKING:
     _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
@@ -243,11 +245,55 @@ class NodeCredentials:
         refusal = self._standing(node_id, session_ms)
         if refusal is not None:
             raise refusal
-        return Principal(
-            id=f"nodes/{node_id}",
-            role=api_key_pb2.ROLE_UNSPECIFIED,
-            permissions=NODE_PERMISSIONS,
-        )
+        return node_principal(node_id)
+
+
+def node_principal(node_id: str) -> Principal:
+    """What a node agent may do, however it proved who it is."""
+    return Principal(
+        id=f"nodes/{node_id}", role=api_key_pb2.ROLE_UNSPECIFIED, permissions=NODE_PERMISSIONS
+    )
+
+
+class PeerCertificates:
+    """Node agents calling with their mesh certificate (mutual TLS). The certificate must name
+    a node of this trust domain; `standing` then decides, from the live view, whether that
+    node may still act with a certificate issued at that time (it is not deleted, quarantined,
+    or registered again since): revocation takes effect at once, not at expiry."""
+
+    def __init__(
+        self, trust_domain: str, standing: Callable[[str, int], ShardError | None]
+    ) -> None:
+        self._trust_domain = trust_domain
+        self._standing = standing
+
+    def principal(self, peer: Mapping[str, Iterable[bytes]]) -> Principal | None:
+        """The node a call's peer certificate names (gRPC's auth context), or None when the
+        call came without one."""
+        uris = list(peer.get("peer_spiffe_id", ()))
+        pems = list(peer.get("x509_pem_cert", ()))
+        if not uris or not pems:
+            return None
+        uri = uris[0].decode(errors="replace")
+        workload = Workload.parse(uri)
+        if workload is None or workload.trust_domain != self._trust_domain:
+            raise UnauthenticatedError(
+                f"the client certificate names {uri[:200]!r}, not a workload of this mesh",
+                reason="CERTIFICATE_NOT_ACCEPTED",
+            )
+        if workload.kind != "node":
+            raise UnauthenticatedError(
+                f"the client certificate names {workload.uri}; here only nodes act by "
+                "certificate (services and clients send their key)",
+                reason="CERTIFICATE_NOT_ACCEPTED",
+            )
+        certificate = x509.load_pem_x509_certificate(pems[0])
+        # Whole seconds: give the issue time the benefit of the doubt within its second.
+        issued_ms = int(issued_at(certificate) * 1000) + 999
+        refusal = self._standing(workload.name, issued_ms)
+        if refusal is not None:
+            raise refusal
+        return node_principal(workload.name)
 
 
 class KeyRing:
@@ -260,10 +306,12 @@ class KeyRing:
         *,
         admin_token_sha256: str = "",
         nodes: NodeCredentials | None = None,
+        peers: PeerCertificates | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._admin = admin_token_sha256
         self._nodes = nodes
+        self._peers = peers
         self._clock = clock
         self._keys: dict[str, api_key_pb2.StoredApiKey] = {}
 
@@ -295,6 +343,16 @@ class KeyRing:
         )
 
     # -- authentication ---------------------------------------------------------------------
+
+    @property
+    def takes_certificates(self) -> bool:
+        return self._peers is not None
+
+    def authenticate_peer(self, peer: Mapping[str, Iterable[bytes]]) -> Principal:
+        """The principal a call without a key stands for: the node its client certificate
+        names, or anonymous."""
+        found = self._peers.principal(peer) if self._peers is not None else None
+        return found or ANONYMOUS
 
     def authenticate(self, authorization: str) -> Principal:
         """The principal an `authorization` value stands for: anonymous when there is none.
@@ -458,12 +516,27 @@ class AuthInterceptor(_ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
+        authorization = bearer(handler_call_details.invocation_metadata)
+        if not authorization and self._ring.takes_certificates:
+            # Who the peer is shows only in the call's context: decide there.
+            return _around(handler, lambda context: self._by_certificate(context, method))
         try:
-            principal = self._ring.authenticate(bearer(handler_call_details.invocation_metadata))
+            principal = self._ring.authenticate(authorization)
             check(principal, method, self._rules)
         except ShardError as error:
             return _refusing(handler, error)
         return _as(handler, principal)
+
+    async def _by_certificate(
+        self, context: grpc.aio.ServicerContext[Any, Any], method: str
+    ) -> None:
+        try:
+            principal = self._ring.authenticate_peer(context.auth_context())
+            check(principal, method, self._rules)
+        except ShardError as error:
+            status = error.to_status()
+            await context.abort(status.code, status.details, status.trailing_metadata)
+        current_principal.set(principal)
 
 
 def check(principal: Principal, method: str, rules: MethodRules) -> None:

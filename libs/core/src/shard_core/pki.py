@@ -32,7 +32,9 @@ DEFAULT_LIFETIME_S = 4 * 3600
 MAX_LIFETIME_S = 24 * 3600
 CA_LIFETIME_S = 10 * 365 * 24 * 3600
 KINDS = ("node", "service", "client")
-_CLOCK_SKEW = datetime.timedelta(minutes=5)
+# Certificates start this long before they are issued, for peers whose clocks run behind.
+BACKDATE_S = 300
+_CLOCK_SKEW = datetime.timedelta(seconds=BACKDATE_S)
 
 CURVES = ("secp256r1", "secp384r1")
 
@@ -71,6 +73,12 @@ class Workload:
         if rest == uri or len(parts) != 3 or parts[1] not in KINDS or not all(parts):
             return None
         return cls(trust_domain=parts[0], kind=parts[1], name=parts[2])
+
+
+def issued_at(certificate: x509.Certificate) -> float:
+    """When the CA issued `certificate` (seconds; X.509 keeps whole seconds, so up to one
+    second early)."""
+    return certificate.not_valid_before_utc.timestamp() + BACKDATE_S
 
 
 def workload_of(certificate: x509.Certificate) -> Workload | None:

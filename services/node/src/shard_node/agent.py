@@ -18,7 +18,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -28,12 +28,12 @@ from tritonclient.utils import InferenceServerException
 
 from shard.node.v1 import node_service_pb2, node_service_pb2_grpc
 from shard_core.attestation import signed_bytes
-from shard_core.auth import AUTHORIZATION
 from shard_node.certificate import NodeCertificates
 from shard_node.health import HealthCheck
 from shard_node.identity import NodeIdentity
 from shard_node.inventory import read_inventory, read_metrics
 from shard_node.models import ModelManager
+from shard_node.registry_calls import RegistryCalls
 from shard_node.tasks import TaskRunner
 from shard_node.triton import TritonControl
 
@@ -59,10 +59,17 @@ class NodeAgent:
         health: HealthCheck,
         metrics_url: str | None,
         tasks: TaskRunner,
+        registry_calls: RegistryCalls,
         certificates: NodeCertificates | None = None,
+        certificate_channel: Callable[[], grpc.aio.Channel] | None = None,
     ) -> None:
+        """With `certificates`, the node asks for a mesh certificate; with
+        `certificate_channel` too, its calls beside the stream go over the channel that makes
+        (mutual TLS with that certificate) once it has one."""
         self._identity = identity
         self._certificates = certificates
+        self._registry_calls = registry_calls
+        self._certificate_channel = certificate_channel
         self._triton = triton
         self._models = models
         self._stub = node_service_pb2_grpc.NodeServiceStub(channel)
@@ -110,10 +117,14 @@ class NodeAgent:
             await asyncio.gather(converging, self._tasks.stop(), return_exceptions=True)
 
     def _use_credential(self, token: str) -> None:
-        """Send `token` from now on: the registry renews it with every attestation."""
-        self._models.credentials = self._tasks.credentials = (
-            [(AUTHORIZATION, f"Bearer {token}")] if token else []
-        )
+        """Send `token` from now on (until a certificate replaces it): the registry renews it
+        with every attestation."""
+        self._registry_calls.use_credential(token)
+
+    def _use_certificate(self, certificate: node_service_pb2.NodeCertificate) -> None:
+        assert self._certificates is not None
+        if self._certificates.accept(certificate) and self._certificate_channel is not None:
+            self._registry_calls.use_certificate(self._certificate_channel())
 
     async def _triton_version(self) -> str:
         """Triton's version, or the last one seen while it restarts: a Triton that is down
@@ -126,7 +137,9 @@ class NodeAgent:
                 raise
         return self._last_triton_version
 
-    async def _attestation(self, nonce: bytes) -> node_service_pb2.Attestation:
+    async def _attestation(
+        self, nonce: bytes, *, registering: bool = False
+    ) -> node_service_pb2.Attestation:
         """Sign the registry's nonce with what this machine has, now."""
         inventory = await asyncio.to_thread(
             read_inventory,
@@ -135,7 +148,8 @@ class NodeAgent:
             agent_version=AGENT_VERSION,
         )
         time_ms = int(time.time() * 1000)
-        request = self._certificates.request() if self._certificates is not None else b""
+        certificates = self._certificates
+        request = certificates.request(renew=registering) if certificates is not None else b""
         message = signed_bytes(
             nonce=nonce,
             inventory=inventory,
@@ -152,7 +166,7 @@ class NodeAgent:
         )
 
     async def _registration(self, nonce: bytes) -> node_service_pb2.ConnectRequest:
-        attestation = await self._attestation(nonce)
+        attestation = await self._attestation(nonce, registering=True)
         return node_service_pb2.ConnectRequest(
             registration=node_service_pb2.Registration(
                 inference_address=self._advertise_address,
@@ -190,7 +204,7 @@ class NodeAgent:
             elif kind == "credential":
                 self._use_credential(reply.credential.token)
             elif kind == "certificate" and self._certificates is not None:
-                self._certificates.accept(reply.certificate)
+                self._use_certificate(reply.certificate)
             elif kind == "challenge":
                 attestation = await self._attestation(reply.challenge.nonce)
                 outbox.put_nowait(node_service_pb2.ConnectRequest(attestation=attestation))

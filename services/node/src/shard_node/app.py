@@ -5,18 +5,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from pathlib import Path
 
 import grpc
 
-from shard.artifact.v1 import artifact_service_pb2_grpc
 from shard_core import tls
 from shard_core.pki import Workload
+from shard_core.tls import TlsIdentity
 from shard_node.agent import AGENT_VERSION, NodeAgent
 from shard_node.certificate import NodeCertificates
 from shard_node.health import HealthCheck, supervise
 from shard_node.identity import NodeIdentity
 from shard_node.inventory import read_inventory
 from shard_node.models import ModelManager
+from shard_node.registry_calls import RegistryCalls
 from shard_node.sandbox import protect_agent
 from shard_node.settings import NodeSettings
 from shard_node.tasks import TaskRunner
@@ -70,11 +72,10 @@ async def serve(settings: NodeSettings) -> None:
             TritonControl(triton_url, control_key) as triton,
             _registry_channel(settings) as channel,
         ):
-            models = ModelManager(
-                triton=triton,
-                repository=repository,
-                artifacts=artifact_service_pb2_grpc.ArtifactServiceStub(channel),
-            )
+            registry_calls = RegistryCalls(channel)
+            tls_dir = settings.state_dir / "tls"
+            node = Workload(trust_domain=settings.trust_domain, kind="node", name=identity.node_id)
+            models = ModelManager(triton=triton, repository=repository, registry=registry_calls)
             inventory = await asyncio.to_thread(
                 read_inventory,
                 state_dir=settings.state_dir,
@@ -100,7 +101,7 @@ async def serve(settings: NodeSettings) -> None:
             )
             tasks = TaskRunner(
                 identity=identity,
-                channel=channel,
+                registry=registry_calls,
                 triton_http_url=triton_http_url,
                 work_dir=settings.state_dir / "tasks",
                 max_concurrent=settings.max_concurrent_tasks,
@@ -119,14 +120,12 @@ async def serve(settings: NodeSettings) -> None:
                 health=health,
                 metrics_url=metrics_url,
                 tasks=tasks,
-                # In a mesh with TLS, the node holds a certificate from the mesh CA.
-                certificates=NodeCertificates(
-                    settings.state_dir / "tls",
-                    Workload(
-                        trust_domain=settings.trust_domain, kind="node", name=identity.node_id
-                    ),
-                )
-                if settings.registry_ca_file
+                registry_calls=registry_calls,
+                # In a mesh with TLS, the node holds a certificate from the mesh CA, and calls
+                # the registry's mutual-TLS port with it.
+                certificates=NodeCertificates(tls_dir, node) if settings.registry_ca_file else None,
+                certificate_channel=(lambda: _certificate_channel(settings, tls_dir))
+                if settings.registry_ca_file and settings.registry_mesh_address
                 else None,
             )
             loop = asyncio.get_running_loop()
@@ -140,6 +139,7 @@ async def serve(settings: NodeSettings) -> None:
             finally:
                 if supervising is not None:
                     supervising.cancel()
+                await registry_calls.close()
     finally:
         if launched is not None:
             launched.stop()
@@ -151,4 +151,17 @@ def _registry_channel(settings: NodeSettings) -> grpc.aio.Channel:
     registry = Workload(trust_domain=settings.trust_domain, kind="service", name="registry")
     return tls.channel(
         settings.registry_address, credentials, expect=registry, options=CHANNEL_OPTIONS
+    )
+
+
+def _certificate_channel(settings: NodeSettings, tls_dir: Path) -> grpc.aio.Channel:
+    """A channel to the registry's mutual-TLS port that proves who the node is by its
+    certificate (the one in `tls_dir` now)."""
+    assert settings.registry_mesh_address is not None
+    registry = Workload(trust_domain=settings.trust_domain, kind="service", name="registry")
+    return tls.channel(
+        settings.registry_mesh_address,
+        TlsIdentity(tls_dir).channel_credentials(),
+        expect=registry,
+        options=CHANNEL_OPTIONS,
     )

@@ -38,32 +38,34 @@ class NodeCertificates:
             return None
         return x509.load_pem_x509_certificates(path.read_bytes())[0]
 
-    def request(self) -> bytes:
-        """A CSR when a certificate is due (none yet, or past half its life); else nothing."""
+    def request(self, *, renew: bool = False) -> bytes:
+        """A CSR when a certificate is due (none yet, past half its life, or `renew`: a new
+        registration, whose certificate must postdate it); else nothing."""
         held = self.current()
-        if held is not None:
+        if held is not None and not renew:
             start, end = held.not_valid_before_utc.timestamp(), held.not_valid_after_utc.timestamp()
             if self._clock() < start + (end - start) / 2:
                 return b""
         self._pending = pki.new_key()
         return pki.certificate_request(self._pending, self._workload)
 
-    def accept(self, certificate: node_service_pb2.NodeCertificate) -> None:
-        """Keep a certificate that answers the last request: for our key, naming this node."""
+    def accept(self, certificate: node_service_pb2.NodeCertificate) -> bool:
+        """Keep a certificate that answers the last request (for our key, naming this node);
+        whether it was kept."""
         key, self._pending = self._pending, None
         try:
             leaf = x509.load_pem_x509_certificates(certificate.certificate_chain)[0]
         except ValueError:
             _log.warning("the registry sent a certificate that does not parse; ignored")
-            return
+            return False
         if key is None or leaf.public_key() != key.public_key():
             _log.warning("the registry sent a certificate for a key this node did not ask for")
-            return
+            return False
         if pki.workload_of(leaf) != self._workload:
             _log.warning(
                 "the registry sent a certificate naming %s; ignored", pki.workload_of(leaf)
             )
-            return
+            return False
         write_identity(
             self.directory,
             chain=certificate.certificate_chain,
@@ -73,3 +75,4 @@ class NodeCertificates:
         _log.info(
             "mesh certificate %x, valid until %s", leaf.serial_number, leaf.not_valid_after_utc
         )
+        return True

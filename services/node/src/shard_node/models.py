@@ -22,9 +22,9 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
-from shard.artifact.v1 import artifact_service_pb2_grpc
 from shard.node.v1 import node_pb2
 from shard_client.blobs import BlobError, download
+from shard_node.registry_calls import RegistryCalls
 from shard_node.triton import TritonControl
 
 _log = logging.getLogger(__name__)
@@ -62,18 +62,16 @@ class ModelManager:
         *,
         triton: TritonControl,
         repository: Path,
-        artifacts: artifact_service_pb2_grpc.ArtifactServiceStub,
+        registry: RegistryCalls,
     ) -> None:
         self._triton = triton
         self._repository = repository
-        self._artifacts = artifacts
+        self._registry = registry
         self._desired: dict[str, node_pb2.ModelAssignment] = {}
         self._installed: dict[str, str] = {}  # model -> version loaded (or loading)
         self._states: dict[str, node_pb2.ModelStatus] = {}
         self._memory: dict[str, int] = {}
         self._changed = asyncio.Event()
-        # Sent with every blob read: the registry's credential for this node, set on registering.
-        self.credentials: list[tuple[str, str]] = []
         repository.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(repository / STAGING, ignore_errors=True)
 
@@ -152,7 +150,7 @@ class ModelManager:
         """Stream a blob from the artifact store to `path`, checking its hash and size."""
         try:
             received = await download(
-                self._artifacts, f"blobs/{sha256}", path, metadata=self.credentials
+                self._registry.artifacts, f"blobs/{sha256}", path, metadata=self._registry.metadata
             )
         except (BlobError, grpc.aio.AioRpcError) as error:
             raise FetchError(f"fetching blobs/{sha256} failed: {error}") from error

@@ -23,6 +23,12 @@ class NodeSettings(ServiceSettings):
         "the registry's TLS port and check it is the registry. Unset: plaintext, which only a "
         "loopback registry address may take.",
     )
+    registry_mesh_address: str | None = Field(
+        default=None,
+        description="The registry's mutual-TLS address: once the node holds its mesh "
+        "certificate, it reads model files and runs tasks there, proving who it is by it "
+        "instead of a bearer credential. Unset: over the stream's channel.",
+    )
     trust_domain: str = Field(default="shard.local", description="The mesh's trust domain.")
     state_dir: Path = Field(
         default=Path(".shard/node"), description="Where the identity key and Triton files live."

@@ -28,13 +28,13 @@ from typing import BinaryIO, TypeVar
 import aiohttp
 import grpc
 
-from shard.artifact.v1 import artifact_service_pb2_grpc
-from shard.task.v1 import task_pb2, task_service_pb2_grpc
+from shard.task.v1 import task_pb2
 from shard.task.v1 import task_service_pb2 as task_api
 from shard_client.blobs import BlobError, download, upload_file
 from shard_core import sealing, taskjob
 from shard_core.errors import error_info
 from shard_node.identity import NodeIdentity
+from shard_node.registry_calls import RegistryCalls
 
 _log = logging.getLogger(__name__)
 
@@ -140,14 +140,13 @@ class TaskRunner:
         self,
         *,
         identity: NodeIdentity,
-        channel: grpc.aio.Channel,
+        registry: RegistryCalls,
         triton_http_url: str | None,
         work_dir: Path,
         max_concurrent: int = 2,
     ) -> None:
         self._identity = identity
-        self._tasks = task_service_pb2_grpc.TaskServiceStub(channel)
-        self._artifacts = artifact_service_pb2_grpc.ArtifactServiceStub(channel)
+        self._registry = registry
         self._triton = triton_http_url.rstrip("/") if triton_http_url else None
         self._work_dir = work_dir
         self._slots = asyncio.Semaphore(max_concurrent)
@@ -158,8 +157,6 @@ class TaskRunner:
         # Claims and reports the registry refused, by task, with the attempt offered: not
         # tried again until the registry offers the tasks afresh.
         self._refused: dict[str, int] = {}
-        # Sent with every call: the registry's credential for this node, set on registering.
-        self.credentials: list[tuple[str, str]] = []
         shutil.rmtree(work_dir, ignore_errors=True)  # what a killed agent left behind
         work_dir.mkdir(parents=True, mode=0o700, exist_ok=True)
 
@@ -240,13 +237,13 @@ class TaskRunner:
         self, rpc: Callable[..., Awaitable[T]], request: object, *, for_s: float = RETRY_FOR_S
     ) -> T:
         return await retrying(
-            lambda: rpc(request, timeout=TIMEOUT_S, metadata=self.credentials), for_s=for_s
+            lambda: rpc(request, timeout=TIMEOUT_S, metadata=self._registry.metadata), for_s=for_s
         )
 
     async def _claim(self, task: task_pb2.Task) -> task_pb2.Task | None:
         try:
             reply = await self._call(
-                self._tasks.ClaimTask, task_api.ClaimTaskRequest(name=task.name)
+                self._registry.tasks.ClaimTask, task_api.ClaimTaskRequest(name=task.name)
             )
         except grpc.aio.AioRpcError as error:
             _log.info("task %s not claimed: %s", task.name, error.details())
@@ -269,7 +266,9 @@ class TaskRunner:
         # A finished run is not lost to an outage: it is reported for as long as the task
         # could still end well.
         try:
-            reply = await self._call(self._tasks.CompleteTask, request, for_s=_time_left(task))
+            reply = await self._call(
+                self._registry.tasks.CompleteTask, request, for_s=_time_left(task)
+            )
         except grpc.aio.AioRpcError as error:
             _log.warning("completing task %s failed: %s", task.name, error.details())
             self._refused[task.name] = task.attempts
@@ -285,7 +284,9 @@ class TaskRunner:
         sealed, job = work / "input.sealed", work / "input.jsonl"
         try:
             await retrying(
-                lambda: download(self._artifacts, task.input, sealed, metadata=self.credentials)
+                lambda: download(
+                    self._registry.artifacts, task.input, sealed, metadata=self._registry.metadata
+                )
             )
         except BlobError as error:
             raise TaskRefusedError("INPUT_UNVERIFIED", str(error)) from error
@@ -323,7 +324,7 @@ class TaskRunner:
             context = sealing.task_output_context(task.name, task.provider, task.input)
             await asyncio.to_thread(sealing.seal_file, output, stored, owner, context)
         sha256, _ = await retrying(
-            lambda: upload_file(self._artifacts, stored, metadata=self.credentials),
+            lambda: upload_file(self._registry.artifacts, stored, metadata=self._registry.metadata),
             for_s=_time_left(task),
         )
         result.output = f"blobs/{sha256}"

@@ -18,7 +18,14 @@ from shard.model.v1 import model_service_pb2, model_service_pb2_grpc
 from shard.node.v1 import node_service_pb2, node_service_pb2_grpc
 from shard.task.v1 import task_service_pb2, task_service_pb2_grpc
 from shard_core import keys
-from shard_core.auth import AuthInterceptor, KeyRing, NodeCredentials, token_hash
+from shard_core.auth import (
+    AuthInterceptor,
+    KeyRing,
+    NodeCredentials,
+    PeerCertificates,
+    token_hash,
+)
+from shard_core.errors import ShardError
 from shard_core.etcd.election import Election
 from shard_core.etcd.lease import LeaseKeeper
 from shard_core.etcd.mirror import PrefixMirror
@@ -126,15 +133,7 @@ async def serve(settings: RegistrySettings) -> None:
     keeper.start()
     # Each mirror reconnects its own client on failure, so each gets one of its own.
     directory = NodeDirectory(trusted_claims=settings.trusted_label_claims)
-    admin_token = settings.admin_token.get_secret_value()
-    credentials = NodeCredentials(
-        admin_token,
-        lambda node_id, session_ms: directory.session_standing(
-            node_id, session_ms, now=time.time()
-        ),
-        ttl_s=settings.node_credential_ttl_s,
-    )
-    ring = KeyRing(admin_token_sha256=token_hash(admin_token), nodes=credentials)
+    credentials, ring = _credentials(settings, directory)
     mirrors = [
         PrefixMirror(EtcdStore(settings), keys.API_KEYS, ring),
         PrefixMirror(EtcdStore(settings), keys.NODES, directory.records),
@@ -244,6 +243,7 @@ async def serve(settings: RegistrySettings) -> None:
         address=settings.address or None,
         tls=TlsIdentity(settings.tls_dir) if settings.tls_dir else None,
         tls_address=settings.tls_address if settings.tls_dir else None,
+        mtls_address=settings.mesh_address if settings.tls_dir else None,
         services=SERVICE_NAMES,
         register=register,
         interceptors=(ErrorInterceptor(), AuthInterceptor(ring, RULES)),
@@ -263,9 +263,10 @@ async def serve(settings: RegistrySettings) -> None:
     server.on_shutdown(store.close)
     await server.start()
     _log.info(
-        "registry serving on port %d (plaintext, loopback) and %d (TLS)",
+        "registry serving on ports %d (plaintext, loopback), %d (TLS) and %d (mutual TLS)",
         server.port,
         server.tls_port,
+        server.mtls_port,
     )
     await server.serve_until_signalled()
 
@@ -280,3 +281,19 @@ def _authority(settings: RegistrySettings) -> Authority | None:
         bundle=settings.ca_dir / "ca.pem",
         trust_domain=settings.trust_domain,
     )
+
+
+def _credentials(
+    settings: RegistrySettings, directory: NodeDirectory
+) -> tuple[NodeCredentials, KeyRing]:
+    """How callers prove who they are: API keys and the admin token, node credentials, and
+    node certificates; a node's standing is read from the live view."""
+
+    def standing(node_id: str, since_ms: int) -> ShardError | None:
+        return directory.session_standing(node_id, since_ms, now=time.time())
+
+    admin_token = settings.admin_token.get_secret_value()
+    credentials = NodeCredentials(admin_token, standing, ttl_s=settings.node_credential_ttl_s)
+    peers = PeerCertificates(settings.trust_domain, standing)
+    ring = KeyRing(admin_token_sha256=token_hash(admin_token), nodes=credentials, peers=peers)
+    return credentials, ring

@@ -384,9 +384,15 @@ class NodeSession:
         self.challenge = Challenge.new(self._registry.clock)
         return node_service_pb2.Challenge(nonce=self.challenge.nonce)
 
-    async def attest(self, attestation: node_service_pb2.Attestation) -> None:
+    async def attest(
+        self,
+        attestation: node_service_pb2.Attestation,
+        *,
+        certificate_key: ec.EllipticCurvePublicKey | None = None,
+    ) -> None:
         """Check a re-attestation; a changed inventory is recorded, one that breaks the policy
-        quarantines the node."""
+        quarantines the node. An accepted one makes a credential, and the certificate for
+        `certificate_key` if it asked for one, due together."""
         registry = self._registry
         challenge, self.challenge = self.challenge, None
         verify_attestation(
@@ -413,6 +419,8 @@ class NodeSession:
                 self.node.name, NodeAction.QUARANTINE, by=None, reason="; ".join(violations)
             )
         else:
+            # Both before the await below: the stream's sender may run during it.
+            self.certificate_key = certificate_key
             self.attested = True
         await self.publish()
 

@@ -335,8 +335,7 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
                 wanted = self._certificate_key(
                     request.attestation, session.node_id, field="attestation"
                 )
-                await session.attest(request.attestation)
-                session.certificate_key = wanted
+                await session.attest(request.attestation, certificate_key=wanted)
                 changed.set()  # a new credential is due
             elif kind == "deregistration":
                 await session.close(request.deregistration.reason)

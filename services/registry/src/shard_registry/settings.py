@@ -20,6 +20,11 @@ class RegistrySettings(ServiceSettings, EtcdSettings, TlsSettings):
     tls_address: str = Field(
         default="0.0.0.0:7443", description="TLS gRPC listen address (with tls_dir)."
     )
+    mesh_address: str = Field(
+        default="0.0.0.0:7444",
+        description="Mutual-TLS gRPC listen address (with tls_dir): node agents call here with "
+        "their mesh certificates.",
+    )
     ca_dir: Path | None = Field(
         default=None,
         description="The mesh CA that issues node certificates: ca.pem (roots), ca-cert.pem "

@@ -87,6 +87,9 @@ def up(
     router_tls_port: Annotated[int, typer.Option(help="The router's TLS port.")] = 8444,
     gateway_tls_port: Annotated[int, typer.Option(help="The gateway's HTTPS port.")] = 8443,
     registry_tls_port: Annotated[int, typer.Option(help="The registry's TLS port.")] = 7443,
+    registry_mesh_port: Annotated[
+        int, typer.Option(help="The registry's mutual-TLS port (node agents).")
+    ] = 7444,
     etcd_port: Annotated[int, typer.Option(help="Client port of etcd.")] = 2379,
     lease_ttl: Annotated[int, typer.Option(min=2, help="Node lease TTL in seconds.")] = 10,
 ) -> None:
@@ -111,6 +114,7 @@ def up(
             router=router_port,
             gateway=gateway_port,
             registry_tls=registry_tls_port,
+            registry_mesh=registry_mesh_port,
             router_tls=router_tls_port,
             gateway_tls=gateway_tls_port,
         ),

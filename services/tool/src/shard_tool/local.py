@@ -46,6 +46,7 @@ class MeshPorts:
     router_metrics: int = 9102
     gateway_metrics: int = 9103
     registry_tls: int = 7443
+    registry_mesh: int = 7444
     router_tls: int = 8444
     gateway_tls: int = 8443
 
@@ -132,6 +133,11 @@ class LocalMesh:
     @property
     def registry_tls_address(self) -> str:
         return f"127.0.0.1:{self.ports.registry_tls}"
+
+    @property
+    def registry_mesh_address(self) -> str:
+        """The registry's mutual-TLS port, where nodes call with their certificates."""
+        return f"127.0.0.1:{self.ports.registry_mesh}"
 
     @property
     def router_tls_address(self) -> str:
@@ -226,6 +232,7 @@ class LocalMesh:
                     **etcd,
                     "address": self.registry_address,
                     "tls_address": self.registry_tls_address,
+                    "mesh_address": self.registry_mesh_address,
                     "tls_dir": self._tls_path("registry"),
                     "etcd_tls_dir": self._tls_path("registry"),
                     "ca_dir": self.ca_dir,
@@ -339,6 +346,7 @@ class LocalMesh:
         settings: dict[str, object] = {
             "registry_address": self.registry_tls_address,
             "registry_ca_file": self.ca_file,
+            "registry_mesh_address": self.registry_mesh_address,
             "state_dir": state_dir,
             "labels": node_labels,
             "join_token": await self.join_token(f"local node {name}"),

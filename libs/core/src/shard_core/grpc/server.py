@@ -65,9 +65,11 @@ class GrpcServer:
         tls: TlsIdentity | None = None,
         tls_address: str | None = None,
         require_client_certificate: bool = False,
+        mtls_address: str | None = None,
     ) -> None:
-        """Listen in plaintext on `address` (loopback only; None for no plaintext listener)
-        and with TLS on `tls_address` using `tls`."""
+        """Listen in plaintext on `address` (loopback only; None for no plaintext listener),
+        with TLS on `tls_address` using `tls`, and with mutual TLS (a client certificate from
+        the mesh CA required) on `mtls_address`."""
         self._server = grpc.aio.server(interceptors=list(interceptors), options=list(options))
         self._health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
@@ -88,6 +90,14 @@ class GrpcServer:
             )
             self.tls_port = self._listen(
                 tls_address, lambda at: self._server.add_secure_port(at, credentials)
+            )
+        self.mtls_port = 0
+        if mtls_address is not None:
+            if tls is None:
+                raise ValueError(f"a mutual-TLS listener on {mtls_address} needs TLS files")
+            mutual = tls.server_credentials(require_client_certificate=True)
+            self.mtls_port = self._listen(
+                mtls_address, lambda at: self._server.add_secure_port(at, mutual)
             )
         self._grace_s = grace_s
         self._shutdown_hooks: list[ShutdownHook] = []
