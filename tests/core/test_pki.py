@@ -196,6 +196,7 @@ def test_a_csr_contributes_only_its_key_and_asks_for_nothing_else() -> None:
         "garbage": b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE "
         b"REQUEST-----\n",
         "a signature by another key": _swap_key(pki.certificate_request(key, NODE)),
+        "a duplicated extension": _duplicated_extension(key),
     }
     for why, request in hostile.items():
         with pytest.raises(InvalidArgumentError) as raised:
@@ -309,3 +310,16 @@ async def test_a_client_that_stalls_the_handshake_is_dropped_and_others_are_serv
                 assert ended == b""
     finally:
         await server.stop()
+
+
+def _duplicated_extension(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """A CSR that holds one extension twice: the builder, given its extensions whole, does not
+    check; parsing them refuses."""
+    twice = x509.Extension(
+        x509.oid.ExtensionOID.BASIC_CONSTRAINTS, False, x509.BasicConstraints(False, None)
+    )
+    builder = x509.CertificateSigningRequestBuilder(
+        subject_name=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")]),
+        extensions=[twice, twice],
+    )
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)

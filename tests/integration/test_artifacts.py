@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import boto3
@@ -139,13 +139,16 @@ async def test_an_interrupted_upload_leaves_nothing(
 
     call = artifacts.UploadBlob(stalls())
     await sent.wait()
-    await asyncio.sleep(0.3)
+    await _until(lambda: bool(_leftover_uploads(mesh)), "the upload never started")
     call.cancel()
-    for _ in range(50):
-        if not _leftover_uploads(mesh):
-            break
-        await asyncio.sleep(0.1)
-    assert _leftover_uploads(mesh) == []
+    await _until(lambda: not _leftover_uploads(mesh), "the cut-off upload was left behind")
+
+
+async def _until(condition: Callable[[], bool], failure: str, timeout: float = 60) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, failure
+        await asyncio.sleep(0.05)
 
 
 async def test_upload_must_start_with_a_header(

@@ -187,33 +187,43 @@ def test_the_agent_keeps_its_certificate_owner_only(mesh: LocalMesh) -> None:
     leaf.verify_directly_issued_by(x509.load_pem_x509_certificates(mesh.ca_file.read_bytes())[0])
 
 
-async def test_a_node_calls_by_certificate_and_loses_it_with_its_standing(
-    mesh: LocalMesh, stub: node_service_pb2_grpc.NodeServiceStub, tmp_path: Path
-) -> None:
-    identity = NodeIdentity.load_or_create(tmp_path / "node")
+async def _node_with_certificate(
+    mesh: LocalMesh, stub: node_service_pb2_grpc.NodeServiceStub, directory: Path
+) -> tuple[FakeAgent, str, asyncio.Future[None]]:
+    """A node registered with a certificate written to `directory`; its agent, name and
+    heartbeats."""
+    identity = NodeIdentity.load_or_create(directory / "identity")
     key = pki.new_key()
     agent = FakeAgent(stub)
     request = pki.certificate_request(key, _workload(identity))
-    name = (
-        await _register(agent, identity, await mesh.join_token("calls"), request)
-    ).registered.name
+    token = await mesh.join_token("calls")
+    name = (await _register(agent, identity, token, request)).registered.name
     beating = asyncio.ensure_future(agent.heartbeats())
     issued = (await _until(agent, "certificate"))[-1].certificate
     write_identity(
-        tmp_path / "tls", chain=issued.certificate_chain, key=pki.key_pem(key),
+        directory / "tls", chain=issued.certificate_chain, key=pki.key_pem(key),
         bundle=issued.trust_bundle,
     )  # fmt: skip
-    registry = pki.Workload(trust_domain=pki.DEFAULT_TRUST_DOMAIN, kind="service", name="registry")
+    return agent, name, beating
 
-    def by(identity_dir: Path) -> grpc.aio.Channel:
-        credentials = TlsIdentity(identity_dir).channel_credentials()
-        return tls.channel(mesh.registry_mesh_address, credentials, expect=registry)
 
-    claim = task_api.ClaimTaskRequest(name="tasks/no-such-task")
-    async with by(tmp_path / "tls") as channel:
+REGISTRY = pki.Workload(trust_domain=pki.DEFAULT_TRUST_DOMAIN, kind="service", name="registry")
+CLAIM = task_api.ClaimTaskRequest(name="tasks/no-such-task")
+
+
+def _by(mesh: LocalMesh, identity_dir: Path) -> grpc.aio.Channel:
+    credentials = TlsIdentity(identity_dir).channel_credentials()
+    return tls.channel(mesh.registry_mesh_address, credentials, expect=REGISTRY)
+
+
+async def test_a_node_calls_by_certificate_and_loses_it_with_its_standing(
+    mesh: LocalMesh, stub: node_service_pb2_grpc.NodeServiceStub, tmp_path: Path
+) -> None:
+    agent, name, beating = await _node_with_certificate(mesh, stub, tmp_path / "a")
+    async with _by(mesh, tmp_path / "a" / "tls") as channel:
         tasks = task_service_pb2_grpc.TaskServiceStub(channel)
         # What a node may do, it does with no secret sent: past authentication to the lookup.
-        await refused(tasks.ClaimTask(claim, timeout=10), grpc.StatusCode.NOT_FOUND)
+        await refused(tasks.ClaimTask(CLAIM, timeout=10), grpc.StatusCode.NOT_FOUND)
         # The control plane is not a node's.
         nodes = node_service_pb2_grpc.NodeServiceStub(channel)
         quarantine = node_service_pb2.QuarantineNodeRequest(name=name, reason="SELF: x")
@@ -222,40 +232,80 @@ async def test_a_node_calls_by_certificate_and_loses_it_with_its_standing(
             grpc.StatusCode.PERMISSION_DENIED,
             "PERMISSION_MISSING",
         )
-        # Quarantined, its certificate stops working at once, long before it expires.
+        # Quarantined, its certificate stops working at once, long before it expires; and it
+        # stays so, whether the node keeps its record or not.
         await stub.QuarantineNode(
             node_service_pb2.QuarantineNodeRequest(name=name, reason="TEST: revoke")
         )
         await _refused_soon(
-            lambda: tasks.ClaimTask(claim, timeout=10),
+            lambda: tasks.ClaimTask(CLAIM, timeout=10),
             grpc.StatusCode.PERMISSION_DENIED,
             "NODE_NOT_ALLOWED",
         )
-        # Deleted, it is no node at all.
-        await stub.DeleteNode(node_service_pb2.DeleteNodeRequest(name=name))
+        beating.cancel()
+        agent.call.cancel()
+
+    # Deleted (not quarantined), a node is no node at all.
+    other, other_name, other_beating = await _node_with_certificate(mesh, stub, tmp_path / "b")
+    async with _by(mesh, tmp_path / "b" / "tls") as channel:
+        tasks = task_service_pb2_grpc.TaskServiceStub(channel)
+        await refused(tasks.ClaimTask(CLAIM, timeout=10), grpc.StatusCode.NOT_FOUND)
+        await stub.DeleteNode(node_service_pb2.DeleteNodeRequest(name=other_name))
         await _refused_soon(
-            lambda: tasks.ClaimTask(claim, timeout=10),
+            lambda: tasks.ClaimTask(CLAIM, timeout=10),
             grpc.StatusCode.UNAUTHENTICATED,
             "CREDENTIAL_REVOKED",
         )
-    beating.cancel()
-    agent.call.cancel()
+    other_beating.cancel()
+    other.call.cancel()
 
     # A service's certificate from the same CA does not act as a node; no certificate at all,
     # or another CA's, does not get past the handshake.
-    async with by(mesh.state_dir / "tls" / "router") as channel:
+    async with _by(mesh, mesh.state_dir / "tls" / "router") as channel:
         await refused(
-            task_service_pb2_grpc.TaskServiceStub(channel).ClaimTask(claim, timeout=10),
+            task_service_pb2_grpc.TaskServiceStub(channel).ClaimTask(CLAIM, timeout=10),
             grpc.StatusCode.UNAUTHENTICATED,
             "CERTIFICATE_NOT_ACCEPTED",
         )
     async with tls.channel(
-        mesh.registry_mesh_address, tls.trusting(mesh.ca_file), expect=registry
+        mesh.registry_mesh_address, tls.trusting(mesh.ca_file), expect=REGISTRY
     ) as channel:
         await refused(
-            task_service_pb2_grpc.TaskServiceStub(channel).ClaimTask(claim, timeout=10),
+            task_service_pb2_grpc.TaskServiceStub(channel).ClaimTask(CLAIM, timeout=10),
             grpc.StatusCode.UNAVAILABLE,
         )
+
+
+async def test_a_quarantined_node_back_after_its_lease_gets_no_certificate(
+    mesh: LocalMesh, stub: node_service_pb2_grpc.NodeServiceStub, tmp_path: Path
+) -> None:
+    agent, name, beating = await _node_with_certificate(mesh, stub, tmp_path)
+    await stub.QuarantineNode(node_service_pb2.QuarantineNodeRequest(name=name, reason="TEST: q"))
+    beating.cancel()
+    agent.call.cancel()
+    # Its lease lapses and its record goes; the quarantine stays with the node.
+    deadline = asyncio.get_running_loop().time() + 60
+    while await _exists(stub, name):
+        assert asyncio.get_running_loop().time() < deadline, "the node's record never went"
+        await asyncio.sleep(0.2)
+    identity = NodeIdentity.load_or_create(tmp_path / "identity")
+    again = FakeAgent(stub)
+    request = pki.certificate_request(pki.new_key(), _workload(identity))
+    reply = await _register(again, identity, await mesh.join_token("back"), request)
+    assert reply.registered.name == name
+    answered = await _until(again, "tasks")  # what follows a registration
+    assert "certificate" not in [m.WhichOneof("message") for m in answered]
+    again.call.cancel()
+
+
+async def _exists(stub: node_service_pb2_grpc.NodeServiceStub, name: str) -> bool:
+    try:
+        await stub.GetNode(node_service_pb2.GetNodeRequest(name=name))
+    except grpc.aio.AioRpcError as error:
+        if error.code() == grpc.StatusCode.NOT_FOUND:
+            return False
+        raise
+    return True
 
 
 async def _refused_soon(

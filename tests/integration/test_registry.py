@@ -85,15 +85,32 @@ async def _until_unschedulable(publisher: Publisher, name: str) -> None:
     pytest.fail(f"{name} never became unschedulable")
 
 
+async def _until_node(
+    stub: node_service_pb2_grpc.NodeServiceStub,
+    name: str,
+    condition: Callable[[node_pb2.Node], bool],
+    what: str,
+) -> node_pb2.Node:
+    """The node once `condition` holds of it (polled, with a deadline a loaded machine meets)."""
+    deadline = asyncio.get_running_loop().time() + 60
+    while True:
+        node = (await stub.GetNode(node_service_pb2.GetNodeRequest(name=name))).node
+        if condition(node):
+            return node
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"{name} never {what}: {node}")
+        await asyncio.sleep(0.1)
+
+
 async def _until_state(
     stub: node_service_pb2_grpc.NodeServiceStub, name: str, state: node_pb2.NodeState.ValueType
 ) -> node_pb2.Node:
-    for _ in range(100):
-        node = (await stub.GetNode(node_service_pb2.GetNodeRequest(name=name))).node
-        if node.state == state:
-            return node
-        await asyncio.sleep(0.1)
-    pytest.fail(f"{name} never became {node_pb2.NodeState.Name(state)}")
+    return await _until_node(
+        stub,
+        name,
+        lambda node: node.state == state,
+        f"became {node_pb2.NodeState.Name(state)}",
+    )
 
 
 async def test_assigned_ready_models_become_routable_and_unassigned_ones_stop(
@@ -399,22 +416,31 @@ async def test_re_attestation_notices_a_changed_inventory_and_quarantines_a_bad_
     bigger.memory_bytes *= 2
     proof = attestation(identity, await next_challenge(), inventory=bigger)
     await agent.send(node_service_pb2.ConnectRequest(attestation=proof))
-    for _ in range(50):
-        node = (await stub.GetNode(node_service_pb2.GetNodeRequest(name=name))).node
-        if node.inventory.memory_bytes == bigger.memory_bytes:
-            break
-        await asyncio.sleep(0.1)
-    assert node.inventory.memory_bytes == bigger.memory_bytes
-    assert node.transitions[0].reason == "INVENTORY_CHANGED"
+    # The history record comes first; the record with the new inventory follows.
+    await _until_node(
+        stub,
+        name,
+        lambda node: (
+            node.inventory.memory_bytes == bigger.memory_bytes
+            and node.transitions[0].reason == "INVENTORY_CHANGED"
+        ),
+        "recorded its changed inventory",
+    )
 
     phantom = node_pb2.Inventory()
     phantom.CopyFrom(bigger)
     phantom.gpus.add(model="NVIDIA H100", memory_bytes=80 << 30)
     proof = attestation(identity, await next_challenge(), inventory=phantom)
     await agent.send(node_service_pb2.ConnectRequest(attestation=proof))
-    node = await _until_state(stub, name, node_pb2.NODE_STATE_QUARANTINED)
+    # The state changes first; its history record follows.
+    node = await _until_node(
+        stub,
+        name,
+        lambda node: node.transitions[0].reason.startswith("QUARANTINED"),
+        "recorded its quarantine",
+    )
+    assert node.state == node_pb2.NODE_STATE_QUARANTINED
     assert "GPU_NOT_ON_PCI_BUS" in node.state_reason
-    assert node.transitions[0].reason.startswith("QUARANTINED")
     beating.cancel()
     await agent.close()
 

@@ -57,13 +57,19 @@ async def _chunks(
 async def send_all(
     call: grpc.aio.StreamUnaryCall[RequestT, ResponseT], requests: AsyncIterable[RequestT]
 ) -> ResponseT:
-    """Send `requests` on a client-streaming `call`; its answer. A server that answers before
-    the last request (refusing an upload at its header) ends the call: sending stops, and what
-    is raised is the server's own status, not the INTERNAL that gRPC reports for a request
-    iterator whose writes fail."""
+    """Send `requests` on a client-streaming `call` whose server acknowledges the first one
+    (with its initial metadata) before taking more; the answer. A server that refuses the first
+    request ends the call before anything else is sent, so what is raised is its own status,
+    not the INTERNAL that gRPC reports for a send that fails under a closed call."""
+    first = True
     async for request in requests:
         try:
             await call.write(request)
+            if first:
+                first = False
+                await call.initial_metadata()  # taken, or the call has ended
+                if call.done():
+                    break
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             break  # the call has ended; awaiting it says why
     else:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -310,14 +311,22 @@ class Authority:
             request = x509.load_pem_x509_csr(request_pem)
         except ValueError as error:
             raise _refused(field, "is not a PEM certificate request") from error
-        if not request.is_signature_valid:
+        try:
+            signed = request.is_signature_valid
+            public_key = request.public_key()
+        except (ValueError, UnsupportedAlgorithm) as error:
+            raise _refused(field, "uses a key or signature this CA does not take") from error
+        if not signed:
             raise _refused(field, "is not signed by its own key")
-        public_key = request.public_key()
         if not isinstance(public_key, ec.EllipticCurvePublicKey) or (
             public_key.curve.name not in CURVES
         ):
             raise _refused(field, "must hold an ECDSA P-256 or P-384 key")
-        for extension in request.extensions:
+        try:
+            extensions = list(request.extensions)
+        except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as error:
+            raise _refused(field, f"has extensions that do not parse ({error})") from error
+        for extension in extensions:
             value = extension.value
             if isinstance(value, x509.BasicConstraints) and value.ca:
                 raise _refused(field, "asks for a CA certificate")

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from shard_core.pki import Workload
 
@@ -59,12 +61,15 @@ class TlsIdentity:
         stamp = tuple(path.stat().st_mtime for path in (ca, cert, key) if path.exists())
         with self._lock:
             if stamp != self._stamp:
-                self._material = Material(
+                read = Material(
                     bundle=ca.read_bytes(),
                     chain=cert.read_bytes() if cert.exists() else b"",
                     key=key.read_bytes() if key.exists() else b"",
                 )
-                self._stamp = stamp
+                # Renewal replaces the files one by one: a key that does not match the
+                # certificate yet keeps what was served until both are in place.
+                if _matched(read) or not self._material.bundle:
+                    self._material, self._stamp = read, stamp
             return self._material
 
     def server_credentials(self, *, require_client_certificate: bool) -> grpc.ServerCredentials:
@@ -121,6 +126,18 @@ class TlsIdentity:
         if present_certificate and material.chain and material.key:
             return grpc.ssl_channel_credentials(material.bundle, material.key, material.chain)
         return grpc.ssl_channel_credentials(material.bundle)
+
+
+def _matched(material: Material) -> bool:
+    """Whether the key is the certificate's (trivially so without a certificate)."""
+    if not material.chain and not material.key:
+        return True
+    try:
+        leaf = x509.load_pem_x509_certificates(material.chain)[0]
+        key = serialization.load_pem_private_key(material.key, password=None)
+    except ValueError:
+        return False
+    return bool(leaf.public_key() == key.public_key())
 
 
 def trusting(ca_file: Path | None) -> grpc.ChannelCredentials:

@@ -13,6 +13,8 @@ import grpc
 from google.protobuf import json_format
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from shard_core import tls
+
 Credentials = Sequence[tuple[str, str]]
 
 
@@ -21,8 +23,10 @@ class Shard:
 
     def __init__(self, *, router_address: str, registry_address: str, timeout_s: float) -> None:
         options = [("grpc.max_receive_message_length", 64 << 20)]
-        self._router_channel = grpc.aio.insecure_channel(router_address, options)
-        self._registry_channel = grpc.aio.insecure_channel(registry_address)
+        # Callers' keys travel on these: plaintext only to this machine (mesh TLS between
+        # services is still to come).
+        self._router_channel = tls.channel(router_address, None, options=options)
+        self._registry_channel = tls.channel(registry_address, None)
         self._router = service_pb2_grpc.GRPCInferenceServiceStub(self._router_channel)
         self._timeout_s = timeout_s
 

@@ -11,6 +11,7 @@ from opentelemetry import metrics
 
 from shard.inference.v1 import endpoint_service_pb2_grpc
 from shard.node.v1 import node_service_pb2, node_service_pb2_grpc
+from shard_core import tls
 from shard_core.auth import AUTHORIZATION
 from shard_core.grpc.server import GrpcServer
 from shard_core.tls import TlsIdentity
@@ -69,7 +70,7 @@ async def serve(settings: InferenceSettings) -> None:
         description="Bytes of answers the response cache holds.",
     )
     watch = EndpointWatch(table, split, changes, view.guard)
-    registry = grpc.aio.insecure_channel(settings.registry_address)
+    registry = tls.channel(settings.registry_address, None)  # the admin token rides on it
     verifications = meter.create_counter(
         "shard_router_verifications",
         description="Answers checked by running their request again on other replicas, by "

@@ -29,7 +29,7 @@ from tritonclient.grpc import service_pb2
 from shard.model.v1 import model_pb2
 from shard.node.v1 import node_pb2
 from shard_client.answers import mismatch
-from shard_core import keys
+from shard_core import keys, tls
 from shard_core.auth import AUTHORIZATION, CANARY_NODE
 from shard_core.errors import error_info
 from shard_core.etcd.store import EtcdStore
@@ -76,7 +76,7 @@ class CanaryProber:
 
     async def run(self) -> None:
         """Probe at random times, about once an interval, for as long as this replica leads."""
-        self._channel = grpc.aio.insecure_channel(self._router_address)
+        self._channel = tls.channel(self._router_address, None)  # with the admin token
         try:
             while True:
                 await asyncio.sleep(self._interval_s * random.uniform(0.5, 1.5))

@@ -90,6 +90,12 @@ class NodeDirectory:
         value = self.admin.values.get(node_id)
         return node_pb2.Node.FromString(value) if value is not None else None
 
+    def quarantined(self, node_id: str) -> bool:
+        """Whether the node is quarantined: what the shard or an admin set, which outlives the
+        node's record (a node whose lease lapsed comes back quarantined)."""
+        admin = self.admin_state(node_id)
+        return admin is not None and admin.state == node_pb2.NODE_STATE_QUARANTINED
+
     def node(self, node_id: str) -> node_pb2.Node | None:
         """The node's record with what admins and the shard set laid over it."""
         value = self.records.values.get(node_id)
@@ -105,6 +111,10 @@ class NodeDirectory:
         node's latest and the node is not quarantined. A record this view has not seen yet is
         given `MIRROR_GRACE_S` from the session's start: the view follows etcd a moment behind
         the replica that wrote it."""
+        if self.quarantined(node_id):
+            return PermissionDeniedError(
+                f"node {node_id} is quarantined", reason="NODE_NOT_ALLOWED"
+            )
         node = self.node(node_id)
         if node is None:
             ended = self._ended.get(node_id)
@@ -112,10 +122,6 @@ class NodeDirectory:
                 return None
             return UnauthenticatedError(
                 f"node {node_id} is no longer in the shard", reason="CREDENTIAL_REVOKED"
-            )
-        if node.state == node_pb2.NODE_STATE_QUARANTINED:
-            return PermissionDeniedError(
-                f"node {node_id} is quarantined", reason="NODE_NOT_ALLOWED"
             )
         if session_ms < node.register_time.ToMilliseconds():
             return UnauthenticatedError(

@@ -287,9 +287,9 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
         may not)."""
         if key is None or self._authority is None:
             return
-        # What admins and the shard set is in the directory; the session's copy is the node's.
-        current = self._registry.directory.node(session.node_id) or session.node
-        if node_pb2.NODE_STATE_QUARANTINED in (current.state, session.node.state):
+        if self._registry.directory.quarantined(session.node_id) or (
+            session.node.state == node_pb2.NODE_STATE_QUARANTINED
+        ):
             _log.info("no certificate for quarantined node %s", session.node_id)
             return
         issued = self._authority.issue(
@@ -475,12 +475,14 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
                     )
                 yield request.chunk
 
-        # Too large, or over the quota: refused before a byte is read (a client still sending
-        # may see its send fail before it reads this answer).
+        # Too large, or over the quota: refused before a byte is read.
         sha, size, who = first.header.sha256, first.header.size_bytes, caller()
         self._ledger.check_size(size)
         blob_sha256(f"blobs/{sha}", "header.sha256")
         charged = await self._ledger.reserve(who, sha, size)
+        # The header is taken: say so before the data flows (clients wait for this, so a refusal
+        # of the header reaches them as our status, not as a failed send).
+        await context.send_initial_metadata(())
         try:
             stored = await self._blobs.put(sha, size, chunks())
         except BaseException as error:
