@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 # Short enough to keep the tests quick, long enough for a loaded 2-core CI machine.
 TEST_TIMING = MeshTiming(
     heartbeat_interval_s=0.5,
-    lease_ttl_s=3,
+    lease_ttl_s=5,
     control_period_s=0.5,
     attest_interval_s=2,
     canary_interval_s=1,

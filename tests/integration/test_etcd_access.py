@@ -3,6 +3,7 @@ service with the least it needs; nodes and strangers reach nothing."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import aetcd
@@ -10,7 +11,7 @@ import aetcd.exceptions
 import pytest
 
 from shard_core import pki
-from shard_core.etcd.store import client
+from shard_core.etcd.store import EtcdStore, client
 from shard_core.tls import write_identity
 from shard_tool.local import LocalMesh
 
@@ -61,3 +62,38 @@ async def test_nodes_and_strangers_reach_nothing(mesh: LocalMesh, tmp_path: Path
     async with aetcd.Client(port=mesh.ports.etcd, timeout=3) as plain:
         with pytest.raises(aetcd.exceptions.ClientError):
             await plain.get(PREFIX + b"keys/")
+
+
+async def test_a_service_moves_to_its_renewed_etcd_certificate(
+    mesh: LocalMesh, tmp_path: Path
+) -> None:
+    identity = tmp_path / "registry"
+    ca = pki.Authority.load(
+        certificate=mesh.ca_dir / "ca-cert.pem",
+        key=mesh.ca_dir / "ca-key.pem",
+        bundle=mesh.ca_file,
+    )
+
+    def issue() -> int:
+        key = pki.new_key()
+        issued = ca.issue(key.public_key(), ca.workload("service", "registry"), lifetime_s=600)
+        write_identity(identity, chain=issued.chain_pem, key=pki.key_pem(key), bundle=ca.bundle_pem)
+        return issued.serial
+
+    issue()
+    store = EtcdStore(mesh.etcd.settings(identity))
+    try:
+        await store.put("test/renewal", b"before")
+        first = store.client
+        issue()  # renewed, as `shard up` does at half-life
+        deadline = asyncio.get_running_loop().time() + 60
+        while store.client is first:  # looked at again within a second of a call
+            assert asyncio.get_running_loop().time() < deadline, "never moved to the new files"
+            await store.put("test/renewal", b"during")
+            await asyncio.sleep(0.1)
+        await store.put("test/renewal", b"after")
+        got = await store.get("test/renewal")
+        assert got is not None
+        assert got.value == b"after"
+    finally:
+        await store.close()

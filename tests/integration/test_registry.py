@@ -125,7 +125,7 @@ async def test_assigned_ready_models_become_routable_and_unassigned_ones_stop(
     agent = FakeAgent(stub)
     reply = await agent.register(identity, token=await mesh.join_token("test"), labels=pool)
     assert reply.registered.name == f"nodes/{identity.node_id}"
-    assert reply.registered.lease_ttl_ms == 3000
+    assert reply.registered.lease_ttl_ms == mesh.timing.lease_ttl_s * 1000
     got = await stub.GetNode(node_service_pb2.GetNodeRequest(name=reply.registered.name))
     assert got.node.state == node_pb2.NODE_STATE_PENDING
     assert got.node.public_key == identity.public_key

@@ -659,6 +659,8 @@ async def test_tasks_survive_a_registry_restart_and_cancel_stops_them(
         )  # fmt: skip
 
 
+# It waits for a 20,000-request run and an etcd outage: minutes on a loaded machine.
+@pytest.mark.timeout(600)
 async def test_a_run_that_ends_while_etcd_is_down_is_reported_when_it_returns(
     mesh: LocalMesh, owner: grpc.aio.Channel, tmp_path: Path
 ) -> None:

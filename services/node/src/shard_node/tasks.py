@@ -28,7 +28,7 @@ from typing import BinaryIO, TypeVar
 import aiohttp
 import grpc
 
-from shard.task.v1 import task_pb2
+from shard.task.v1 import task_pb2, task_service_pb2_grpc
 from shard.task.v1 import task_service_pb2 as task_api
 from shard_client.blobs import BlobError, download, upload_file
 from shard_core import sealing, taskjob
@@ -234,16 +234,26 @@ class TaskRunner:
                 shutil.rmtree(work, ignore_errors=True)
 
     async def _call(
-        self, rpc: Callable[..., Awaitable[T]], request: object, *, for_s: float = RETRY_FOR_S
+        self,
+        rpc: Callable[[task_service_pb2_grpc.TaskServiceStub], Callable[..., Awaitable[T]]],
+        request: object,
+        *,
+        for_s: float = RETRY_FOR_S,
     ) -> T:
+        """`rpc` of the registry's TaskService, retried. Each attempt takes the stub afresh: a
+        renewed certificate (after a registration, say) brings a new channel, and an attempt
+        on the old one would be refused until the retries ran out."""
         return await retrying(
-            lambda: rpc(request, timeout=TIMEOUT_S, metadata=self._registry.metadata), for_s=for_s
+            lambda: rpc(self._registry.tasks)(
+                request, timeout=TIMEOUT_S, metadata=self._registry.metadata
+            ),
+            for_s=for_s,
         )
 
     async def _claim(self, task: task_pb2.Task) -> task_pb2.Task | None:
         try:
             reply = await self._call(
-                self._registry.tasks.ClaimTask, task_api.ClaimTaskRequest(name=task.name)
+                lambda tasks: tasks.ClaimTask, task_api.ClaimTaskRequest(name=task.name)
             )
         except grpc.aio.AioRpcError as error:
             _log.info("task %s not claimed: %s", task.name, error.details())
@@ -267,7 +277,7 @@ class TaskRunner:
         # could still end well.
         try:
             reply = await self._call(
-                self._registry.tasks.CompleteTask, request, for_s=_time_left(task)
+                lambda tasks: tasks.CompleteTask, request, for_s=_time_left(task)
             )
         except grpc.aio.AioRpcError as error:
             _log.warning("completing task %s failed: %s", task.name, error.details())

@@ -6,7 +6,9 @@ several test runs, can share one etcd. Values are serialized protobuf messages.
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
@@ -115,6 +117,16 @@ def client(settings: EtcdSettings, *, timeout: float | None = None) -> aetcd.Cli
     return TlsClient(credentials=credentials, **common, options=options)
 
 
+# What a replaced etcd client's calls in flight get to finish (watches and lease streams
+# reopen on the new client when it closes).
+RETIRE_AFTER_S = 30.0
+
+
+async def _close_later(retired: aetcd.Client) -> None:
+    await asyncio.sleep(RETIRE_AFTER_S)
+    await retired.close()
+
+
 @dataclass(frozen=True, kw_only=True)
 class Entry:
     """One key and its value, with the revision that last changed it."""
@@ -139,10 +151,38 @@ class EtcdStore:
     def __init__(self, settings: EtcdSettings) -> None:
         self.settings = settings
         self.prefix = settings.etcd_prefix
-        self.client = self._new_client()
+        # A channel keeps the certificate it was made with, and reconnects with it: when this
+        # service's TLS files are renewed, calls move to a client made with the new ones.
+        self._identity = TlsIdentity(settings.etcd_tls_dir) if settings.etcd_tls_dir else None
+        self._material = self._identity.material() if self._identity else None
+        self._checked_at = time.monotonic()
+        self._retiring: set[asyncio.Future[None]] = set()
+        self._retired: set[aetcd.Client] = set()
+        self._client = self._new_client()
 
     def _new_client(self) -> aetcd.Client:
         return client(self.settings)
+
+    @property
+    def client(self) -> aetcd.Client:
+        """The etcd client: a fresh one once the TLS files were renewed (checked at most once a
+        second); the old one closes after calls in flight had time to end."""
+        if self._identity is not None and time.monotonic() - self._checked_at >= 1:
+            self._checked_at = time.monotonic()
+            material = self._identity.material()
+            if material is not self._material:
+                self._material = material
+                retired, self._client = self._client, self._new_client()
+                retiring = asyncio.ensure_future(_close_later(retired))
+                retiring.add_done_callback(lambda _: self._retired.discard(retired))
+                self._retired.add(retired)
+                self._retiring.add(retiring)
+                retiring.add_done_callback(self._retiring.discard)
+        return self._client
+
+    @client.setter
+    def client(self, value: aetcd.Client) -> None:
+        self._client = value
 
     @_unavailable
     async def connect(self) -> None:
@@ -155,7 +195,12 @@ class EtcdStore:
         await self.client.connect()
 
     async def close(self) -> None:
-        await self.client.close()
+        for retiring in list(self._retiring):
+            retiring.cancel()
+        for retired in list(self._retired):
+            await retired.close()
+        self._retired.clear()
+        await self._client.close()
 
     def key(self, relative: str) -> bytes:
         return (self.prefix + relative).encode()
