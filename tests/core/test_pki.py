@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import socket
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -34,19 +36,31 @@ def _identity(ca: Authority, workload: Workload, directory: Path) -> TlsIdentity
     return TlsIdentity(directory)
 
 
+@contextlib.asynccontextmanager
+async def _serving(tls: TlsIdentity, **options: Any) -> AsyncIterator[GrpcServer]:
+    """A real gRPC server (health only) with a TLS listener on a free loopback port."""
+    server = GrpcServer(
+        address=None,
+        tls=tls,
+        tls_address="127.0.0.1:0",
+        services=[],
+        register=lambda s: None,
+        **options,
+    )
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
 @pytest.fixture
 async def served(tmp_path: Path) -> AsyncIterator[tuple[Authority, int]]:
     """A real gRPC server with health, serving TLS as the registry; the CA and its TLS port."""
     ca = Authority.create()
     tls = _identity(ca, REGISTRY, tmp_path / "registry")
-    server = GrpcServer(
-        address=None, tls=tls, tls_address="127.0.0.1:0", services=[], register=lambda s: None
-    )
-    await server.start()
-    try:
+    async with _serving(tls) as server:
         yield ca, server.tls_port
-    finally:
-        await server.stop()
 
 
 async def _check(address: str, credentials: grpc.ChannelCredentials, expect: Workload) -> None:
@@ -81,32 +95,22 @@ async def test_a_client_trusting_the_mesh_ca_reaches_the_service_it_expects(
 
 async def test_mutual_tls_refuses_clients_without_a_good_certificate(tmp_path: Path) -> None:
     ca = Authority.create()
-    server = GrpcServer(
-        address=None,
-        tls=_identity(ca, REGISTRY, tmp_path / "registry"),
-        tls_address="127.0.0.1:0",
-        require_client_certificate=True,
-        services=[],
-        register=lambda s: None,
-    )
-    await server.start()
-    address = f"127.0.0.1:{server.tls_port}"
-    try:
+    async with _serving(
+        _identity(ca, REGISTRY, tmp_path / "registry"), require_client_certificate=True
+    ) as server:
+        address = f"127.0.0.1:{server.tls_port}"
         node = _identity(ca, NODE, tmp_path / "node")
         await _check(address, node.channel_credentials(), REGISTRY)
+        stranger = _identity(Authority.create(), NODE, tmp_path / "x")
         refused = {
             "no certificate": grpc.ssl_channel_credentials(ca.bundle_pem),
-            "another CA's": _identity(
-                Authority.create(), NODE, tmp_path / "x"
-            ).channel_credentials(),
+            "another CA's": stranger.channel_credentials(),
             "expired": _expired(ca, tmp_path / "old").channel_credentials(),
         }
         for why, credentials in refused.items():
             with pytest.raises(grpc.aio.AioRpcError) as raised:
                 await _check(address, credentials, REGISTRY)
             assert raised.value.code() == grpc.StatusCode.UNAVAILABLE, why
-    finally:
-        await server.stop()
 
 
 def _expired(ca: Authority, directory: Path) -> TlsIdentity:
@@ -136,19 +140,13 @@ def _expired(ca: Authority, directory: Path) -> TlsIdentity:
 async def test_renewed_files_serve_new_handshakes_without_a_restart(tmp_path: Path) -> None:
     ca = Authority.create()
     tls = _identity(ca, REGISTRY, tmp_path / "registry")
-    server = GrpcServer(
-        address=None, tls=tls, tls_address="127.0.0.1:0", services=[], register=lambda s: None
-    )
-    await server.start()
-    try:
+    async with _serving(tls) as server:
         first = x509.load_pem_x509_certificates(tls.material().chain)[0]
         _identity(ca, REGISTRY, tmp_path / "registry")  # renewed in place
         renewed = x509.load_pem_x509_certificates(tls.material().chain)[0]
         assert renewed.serial_number != first.serial_number
         served = await asyncio.to_thread(_served_serial, server.tls_port, ca)
         assert served == renewed.serial_number
-    finally:
-        await server.stop()
 
 
 def _served_serial(port: int, ca: Authority) -> int:
@@ -279,16 +277,10 @@ async def test_a_client_that_stalls_the_handshake_is_dropped_and_others_are_serv
     tmp_path: Path,
 ) -> None:
     ca = Authority.create()
-    server = GrpcServer(
-        address=None,
-        tls=_identity(ca, REGISTRY, tmp_path / "registry"),
-        tls_address="127.0.0.1:0",
-        services=[],
-        register=lambda s: None,
+    async with _serving(
+        _identity(ca, REGISTRY, tmp_path / "registry"),
         options=server_options(handshake_timeout_ms=1_000),
-    )
-    await server.start()
-    try:
+    ) as server:
         # Many connections that never say a word (nor finish a handshake they started).
         stalled = []
         for index in range(100):
@@ -308,8 +300,6 @@ async def test_a_client_that_stalls_the_handshake_is_dropped_and_others_are_serv
                 except ConnectionResetError:
                     ended = b""
                 assert ended == b""
-    finally:
-        await server.stop()
 
 
 def _duplicated_extension(key: ec.EllipticCurvePrivateKey) -> bytes:
