@@ -40,6 +40,10 @@ class EtcdSettings(BaseSettings):
         "certificate's CN is its etcd user): connect with mutual TLS and check the peer is "
         "the mesh's etcd. Unset: plaintext, loopback only.",
     )
+    etcd_trust_domain: str = Field(
+        default="shard.local",
+        description="The mesh's trust domain: etcd's certificate names service/etcd in it.",
+    )
 
 
 class TlsSettings(BaseSettings):

@@ -21,7 +21,7 @@ from aetcd import rpc
 from aetcd.utils import prefix_range_end
 
 from shard_core.errors import UnavailableError
-from shard_core.pki import DEFAULT_TRUST_DOMAIN, Workload
+from shard_core.pki import Workload
 from shard_core.settings import EtcdSettings
 from shard_core.tls import TlsIdentity, require_loopback
 
@@ -70,10 +70,6 @@ CHANNEL_OPTIONS = {
 }
 
 
-# The etcd every service's client expects to reach (its certificate's name).
-ETCD = Workload(trust_domain=DEFAULT_TRUST_DOMAIN, kind="service", name="etcd")
-
-
 class TlsClient(aetcd.Client):  # type: ignore[misc]  # aetcd ships no type information
     """aetcd's client over a mutual-TLS channel. aetcd 1.0 opens plaintext channels only; this
     opens the channel and makes the same stubs and watcher on it."""
@@ -112,7 +108,8 @@ def client(settings: EtcdSettings, *, timeout: float | None = None) -> aetcd.Cli
     if settings.etcd_tls_dir is None:
         require_loopback(f"{settings.etcd_host}:{settings.etcd_port}", what="plaintext to etcd")
         return aetcd.Client(**common, options=options)
-    options["grpc.ssl_target_name_override"] = ETCD.dns
+    etcd = Workload(trust_domain=settings.etcd_trust_domain, kind="service", name="etcd")
+    options["grpc.ssl_target_name_override"] = etcd.dns  # the peer must be the mesh's etcd
     credentials = TlsIdentity(settings.etcd_tls_dir).channel_credentials()
     return TlsClient(credentials=credentials, **common, options=options)
 
