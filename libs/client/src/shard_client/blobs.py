@@ -19,6 +19,8 @@ TIMEOUT_S = 30.0
 TRANSFER_TIMEOUT_S = 3600.0
 Metadata = Sequence[tuple[str, str]]
 Progress = Callable[[int], None]
+# What gRPC's asyncio client reports when a send fails under a call the server has ended.
+LOST_ANSWER = "Internal error from Core"
 RequestT = TypeVar("RequestT")
 ResponseT = TypeVar("ResponseT")
 
@@ -74,7 +76,21 @@ async def send_all(
             break  # the call has ended; awaiting it says why
     else:
         await call.done_writing()
-    return await call
+    try:
+        return await call
+    except grpc.aio.AioRpcError as error:
+        if error.code() == grpc.StatusCode.INTERNAL and LOST_ANSWER in (error.details() or ""):
+            # The server ended the call while a send was still completing: gRPC reports the
+            # failed send, and the server's own status is lost. Say so, as something to retry.
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.aio.Metadata(),
+                grpc.aio.Metadata(),
+                details="the server ended the call before taking everything sent, and gRPC "
+                "lost its answer; try again",
+                debug_error_string=error.debug_error_string(),
+            ) from error
+        raise
 
 
 async def upload_file(
