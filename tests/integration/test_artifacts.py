@@ -21,6 +21,7 @@ from shard_core.errors import InvalidArgumentError, error_info
 from shard_core.net import free_port
 from shard_registry.artifacts import BlobStore
 from shard_tool.local import LocalMesh
+from tests.waiting import until
 
 MIB = 1024 * 1024
 
@@ -143,16 +144,9 @@ async def test_an_interrupted_upload_leaves_nothing(
 
     call = artifacts.UploadBlob(stalls())
     await sent.wait()
-    await _until(lambda: bool(_leftover_uploads(mesh)), "the upload never started")
+    await until(lambda: bool(_leftover_uploads(mesh)), "the upload never started")
     call.cancel()
-    await _until(lambda: not _leftover_uploads(mesh), "the cut-off upload was left behind")
-
-
-async def _until(condition: Callable[[], bool], failure: str, timeout: float = 60) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, failure
-        await asyncio.sleep(0.05)
+    await until(lambda: not _leftover_uploads(mesh), "the cut-off upload was left behind")
 
 
 async def test_upload_must_start_with_a_header(
