@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -18,7 +19,9 @@ from tritonclient.grpc import service_pb2
 from shard.node.v1 import node_pb2, node_service_pb2, node_service_pb2_grpc
 from shard_core.attestation import signed_bytes
 from shard_core.errors import error_info
+from shard_core.tls import TlsIdentity
 from shard_node.identity import NodeIdentity
+from shard_tool.local import LocalMesh
 
 INVENTORY = node_pb2.Inventory(
     cpu_model="test", cpu_cores=4, memory_bytes=8 << 30, agent_version="0.1.0"
@@ -146,6 +149,13 @@ INFERENCE_SERVICE = "inference.GRPCInferenceService"
 Answer = Callable[[service_pb2.ModelInferRequest], service_pb2.ModelInferResponse | None]
 
 
+def gate_tls(mesh: LocalMesh, node_id: str, directory: Path) -> grpc.ServerCredentials:
+    """What a node's gate serves with: the node's certificate from the mesh CA, taking only
+    callers with certificates of the mesh's."""
+    identity = TlsIdentity(mesh.issue("node", node_id, directory))
+    return identity.server_credentials(require_client_certificate=True)
+
+
 def simple_answer(request: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
     """What Triton's `simple` answers: INPUT0 + INPUT1 and INPUT0 - INPUT1 (INT32)."""
     a, b = (np.frombuffer(raw, dtype=np.int32) for raw in request.raw_input_contents[:2])
@@ -164,7 +174,10 @@ class FakeTriton:
     ModelInfer with `answer` and records what each call carried (method, deadline, metadata,
     with the model as `model` and the caller's connection as `peer`)."""
 
-    def __init__(self, answer: Answer = simple_answer) -> None:
+    def __init__(
+        self, answer: Answer = simple_answer, *, tls: grpc.ServerCredentials | None = None
+    ) -> None:
+        """With `tls` (a node's mesh identity), it serves mutual TLS, as a node's gate does."""
         self.answer = answer
         self.calls: list[tuple[str, float | None, dict[str, str]]] = []
         self._server = grpc.aio.server()
@@ -175,7 +188,11 @@ class FakeTriton:
         self._server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(INFERENCE_SERVICE, handlers),)
         )
-        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        self.port = (
+            self._server.add_secure_port("127.0.0.1:0", tls)
+            if tls
+            else self._server.add_insecure_port("127.0.0.1:0")
+        )
         self.address = f"127.0.0.1:{self.port}"
 
     def _handler(self, method: str) -> Callable[[bytes, Any], Awaitable[bytes]]:

@@ -20,6 +20,7 @@ from shard_core import keys
 @dataclass(eq=False)
 class FakeBackend:
     address: str
+    node: str = ""
     in_flight: int = 0
     up: bool = True
 

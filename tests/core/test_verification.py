@@ -45,7 +45,9 @@ async def _replicas(
     answers: Sequence[Answer],
 ) -> AsyncIterator[tuple[EndpointTable[NodeChannel], list[FakeTriton]]]:
     """Nodes n0, n1, … serving MODEL v1, each with its answer."""
-    table: EndpointTable[NodeChannel] = EndpointTable(backend_factory=NodeChannel.open)
+    table: EndpointTable[NodeChannel] = EndpointTable(
+        backend_factory=NodeChannel.opener(None, "shard.local")
+    )
     async with contextlib.AsyncExitStack() as stack:
         tritons = [await stack.enter_async_context(FakeTriton(a)) for a in answers]
         table.replace_all(

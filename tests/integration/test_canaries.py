@@ -35,15 +35,24 @@ from shard_node.triton import TritonProcess
 from shard_tool.local import LocalMesh
 from shard_tool.publish import Publisher
 from tests.demo import push_copy, simple_inputs, target
-from tests.fake_node import Answer, FakeTriton, fake_node_serving, refused, simple_answer
+from tests.fake_node import (
+    Answer,
+    FakeTriton,
+    fake_node_serving,
+    gate_tls,
+    refused,
+    simple_answer,
+)
 
 SERVICE = "inference.GRPCInferenceService"
 METHODS = ("ServerLive", "ServerReady", "ServerMetadata", "ModelReady", "ModelMetadata",
-           "ModelConfig", "ModelInfer", "ModelStatistics", "RepositoryIndex")  # fmt: skip
+           "ModelConfig", "ModelInfer", "ModelStatistics", "RepositoryIndex",
+           "RepositoryModelLoad", "RepositoryModelUnload")  # fmt: skip
 
 
 class LyingTriton:
-    """A real gRPC front for a real Triton that answers every inference with wrong numbers."""
+    """A real gRPC front for a real Triton that answers every inference with wrong numbers: the
+    Triton a hostile provider's agent is attached to (its model control passes through)."""
 
     def __init__(self, upstream: str) -> None:
         self._channel = grpc.aio.insecure_channel(upstream)
@@ -62,7 +71,12 @@ class LyingTriton:
         call = self._channel.unary_unary(f"/{SERVICE}/{method}", None, None)
 
         async def forward(request: bytes, context: Any) -> bytes:
-            answer: bytes = await call(request, timeout=10)
+            control = [
+                (key, value)
+                for key, value in context.invocation_metadata() or ()
+                if key.startswith("triton-grpc-protocol-")
+            ]
+            answer: bytes = await call(request, timeout=10, metadata=control)
             if method != "ModelInfer":
                 return answer
             response = service_pb2.ModelInferResponse.FromString(answer)
@@ -90,11 +104,10 @@ async def test_a_node_that_answers_wrong_is_quarantined_and_unrouted(
     labels = {"pool": "liars"}
     await mesh.start_node(
         "liar",
-        triton_url=honest.grpc_url,
+        triton_url=f"127.0.0.1:{front.server.port}",
         triton_control_key=honest.control_key,
         repository=honest.model_repository,
         labels=labels,
-        advertise_address=f"127.0.0.1:{front.server.port}",
     )
     await push_copy(publisher, "lie-echo")
     await publisher.deploy(
@@ -311,11 +324,13 @@ async def test_a_node_that_spots_canaries_and_lies_otherwise_is_caught_by_rerunn
         tritons: dict[str, FakeTriton] = {}
         names: dict[str, str] = {}
         for role, answer in answers.items():
-            tritons[role] = await stack.enter_async_context(FakeTriton(answer))
+            identity = NodeIdentity.load_or_create(tmp_path / role)
+            tls = gate_tls(mesh, identity.node_id, tmp_path / role / "tls")
+            tritons[role] = await stack.enter_async_context(FakeTriton(answer, tls=tls))
             names[role] = await stack.enter_async_context(
                 fake_node_serving(
                     stub,
-                    NodeIdentity.load_or_create(tmp_path / role),
+                    identity,
                     token=await mesh.join_token(role),
                     triton=tritons[role],
                     models=[ready],

@@ -22,7 +22,7 @@ from shard.model.v1 import model_pb2
 from shard.node.v1.node_pb2 import MODEL_STATE_READY
 from shard.node.v1.node_service_pb2 import ListNodesRequest
 from shard.node.v1.node_service_pb2_grpc import NodeServiceStub
-from shard_tool.local import LocalMesh
+from shard_tool.local import LOCAL_NAME_LABEL, LocalMesh
 from shard_tool.publish import Publisher
 from tests.demo import push_copy, simple_inputs, target
 
@@ -177,13 +177,14 @@ async def test_malformed_requests_are_invalid_argument(
 
 
 async def test_statistics_are_summed_over_every_replica(
-    registry_channel: grpc.aio.Channel, client: triton.InferenceServerClient
+    mesh: LocalMesh, registry_channel: grpc.aio.Channel, client: triton.InferenceServerClient
 ) -> None:
     a = np.ones((1, 16), dtype=np.int32)
     for _ in range(10):
         client.infer("simple", simple_inputs(a, a))
+    # Each serving node's own Triton, on loopback (the shard reaches it through its gate).
     serving = [
-        node.inference_address
+        f"127.0.0.1:{mesh.nodes[node.labels[LOCAL_NAME_LABEL]].triton_grpc_port}"
         for node in (await NodeServiceStub(registry_channel).ListNodes(ListNodesRequest())).nodes
         if any(m.model_name == "simple" and m.state == MODEL_STATE_READY for m in node.models)
     ]

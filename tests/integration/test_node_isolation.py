@@ -1,5 +1,5 @@
-"""A node's Triton serves the shard and nothing more: model control only for its agent, and
-only loopback unless the provider says otherwise."""
+"""A node's Triton serves the shard and nothing more: model control only for its agent, Triton
+on loopback only, the shard reaching it through the node's gate."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
 import numpy as np
 import psutil
 import pytest
@@ -19,6 +20,9 @@ from tritonclient.utils import InferenceServerException
 from shard.deployment.v1 import deployment_service_pb2 as deployment_api
 from shard.model.v1 import model_pb2
 from shard.node.v1 import node_pb2
+from shard_core import pki
+from shard_core.tls import TlsIdentity
+from shard_node.triton import GRPC_CONTROL_HEADER
 from shard_tool.local import LocalMesh
 from shard_tool.publish import Publisher
 from tests.demo import target
@@ -32,18 +36,33 @@ def _triton_of(mesh: LocalMesh, node: str) -> psutil.Process:
 async def test_model_control_is_refused_to_anyone_but_the_agent(mesh: LocalMesh) -> None:
     node = await mesh.find_node("node-0")
     assert node is not None
+    handle = mesh.nodes["node-0"]
     # Whatever other tests left on it: one model it serves.
     model = next(m.model_name for m in node.models if m.state == node_pb2.MODEL_STATE_READY)
-    grpc_client = triton_grpc.InferenceServerClient(node.inference_address)
-    http_client = triton_http.InferenceServerClient(node.http_address)
+    # Through the gate, as the router (whose calls pass the gate's check), even sending the
+    # control header; and at Triton's own loopback ports, as any process on the machine.
+    router = TlsIdentity(mesh.tls_path("router"))
+    expect = pki.node_workload("shard.local", node.name)
+    gate = triton_grpc.InferenceServerClient(
+        node.inference_address,
+        creds=router.channel_credentials(),
+        channel_args=[("grpc.ssl_target_name_override", expect.dns)],
+    )
+    loopback = triton_grpc.InferenceServerClient(f"127.0.0.1:{handle.triton_grpc_port}")
+    http_client = triton_http.InferenceServerClient(f"127.0.0.1:{handle.triton_http_port}")
+    guess = {GRPC_CONTROL_HEADER: "guess"}
     attempts: list[Callable[[], object]] = [
-        lambda: grpc_client.unload_model(model),
-        lambda: grpc_client.load_model(model),
-        lambda: grpc_client.load_model("evil", config='{"backend": "python"}'),
-        grpc_client.get_model_repository_index,
-        lambda: grpc_client.register_system_shared_memory("r", "/shard", 64),
-        lambda: grpc_client.update_trace_settings(settings={"trace_file": "/tmp/owned"}),
-        lambda: grpc_client.update_log_settings({"log_file": "/tmp/owned"}),
+        lambda: gate.unload_model(model, headers=guess),
+        lambda: gate.load_model("evil", config='{"backend": "python"}', headers=guess),
+        lambda: gate.get_model_repository_index(headers=guess),
+        lambda: gate.update_log_settings({"log_file": "/tmp/owned"}),
+        lambda: loopback.unload_model(model),
+        lambda: loopback.load_model(model),
+        lambda: loopback.load_model("evil", config='{"backend": "python"}'),
+        loopback.get_model_repository_index,
+        lambda: loopback.register_system_shared_memory("r", "/shard", 64),
+        lambda: loopback.update_trace_settings(settings={"trace_file": "/tmp/owned"}),
+        lambda: loopback.update_log_settings({"log_file": "/tmp/owned"}),
         lambda: http_client.unload_model(model),
         lambda: http_client.load_model(model),
         http_client.get_model_repository_index,
@@ -53,8 +72,22 @@ async def test_model_control_is_refused_to_anyone_but_the_agent(mesh: LocalMesh)
         with pytest.raises(InferenceServerException) as refused:
             attempt()
         assert "restricted" in refused.value.message(), refused.value.message()
+    # The gate's HTTP port, as the gateway.
+    gateway = TlsIdentity(mesh.tls_path("gateway"))
+    async with (
+        aiohttp.ClientSession(f"https://{node.http_address}") as session,
+        session.post(
+            f"/v2/repository/models/{model}/unload",
+            ssl=gateway.client_context(),
+            server_hostname=expect.dns,
+            headers={"shard-node-control": "guess"},
+        ) as answer,
+    ):
+        assert answer.status == 403
+        assert "restricted" in await answer.text()
     # The node still serves.
-    assert grpc_client.is_model_ready(model)
+    assert gate.is_model_ready(model)
+    assert loopback.is_model_ready(model)
     assert http_client.is_model_ready(model)
 
 

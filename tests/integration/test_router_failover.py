@@ -93,12 +93,12 @@ async def test_sigkill_under_16_way_load_fails_no_request(
         "router": (
             mesh.ports.router_metrics,
             "shard_router_failed_attempts_total",
-            f"127.0.0.1:{victim.triton_grpc_port}",
+            f"127.0.0.1:{victim.gate_grpc_port}",
         ),
         "gateway": (
             mesh.ports.gateway_metrics,
             "shard_gateway_failed_attempts_total",
-            f"127.0.0.1:{victim.triton_http_port}",
+            f"127.0.0.1:{victim.gate_http_port}",
         ),
     }
     # The machine dies: its Triton and the agent at once (SIGKILL, nothing drains).

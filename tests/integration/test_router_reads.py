@@ -21,7 +21,7 @@ from shard_node.identity import NodeIdentity
 from shard_tool.local import LocalMesh
 from shard_tool.publish import Publisher
 from tests.demo import push_copy, simple_inputs, target
-from tests.fake_node import FakeTriton, fake_node_serving
+from tests.fake_node import FakeTriton, fake_node_serving, gate_tls
 
 PRIVATE = "reads-private"
 LABELS = {"reads": "fake"}
@@ -53,11 +53,13 @@ async def fake(
         ready = node_pb2.ModelStatus(
             model_name=PRIVATE, model_version="1", state=node_pb2.MODEL_STATE_READY
         )
+        state = tmp_path_factory.mktemp("reads-node")
+        identity = NodeIdentity.load_or_create(state)
         async with (
-            FakeTriton() as fake_triton,
+            FakeTriton(tls=gate_tls(mesh, identity.node_id, state / "tls")) as fake_triton,
             fake_node_serving(
                 node_service_pb2_grpc.NodeServiceStub(admin),
-                NodeIdentity.load_or_create(tmp_path_factory.mktemp("reads-node")),
+                identity,
                 token=await mesh.join_token("reads"),
                 triton=fake_triton,
                 models=[ready],

@@ -9,7 +9,11 @@ one replica, outlier ejection, and a retry on another replica when one is unreac
         result = await client.infer("simple", inputs)
 
 Following the view needs an API key with the `inference` permission; the client sees the public
-models and the private ones its key may use.
+models and the private ones its key may use. Nodes take direct calls only from a caller the
+mesh vouches for: the client makes a key pair and has the router get it a short-lived client
+certificate from the registry, naming its API key and the models in its view, which it presents
+to each node's gate (mutual TLS; it checks each node's certificate too). The router sends a
+renewed certificate before this one expires, and a new one when the models in view change.
 """
 
 from __future__ import annotations
@@ -25,11 +29,13 @@ from typing import Any
 
 import grpc
 import tritonclient.grpc.aio as triton
+from cryptography import x509
 from tritonclient.utils import InferenceServerException
 
+from shard.auth.v1 import key_service_pb2
 from shard.inference.v1 import endpoint_service_pb2, endpoint_service_pb2_grpc
 from shard_client.routing import Balancer, EndpointTable, Plan, TrafficSplit, unknown_model
-from shard_core import tls
+from shard_core import pki, tls
 
 _log = logging.getLogger(__name__)
 
@@ -38,23 +44,33 @@ UNAVAILABLE = "StatusCode.UNAVAILABLE"
 REFUSED = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
 # Between attempts to reach the router again, while the last view keeps serving.
 RECONNECT_S = (0.2, 5.0)
+# tritonclient's message limits; no keepalive pings (Triton answers frequent ones with GOAWAY).
+CHANNEL_OPTIONS = (
+    ("grpc.max_send_message_length", 2**31 - 1),
+    ("grpc.max_receive_message_length", 2**31 - 1),
+)
 
 
 @dataclass(eq=False, kw_only=True)
 class NodeClient:
     """One node's Triton: a tritonclient on a persistent channel, and requests in flight."""
 
+    node: str
     address: str
     client: triton.InferenceServerClient = field(repr=False)
     in_flight: int = 0
 
-    @classmethod
-    def open(cls, address: str) -> NodeClient:
-        return cls(address=address, client=triton.InferenceServerClient(address))
-
     def connected(self) -> bool:
         channel: grpc.aio.Channel = self.client._channel
         return channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.READY
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Certificate:
+    """The client certificate of the moment, as channel credentials."""
+
+    credentials: grpc.ChannelCredentials
+    trust_domain: str
 
 
 class InferenceServerClient:
@@ -75,8 +91,10 @@ class InferenceServerClient:
         self._router = tls.channel(url, tls.trusting(root_certificates) if ssl else None)
         self._url = url
         self._credentials = (("authorization", f"Bearer {api_key}"),)
+        self._key = pki.new_key()
+        self._certificate: _Certificate | None = None
         self._table: EndpointTable[NodeClient] = EndpointTable(
-            backend_factory=NodeClient.open, on_backend_removed=self._close_later
+            backend_factory=self._open_node, on_backend_removed=self._close_later
         )
         self._split = TrafficSplit()
         self._balancer = Balancer(self._table, self._split, max_attempts=max_attempts)
@@ -129,10 +147,13 @@ class InferenceServerClient:
         stub = endpoint_service_pb2_grpc.EndpointServiceStub(self._router)
         delay = RECONNECT_S[0]
         while True:
+            request = endpoint_service_pb2.WatchEndpointsRequest(
+                certificate_request=pki.certificate_request(self._key, None)
+            )
             try:
-                async for snapshot in stub.WatchEndpoints(
-                    endpoint_service_pb2.WatchEndpointsRequest(), metadata=self._credentials
-                ):
+                async for snapshot in stub.WatchEndpoints(request, metadata=self._credentials):
+                    if snapshot.HasField("client_certificate"):
+                        self._use(snapshot.client_certificate)
                     self._table.replace_all(snapshot.endpoints)
                     self._split.replace_all(
                         {split.model_name: dict(split.weights) for split in snapshot.splits}
@@ -147,6 +168,42 @@ class InferenceServerClient:
                 _log.warning("endpoint view from %s interrupted: %s", self._url, error.details())
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECONNECT_S[1])
+
+    def _use(self, certificate: key_service_pb2.ClientCertificate) -> None:
+        """Present `certificate` from now on: on new connections to every node."""
+        leaf = x509.load_pem_x509_certificates(certificate.certificate_chain)[0]
+        workload = pki.workload_of(leaf)
+        if workload is None:
+            _log.warning("the router sent a client certificate that names no workload; ignored")
+            return
+        self._certificate = _Certificate(
+            credentials=grpc.ssl_channel_credentials(
+                root_certificates=certificate.trust_bundle,
+                private_key=pki.key_pem(self._key),
+                certificate_chain=certificate.certificate_chain,
+            ),
+            trust_domain=workload.trust_domain,
+        )
+        self._table.reopen()
+
+    def _open_node(self, address: str, node: str) -> NodeClient:
+        """A tritonclient for one node: mutual TLS with the client certificate, checking the
+        peer is `node`; plaintext (loopback only) in a mesh that issues none."""
+        options: list[tuple[str, Any]] = [*CHANNEL_OPTIONS]
+        certificate = self._certificate
+        if certificate is None:
+            tls.require_loopback(address, what="plaintext to a node")
+            return NodeClient(
+                node=node,
+                address=address,
+                client=triton.InferenceServerClient(address, channel_args=options),
+            )
+        expect = pki.node_workload(certificate.trust_domain, node)
+        options.append(("grpc.ssl_target_name_override", expect.dns))
+        client = triton.InferenceServerClient(
+            address, creds=certificate.credentials, channel_args=options
+        )
+        return NodeClient(node=node, address=address, client=client)
 
     def _close_later(self, node: NodeClient) -> None:
         task = asyncio.ensure_future(node.client.close())

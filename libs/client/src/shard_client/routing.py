@@ -24,8 +24,11 @@ _log = logging.getLogger(__name__)
 
 
 class Backend(Protocol):
-    """One node's Triton as the router tracks it: its address and requests in flight to it."""
+    """One node's Triton as the router tracks it: the node, its address, and requests in flight
+    to it. A backend belongs to one node: a connection checks the peer is that node (mutual
+    TLS), so a node that advertises another's address reaches nothing."""
 
+    node: str
     address: str
     in_flight: int
 
@@ -72,21 +75,21 @@ def http_address(endpoint: node_pb2.ModelEndpoint) -> str:
 
 class EndpointTable(Generic[B]):
     """model → version → node → Route, kept equal to etcd by a `PrefixMirror`. Backends are
-    made per node address: the Triton gRPC address by default, or what `address_of` picks (an
-    endpoint without one is left out)."""
+    made per node and address (`backend_factory(address, node)`): the gRPC address by default,
+    or what `address_of` picks (an endpoint without one is left out)."""
 
     def __init__(
         self,
         *,
-        backend_factory: Callable[[str], B],
+        backend_factory: Callable[[str, str], B],
         on_backend_removed: Callable[[B], None] = lambda _: None,
         on_change: Callable[[], None] = lambda: None,
         address_of: Callable[[node_pb2.ModelEndpoint], str] = grpc_address,
     ) -> None:
         self._routes: dict[str, dict[str, dict[str, Route[B]]]] = {}
         self._by_key: dict[str, Route[B]] = {}
-        self._backends: dict[str, B] = {}
-        self._users: dict[str, int] = {}
+        self._backends: dict[tuple[str, str], B] = {}
+        self._users: dict[tuple[str, str], int] = {}
         self._backend_factory = backend_factory
         self._on_backend_removed = on_backend_removed
         self._on_change = on_change
@@ -115,7 +118,7 @@ class EndpointTable(Generic[B]):
         if (
             old is not None
             and old.backend.address == address
-            and (old.model_name, old.model_version, old.node)
+            and (old.model_name, old.model_version, old.backend.node)
             == (endpoint.model_name, endpoint.model_version, endpoint.node)
         ):
             # The same replica with a new queue depth: keep its channel and in-flight count.
@@ -123,11 +126,17 @@ class EndpointTable(Generic[B]):
                 self._place(key, replace(old, pending=endpoint.pending))
             return
         # Acquire before releasing, so a record that moves nothing keeps its channel open.
+        try:
+            backend = self._acquire(address, endpoint.node)
+        except ValueError as error:  # e.g. plaintext, which only a loopback address may take
+            _log.warning("not routing to %s at %s: %s", endpoint.node, address, error)
+            self.delete(key)
+            return
         route = Route(
             model_name=endpoint.model_name,
             model_version=endpoint.model_version,
             node=endpoint.node,
-            backend=self._acquire(address),
+            backend=backend,
             pending=endpoint.pending,
         )
         if old is not None:
@@ -162,18 +171,31 @@ class EndpointTable(Generic[B]):
 
     # -- backends ---------------------------------------------------------------------------
 
-    def _acquire(self, address: str) -> B:
-        backend = self._backends.get(address)
+    def _acquire(self, address: str, node: str) -> B:
+        backend = self._backends.get((node, address))
         if backend is None:
-            backend = self._backends[address] = self._backend_factory(address)
-        self._users[address] = self._users.get(address, 0) + 1
+            backend = self._backends[node, address] = self._backend_factory(address, node)
+        self._users[node, address] = self._users.get((node, address), 0) + 1
         return backend
 
     def _release(self, backend: B) -> None:
-        self._users[backend.address] -= 1
-        if not self._users[backend.address]:
-            del self._users[backend.address]
-            del self._backends[backend.address]
+        key = (backend.node, backend.address)
+        self._users[key] -= 1
+        if not self._users[key]:
+            del self._users[key]
+            del self._backends[key]
+            self._on_backend_removed(backend)
+
+    def reopen(self) -> None:
+        """A new backend for every node (new connections, with the credentials of now: a
+        renewed certificate); the old ones are handed to `on_backend_removed`."""
+        old, self._backends = self._backends, {}
+        for peer, backend in old.items():
+            self._backends[peer] = self._backend_factory(backend.address, backend.node)
+        for key, route in list(self._by_key.items()):
+            fresh = self._backends[route.backend.node, route.backend.address]
+            self._place(key, replace(route, backend=fresh))
+        for backend in old.values():
             self._on_backend_removed(backend)
 
     # -- queries ----------------------------------------------------------------------------
@@ -196,7 +218,7 @@ class EndpointTable(Generic[B]):
 
     def any_routes(self) -> list[Route[B]]:
         """One route per node."""
-        return list({route.backend.address: route for route in self._by_key.values()}.values())
+        return list({route.node: route for route in self._by_key.values()}.values())
 
     def models(self) -> dict[str, list[str]]:
         """Every routable model and its ready versions."""

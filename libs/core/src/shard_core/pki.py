@@ -38,6 +38,12 @@ BACKDATE_S = 300
 _CLOCK_SKEW = datetime.timedelta(seconds=BACKDATE_S)
 
 CURVES = ("secp256r1", "secp384r1")
+# A client certificate allows a model by carrying this URI with the model's name after it.
+MODEL_GRANT_PREFIX = "urn:shard:model:"
+
+
+def model_grant(model_name: str) -> str:
+    return MODEL_GRANT_PREFIX + model_name
 
 
 def spiffe_id(trust_domain: str, kind: str, name: str) -> str:
@@ -74,6 +80,12 @@ class Workload:
         if rest == uri or len(parts) != 3 or parts[1] not in KINDS or not all(parts):
             return None
         return cls(trust_domain=parts[0], kind=parts[1], name=parts[2])
+
+
+def node_workload(trust_domain: str, node: str) -> Workload:
+    """The workload of a node by its resource name (`nodes/{id}`) or id: what its certificate
+    names."""
+    return Workload(trust_domain=trust_domain, kind="node", name=node.removeprefix("nodes/"))
 
 
 def issued_at(certificate: x509.Certificate) -> float:
@@ -123,18 +135,20 @@ def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def certificate_request(key: ec.EllipticCurvePrivateKey, workload: Workload) -> bytes:
-    """A CSR for `workload` (the CA takes only its key; names are the CA's to decide)."""
-    request = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, workload.name)]))
-        .add_extension(
+def certificate_request(key: ec.EllipticCurvePrivateKey, workload: Workload | None) -> bytes:
+    """A CSR for `workload`, or naming nothing (a client, whose name the CA decides); the CA
+    takes only its key: names are the CA's to decide."""
+    builder = x509.CertificateSigningRequestBuilder()
+    if workload is None:
+        builder = builder.subject_name(x509.Name([]))
+    else:
+        builder = builder.subject_name(
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, workload.name)])
+        ).add_extension(
             x509.SubjectAlternativeName([x509.UniformResourceIdentifier(workload.uri)]),
             critical=False,
         )
-        .sign(key, hashes.SHA256())
-    )
-    return request.public_bytes(serialization.Encoding.PEM)
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
 
 class Authority:
@@ -247,16 +261,22 @@ class Authority:
         *,
         lifetime_s: float = DEFAULT_LIFETIME_S,
         addresses: Sequence[str] = (),
+        grants: Sequence[str] = (),
     ) -> Issued:
         """A certificate for `workload`'s key, good for `lifetime_s` (at most a day), usable
-        as a TLS client and server. `addresses` (IPs or DNS names) are added for clients
-        that connect by address without naming the workload."""
+        as a TLS client and server (a client's: as a TLS client only). `addresses` (IPs or DNS
+        names) are added for clients that connect by address without naming the workload;
+        `grants` are URIs after the workload's (what a client certificate allows)."""
         if not 0 < lifetime_s <= MAX_LIFETIME_S:
             raise ValueError(f"lifetime must be within (0, {MAX_LIFETIME_S}] seconds")
-        names: list[x509.GeneralName] = [
-            x509.UniformResourceIdentifier(workload.uri),
-            x509.DNSName(workload.dns),
-        ]
+        if any(grant.startswith("spiffe:") for grant in grants):
+            raise ValueError("a certificate names one workload; grants are not SPIFFE IDs")
+        names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(workload.uri)]
+        names += [x509.UniformResourceIdentifier(grant) for grant in grants]
+        names.append(x509.DNSName(workload.dns))
+        usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
+        if workload.kind != "client":
+            usages.insert(0, ExtendedKeyUsageOID.SERVER_AUTH)
         for address in addresses:
             try:
                 names.append(x509.IPAddress(ipaddress.ip_address(address)))
@@ -276,12 +296,7 @@ class Authority:
             .not_valid_before(now - _CLOCK_SKEW)
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
             .add_extension(x509.SubjectAlternativeName(names), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()), False

@@ -56,3 +56,6 @@ class TlsSettings(BaseSettings):
         description="Directory with ca.pem (the mesh's CA), cert.pem and key.pem (this "
         "service's certificate and key); unset: no TLS listener.",
     )
+    trust_domain: str = Field(
+        default="shard.local", description="The mesh's name in its workloads' SPIFFE IDs."
+    )

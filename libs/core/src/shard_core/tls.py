@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import ssl
+import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -118,6 +119,25 @@ class TlsIdentity:
 
         latest = [build()]
         return latest[0]
+
+    def client_context(self) -> ssl.SSLContext:
+        """A client context for HTTPS to a mesh peer: trusts the mesh's CA, presents this
+        workload's certificate of the moment, and checks the peer by the name the caller
+        gives (`server_hostname`)."""
+        material = self.material()
+        context = ssl.create_default_context(
+            ssl.Purpose.SERVER_AUTH, cadata=material.bundle.decode()
+        )
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if material.chain and material.key:
+            # ssl loads a chain and key only from files: the ones `material` was read from
+            # may have been replaced since, so load these bytes through a private copy.
+            with tempfile.TemporaryDirectory() as scratch:
+                chain, key = Path(scratch) / CERT_FILE, Path(scratch) / KEY_FILE
+                _replace(chain, material.chain, 0o600)
+                _replace(key, material.key, 0o600)
+                context.load_cert_chain(chain, key)
+        return context
 
     def channel_credentials(self, *, present_certificate: bool = True) -> grpc.ChannelCredentials:
         """Credentials for a channel that trusts the mesh's CA and, when it has one and

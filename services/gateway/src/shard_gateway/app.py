@@ -26,11 +26,13 @@ async def serve(settings: GatewaySettings) -> None:
         registry_address=settings.registry_address,
         timeout_s=settings.upstream_timeout_s,
     )
+    identity = TlsIdentity(settings.tls_dir) if settings.tls_dir else None
     view: ShardView[NodeHttp] = ShardView(
         settings,
-        backend_factory=NodeHttp.open,
+        backend_factory=NodeHttp.opener(identity, settings.trust_domain),
         on_backend_removed=NodeHttp.close_later,
         address_of=http_address,
+        identity=identity,
     )
     view.start()
     failed_attempts = metrics.get_meter("shard.gateway").create_counter(
@@ -57,7 +59,8 @@ async def serve(settings: GatewaySettings) -> None:
         await web.TCPSite(runner, settings.host, settings.port).start()
         _log.info("gateway serving HTTP on %s:%d", settings.host, settings.port)
     if settings.tls_dir is not None:
-        context = TlsIdentity(settings.tls_dir).ssl_context()
+        assert identity is not None
+        context = identity.ssl_context()
         await web.TCPSite(runner, settings.tls_host, settings.tls_port, ssl_context=context).start()
         _log.info("gateway serving HTTPS on %s:%d", settings.tls_host, settings.tls_port)
     stop = asyncio.Event()

@@ -23,7 +23,9 @@ import aiohttp
 from aiohttp import web
 
 from shard_client.routing import Balancer, Plan
+from shard_core import tls
 from shard_core.errors import DeadlineExceededError, UnavailableError
+from shard_core.pki import node_workload
 from shard_gateway.kserve import HEADER_LENGTH, parse_infer_request
 from shard_inference.view import ShardView
 
@@ -43,21 +45,41 @@ UNREACHABLE = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
 class NodeHttp:
     """One node's Triton over HTTP: a keep-alive connection pool and requests in flight."""
 
+    node: str
     address: str
     session: aiohttp.ClientSession = field(repr=False)
+    # The name the node's certificate must carry (TLS), or None (plaintext, loopback only).
+    server_hostname: str | None = None
     in_flight: int = 0
     _live: bool = False
     _probe: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @classmethod
-    def open(cls, address: str) -> NodeHttp:
-        session = aiohttp.ClientSession(
-            f"http://{address}",
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None),
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent", "Accept-Encoding"),
-        )
-        return cls(address=address, session=session)
+    def opener(
+        cls, identity: tls.TlsIdentity | None, trust_domain: str
+    ) -> Callable[[str, str], NodeHttp]:
+        """What opens a node's connection pool: HTTPS to the node's gate presenting
+        `identity`'s certificate of the moment and checking the peer is the node, or
+        plaintext (loopback only) without an identity."""
+
+        def open_pool(address: str, node: str) -> NodeHttp:
+            expect = node_workload(trust_domain, node)
+            if identity is None:
+                tls.require_loopback(address, what="plaintext HTTP to a node")
+            session = aiohttp.ClientSession(
+                f"{'https' if identity else 'http'}://{address}",
+                connector=aiohttp.TCPConnector(
+                    limit=0,
+                    ttl_dns_cache=None,
+                    ssl=identity.client_context() if identity else False,
+                ),
+                auto_decompress=False,
+                skip_auto_headers=("User-Agent", "Accept-Encoding"),
+            )
+            hostname = expect.dns if identity else None
+            return cls(node=node, address=address, session=session, server_hostname=hostname)
+
+        return open_pool
 
     def connected(self) -> bool:
         """Asked only of an ejected node once its backoff ends: whether its Triton answered the
@@ -68,7 +90,9 @@ class NodeHttp:
 
     async def _check_live(self) -> None:
         try:
-            async with self.session.get("/v2/health/live", timeout=PROBE_TIMEOUT) as response:
+            async with self.session.get(
+                "/v2/health/live", timeout=PROBE_TIMEOUT, server_hostname=self.server_hostname
+            ) as response:
                 self._live = response.status == 200
         except (aiohttp.ClientError, TimeoutError):
             self._live = False
@@ -147,7 +171,11 @@ class DirectInference:
             node.in_flight += 1
             try:
                 async with node.session.post(
-                    path, data=body, headers=headers, timeout=self._timeout
+                    path,
+                    data=body,
+                    headers=headers,
+                    timeout=self._timeout,
+                    server_hostname=node.server_hostname,
                 ) as answer:
                     content = await answer.read()
                     status = answer.status

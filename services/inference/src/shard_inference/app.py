@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 from opentelemetry import metrics
 
+from shard.auth.v1 import key_service_pb2, key_service_pb2_grpc
 from shard.inference.v1 import endpoint_service_pb2_grpc
 from shard.node.v1 import node_service_pb2, node_service_pb2_grpc
 from shard_core import tls
@@ -17,7 +18,7 @@ from shard_core.grpc.server import GrpcServer
 from shard_core.tls import TlsIdentity
 from shard_inference.backends import SERVICE, NodeChannel
 from shard_inference.cache import MemoryCache
-from shard_inference.endpoints import EndpointWatch, ViewChanges
+from shard_inference.endpoints import EndpointWatch, Issuer, ViewChanges
 from shard_inference.repository import Repository
 from shard_inference.servicer import InferenceRouter
 from shard_inference.settings import InferenceSettings
@@ -34,11 +35,13 @@ ENDPOINT_SERVICE = "shard.inference.v1.EndpointService"
 async def serve(settings: InferenceSettings) -> None:
     server_stops: list[Callable[[], Awaitable[None]]] = []
     changes = ViewChanges()
+    identity = TlsIdentity(settings.tls_dir) if settings.tls_dir else None
     view: ShardView[NodeChannel] = ShardView(
         settings,
-        backend_factory=NodeChannel.open,
+        backend_factory=NodeChannel.opener(identity, settings.trust_domain),
         on_backend_removed=NodeChannel.close_later,
         on_change=changes.notify,
+        identity=identity,
     )
     view.start()
     server_stops.append(view.stop)
@@ -69,8 +72,10 @@ async def serve(settings: InferenceSettings) -> None:
         callbacks=[lambda _: [metrics.Observation(responses.bytes)]],
         description="Bytes of answers the response cache holds.",
     )
-    watch = EndpointWatch(table, split, changes, view.guard)
     registry = tls.channel(settings.registry_address, None)  # the admin token rides on it
+    watch = EndpointWatch(
+        table, split, changes, view.guard, _issuer(registry, settings.upstream_timeout_s)
+    )
     verifications = meter.create_counter(
         "shard_router_verifications",
         description="Answers checked by running their request again on other replicas, by "
@@ -125,8 +130,8 @@ async def serve(settings: InferenceSettings) -> None:
     # with Triton's own status codes rather than the management APIs' error details.
     server = GrpcServer(
         address=settings.address or None,
-        tls=TlsIdentity(settings.tls_dir) if settings.tls_dir else None,
-        tls_address=settings.tls_address if settings.tls_dir else None,
+        tls=identity,
+        tls_address=settings.tls_address if identity else None,
         services=[SERVICE, ENDPOINT_SERVICE],
         register=register,
         interceptors=(),
@@ -160,3 +165,22 @@ async def serve(settings: InferenceSettings) -> None:
         server.tls_port,
     )
     await server.serve_until_signalled()
+
+
+def _issuer(registry: grpc.aio.Channel, timeout_s: float) -> Issuer:
+    """Client certificates from the registry, asked for with the watcher's own key."""
+    keys = key_service_pb2_grpc.KeyServiceStub(registry)
+
+    async def issue(
+        request: bytes, models: Sequence[str], authorization: str
+    ) -> key_service_pb2.ClientCertificate:
+        answer = await keys.IssueClientCertificate(
+            key_service_pb2.IssueClientCertificateRequest(
+                certificate_request=request, models=models
+            ),
+            metadata=((AUTHORIZATION, authorization),),
+            timeout=timeout_s,
+        )
+        return answer.certificate
+
+    return issue

@@ -1,12 +1,21 @@
-"""The router's connections to node Tritons: one channel per node, reused by every request."""
+"""The router's connections to node Tritons: one channel per node, reused by every request.
+
+With a mesh identity, each channel is mutual TLS to the node's gate: the router proves it is the
+router with its certificate, and checks the peer's certificate names the node the endpoint
+record is for. Without one (a development mesh), plaintext, to loopback addresses only.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+
+from shard_core import tls
+from shard_core.pki import node_workload
 
 SERVICE = "inference.GRPCInferenceService"
 # No keepalive pings: Triton's defaults answer pings more often than every 5 minutes with GOAWAY
@@ -21,14 +30,26 @@ CHANNEL_OPTIONS = (
 class NodeChannel:
     """A channel to one node's Triton with per-method raw-bytes callables."""
 
+    node: str
     address: str
     in_flight: int = 0
     channel: grpc.aio.Channel = field(repr=False)
     _methods: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def open(cls, address: str) -> NodeChannel:
-        return cls(address=address, channel=grpc.aio.insecure_channel(address, CHANNEL_OPTIONS))
+    def opener(
+        cls, identity: tls.TlsIdentity | None, trust_domain: str
+    ) -> Callable[[str, str], NodeChannel]:
+        """What opens a node's channel: mutual TLS with `identity`'s certificate of the
+        moment, or plaintext without one."""
+
+        def open_channel(address: str, node: str) -> NodeChannel:
+            credentials = identity.channel_credentials() if identity else None
+            expect = node_workload(trust_domain, node)
+            channel = tls.channel(address, credentials, expect=expect, options=CHANNEL_OPTIONS)
+            return cls(node=node, address=address, channel=channel)
+
+        return open_channel
 
     def connected(self) -> bool:
         state = self.channel.get_state(try_to_connect=True)

@@ -1,20 +1,33 @@
 """EndpointService: the router's view of the shard, streamed to clients that route themselves.
 
 Watchers need an API key with the `inference` permission, and see only the models they may use:
-every public model, and the private ones they own (all, for admins).
+every public model, and the private ones they own (all, for admins). A watcher that sends a
+certificate request also gets a client certificate for the node Tritons, which the registry
+issues to its key for the models in its view: renewed at half its life, and again whenever those
+models change, for as long as the key still authenticates.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
+import grpc
+
+from shard.auth.v1 import key_service_pb2
 from shard.inference.v1 import endpoint_service_pb2 as api
 from shard.inference.v1 import endpoint_service_pb2_grpc
 from shard_client.routing import EndpointTable, TrafficSplit
 from shard_core.auth import InferenceGuard, Permission, Principal, bearer
-from shard_core.errors import ShardError, UnauthenticatedError
+from shard_core.errors import InvalidArgumentError, ShardError, UnauthenticatedError
+
+# Has the registry issue a client certificate: (certificate request, models, the caller's
+# `authorization` metadata).
+Issuer = Callable[[bytes, Sequence[str], str], Awaitable[key_service_pb2.ClientCertificate]]
+MAX_CERTIFICATE_REQUEST_BYTES = 8192
 
 # Changes closer together than this go out as one snapshot.
 COALESCE_S = 0.05
@@ -41,7 +54,9 @@ class EndpointWatch(endpoint_service_pb2_grpc.EndpointServiceServicer):
         split: TrafficSplit,
         changes: ViewChanges,
         guard: InferenceGuard,
+        issue: Issuer | None = None,
     ) -> None:
+        self.issue = issue
         self.table = table
         self.split = split
         self.changes = changes
@@ -72,18 +87,65 @@ class EndpointWatch(endpoint_service_pb2_grpc.EndpointServiceServicer):
     async def WatchEndpoints(
         self, request: api.WatchEndpointsRequest, context: Any
     ) -> AsyncIterator[api.WatchEndpointsResponse]:
+        token = bearer(context.invocation_metadata())
         try:
-            principal = self.guard.ring.authenticate(bearer(context.invocation_metadata()))
-            if not principal.may(Permission.INFERENCE):
-                raise UnauthenticatedError(
-                    "watching the endpoints needs an API key with the 'inference' permission",
-                    reason="CREDENTIALS_MISSING" if principal.anonymous else "PERMISSION_MISSING",
+            principal = self._watcher(token)
+            if len(request.certificate_request) > MAX_CERTIFICATE_REQUEST_BYTES:
+                raise InvalidArgumentError(
+                    f"certificate_request is over {MAX_CERTIFICATE_REQUEST_BYTES} bytes",
+                    metadata={"field": "certificate_request"},
                 )
         except ShardError as error:
             status = error.to_status()
             await context.abort(status.code, status.details, status.trailing_metadata)
+        granted: list[str] | None = None  # the models of the last certificate sent
+        renew_at = float("inf")
         while True:
             changed = self.changes.event
-            yield self.snapshot(principal)
-            await changed.wait()
+            snapshot = self.snapshot(principal)
+            if request.certificate_request:
+                models = sorted({endpoint.model_name for endpoint in snapshot.endpoints})
+                if models != granted or time.time() >= renew_at:
+                    certificate = await self._certificate(request, models, token, context)
+                    granted = models
+                    if certificate is not None:
+                        snapshot.client_certificate.CopyFrom(certificate)
+                        expires = certificate.expire_time.ToSeconds()
+                        renew_at = time.time() + (expires - time.time()) / 2
+            yield snapshot
+            wait = None if renew_at == float("inf") else max(renew_at - time.time(), 0.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), wait)
             await asyncio.sleep(COALESCE_S)
+
+    def _watcher(self, token: str) -> Principal:
+        principal = self.guard.ring.authenticate(token)
+        if not principal.may(Permission.INFERENCE):
+            raise UnauthenticatedError(
+                "watching the endpoints needs an API key with the 'inference' permission",
+                reason="CREDENTIALS_MISSING" if principal.anonymous else "PERMISSION_MISSING",
+            )
+        return principal
+
+    async def _certificate(
+        self, request: api.WatchEndpointsRequest, models: list[str], token: str, context: Any
+    ) -> key_service_pb2.ClientCertificate | None:
+        """A certificate from the registry, for a key that still authenticates; None from a
+        registry without a mesh CA (a development mesh, whose nodes take plaintext on
+        loopback). The stream ends with any other refusal."""
+        try:
+            self._watcher(token)
+        except ShardError as error:
+            status = error.to_status()
+            await context.abort(status.code, status.details, status.trailing_metadata)
+        if self.issue is None:
+            return None
+        try:
+            return await self.issue(request.certificate_request, models, token)
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                return None
+            await context.abort(
+                error.code(), error.details() or "", tuple(error.trailing_metadata() or ())
+            )
+            raise

@@ -8,6 +8,8 @@ own; while etcd is away every mirror keeps its last copy and the view says it is
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Callable
 from typing import Generic
 
@@ -18,8 +20,14 @@ from shard_core.auth import InferenceGuard, KeyRing, ModelAccess, token_hash
 from shard_core.etcd.mirror import MirrorListener, PrefixMirror
 from shard_core.etcd.store import EtcdStore
 from shard_core.limits import RateLimits
+from shard_core.tls import TlsIdentity
 from shard_inference.cache import CacheableVersions
 from shard_inference.settings import DataPlaneSettings
+
+_log = logging.getLogger(__name__)
+
+# How often the view looks for a renewed certificate (renewal comes hours before expiry).
+RENEWAL_CHECK_S = 10.0
 
 
 class ShardView(Generic[B]):
@@ -27,11 +35,16 @@ class ShardView(Generic[B]):
         self,
         settings: DataPlaneSettings,
         *,
-        backend_factory: Callable[[str], B],
+        backend_factory: Callable[[str, str], B],
         on_backend_removed: Callable[[B], None] = lambda _: None,
         address_of: Callable[[node_pb2.ModelEndpoint], str] = grpc_address,
         on_change: Callable[[], None] = lambda: None,
+        identity: TlsIdentity | None = None,
     ) -> None:
+        """With `identity` (the certificate backends present to nodes), backends are opened
+        again once it is renewed, so no reconnect presents an expired one."""
+        self._identity = identity
+        self._renewals: asyncio.Task[None] | None = None
         self.table: EndpointTable[B] = EndpointTable(
             backend_factory=backend_factory,
             on_backend_removed=on_backend_removed,
@@ -74,8 +87,21 @@ class ShardView(Generic[B]):
     def start(self) -> None:
         for mirror in self._mirrors:
             mirror.start()
+        if self._identity is not None:
+            self._renewals = asyncio.ensure_future(self._follow_renewals(self._identity))
+
+    async def _follow_renewals(self, identity: TlsIdentity) -> None:
+        held = identity.material()
+        while True:
+            await asyncio.sleep(RENEWAL_CHECK_S)
+            if (current := identity.material()) is not held:
+                held = current
+                _log.info("certificate renewed: reconnecting to the nodes with it")
+                self.table.reopen()
 
     async def stop(self) -> None:
+        if self._renewals is not None:
+            self._renewals.cancel()
         for mirror in self._mirrors:
             await mirror.stop()
         for store in self._stores:

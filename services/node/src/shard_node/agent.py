@@ -29,6 +29,7 @@ from tritonclient.utils import InferenceServerException
 from shard.node.v1 import node_service_pb2, node_service_pb2_grpc
 from shard_core.attestation import signed_bytes
 from shard_node.certificate import NodeCertificates
+from shard_node.gate import NodeGate
 from shard_node.health import HealthCheck
 from shard_node.identity import NodeIdentity
 from shard_node.inventory import read_inventory, read_metrics
@@ -62,10 +63,14 @@ class NodeAgent:
         registry_calls: RegistryCalls,
         certificates: NodeCertificates | None = None,
         certificate_channel: Callable[[], grpc.aio.Channel] | None = None,
+        gate: NodeGate | None = None,
     ) -> None:
         """With `certificates`, the node asks for a mesh certificate; with
         `certificate_channel` too, its calls beside the stream go over the channel that makes
-        (mutual TLS with that certificate) once it has one."""
+        (mutual TLS with that certificate) once it has one; with `gate`, the gate starts
+        serving the shard with the first certificate (before any model is loaded: the registry
+        sends the certificate before the assignments)."""
+        self._gate = gate
         self._identity = identity
         self._certificates = certificates
         self._registry_calls = registry_calls
@@ -121,10 +126,18 @@ class NodeAgent:
         with every attestation."""
         self._registry_calls.use_credential(token)
 
-    def _use_certificate(self, certificate: node_service_pb2.NodeCertificate) -> None:
+    async def _use_certificate(self, certificate: node_service_pb2.NodeCertificate) -> None:
         assert self._certificates is not None
-        if self._certificates.accept(certificate) and self._certificate_channel is not None:
+        if not self._certificates.accept(certificate):
+            return
+        if self._certificate_channel is not None:
             self._registry_calls.use_certificate(self._certificate_channel())
+        if self._gate is not None:
+            try:
+                await self._gate.start()
+            except (RuntimeError, TimeoutError, OSError) as error:
+                # The gate's supervisor tries again; the stream and the models go on.
+                _log.error("the node gate did not start: %s", error)
 
     async def _triton_version(self) -> str:
         """Triton's version, or the last one seen while it restarts: a Triton that is down
@@ -204,7 +217,7 @@ class NodeAgent:
             elif kind == "credential":
                 self._use_credential(reply.credential.token)
             elif kind == "certificate" and self._certificates is not None:
-                self._use_certificate(reply.certificate)
+                await self._use_certificate(reply.certificate)
             elif kind == "challenge":
                 attestation = await self._attestation(reply.challenge.nonce)
                 outbox.put_nowait(node_service_pb2.ConnectRequest(attestation=attestation))

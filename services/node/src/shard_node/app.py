@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import grpc
 
@@ -14,6 +15,7 @@ from shard_core.pki import Workload
 from shard_core.tls import TlsIdentity
 from shard_node.agent import AGENT_VERSION, NodeAgent
 from shard_node.certificate import NodeCertificates
+from shard_node.gate import GatePorts, NodeGate
 from shard_node.health import HealthCheck, supervise
 from shard_node.identity import NodeIdentity
 from shard_node.inventory import read_inventory
@@ -55,7 +57,6 @@ async def serve(settings: NodeSettings) -> None:
                 http=settings.triton_http_port,
                 metrics=settings.triton_metrics_port,
             ),
-            listen_host=settings.triton_listen_host,
             sandbox=settings.sandbox,
         )
         await launched.start()
@@ -92,12 +93,35 @@ async def serve(settings: NodeSettings) -> None:
             metrics_url = settings.triton_metrics_url or (
                 f"http://127.0.0.1:{launched.ports.metrics}/metrics" if launched else None
             )
-            advertise_address = settings.advertise_address or triton_url
-            http_address = settings.advertise_http_address or (
-                f"{advertise_address.rsplit(':', 1)[0]}:{launched.ports.http}" if launched else ""
-            )
             triton_http_url = settings.triton_http_url or (
                 f"http://127.0.0.1:{launched.ports.http}" if launched else None
+            )
+            triton_http = urlsplit(triton_http_url).netloc if triton_http_url else None
+            # In a mesh with TLS the shard reaches Triton through the gate; without, Triton
+            # serves it directly, on loopback.
+            gate = (
+                NodeGate(
+                    workload=node,
+                    state_dir=settings.state_dir,
+                    tls_dir=tls_dir,
+                    listen_host=settings.gate_host,
+                    ports=GatePorts(grpc=settings.gate_grpc_port, http=settings.gate_http_port),
+                    triton_grpc=triton_url,
+                    triton_http=triton_http,
+                )
+                if settings.registry_ca_file
+                else None
+            )
+            served, served_http = (
+                (f"127.0.0.1:{settings.gate_grpc_port}", f"127.0.0.1:{settings.gate_http_port}")
+                if gate
+                else (triton_url, triton_http)
+            )
+            advertise_address = settings.advertise_address or served
+            http_address = settings.advertise_http_address or (
+                f"{advertise_address.rsplit(':', 1)[0]}:{served_http.rsplit(':', 1)[1]}"
+                if served_http
+                else ""
             )
             tasks = TaskRunner(
                 identity=identity,
@@ -127,19 +151,23 @@ async def serve(settings: NodeSettings) -> None:
                 certificate_channel=(lambda: _certificate_channel(settings, tls_dir))
                 if settings.registry_ca_file and settings.registry_mesh_address
                 else None,
+                gate=gate,
             )
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, agent.stop)
-            supervising = (
-                asyncio.ensure_future(supervise(launched, models, health)) if launched else None
-            )
+            supervising = [
+                *([asyncio.ensure_future(supervise(launched, models, health))] if launched else []),
+                *([asyncio.ensure_future(gate.keep_running())] if gate else []),
+            ]
             try:
                 await agent.run()
             finally:
-                if supervising is not None:
-                    supervising.cancel()
+                for task in supervising:
+                    task.cancel()
                 await registry_calls.close()
+                if gate is not None:
+                    gate.stop()
     finally:
         if launched is not None:
             launched.stop()

@@ -43,11 +43,14 @@ class NodeSettings(ServiceSettings):
         description="The Triton model repository the agent manages; default: state_dir/repository."
         " When attaching to a running Triton, that Triton's repository.",
     )
-    triton_listen_host: str = Field(
-        default="127.0.0.1",
-        description="Where a launched Triton listens for the shard's calls (inference, "
-        "metadata, statistics); its metrics and model control stay the agent's.",
+    gate_host: str = Field(
+        default="0.0.0.0",
+        description="Where the node's gate (Envoy, mutual TLS in front of Triton, which "
+        "listens on loopback only) listens for the shard's calls. The gate runs in a mesh "
+        "with TLS (registry_ca_file set).",
     )
+    gate_grpc_port: int = Field(default=8001, ge=1, le=65535, description="The gate's gRPC port.")
+    gate_http_port: int = Field(default=8000, ge=1, le=65535, description="The gate's HTTP port.")
     triton_control_key: SecretStr | None = Field(
         default=None,
         description="For an attached Triton: the key its --grpc-restricted-protocol and "
@@ -64,12 +67,14 @@ class NodeSettings(ServiceSettings):
     triton_metrics_port: int = Field(default=8102, ge=1, le=65535)
     advertise_address: str | None = Field(
         default=None,
-        description="Triton's gRPC address as the control plane reaches it; default: triton's.",
+        description="The node's gRPC address as the shard reaches it: the gate's (default: "
+        "its port on 127.0.0.1), or without TLS, Triton's own (loopback only).",
     )
     advertise_http_address: str | None = Field(
         default=None,
-        description="Triton's HTTP address as the control plane reaches it, for the gateway; "
-        "default: the launched Triton's on the advertised gRPC host (none when attached).",
+        description="The node's HTTP address as the shard reaches it, for the gateway; "
+        "default: the HTTP port on the advertised gRPC host (none for an attached Triton "
+        "without triton_http_url).",
     )
     reconnect_max_backoff_s: float = Field(default=5.0, gt=0)
     join_token: str = Field(

@@ -83,7 +83,7 @@ def restricted_flags(control_key: str) -> list[str]:
 
 class TritonProcess:
     """A real `tritonserver` in explicit model-control mode, owned by this process. It listens
-    on `listen_host` for the shard's calls and on loopback for its metrics; its model control
+    on loopback only (the shard reaches it through the node's gate); its model control
     takes a key made here for each launch, which only the agent holds."""
 
     def __init__(
@@ -92,7 +92,6 @@ class TritonProcess:
         model_repository: Path,
         state_dir: Path,
         ports: TritonPorts,
-        listen_host: str = "127.0.0.1",
         sandbox: Sandboxing = "strict",
     ) -> None:
         self.ports = ports
@@ -133,9 +132,9 @@ class TritonProcess:
                 f"--model-repository={model_repository.resolve()}",
                 f"--backend-directory={backends}",
                 "--model-control-mode=explicit",
-                f"--grpc-address={listen_host}",
+                "--grpc-address=127.0.0.1",
                 f"--grpc-port={ports.grpc}",
-                f"--http-address={listen_host}",
+                "--http-address=127.0.0.1",
                 f"--http-port={ports.http}",
                 "--metrics-address=127.0.0.1",
                 f"--metrics-port={ports.metrics}",

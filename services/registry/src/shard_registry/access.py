@@ -82,6 +82,7 @@ RULES: MethodRules = {
             "ListApiKeys": Permission.KEYS_READ,
             "RevokeApiKey": Permission.KEYS_WRITE,
             "RotateApiKey": Permission.KEYS_WRITE,
+            "IssueClientCertificate": Permission.INFERENCE,
         },
     ),
     **_rules(

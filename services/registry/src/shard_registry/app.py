@@ -166,6 +166,7 @@ async def serve(settings: RegistrySettings) -> None:
         ),
     )
     models = ModelRegistry(store=store, blobs=blobs)
+    authority = _authority(settings)
     tasks = TaskRegistry(
         store=store,
         directory=directory,
@@ -219,7 +220,7 @@ async def serve(settings: RegistrySettings) -> None:
     node_servicer = NodeServicer(
         nodes,
         credentials,
-        authority=_authority(settings),
+        authority=authority,
         certificate_lifetime_s=settings.node_certificate_lifetime_s,
         max_unauthenticated=settings.max_connecting_nodes,
         max_unauthenticated_per_address=settings.max_connecting_nodes_per_address,
@@ -236,7 +237,9 @@ async def serve(settings: RegistrySettings) -> None:
         deployment_service_pb2_grpc.add_DeploymentServiceServicer_to_server(
             DeploymentServicer(deployments, models), server
         )
-        key_service_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(api_keys), server)
+        key_service_pb2_grpc.add_KeyServiceServicer_to_server(
+            KeyServicer(api_keys, models=models, authority=authority), server
+        )
         task_service_pb2_grpc.add_TaskServiceServicer_to_server(TaskServicer(tasks), server)
 
     server = GrpcServer(

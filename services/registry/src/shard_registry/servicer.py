@@ -26,6 +26,7 @@ from shard.task.v1 import task_pb2, task_service_pb2_grpc
 from shard.task.v1 import task_service_pb2 as task_api
 from shard_core.auth import NodeCredentials
 from shard_core.errors import (
+    FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
@@ -35,7 +36,7 @@ from shard_core.errors import (
     require,
 )
 from shard_core.net import peer_host
-from shard_core.pki import DEFAULT_LIFETIME_S, Authority
+from shard_core.pki import DEFAULT_LIFETIME_S, Authority, model_grant
 from shard_registry.access import caller, require_owner, require_visible, visible
 from shard_registry.apikeys import KeyRegistry
 from shard_registry.artifacts import BlobStore, StoredBlob, blob_sha256
@@ -46,12 +47,17 @@ from shard_registry.enrollment import Challenge
 from shard_registry.lifecycle import NodeAction
 from shard_registry.models import MODEL_UPDATED_BY_DEFAULT, ModelRegistry
 from shard_registry.nodes import NodeRegistry, NodeSession, validate_hello
-from shard_registry.resources import timestamp
+from shard_registry.resources import RESOURCE_ID, timestamp
 from shard_registry.tasks import TaskRegistry
 
 _log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+# Client certificates live minutes: they are not revoked, they lapse (the router renews them
+# at half their life for as long as the key may use the models).
+CLIENT_CERTIFICATE_LIFETIME_S = 15 * 60
+MAX_CLIENT_CERTIFICATE_MODELS = 256
 
 
 class _Pushed:
@@ -713,8 +719,18 @@ class DeploymentServicer(deployment_service_pb2_grpc.DeploymentServiceServicer):
 
 
 class KeyServicer(key_service_pb2_grpc.KeyServiceServicer):
-    def __init__(self, keys: KeyRegistry) -> None:
+    def __init__(
+        self,
+        keys: KeyRegistry,
+        *,
+        models: ModelRegistry,
+        authority: Authority | None,
+        client_certificate_lifetime_s: float = CLIENT_CERTIFICATE_LIFETIME_S,
+    ) -> None:
         self._keys = keys
+        self._models = models
+        self._authority = authority
+        self._client_lifetime_s = client_certificate_lifetime_s
 
     async def CreateApiKey(
         self, request: key_api.CreateApiKeyRequest, context: Context
@@ -745,6 +761,51 @@ class KeyServicer(key_service_pb2_grpc.KeyServiceServicer):
     ) -> key_api.RotateApiKeyResponse:
         key, secret = await self._keys.rotate(request.name, caller())
         return key_api.RotateApiKeyResponse(api_key=key, secret=secret)
+
+    async def IssueClientCertificate(
+        self, request: key_api.IssueClientCertificateRequest, context: Context
+    ) -> key_api.IssueClientCertificateResponse:
+        """A certificate naming the caller's key and the models it asked for, each checked
+        against what the key may use now (it lives minutes: a key revoked, or a model made
+        private, stops being honoured with it)."""
+        if self._authority is None:
+            raise FailedPreconditionError(
+                "this registry has no mesh CA: it issues no certificates", reason="NO_MESH_CA"
+            )
+        principal = caller()
+        models = list(dict.fromkeys(request.models))
+        if len(models) > MAX_CLIENT_CERTIFICATE_MODELS:
+            raise InvalidArgumentError(
+                f"models: at most {MAX_CLIENT_CERTIFICATE_MODELS} in one certificate",
+                metadata={"field": "models"},
+            )
+        for index, name in enumerate(models):
+            field = f"models[{index}]"
+            if not RESOURCE_ID.fullmatch(name):
+                raise InvalidArgumentError(
+                    f"{field} is not a model name: {name[:80]!r}", metadata={"field": field}
+                )
+            require_visible(await self._models.get_model(f"models/{name}"))
+        key_id = principal.key.removeprefix("keys/") or principal.id
+        workload = self._authority.workload("client", key_id)
+        public_key = self._authority.check_request(
+            request.certificate_request, workload, field="certificate_request"
+        )
+        issued = self._authority.issue(
+            public_key,
+            workload,
+            lifetime_s=self._client_lifetime_s,
+            grants=[model_grant(name) for name in models],
+        )
+        _log.info("client certificate %x issued to %s", issued.serial, workload.uri)
+        return key_api.IssueClientCertificateResponse(
+            certificate=key_api.ClientCertificate(
+                certificate_chain=issued.chain_pem,
+                trust_bundle=self._authority.bundle_pem,
+                expire_time=timestamp(issued.not_after.timestamp()),
+                models=models,
+            )
+        )
 
 
 class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):

@@ -30,9 +30,6 @@ class RegistrySettings(ServiceSettings, EtcdSettings, TlsSettings):
         description="The mesh CA that issues node certificates: ca.pem (roots), ca-cert.pem "
         "(the signing certificate, then any intermediates) and ca-key.pem.",
     )
-    trust_domain: str = Field(
-        default="shard.local", description="The mesh's name in its workloads' SPIFFE IDs."
-    )
     node_certificate_lifetime_s: float = Field(
         default=4 * 3600,
         gt=0,

@@ -74,6 +74,13 @@ class NodeHandle:
     state_dir: Path
     triton_grpc_port: int | None
     triton_http_port: int | None = None
+    gate_grpc_port: int | None = None
+    gate_http_port: int | None = None
+
+    @property
+    def address(self) -> str:
+        """Where the shard reaches the node: its gate's gRPC port (mutual TLS)."""
+        return f"127.0.0.1:{self.gate_grpc_port}"
 
 
 LOCAL_NAME_LABEL = "shard.local/name"
@@ -112,7 +119,7 @@ class LocalMesh:
             client_port=self.ports.etcd,
             peer_port=self.ports.etcd_peer,
             # etcd's certificate, and the client one of its root user (CN root).
-            tls=EtcdTls(server=self._tls_path("etcd"), root=self._tls_path("root")),
+            tls=EtcdTls(server=self.tls_path("etcd"), root=self.tls_path("root")),
         )
         self.services: dict[str, ManagedProcess] = {}
         self._renewing: asyncio.Future[None] | None = None
@@ -166,11 +173,15 @@ class LocalMesh:
             await asyncio.sleep(SERVICE_CERTIFICATE_LIFETIME_S / 2)
             self.renew_certificates()
 
-    def _tls_path(self, service: str) -> Path:
+    def tls_path(self, service: str) -> Path:
         return self.state_dir / "tls" / service
 
     def _issue(self, service: str) -> Path:
-        """A fresh certificate for `service`, from the mesh CA (made on the first run)."""
+        return self.issue("service", service, self.tls_path(service))
+
+    def issue(self, kind: str, name: str, directory: Path) -> Path:
+        """A fresh certificate for workload `kind`/`name` in `directory`, from the mesh CA
+        (made on the first run)."""
         if (self.ca_dir / "ca-key.pem").exists():
             authority = pki.Authority.load(
                 certificate=self.ca_dir / "ca-cert.pem",
@@ -183,11 +194,10 @@ class LocalMesh:
         key = pki.new_key()
         issued = authority.issue(
             key.public_key(),
-            authority.workload("service", service),
+            authority.workload(kind, name),
             lifetime_s=SERVICE_CERTIFICATE_LIFETIME_S,
             addresses=["127.0.0.1", "localhost"],
         )
-        directory = self._tls_path(service)
         write_identity(
             directory, chain=issued.chain_pem, key=pki.key_pem(key), bundle=authority.bundle_pem
         )
@@ -233,8 +243,8 @@ class LocalMesh:
                     "address": self.registry_address,
                     "tls_address": self.registry_tls_address,
                     "mesh_address": self.registry_mesh_address,
-                    "tls_dir": self._tls_path("registry"),
-                    "etcd_tls_dir": self._tls_path("registry"),
+                    "tls_dir": self.tls_path("registry"),
+                    "etcd_tls_dir": self.tls_path("registry"),
                     "ca_dir": self.ca_dir,
                     "metrics_port": self.ports.registry_metrics,
                     "heartbeat_interval_s": self.timing.heartbeat_interval_s,
@@ -259,8 +269,8 @@ class LocalMesh:
                     **etcd,
                     "address": self.router_address,
                     "tls_address": self.router_tls_address,
-                    "tls_dir": self._tls_path("router"),
-                    "etcd_tls_dir": self._tls_path("router"),
+                    "tls_dir": self.tls_path("router"),
+                    "etcd_tls_dir": self.tls_path("router"),
                     "metrics_port": self.ports.router_metrics,
                     "registry_address": self.registry_address,
                     "admin_token": self.admin_token,
@@ -281,8 +291,8 @@ class LocalMesh:
                     "port": self.ports.gateway,
                     "tls_host": "127.0.0.1",
                     "tls_port": self.ports.gateway_tls,
-                    "tls_dir": self._tls_path("gateway"),
-                    "etcd_tls_dir": self._tls_path("gateway"),
+                    "tls_dir": self.tls_path("gateway"),
+                    "etcd_tls_dir": self.tls_path("gateway"),
                     "router_address": self.router_address,
                     "registry_address": self.registry_address,
                     "metrics_port": self.ports.gateway_metrics,
@@ -335,7 +345,6 @@ class LocalMesh:
         triton_url: str | None = None,
         repository: Path | None = None,
         labels: Mapping[str, str] | None = None,
-        advertise_address: str | None = None,
         triton_control_key: str | None = None,
     ) -> NodeHandle:
         """Start a node agent that launches its own Triton, or attaches to the Triton at
@@ -350,6 +359,9 @@ class LocalMesh:
             "state_dir": state_dir,
             "labels": node_labels,
             "join_token": await self.join_token(f"local node {name}"),
+            "gate_host": "127.0.0.1",
+            "gate_grpc_port": (gate_grpc_port := free_port()),
+            "gate_http_port": (gate_http_port := free_port()),
         }
         triton_grpc_port = triton_http_port = None
         if triton_url is None:
@@ -363,8 +375,6 @@ class LocalMesh:
             settings |= {"triton_url": triton_url, "repository": repository}
             if triton_control_key is not None:
                 settings["triton_control_key"] = triton_control_key
-        if advertise_address is not None:
-            settings["advertise_address"] = advertise_address
         process = self._service(f"node-{name}", "shard_node", _endpoint_env("NODE", settings))
         handle = NodeHandle(
             name=name,
@@ -372,6 +382,8 @@ class LocalMesh:
             state_dir=state_dir,
             triton_grpc_port=triton_grpc_port,
             triton_http_port=triton_http_port,
+            gate_grpc_port=gate_grpc_port,
+            gate_http_port=gate_http_port,
         )
         self.nodes[name] = handle
         process.start()

@@ -25,16 +25,19 @@ _sym_db = _symbol_database.Default()
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from shard.auth.v1 import api_key_pb2 as shard_dot_auth_dot_v1_dot_api__key__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fshard/auth/v1/key_service.proto\x12\rshard.auth.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1bshard/auth/v1/api_key.proto\"C\n\x13\x43reateApiKeyRequest\x12,\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x15.shard.auth.v1.ApiKeyB\x04\xe2\x41\x01\x02\"N\n\x14\x43reateApiKeyResponse\x12&\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x15.shard.auth.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\":\n\x10GetApiKeyRequest\x12&\n\x04name\x18\x01 \x01(\tB\x18\xe2\x41\x01\x02\xfa\x41\x11\n\x0fshard.ai/ApiKey\";\n\x11GetApiKeyResponse\x12&\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x15.shard.auth.v1.ApiKey\"G\n\x12ListApiKeysRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"W\n\x13ListApiKeysResponse\x12\'\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x15.shard.auth.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"=\n\x13RevokeApiKeyRequest\x12&\n\x04name\x18\x01 \x01(\tB\x18\xe2\x41\x01\x02\xfa\x41\x11\n\x0fshard.ai/ApiKey\">\n\x14RevokeApiKeyResponse\x12&\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x15.shard.auth.v1.ApiKey\"=\n\x13RotateApiKeyRequest\x12&\n\x04name\x18\x01 \x01(\tB\x18\xe2\x41\x01\x02\xfa\x41\x11\n\x0fshard.ai/ApiKey\"N\n\x14RotateApiKeyResponse\x12&\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x15.shard.auth.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t2\xd5\x04\n\nKeyService\x12r\n\x0c\x43reateApiKey\x12\".shard.auth.v1.CreateApiKeyRequest\x1a#.shard.auth.v1.CreateApiKeyResponse\"\x19\x82\xd3\xe4\x93\x02\x13\"\x08/v1/keys:\x07\x61pi_key\x12l\n\tGetApiKey\x12\x1f.shard.auth.v1.GetApiKeyRequest\x1a .shard.auth.v1.GetApiKeyResponse\"\x1c\x90\x02\x01\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/{name=keys/*}\x12i\n\x0bListApiKeys\x12!.shard.auth.v1.ListApiKeysRequest\x1a\".shard.auth.v1.ListApiKeysResponse\"\x13\x90\x02\x01\x82\xd3\xe4\x93\x02\n\x12\x08/v1/keys\x12|\n\x0cRevokeApiKey\x12\".shard.auth.v1.RevokeApiKeyRequest\x1a#.shard.auth.v1.RevokeApiKeyResponse\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/{name=keys/*}:revoke:\x01*\x12|\n\x0cRotateApiKey\x12\".shard.auth.v1.RotateApiKeyRequest\x1a#.shard.auth.v1.RotateApiKeyResponse\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/{name=keys/*}:rotate:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fshard/auth/v1/key_service.proto\x12\rshard.auth.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bshard/auth/v1/api_key.proto\"R\n\x1dIssueClientCertificateRequest\x12!\n\x13\x63\x65rtificate_request\x18\x01 \x01(\x0c\x42\x04\xe2\x41\x01\x02\x12\x0e\n\x06models\x18\x02 \x03(\t\"W\n\x1eIssueClientCertificateResponse\x12\x35\n\x0b\x63\x65rtificate\x18\x01 \x01(\x0b\x32 .shard.auth.v1.ClientCertificate\"\x85\x01\n\x11\x43lientCertificate\x12\x19\n\x11\x63\x65rtificate_chain\x18\x01 \x01(\x0c\x12\x14\n\x0ctrust_bundle\x18\x02 \x01(\x0c\x12/\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06models\x18\x04 \x03(\t\"C\n\x13\x43reateApiKeyRequest\x12,\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x15.shard.auth.v1.ApiKeyB\x04\xe2\x41\x01\x02\"N\n\x14\x43reateApiKeyResponse\x12&\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x15.shard.auth.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\":\n\x10GetApiKeyRequest\x12&\n\x04name\x18\x01 \x01(\tB\x18\xe2\x41\x01\x02\xfa\x41\x11\n\x0fshard.ai/ApiKey\";\n\x11GetApiKeyResponse\x12&\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x15.shard.auth.v1.ApiKey\"G\n\x12ListApiKeysRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"W\n\x13ListApiKeysResponse\x12\'\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x15.shard.auth.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"=\n\x13RevokeApiKeyRequest\x12&\n\x04name\x18\x01 \x01(\tB\x18\xe2\x41\x01\x02\xfa\x41\x11\n\x0fshard.ai/ApiKey\">\n\x14RevokeApiKeyResponse\x12&\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x15.shard.auth.v1.ApiKey\"=\n\x13RotateApiKeyRequest\x12&\n\x04name\x18\x01 \x01(\tB\x18\xe2\x41\x01\x02\xfa\x41\x11\n\x0fshard.ai/ApiKey\"N\n\x14RotateApiKeyResponse\x12&\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x15.shard.auth.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t2\xf6\x05\n\nKeyService\x12r\n\x0c\x43reateApiKey\x12\".shard.auth.v1.CreateApiKeyRequest\x1a#.shard.auth.v1.CreateApiKeyResponse\"\x19\x82\xd3\xe4\x93\x02\x13\"\x08/v1/keys:\x07\x61pi_key\x12l\n\tGetApiKey\x12\x1f.shard.auth.v1.GetApiKeyRequest\x1a .shard.auth.v1.GetApiKeyResponse\"\x1c\x90\x02\x01\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/{name=keys/*}\x12i\n\x0bListApiKeys\x12!.shard.auth.v1.ListApiKeysRequest\x1a\".shard.auth.v1.ListApiKeysResponse\"\x13\x90\x02\x01\x82\xd3\xe4\x93\x02\n\x12\x08/v1/keys\x12|\n\x0cRevokeApiKey\x12\".shard.auth.v1.RevokeApiKeyRequest\x1a#.shard.auth.v1.RevokeApiKeyResponse\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/{name=keys/*}:revoke:\x01*\x12|\n\x0cRotateApiKey\x12\".shard.auth.v1.RotateApiKeyRequest\x1a#.shard.auth.v1.RotateApiKeyResponse\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/{name=keys/*}:rotate:\x01*\x12\x9e\x01\n\x16IssueClientCertificate\x12,.shard.auth.v1.IssueClientCertificateRequest\x1a-.shard.auth.v1.IssueClientCertificateResponse\"\'\x82\xd3\xe4\x93\x02!\"\x1c/v1/clientCertificates:issue:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shard.auth.v1.key_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_ISSUECLIENTCERTIFICATEREQUEST'].fields_by_name['certificate_request']._loaded_options = None
+  _globals['_ISSUECLIENTCERTIFICATEREQUEST'].fields_by_name['certificate_request']._serialized_options = b'\342A\001\002'
   _globals['_CREATEAPIKEYREQUEST'].fields_by_name['api_key']._loaded_options = None
   _globals['_CREATEAPIKEYREQUEST'].fields_by_name['api_key']._serialized_options = b'\342A\001\002'
   _globals['_GETAPIKEYREQUEST'].fields_by_name['name']._loaded_options = None
@@ -57,26 +60,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KEYSERVICE'].methods_by_name['RevokeApiKey']._serialized_options = b'\202\323\344\223\002\035\"\030/v1/{name=keys/*}:revoke:\001*'
   _globals['_KEYSERVICE'].methods_by_name['RotateApiKey']._loaded_options = None
   _globals['_KEYSERVICE'].methods_by_name['RotateApiKey']._serialized_options = b'\202\323\344\223\002\035\"\030/v1/{name=keys/*}:rotate:\001*'
-  _globals['_CREATEAPIKEYREQUEST']._serialized_start=169
-  _globals['_CREATEAPIKEYREQUEST']._serialized_end=236
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=238
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=316
-  _globals['_GETAPIKEYREQUEST']._serialized_start=318
-  _globals['_GETAPIKEYREQUEST']._serialized_end=376
-  _globals['_GETAPIKEYRESPONSE']._serialized_start=378
-  _globals['_GETAPIKEYRESPONSE']._serialized_end=437
-  _globals['_LISTAPIKEYSREQUEST']._serialized_start=439
-  _globals['_LISTAPIKEYSREQUEST']._serialized_end=510
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=512
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=599
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=601
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=662
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=664
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=726
-  _globals['_ROTATEAPIKEYREQUEST']._serialized_start=728
-  _globals['_ROTATEAPIKEYREQUEST']._serialized_end=789
-  _globals['_ROTATEAPIKEYRESPONSE']._serialized_start=791
-  _globals['_ROTATEAPIKEYRESPONSE']._serialized_end=869
-  _globals['_KEYSERVICE']._serialized_start=872
-  _globals['_KEYSERVICE']._serialized_end=1469
+  _globals['_KEYSERVICE'].methods_by_name['IssueClientCertificate']._loaded_options = None
+  _globals['_KEYSERVICE'].methods_by_name['IssueClientCertificate']._serialized_options = b'\202\323\344\223\002!\"\034/v1/clientCertificates:issue:\001*'
+  _globals['_ISSUECLIENTCERTIFICATEREQUEST']._serialized_start=202
+  _globals['_ISSUECLIENTCERTIFICATEREQUEST']._serialized_end=284
+  _globals['_ISSUECLIENTCERTIFICATERESPONSE']._serialized_start=286
+  _globals['_ISSUECLIENTCERTIFICATERESPONSE']._serialized_end=373
+  _globals['_CLIENTCERTIFICATE']._serialized_start=376
+  _globals['_CLIENTCERTIFICATE']._serialized_end=509
+  _globals['_CREATEAPIKEYREQUEST']._serialized_start=511
+  _globals['_CREATEAPIKEYREQUEST']._serialized_end=578
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=580
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=658
+  _globals['_GETAPIKEYREQUEST']._serialized_start=660
+  _globals['_GETAPIKEYREQUEST']._serialized_end=718
+  _globals['_GETAPIKEYRESPONSE']._serialized_start=720
+  _globals['_GETAPIKEYRESPONSE']._serialized_end=779
+  _globals['_LISTAPIKEYSREQUEST']._serialized_start=781
+  _globals['_LISTAPIKEYSREQUEST']._serialized_end=852
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=854
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=941
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=943
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=1004
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=1006
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=1068
+  _globals['_ROTATEAPIKEYREQUEST']._serialized_start=1070
+  _globals['_ROTATEAPIKEYREQUEST']._serialized_end=1131
+  _globals['_ROTATEAPIKEYRESPONSE']._serialized_start=1133
+  _globals['_ROTATEAPIKEYRESPONSE']._serialized_end=1211
+  _globals['_KEYSERVICE']._serialized_start=1214
+  _globals['_KEYSERVICE']._serialized_end=1972
 # @@protoc_insertion_point(module_scope)

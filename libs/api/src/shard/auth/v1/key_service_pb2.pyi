@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from shard.auth.v1 import api_key_pb2 as _api_key_pb2
 import builtins as _builtins
@@ -18,6 +19,101 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+@_typing.final
+class IssueClientCertificateRequest(_message.Message):
+    """The request for a client certificate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CERTIFICATE_REQUEST_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
+    certificate_request: _builtins.bytes
+    """A PEM certificate request (PKCS#10) holding the client's ECDSA P-256 or P-384 public key,
+    signed by it; it names nothing, or only what the CA would name.
+    """
+    @_builtins.property
+    def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The Triton model names the certificate allows (at most 256, each one the key may use)."""
+
+    def __init__(
+        self,
+        *,
+        certificate_request: _builtins.bytes = ...,
+        models: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_request", b"certificate_request", "models", b"models"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IssueClientCertificateRequest: _TypeAlias = IssueClientCertificateRequest  # noqa: Y015
+
+@_typing.final
+class IssueClientCertificateResponse(_message.Message):
+    """A client certificate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CERTIFICATE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def certificate(self) -> Global___ClientCertificate:
+        """The certificate."""
+
+    def __init__(
+        self,
+        *,
+        certificate: Global___ClientCertificate | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IssueClientCertificateResponse: _TypeAlias = IssueClientCertificateResponse  # noqa: Y015
+
+@_typing.final
+class ClientCertificate(_message.Message):
+    """A client certificate for calling node Tritons directly: it names the key
+    (spiffe://<trust domain>/client/<key id>) and, as `urn:shard:model:<name>` URIs, the models
+    it allows.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CERTIFICATE_CHAIN_FIELD_NUMBER: _builtins.int
+    TRUST_BUNDLE_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
+    certificate_chain: _builtins.bytes
+    """The certificate and any intermediates above it, PEM."""
+    trust_bundle: _builtins.bytes
+    """The mesh CA's roots, PEM: what node certificates are checked against."""
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the certificate expires."""
+
+    @_builtins.property
+    def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The models it allows."""
+
+    def __init__(
+        self,
+        *,
+        certificate_chain: _builtins.bytes = ...,
+        trust_bundle: _builtins.bytes = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        models: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_chain", b"certificate_chain", "expire_time", b"expire_time", "models", b"models", "trust_bundle", b"trust_bundle"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClientCertificate: _TypeAlias = ClientCertificate  # noqa: Y015
 
 @_typing.final
 class CreateApiKeyRequest(_message.Message):

@@ -61,6 +61,11 @@ class KeyServiceStub:
                 request_serializer=shard_dot_auth_dot_v1_dot_key__service__pb2.RotateApiKeyRequest.SerializeToString,
                 response_deserializer=shard_dot_auth_dot_v1_dot_key__service__pb2.RotateApiKeyResponse.FromString,
                 _registered_method=True)
+        self.IssueClientCertificate = channel.unary_unary(
+                '/shard.auth.v1.KeyService/IssueClientCertificate',
+                request_serializer=shard_dot_auth_dot_v1_dot_key__service__pb2.IssueClientCertificateRequest.SerializeToString,
+                response_deserializer=shard_dot_auth_dot_v1_dot_key__service__pb2.IssueClientCertificateResponse.FromString,
+                _registered_method=True)
 
 
 class KeyServiceServicer:
@@ -103,6 +108,15 @@ class KeyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def IssueClientCertificate(self, request, context):
+        """Issues the caller's key a short-lived client certificate from the mesh CA, with which it
+        may call node Tritons directly, for the models it names (each one the key may use). Needs
+        the `inference` permission.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +144,11 @@ def add_KeyServiceServicer_to_server(servicer, server):
                     servicer.RotateApiKey,
                     request_deserializer=shard_dot_auth_dot_v1_dot_key__service__pb2.RotateApiKeyRequest.FromString,
                     response_serializer=shard_dot_auth_dot_v1_dot_key__service__pb2.RotateApiKeyResponse.SerializeToString,
+            ),
+            'IssueClientCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.IssueClientCertificate,
+                    request_deserializer=shard_dot_auth_dot_v1_dot_key__service__pb2.IssueClientCertificateRequest.FromString,
+                    response_serializer=shard_dot_auth_dot_v1_dot_key__service__pb2.IssueClientCertificateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -269,6 +288,33 @@ class KeyService:
             '/shard.auth.v1.KeyService/RotateApiKey',
             shard_dot_auth_dot_v1_dot_key__service__pb2.RotateApiKeyRequest.SerializeToString,
             shard_dot_auth_dot_v1_dot_key__service__pb2.RotateApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IssueClientCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shard.auth.v1.KeyService/IssueClientCertificate',
+            shard_dot_auth_dot_v1_dot_key__service__pb2.IssueClientCertificateRequest.SerializeToString,
+            shard_dot_auth_dot_v1_dot_key__service__pb2.IssueClientCertificateResponse.FromString,
             options,
             channel_credentials,
             insecure,

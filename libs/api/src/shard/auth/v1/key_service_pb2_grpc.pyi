@@ -28,6 +28,11 @@ class KeyServiceStub:
     """Revokes a key at once and for good."""
     RotateApiKey: _aio.UnaryUnaryMultiCallable[_key_service_pb2.RotateApiKeyRequest, _key_service_pb2.RotateApiKeyResponse]
     """Gives a key a new secret; the old one stops working at once."""
+    IssueClientCertificate: _aio.UnaryUnaryMultiCallable[_key_service_pb2.IssueClientCertificateRequest, _key_service_pb2.IssueClientCertificateResponse]
+    """Issues the caller's key a short-lived client certificate from the mesh CA, with which it
+    may call node Tritons directly, for the models it names (each one the key may use). Needs
+    the `inference` permission.
+    """
 
 class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
     """API keys. Admins manage every key; other principals create, list, rotate and revoke their own,
@@ -73,5 +78,16 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _aio.ServicerContext[_key_service_pb2.RotateApiKeyRequest, _abc.Awaitable[_key_service_pb2.RotateApiKeyResponse]],
     ) -> _abc.Awaitable[_key_service_pb2.RotateApiKeyResponse]:
         """Gives a key a new secret; the old one stops working at once."""
+
+    @_abc_1.abstractmethod
+    def IssueClientCertificate(
+        self,
+        request: _key_service_pb2.IssueClientCertificateRequest,
+        context: _aio.ServicerContext[_key_service_pb2.IssueClientCertificateRequest, _abc.Awaitable[_key_service_pb2.IssueClientCertificateResponse]],
+    ) -> _abc.Awaitable[_key_service_pb2.IssueClientCertificateResponse]:
+        """Issues the caller's key a short-lived client certificate from the mesh CA, with which it
+        may call node Tritons directly, for the models it names (each one the key may use). Needs
+        the `inference` permission.
+        """
 
 def add_KeyServiceServicer_to_server(servicer: KeyServiceServicer, server: _aio.Server) -> None: ...

@@ -22,10 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from shard.auth.v1 import key_service_pb2 as shard_dot_auth_dot_v1_dot_key__service__pb2
 from shard.node.v1 import node_pb2 as shard_dot_node_dot_v1_dot_node__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)shard/inference/v1/endpoint_service.proto\x12\x12shard.inference.v1\x1a\x18shard/node/v1/node.proto\"\x17\n\x15WatchEndpointsRequest\"{\n\x16WatchEndpointsResponse\x12/\n\tendpoints\x18\x01 \x03(\x0b\x32\x1c.shard.node.v1.ModelEndpoint\x12\x30\n\x06splits\x18\x02 \x03(\x0b\x32 .shard.inference.v1.TrafficSplit\"\x92\x01\n\x0cTrafficSplit\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12>\n\x07weights\x18\x02 \x03(\x0b\x32-.shard.inference.v1.TrafficSplit.WeightsEntry\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\x32|\n\x0f\x45ndpointService\x12i\n\x0eWatchEndpoints\x12).shard.inference.v1.WatchEndpointsRequest\x1a*.shard.inference.v1.WatchEndpointsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)shard/inference/v1/endpoint_service.proto\x12\x12shard.inference.v1\x1a\x1fshard/auth/v1/key_service.proto\x1a\x18shard/node/v1/node.proto\"4\n\x15WatchEndpointsRequest\x12\x1b\n\x13\x63\x65rtificate_request\x18\x01 \x01(\x0c\"\xb9\x01\n\x16WatchEndpointsResponse\x12/\n\tendpoints\x18\x01 \x03(\x0b\x32\x1c.shard.node.v1.ModelEndpoint\x12\x30\n\x06splits\x18\x02 \x03(\x0b\x32 .shard.inference.v1.TrafficSplit\x12<\n\x12\x63lient_certificate\x18\x03 \x01(\x0b\x32 .shard.auth.v1.ClientCertificate\"\x92\x01\n\x0cTrafficSplit\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12>\n\x07weights\x18\x02 \x03(\x0b\x32-.shard.inference.v1.TrafficSplit.WeightsEntry\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\x32|\n\x0f\x45ndpointService\x12i\n\x0eWatchEndpoints\x12).shard.inference.v1.WatchEndpointsRequest\x1a*.shard.inference.v1.WatchEndpointsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,14 +35,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TRAFFICSPLIT_WEIGHTSENTRY']._loaded_options = None
   _globals['_TRAFFICSPLIT_WEIGHTSENTRY']._serialized_options = b'8\001'
-  _globals['_WATCHENDPOINTSREQUEST']._serialized_start=91
-  _globals['_WATCHENDPOINTSREQUEST']._serialized_end=114
-  _globals['_WATCHENDPOINTSRESPONSE']._serialized_start=116
-  _globals['_WATCHENDPOINTSRESPONSE']._serialized_end=239
-  _globals['_TRAFFICSPLIT']._serialized_start=242
-  _globals['_TRAFFICSPLIT']._serialized_end=388
-  _globals['_TRAFFICSPLIT_WEIGHTSENTRY']._serialized_start=342
-  _globals['_TRAFFICSPLIT_WEIGHTSENTRY']._serialized_end=388
-  _globals['_ENDPOINTSERVICE']._serialized_start=390
-  _globals['_ENDPOINTSERVICE']._serialized_end=514
+  _globals['_WATCHENDPOINTSREQUEST']._serialized_start=124
+  _globals['_WATCHENDPOINTSREQUEST']._serialized_end=176
+  _globals['_WATCHENDPOINTSRESPONSE']._serialized_start=179
+  _globals['_WATCHENDPOINTSRESPONSE']._serialized_end=364
+  _globals['_TRAFFICSPLIT']._serialized_start=367
+  _globals['_TRAFFICSPLIT']._serialized_end=513
+  _globals['_TRAFFICSPLIT_WEIGHTSENTRY']._serialized_start=467
+  _globals['_TRAFFICSPLIT_WEIGHTSENTRY']._serialized_end=513
+  _globals['_ENDPOINTSERVICE']._serialized_start=515
+  _globals['_ENDPOINTSERVICE']._serialized_end=639
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from shard.auth.v1 import key_service_pb2 as _key_service_pb2
 from shard.node.v1 import node_pb2 as _node_pb2
 import builtins as _builtins
 import sys
@@ -25,12 +26,21 @@ class WatchEndpointsRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    CERTIFICATE_REQUEST_FIELD_NUMBER: _builtins.int
+    certificate_request: _builtins.bytes
+    """A PEM certificate request for a client certificate (see KeyService.IssueClientCertificate):
+    the router has the registry issue the caller's key one for the models in the caller's view,
+    and sends it in the snapshots, again before it expires and whenever those models change.
+    Node Tritons take direct calls only with such a certificate.
+    """
     def __init__(
         self,
+        *,
+        certificate_request: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_request", b"certificate_request"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -44,6 +54,7 @@ class WatchEndpointsResponse(_message.Message):
 
     ENDPOINTS_FIELD_NUMBER: _builtins.int
     SPLITS_FIELD_NUMBER: _builtins.int
+    CLIENT_CERTIFICATE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def endpoints(self) -> _containers.RepeatedCompositeFieldContainer[_node_pb2.ModelEndpoint]:
         """Every model version replica that is ready, with its Triton address and queue depth."""
@@ -52,15 +63,20 @@ class WatchEndpointsResponse(_message.Message):
     def splits(self) -> _containers.RepeatedCompositeFieldContainer[Global___TrafficSplit]:
         """The traffic weights of every deployed model's versions."""
 
+    @_builtins.property
+    def client_certificate(self) -> _key_service_pb2.ClientCertificate:
+        """A new client certificate for the requested key (unset: the last one still holds)."""
+
     def __init__(
         self,
         *,
         endpoints: _abc.Iterable[_node_pb2.ModelEndpoint] | None = ...,
         splits: _abc.Iterable[Global___TrafficSplit] | None = ...,
+        client_certificate: _key_service_pb2.ClientCertificate | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["client_certificate", b"client_certificate"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoints", b"endpoints", "splits", b"splits"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_certificate", b"client_certificate", "endpoints", b"endpoints", "splits", b"splits"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
