@@ -2,10 +2,10 @@
 
 Starts a local shard with one node, then drives `simple` with tritonclient's asyncio HTTP client
 (binary tensors, as it sends by default) at concurrency 1 and 16: first at the node's Triton HTTP
-port, then at the gateway (which goes on to the router and the node over gRPC), in plaintext on
-loopback and over HTTPS trusting the mesh CA (what every client off this machine uses). Prints
-throughput, p50/p99 latency, the ratios to Triton, and the gateway's and router's CPU time per
-request.
+port (on loopback), then at the gateway (which sends the body on to the node's gate over mutual
+TLS), in plaintext on loopback and over HTTPS trusting the mesh CA (what every client off this
+machine uses). Prints throughput, p50/p99 latency, the ratios to Triton, and the CPU time per
+request of the gateway, the router and the node's gate together.
 
     uv run python -m bench.gateway_vs_triton [--seconds 5]
 """
@@ -23,6 +23,7 @@ import numpy as np
 import psutil
 import tritonclient.http.aio as triton_http
 
+from bench.mesh import node_gate
 from bench.report import Result, print_header, print_rows
 from bench.router_vs_direct import MODELS
 from shard_tool.local import LocalMesh, MeshPorts
@@ -76,11 +77,12 @@ async def main(seconds: float) -> None:
         try:
             await mesh.start(nodes=1)
             hops = [psutil.Process(mesh.services[name].pid) for name in ("gateway", "inference")]
+            hops.append(node_gate(mesh, "node-0"))
             triton_url = f"127.0.0.1:{mesh.nodes['node-0'].triton_http_port}"
             gateway_url = mesh.gateway_url.removeprefix("http://")
             gateway_tls_url = mesh.gateway_tls_url.removeprefix("https://")
             trusted = ssl.create_default_context(cafile=str(mesh.ca_file))
-            print_header("gw+router µs/req")
+            print_header("gw+rtr+gate µs/r")
             for concurrency in (1, 16):
                 results = {
                     "triton": await _drive(triton_url, concurrency, seconds, hops),

@@ -1,11 +1,13 @@
-"""Triton direct, the shard's router and client-side routing, side by side in one run.
+"""Triton direct, the node's gate, the shard's router and client-side routing, side by side.
 
 Starts a local shard with one node, then drives `simple` at concurrency 1 and 16: with
-tritonclient's asyncio gRPC client straight at the node's Triton, the same client through the
-router (its loopback plaintext port, then its TLS port trusting the mesh CA: what every client
-off this machine uses), and `shard_client.aio` (the same API, routing in the client; its watch
-of the router in plaintext, then over TLS). Prints throughput, p50/p99 latency, the ratios to
-direct, and the router's CPU time per request.
+tritonclient's asyncio gRPC client straight at the node's Triton (on loopback), the same client
+through the node's gate (mutual TLS, presenting the router's certificate: the hop every call to
+a node now crosses), through the router (its loopback plaintext port, then its TLS port trusting
+the mesh CA: what every client off this machine uses), and `shard_client.aio` (the same API,
+routing in the client, calling the node's gate with its client certificate; its watch of the
+router in plaintext, then over TLS). Prints throughput, p50/p99 latency, the ratios to direct,
+and the CPU time per request of the router and the gate's Envoy together.
 
     uv run python -m bench.router_vs_direct [--seconds 5]
 """
@@ -23,8 +25,12 @@ import numpy as np
 import psutil
 import tritonclient.grpc.aio as triton
 
+from bench.mesh import node_gate
 from bench.report import Result, print_header, print_rows
 from shard_client.aio import InferenceServerClient as ShardClient
+from shard_core import pki
+from shard_core.tls import TlsIdentity
+from shard_node.identity import NodeIdentity
 from shard_tool.local import LocalMesh, MeshPorts
 
 MODELS = Path(__file__).resolve().parent.parent / "infra" / "triton" / "models"
@@ -44,7 +50,7 @@ Opened = Callable[[], triton.InferenceServerClient | ShardClient]
 
 
 async def _drive(
-    opened: Opened, concurrency: int, seconds: float, router: psutil.Process
+    opened: Opened, concurrency: int, seconds: float, watched: list[psutil.Process]
 ) -> Result:
     """Drive the client `opened` makes at `concurrency` for `seconds`."""
     async with opened() as client:
@@ -60,11 +66,11 @@ async def _drive(
                 await client.infer("simple", inputs)
                 latencies.append((time.perf_counter() - start) * 1000)
 
-        cpu_before = sum(router.cpu_times()[:2])
+        cpu_before = sum(sum(p.cpu_times()[:2]) for p in watched)
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
-        cpu = sum(router.cpu_times()[:2]) - cpu_before
+        cpu = sum(sum(p.cpu_times()[:2]) for p in watched) - cpu_before
     return Result(requests=len(latencies), seconds=elapsed, latencies_ms=latencies, hop_cpu_s=cpu)
 
 
@@ -73,12 +79,22 @@ async def main(seconds: float) -> None:
         mesh = LocalMesh(state_dir=Path(state), model_repository=MODELS, ports=MeshPorts.free())
         try:
             await mesh.start(nodes=1)
-            router = psutil.Process(mesh.services["inference"].pid)
-            direct_url = f"127.0.0.1:{mesh.nodes['node-0'].triton_grpc_port}"
+            node = mesh.nodes["node-0"]
+            watched = [psutil.Process(mesh.services["inference"].pid), node_gate(mesh, "node-0")]
+            direct_url = f"127.0.0.1:{node.triton_grpc_port}"
             ca = str(mesh.ca_file)
             key = mesh.admin_token
+            router_identity = TlsIdentity(mesh.tls_path("router"))
+            node_name = pki.node_workload(
+                "shard.local", NodeIdentity.load_or_create(node.state_dir).node_id
+            ).dns
             clients: dict[str, Opened] = {
                 "direct": lambda: triton.InferenceServerClient(direct_url),
+                "gate": lambda: triton.InferenceServerClient(
+                    node.address,
+                    creds=router_identity.channel_credentials(),
+                    channel_args=[("grpc.ssl_target_name_override", node_name)],
+                ),
                 "router": lambda: triton.InferenceServerClient(mesh.router_address),
                 "router tls": lambda: triton.InferenceServerClient(
                     mesh.router_tls_address, ssl=True, root_certificates=ca
@@ -91,10 +107,10 @@ async def main(seconds: float) -> None:
                     root_certificates=mesh.ca_file,
                 ),
             }
-            print_header("router µs/req")
+            print_header("rtr+gate µs/req")
             for concurrency in (1, 16):
                 results = {
-                    name: await _drive(opened, concurrency, seconds, router)
+                    name: await _drive(opened, concurrency, seconds, watched)
                     for name, opened in clients.items()
                 }
                 print_rows(concurrency, results, baseline="direct")

@@ -143,6 +143,18 @@ def _node_id(node: NodeHandle) -> str:
     return NodeIdentity.load_or_create(node.state_dir).node_id
 
 
+async def _ready_status(client: triton_aio.InferenceServerClient, model: str) -> str:
+    """Whether the node's gate lets the question through (to a Triton that may or may not
+    serve the model)."""
+    try:
+        await client.is_model_ready(model)
+    except InferenceServerException as error:
+        return str(error.status())
+    finally:
+        await client.close()
+    return "OK"
+
+
 async def _infer_status(client: triton_aio.InferenceServerClient, model: str) -> str:
     data = np.ones((1, 16), dtype=np.int32)
     try:
@@ -161,7 +173,10 @@ async def test_only_a_certificate_for_the_model_reaches_a_private_model_at_its_n
     assert await _infer_status(_node_client(mesh, node, None), PRIVATE) == "StatusCode.UNAVAILABLE"
     # A developer's key gets a certificate for public models only, which the node holds to.
     developer = await _certificate(mesh, keys["direct-developer"], ["simple"], tmp_path / "dev")
-    assert await _infer_status(_node_client(mesh, node, developer), "simple") == "OK"
+    assert await _ready_status(_node_client(mesh, node, developer), "simple") == "OK"
+    assert await _ready_status(_node_client(mesh, node, developer), PRIVATE) == (
+        "StatusCode.PERMISSION_DENIED"
+    )
     assert await _infer_status(_node_client(mesh, node, developer), PRIVATE) == (
         "StatusCode.PERMISSION_DENIED"
     )

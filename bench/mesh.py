@@ -1,0 +1,13 @@
+"""The processes of a local shard a benchmark charges CPU to."""
+
+from __future__ import annotations
+
+import psutil
+
+from shard_tool.local import LocalMesh
+
+
+def node_gate(mesh: LocalMesh, node: str) -> psutil.Process:
+    """The Envoy of `node`'s gate (the agent's child), which every call to the node crosses."""
+    agent = psutil.Process(mesh.nodes[node].process.pid)
+    return next(p for p in agent.children(recursive=True) if p.name() == "envoy")
