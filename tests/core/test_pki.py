@@ -23,7 +23,7 @@ from shard_core import pki
 from shard_core.errors import InvalidArgumentError
 from shard_core.grpc.server import GrpcServer, server_options
 from shard_core.pki import Authority, Workload
-from shard_core.tls import TlsIdentity, channel, is_loopback, write_identity
+from shard_core.tls import TlsIdentity, channel, is_loopback, peer_channel, write_identity
 
 REGISTRY = Workload(trust_domain=pki.DEFAULT_TRUST_DOMAIN, kind="service", name="registry")
 NODE = Workload(trust_domain=pki.DEFAULT_TRUST_DOMAIN, kind="node", name="nabc")
@@ -313,3 +313,59 @@ def _duplicated_extension(key: ec.EllipticCurvePrivateKey) -> bytes:
         extensions=[twice, twice],
     )
     return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+async def test_a_mesh_channel_presents_its_renewed_certificate_and_checks_its_peer(
+    tmp_path: Path,
+) -> None:
+    """Service to service: mutual TLS that checks the peer, and that moves to the caller's
+    renewed certificate for new calls on the stubs it already made."""
+    ca = Authority.create()
+    seen: list[int] = []
+
+    async def whoami(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        pem = next(iter(context.auth_context()["x509_pem_cert"]))
+        seen.append(x509.load_pem_x509_certificate(pem).serial_number)
+        return b""
+
+    def register(server: grpc.aio.Server) -> None:
+        handler = grpc.unary_unary_rpc_method_handler(whoami)
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("test.WhoAmI", {"Ask": handler}),)
+        )
+
+    server = GrpcServer(
+        address=None,
+        tls=_identity(ca, REGISTRY, tmp_path / "registry"),
+        tls_address="127.0.0.1:0",
+        require_client_certificate=True,
+        services=["test.WhoAmI"],
+        register=register,
+    )
+    await server.start()
+    router = Workload(trust_domain=pki.DEFAULT_TRUST_DOMAIN, kind="service", name="router")
+    identity = _identity(ca, router, tmp_path / "router")
+    address = f"127.0.0.1:{server.tls_port}"
+    try:
+        async with peer_channel(
+            "127.0.0.1:1", mesh_address=address, identity=identity, expect=REGISTRY
+        ) as mesh:
+            ask = mesh.unary_unary("/test.WhoAmI/Ask", None, None)
+            await ask(b"", timeout=5)
+            first = x509.load_pem_x509_certificates(identity.material().chain)[0]
+            _identity(ca, router, tmp_path / "router")  # renewed in place
+            await ask(b"", timeout=5)
+            assert seen[0] == first.serial_number
+            assert seen[1] != seen[0]
+        # A peer that is not the one expected is refused.
+        async with peer_channel(
+            "127.0.0.1:1", mesh_address=address, identity=identity, expect=NODE
+        ) as wrong:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await wrong.unary_unary("/test.WhoAmI/Ask", None, None)(b"", timeout=5)
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        # Without an identity, plaintext, and only to loopback.
+        with pytest.raises(ValueError, match="loopback"):
+            peer_channel("10.1.2.3:7070", mesh_address=address, identity=None, expect=REGISTRY)
+    finally:
+        await server.stop()

@@ -260,13 +260,14 @@ async def test_a_node_calls_by_certificate_and_loses_it_with_its_standing(
     other_beating.cancel()
     other.call.cancel()
 
-    # A service's certificate from the same CA does not act as a node; no certificate at all,
-    # or another CA's, does not get past the handshake.
+    # A service's certificate from the same CA does not act as a node (a service's calls are
+    # its callers', here anonymous); no certificate at all, or another CA's, does not get past
+    # the handshake.
     async with _by(mesh, mesh.state_dir / "tls" / "router") as channel:
         await refused(
             task_service_pb2_grpc.TaskServiceStub(channel).ClaimTask(CLAIM, timeout=10),
             grpc.StatusCode.UNAUTHENTICATED,
-            "CERTIFICATE_NOT_ACCEPTED",
+            "CREDENTIALS_MISSING",
         )
     async with tls.channel(
         mesh.registry_mesh_address, tls.trusting(mesh.ca_file), expect=REGISTRY

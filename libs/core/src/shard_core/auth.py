@@ -259,7 +259,8 @@ class PeerCertificates:
     """Node agents calling with their mesh certificate (mutual TLS). The certificate must name
     a node of this trust domain; `standing` then decides, from the live view, whether that
     node may still act with a certificate issued at that time (it is not deleted, quarantined,
-    or registered again since): revocation takes effect at once, not at expiry."""
+    or registered again since): revocation takes effect at once, not at expiry. A service's
+    certificate acts as nothing: its calls are its callers' (their key, or anonymous)."""
 
     def __init__(
         self, trust_domain: str, standing: Callable[[str, int], ShardError | None]
@@ -281,10 +282,14 @@ class PeerCertificates:
                 f"the client certificate names {uri[:200]!r}, not a workload of this mesh",
                 reason="CERTIFICATE_NOT_ACCEPTED",
             )
+        if workload.kind == "service":
+            # A service of the mesh relays its callers: what they are is the key it sends on,
+            # or none (anonymous). Its certificate secures the hop and grants nothing.
+            return None
         if workload.kind != "node":
             raise UnauthenticatedError(
                 f"the client certificate names {workload.uri}; here only nodes act by "
-                "certificate (services and clients send their key)",
+                "certificate (clients send their key)",
                 reason="CERTIFICATE_NOT_ACCEPTED",
             )
         certificate = x509.load_pem_x509_certificate(pems[0])

@@ -12,6 +12,7 @@ Plaintext is for loopback only: `require_loopback` refuses a plaintext listener 
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import os
 import ssl
@@ -31,6 +32,8 @@ from shard_core.pki import Workload
 CA_FILE = "ca.pem"
 CERT_FILE = "cert.pem"
 KEY_FILE = "key.pem"
+# How long a channel replaced by one with a renewed certificate lives on, for calls in flight.
+RENEWED_CHANNEL_GRACE_S = 60.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -201,6 +204,106 @@ def channel(
     if expect is not None:
         options = [*options, ("grpc.ssl_target_name_override", expect.dns)]
     return grpc.aio.secure_channel(address, credentials, options, interceptors=interceptors)
+
+
+class MeshChannel(grpc.aio.Channel):
+    """A mutual-TLS channel from one workload to another that follows its identity's renewals:
+    once the files change, calls go over a new channel presenting the renewed certificate, and
+    the old one closes a minute later. Stubs made on it keep working across renewals (each call
+    finds the channel of the moment)."""
+
+    def __init__(
+        self,
+        address: str,
+        identity: TlsIdentity,
+        *,
+        expect: Workload,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self._address, self._identity, self._expect = address, identity, expect
+        self._options = options
+        self._material = identity.material()
+        self._channel = self._open()
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def _open(self) -> grpc.aio.Channel:
+        credentials = self._identity.channel_credentials()
+        return channel(self._address, credentials, expect=self._expect, options=self._options)
+
+    def current(self) -> grpc.aio.Channel:
+        """The channel presenting the identity's certificate of now."""
+        material = self._identity.material()
+        if material is not self._material:
+            old, self._material, self._channel = self._channel, material, self._open()
+            task = asyncio.get_running_loop().create_task(old.close(RENEWED_CHANNEL_GRACE_S))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        return self._channel
+
+    # Generated stubs pass more than the three arguments (`_registered_method`): all go on.
+    def unary_unary(self, *args: Any, **kwargs: Any) -> Any:
+        return _Following(self, "unary_unary", args, kwargs)
+
+    def unary_stream(self, *args: Any, **kwargs: Any) -> Any:
+        return _Following(self, "unary_stream", args, kwargs)
+
+    def stream_unary(self, *args: Any, **kwargs: Any) -> Any:
+        return _Following(self, "stream_unary", args, kwargs)
+
+    def stream_stream(self, *args: Any, **kwargs: Any) -> Any:
+        return _Following(self, "stream_stream", args, kwargs)
+
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        return self.current().get_state(try_to_connect)
+
+    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
+        await self.current().wait_for_state_change(last_observed_state)
+
+    async def channel_ready(self) -> None:
+        await self.current().channel_ready()
+
+    async def close(self, grace: float | None = None) -> None:
+        await asyncio.gather(self._channel.close(grace), *self._closing)
+
+    async def __aenter__(self) -> MeshChannel:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close(None)
+
+
+class _Following:
+    """A multi-callable on whichever channel is current when it is called."""
+
+    def __init__(
+        self, owner: MeshChannel, kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        self._owner, self._kind, self._args, self._kwargs = owner, kind, args, kwargs
+        self._channel: grpc.aio.Channel | None = None
+        self._callable: Any = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        current = self._owner.current()
+        if current is not self._channel:
+            self._channel = current
+            self._callable = getattr(current, self._kind)(*self._args, **self._kwargs)
+        return self._callable(*args, **kwargs)
+
+
+def peer_channel(
+    address: str,
+    *,
+    mesh_address: str | None,
+    identity: TlsIdentity | None,
+    expect: Workload,
+    options: Sequence[tuple[str, Any]] = (),
+) -> grpc.aio.Channel:
+    """A channel from one of the mesh's services to another: mutual TLS to the peer's
+    `mesh_address` with `identity`, checking the peer is `expect` (following renewals), when
+    the service has both; else plaintext to `address`, which only a loopback address may take."""
+    if identity is not None and mesh_address:
+        return MeshChannel(mesh_address, identity, expect=expect, options=options)
+    return channel(address, None, options=options)
 
 
 def is_loopback(address: str) -> bool:

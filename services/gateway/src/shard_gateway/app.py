@@ -21,12 +21,14 @@ _log = logging.getLogger(__name__)
 
 
 async def serve(settings: GatewaySettings) -> None:
+    identity = TlsIdentity(settings.tls_dir) if settings.tls_dir else None
     shard = Shard(
-        router_address=settings.router_address,
-        registry_address=settings.registry_address,
+        router=(settings.router_address, settings.router_mesh_address),
+        registry=(settings.registry_address, settings.registry_mesh_address),
+        identity=identity,
+        trust_domain=settings.trust_domain,
         timeout_s=settings.upstream_timeout_s,
     )
-    identity = TlsIdentity(settings.tls_dir) if settings.tls_dir else None
     view: ShardView[NodeHttp] = ShardView(
         settings,
         backend_factory=NodeHttp.opener(identity, settings.trust_domain),

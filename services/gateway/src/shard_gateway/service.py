@@ -14,6 +14,7 @@ from google.protobuf import json_format
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from shard_core import tls
+from shard_core.pki import Workload
 
 Credentials = Sequence[tuple[str, str]]
 
@@ -21,12 +22,34 @@ Credentials = Sequence[tuple[str, str]]
 class Shard:
     """The gateway's clients of the router and the registry: one channel to each."""
 
-    def __init__(self, *, router_address: str, registry_address: str, timeout_s: float) -> None:
+    def __init__(
+        self,
+        *,
+        router: tuple[str, str | None],
+        registry: tuple[str, str | None],
+        identity: tls.TlsIdentity | None,
+        trust_domain: str,
+        timeout_s: float,
+    ) -> None:
+        """`router` and `registry`: each one's loopback plaintext address and mutual-TLS
+        address. Callers' keys travel on these channels: mutual TLS with the gateway's
+        `identity` to the mutual-TLS address when both are given, else plaintext, to loopback
+        only."""
         options = [("grpc.max_receive_message_length", 64 << 20)]
-        # Callers' keys travel on these: plaintext only to this machine (mesh TLS between
-        # services is still to come).
-        self._router_channel = tls.channel(router_address, None, options=options)
-        self._registry_channel = tls.channel(registry_address, None)
+
+        def peer(
+            name: str, addresses: tuple[str, str | None], options: Sequence[tuple[str, int]] = ()
+        ) -> grpc.aio.Channel:
+            return tls.peer_channel(
+                addresses[0],
+                mesh_address=addresses[1],
+                identity=identity,
+                expect=Workload(trust_domain=trust_domain, kind="service", name=name),
+                options=options,
+            )
+
+        self._router_channel = peer("router", router, options)
+        self._registry_channel = peer("registry", registry)
         self._router = service_pb2_grpc.GRPCInferenceServiceStub(self._router_channel)
         self._timeout_s = timeout_s
 

@@ -15,6 +15,7 @@ from shard.node.v1 import node_service_pb2, node_service_pb2_grpc
 from shard_core import tls
 from shard_core.auth import AUTHORIZATION
 from shard_core.grpc.server import GrpcServer
+from shard_core.pki import Workload
 from shard_core.tls import TlsIdentity
 from shard_inference.backends import SERVICE, NodeChannel
 from shard_inference.cache import MemoryCache
@@ -72,7 +73,13 @@ async def serve(settings: InferenceSettings) -> None:
         callbacks=[lambda _: [metrics.Observation(responses.bytes)]],
         description="Bytes of answers the response cache holds.",
     )
-    registry = tls.channel(settings.registry_address, None)  # the admin token rides on it
+    # The admin token, or a watcher's key, rides on each call.
+    registry = tls.peer_channel(
+        settings.registry_address,
+        mesh_address=settings.registry_mesh_address,
+        identity=identity,
+        expect=Workload(trust_domain=settings.trust_domain, kind="service", name="registry"),
+    )
     watch = EndpointWatch(
         table, split, changes, view.guard, _issuer(registry, settings.upstream_timeout_s)
     )
@@ -132,6 +139,7 @@ async def serve(settings: InferenceSettings) -> None:
         address=settings.address or None,
         tls=identity,
         tls_address=settings.tls_address if identity else None,
+        mtls_address=settings.mesh_address if identity else None,
         services=[SERVICE, ENDPOINT_SERVICE],
         register=register,
         interceptors=(),
@@ -160,9 +168,10 @@ async def serve(settings: InferenceSettings) -> None:
 
     server.on_shutdown(stop_reporting)
     _log.info(
-        "inference router serving on port %d (plaintext, loopback) and %d (TLS)",
+        "inference router serving on ports %d (plaintext, loopback), %d (TLS) and %d (mutual TLS)",
         server.port,
         server.tls_port,
+        server.mtls_port,
     )
     await server.serve_until_signalled()
 

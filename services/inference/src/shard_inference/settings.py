@@ -53,9 +53,20 @@ class InferenceSettings(ServiceSettings, DataPlaneSettings, TlsSettings):
     tls_address: str = Field(
         default="0.0.0.0:8444", description="KServe v2 gRPC TLS listen address (with tls_dir)."
     )
+    mesh_address: str = Field(
+        default="0.0.0.0:8445",
+        description="Mutual-TLS gRPC listen address (with tls_dir): the mesh's services (the "
+        "gateway, the registry's canaries) call here with their certificates.",
+    )
     registry_address: str = Field(
         default="127.0.0.1:7070",
-        description="The registry, for RepositoryModelLoad and Unload (deployments).",
+        description="The registry's loopback plaintext address (RepositoryModelLoad and "
+        "Unload, quarantines, client certificates); see registry_mesh_address.",
+    )
+    registry_mesh_address: str | None = Field(
+        default=None,
+        description="The registry's mutual-TLS address: with tls_dir, the router calls it there "
+        "with its certificate and checks the peer is the registry, instead of registry_address.",
     )
     trusted_proxies: frozenset[str] = Field(
         default=frozenset(),

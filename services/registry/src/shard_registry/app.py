@@ -17,7 +17,7 @@ from shard.deployment.v1 import deployment_service_pb2, deployment_service_pb2_g
 from shard.model.v1 import model_service_pb2, model_service_pb2_grpc
 from shard.node.v1 import node_service_pb2, node_service_pb2_grpc
 from shard.task.v1 import task_service_pb2, task_service_pb2_grpc
-from shard_core import keys
+from shard_core import keys, tls
 from shard_core.auth import (
     AuthInterceptor,
     KeyRing,
@@ -32,7 +32,7 @@ from shard_core.etcd.mirror import PrefixMirror
 from shard_core.etcd.store import EtcdStore
 from shard_core.grpc.interceptors import ErrorInterceptor
 from shard_core.grpc.server import GrpcServer, server_options
-from shard_core.pki import Authority
+from shard_core.pki import Authority, Workload
 from shard_core.tls import TlsIdentity
 from shard_registry.access import RULES
 from shard_registry.apikeys import KeyLimits, KeyRegistry
@@ -167,6 +167,7 @@ async def serve(settings: RegistrySettings) -> None:
     )
     models = ModelRegistry(store=store, blobs=blobs)
     authority = _authority(settings)
+    identity = TlsIdentity(settings.tls_dir) if settings.tls_dir else None
     tasks = TaskRegistry(
         store=store,
         directory=directory,
@@ -191,7 +192,12 @@ async def serve(settings: RegistrySettings) -> None:
     )
     prober = CanaryProber(
         store=store,
-        router_address=settings.router_address,
+        router=lambda: tls.peer_channel(
+            settings.router_address,
+            mesh_address=settings.router_mesh_address,
+            identity=identity,
+            expect=Workload(trust_domain=settings.trust_domain, kind="service", name="router"),
+        ),
         admin_token=settings.admin_token.get_secret_value(),
         quarantine=lambda node, reason: nodes.change_state(
             node, NodeAction.QUARANTINE, by=None, reason=reason
@@ -244,7 +250,7 @@ async def serve(settings: RegistrySettings) -> None:
 
     server = GrpcServer(
         address=settings.address or None,
-        tls=TlsIdentity(settings.tls_dir) if settings.tls_dir else None,
+        tls=identity,
         tls_address=settings.tls_address if settings.tls_dir else None,
         mtls_address=settings.mesh_address if settings.tls_dir else None,
         services=SERVICE_NAMES,

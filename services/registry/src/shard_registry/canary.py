@@ -29,7 +29,7 @@ from tritonclient.grpc import service_pb2
 from shard.model.v1 import model_pb2
 from shard.node.v1 import node_pb2
 from shard_client.answers import mismatch
-from shard_core import keys, tls
+from shard_core import keys
 from shard_core.auth import AUTHORIZATION, CANARY_NODE
 from shard_core.errors import error_info
 from shard_core.etcd.store import EtcdStore
@@ -56,7 +56,7 @@ class CanaryProber:
         self,
         *,
         store: EtcdStore,
-        router_address: str,
+        router: Callable[[], grpc.aio.Channel],
         admin_token: str,
         quarantine: Callable[[str, str], Awaitable[object]],
         interval_s: float,
@@ -64,7 +64,7 @@ class CanaryProber:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
-        self._router_address = router_address
+        self._router = router
         self._metadata = ((AUTHORIZATION, f"Bearer {admin_token}"),)
         self._quarantine = quarantine
         self._interval_s = interval_s
@@ -76,7 +76,7 @@ class CanaryProber:
 
     async def run(self) -> None:
         """Probe at random times, about once an interval, for as long as this replica leads."""
-        self._channel = tls.channel(self._router_address, None)  # with the admin token
+        self._channel = self._router()  # the admin token rides on each call
         try:
             while True:
                 await asyncio.sleep(self._interval_s * random.uniform(0.5, 1.5))

@@ -66,7 +66,13 @@ class RegistrySettings(ServiceSettings, EtcdSettings, TlsSettings):
     )
     router_address: str = Field(
         default="127.0.0.1:8001",
-        description="A router (KServe v2 gRPC) the canaries go through, like any request.",
+        description="A router (KServe v2 gRPC) the canaries go through, like any request: its "
+        "loopback plaintext address; see router_mesh_address.",
+    )
+    router_mesh_address: str | None = Field(
+        default=None,
+        description="The router's mutual-TLS address: with tls_dir, canaries go there with the "
+        "registry's certificate, checking the peer is the router.",
     )
     trust_node_addresses: bool = Field(
         default=False,

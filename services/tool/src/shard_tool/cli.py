@@ -90,6 +90,9 @@ def up(
     registry_mesh_port: Annotated[
         int, typer.Option(help="The registry's mutual-TLS port (node agents).")
     ] = 7444,
+    router_mesh_port: Annotated[
+        int, typer.Option(help="The router's mutual-TLS port (the mesh's services).")
+    ] = 8445,
     etcd_port: Annotated[int, typer.Option(help="Client port of etcd.")] = 2379,
     lease_ttl: Annotated[int, typer.Option(min=2, help="Node lease TTL in seconds.")] = 10,
 ) -> None:
@@ -116,6 +119,7 @@ def up(
             registry_tls=registry_tls_port,
             registry_mesh=registry_mesh_port,
             router_tls=router_tls_port,
+            router_mesh=router_mesh_port,
             gateway_tls=gateway_tls_port,
         ),
         timing=MeshTiming(lease_ttl_s=lease_ttl),

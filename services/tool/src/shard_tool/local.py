@@ -48,6 +48,7 @@ class MeshPorts:
     registry_tls: int = 7443
     registry_mesh: int = 7444
     router_tls: int = 8444
+    router_mesh: int = 8445
     gateway_tls: int = 8443
 
     @classmethod
@@ -145,6 +146,11 @@ class LocalMesh:
     def registry_mesh_address(self) -> str:
         """The registry's mutual-TLS port, where nodes call with their certificates."""
         return f"127.0.0.1:{self.ports.registry_mesh}"
+
+    @property
+    def router_mesh_address(self) -> str:
+        """The router's mutual-TLS port, where the mesh's services call with certificates."""
+        return f"127.0.0.1:{self.ports.router_mesh}"
 
     @property
     def router_tls_address(self) -> str:
@@ -253,6 +259,7 @@ class LocalMesh:
                     "attest_interval_s": self.timing.attest_interval_s,
                     "canary_interval_s": self.timing.canary_interval_s,
                     "router_address": self.router_address,
+                    "router_mesh_address": self.router_mesh_address,
                     "leader_ttl_s": max(2, self.timing.lease_ttl_s),
                     "blob_dir": self.state_dir / "blobs",
                     "admin_token": self.admin_token,
@@ -269,10 +276,12 @@ class LocalMesh:
                     **etcd,
                     "address": self.router_address,
                     "tls_address": self.router_tls_address,
+                    "mesh_address": self.router_mesh_address,
                     "tls_dir": self.tls_path("router"),
                     "etcd_tls_dir": self.tls_path("router"),
                     "metrics_port": self.ports.router_metrics,
                     "registry_address": self.registry_address,
+                    "registry_mesh_address": self.registry_mesh_address,
                     "admin_token": self.admin_token,
                     "trusted_proxies": ["127.0.0.1"],  # the gateway
                     # Local benchmarks and demos send anonymous traffic at full speed.
@@ -294,7 +303,9 @@ class LocalMesh:
                     "tls_dir": self.tls_path("gateway"),
                     "etcd_tls_dir": self.tls_path("gateway"),
                     "router_address": self.router_address,
+                    "router_mesh_address": self.router_mesh_address,
                     "registry_address": self.registry_address,
+                    "registry_mesh_address": self.registry_mesh_address,
                     "metrics_port": self.ports.gateway_metrics,
                     "admin_token": self.admin_token,
                     "anonymous_rate_limit_rps": 0,
