@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pydantic
 import pytest
 from google.protobuf import timestamp_pb2
 
 from shard.node.v1 import node_service_pb2
 from shard_core import pki
 from shard_node.certificate import NodeCertificates
+from shard_node.settings import NodeSettings
 
 NODE = pki.Workload(trust_domain=pki.DEFAULT_TRUST_DOMAIN, kind="node", name="nabc")
 OTHER = pki.Workload(trust_domain=pki.DEFAULT_TRUST_DOMAIN, kind="node", name="nother")
@@ -67,3 +69,12 @@ def test_an_unparsable_certificate_is_dropped(tmp_path: Path) -> None:
     assert certificates.current() is None
     with pytest.raises(FileNotFoundError):
         (tmp_path / "key.pem").stat()
+
+
+def test_a_node_in_a_tls_mesh_needs_the_registrys_mutual_tls_address(tmp_path: Path) -> None:
+    """A node with a mesh certificate gets no bearer credential: without the address where
+    it calls by certificate it could read no model file, so it is refused at start."""
+    with pytest.raises(pydantic.ValidationError, match="registry_mesh_address is required"):
+        NodeSettings(registry_ca_file=tmp_path / "ca.pem")
+    NodeSettings(registry_ca_file=tmp_path / "ca.pem", registry_mesh_address="registry:7444")
+    NodeSettings()  # no TLS: loopback plaintext and a bearer credential

@@ -76,6 +76,8 @@ async def test_a_node_gets_its_certificate_after_attesting_and_renews_it(
     request = pki.certificate_request(key, _workload(identity))
     reply = await _register(agent, identity, await mesh.join_token("cert"), request)
     assert reply.registered.name == f"nodes/{identity.node_id}"
+    # A node that proves who it is by certificate gets no bearer credential.
+    assert not reply.registered.blob_credential
     beating = asyncio.ensure_future(agent.heartbeats())  # keep the lease while attesting
     issued = (await _until(agent, "certificate"))[-1].certificate
     leaf = _leaf(issued, mesh)
@@ -87,8 +89,8 @@ async def test_a_node_gets_its_certificate_after_attesting_and_renews_it(
         leaf.not_valid_after_utc.timestamp(), abs=1
     )
 
-    # A re-attestation that asks again gets a fresh credential, then a certificate for the
-    # new key.
+    # A re-attestation that asks again gets a certificate for the new key (and still no
+    # bearer credential).
     challenge = (await _until(agent, "challenge"))[-1].challenge.nonce
     renewed_key = pki.new_key()
     proof = attestation(
@@ -98,7 +100,7 @@ async def test_a_node_gets_its_certificate_after_attesting_and_renews_it(
     )
     await agent.send(node_service_pb2.ConnectRequest(attestation=proof))
     after = await _until(agent, "certificate")
-    assert "credential" in [m.WhichOneof("message") for m in after]
+    assert "credential" not in [m.WhichOneof("message") for m in after]
     renewed = _leaf(after[-1].certificate, mesh)
     assert renewed.public_key() == renewed_key.public_key()
     assert renewed.serial_number != leaf.serial_number

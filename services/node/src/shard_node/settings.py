@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from shard_core.settings import ServiceSettings
@@ -26,8 +26,8 @@ class NodeSettings(ServiceSettings):
     registry_mesh_address: str | None = Field(
         default=None,
         description="The registry's mutual-TLS address: once the node holds its mesh "
-        "certificate, it reads model files and runs tasks there, proving who it is by it "
-        "instead of a bearer credential. Unset: over the stream's channel.",
+        "certificate, it reads model files and runs tasks there, proving who it is by it (a "
+        "node with a certificate gets no bearer credential). Required with registry_ca_file.",
     )
     trust_domain: str = Field(default="shard.local", description="The mesh's trust domain.")
     state_dir: Path = Field(
@@ -94,3 +94,12 @@ class NodeSettings(ServiceSettings):
     min_free_disk_bytes: int = Field(
         default=1 << 30, ge=0, description="Self-check: free disk below this degrades the node."
     )
+
+    @model_validator(mode="after")
+    def _mesh_address_with_tls(self) -> NodeSettings:
+        if self.registry_ca_file is not None and not self.registry_mesh_address:
+            raise ValueError(
+                "registry_mesh_address is required with registry_ca_file: a node with a mesh "
+                "certificate calls the registry's mutual-TLS port with it"
+            )
+        return self

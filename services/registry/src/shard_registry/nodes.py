@@ -282,6 +282,7 @@ class NodeSession:
         self._publishing = asyncio.Lock()
         self.challenge: Challenge | None = None
         self.attested = False  # an attestation was accepted since the last credential
+        self.by_certificate = False  # it proves who it is by its certificate: no credential
         # The key of the certificate the last attestation asked for, issued once it is taken.
         self.certificate_key: ec.EllipticCurvePublicKey | None = None
 

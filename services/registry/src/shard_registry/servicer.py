@@ -247,19 +247,21 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
     def _welcome(
         self, session: NodeSession, wanted: ec.EllipticCurvePublicKey | None
     ) -> Iterator[node_service_pb2.ConnectResponse]:
-        """The answer to a registration: the node's name, timing and first credential, then
-        its certificate if it asked for one."""
+        """The answer to a registration: the node's name and timing, then its certificate if
+        it asked for one. A node that asked for a certificate proves who it is by it, and gets
+        no bearer credential, now or later; one that did not (no TLS) gets a credential."""
         timing = self._registry.timing
-        credential = self._credential(session)
-        yield node_service_pb2.ConnectResponse(
-            registered=node_service_pb2.Registered(
-                name=session.node.name,
-                heartbeat_interval_ms=int(timing.heartbeat_interval_s * 1000),
-                lease_ttl_ms=timing.lease_ttl_s * 1000,
-                blob_credential=credential.token,
-                blob_credential_expire_time=credential.expire_time,
-            )
+        registered = node_service_pb2.Registered(
+            name=session.node.name,
+            heartbeat_interval_ms=int(timing.heartbeat_interval_s * 1000),
+            lease_ttl_ms=timing.lease_ttl_s * 1000,
         )
+        session.by_certificate = wanted is not None
+        if not session.by_certificate:
+            credential = self._credential(session)
+            registered.blob_credential = credential.token
+            registered.blob_credential_expire_time.CopyFrom(credential.expire_time)
+        yield node_service_pb2.ConnectResponse(registered=registered)
         yield from self._certificate(session, wanted)
 
     def _renewals(self, session: NodeSession) -> Iterator[node_service_pb2.ConnectResponse]:
@@ -268,7 +270,8 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
         if not session.attested:
             return
         session.attested = False
-        yield node_service_pb2.ConnectResponse(credential=self._credential(session))
+        if not session.by_certificate:
+            yield node_service_pb2.ConnectResponse(credential=self._credential(session))
         wanted, session.certificate_key = session.certificate_key, None
         yield from self._certificate(session, wanted)
 
