@@ -263,17 +263,7 @@ def _h2_post(port: int, context: ssl.SSLContext, hostname: str, body: bytes) -> 
     ):
         connection = h2.connection.H2Connection()
         connection.initiate_connection()
-        connection.send_headers(
-            1,
-            [
-                (":method", "POST"),
-                (":path", f"{SERVICE}/ModelInfer"),
-                (":scheme", "https"),
-                (":authority", hostname),
-                ("content-type", "application/grpc"),
-                ("te", "trailers"),
-            ],
-        )
+        connection.send_headers(1, _headers(hostname))
         connection.send_data(1, body, end_stream=True)
         sock.sendall(connection.data_to_send())
         headers: dict[str, str] = {}
@@ -309,7 +299,15 @@ async def test_hostile_bytes_never_pass_a_client_by_the_model_check(gate: Gate) 
         "field zero": (_frame(b"\x02\x00" + simple), invalid),
         # Protobuf takes the last of repeated scalar fields: so does the gate.
         "allowed then private": (_frame(simple + private), "7"),
+        # C++ protobuf (Triton's) reads a tag as 32 bits of at most five bytes: a longer or
+        # wider one would be field 1 there and another field here.
+        "tag past 32 bits": (_frame(simple + b"\x8a\x80\x80\x80\x10\x07private"), invalid),
+        "tag past five bytes": (_frame(simple + b"\x8a\x80\x80\x80\x80\x00\x07private"), invalid),
+        "length past 31 bits": (_frame(b"\x0a\x86\x80\x80\x80\x08simple"), invalid),
     }
+    for fifth in range(0x10, 0x80, 0x0B):
+        tag = b"\x8a\x80\x80\x80" + bytes([fifth])
+        cases[f"tag with fifth byte {fifth:#x}"] = (_frame(simple + tag + b"\x07private"), invalid)
     for case, (body, status) in cases.items():
         got, message = await _raw(gate, client, body)
         assert got == status, f"{case}: {got} {message}"
@@ -347,3 +345,105 @@ async def test_a_renewed_node_certificate_serves_new_handshakes(gate: Gate) -> N
         f"the gate still serves certificate {before:x}",
         timeout=30,
     )
+
+
+async def test_no_client_can_take_the_gates_memory(tmp_path: Path, gate: Gate) -> None:
+    """A client holding many large requests open (each buffered whole for its model name)
+    gets its streams reset once Envoy's heap nears its cap; the gate goes on serving."""
+    capped = NodeGate(
+        workload=gate.authority.workload("node", NODE),
+        state_dir=tmp_path,
+        tls_dir=gate.root / "tls",
+        listen_host="127.0.0.1",
+        ports=GatePorts(grpc=free_port(), http=free_port()),
+        triton_grpc=gate.triton.address,
+        triton_http=None,
+        max_heap_bytes=256 << 20,
+    )
+    await capped.start()
+    try:
+        client = gate.identity("client", "k3", grants=[pki.model_grant("simple")])
+        context = client.client_context()
+        context.set_alpn_protocols(["h2"])
+        node = gate.authority.workload("node", NODE)
+        reset, held = await asyncio.to_thread(
+            _hold_open, capped.ports.grpc, context, node.dns, streams=60, each=15 << 20
+        )
+        peak_kb = _rss_kb(capped.process.pid)
+        assert reset > 0, "no stream was reset"
+        assert peak_kb < 700 << 10, f"Envoy holds {peak_kb} kB for {held >> 20} MiB sent"
+        router = gate.identity("service", "router")
+        node_address = f"127.0.0.1:{capped.ports.grpc}"
+        async with tls.channel(node_address, router.channel_credentials(), expect=node) as ch:
+            # Once the flood's memory is back (the overload state is refreshed four times a
+            # second), requests are taken again.
+            async def served() -> bool:
+                return await _call(ch, "ModelInfer", _infer("simple")) == grpc.StatusCode.OK
+
+            await until(served, "the gate did not serve again after the flood")
+    finally:
+        capped.stop()
+
+
+def _rss_kb(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1])
+
+
+def _hold_open(
+    port: int, context: ssl.SSLContext, hostname: str, *, streams: int, each: int
+) -> tuple[int, int]:
+    """Open `streams` ModelInfer streams and send each `each` bytes of one message, never
+    ending any; how many the gate reset or answered, and the bytes sent."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname=hostname) as sock,
+    ):
+        connection = h2.connection.H2Connection()
+        connection.initiate_connection()
+        left: dict[int, int] = {}
+        for _ in range(streams):
+            stream = connection.get_next_available_stream_id()
+            connection.send_headers(stream, _headers(hostname))
+            connection.send_data(stream, b"\x00" + (each + 100).to_bytes(4, "big"))
+            left[stream] = each
+        sock.sendall(connection.data_to_send())
+        chunk, ended, sent = b"A" * 16384, 0, 0
+        while any(left.values()):
+            progressed = False
+            for stream, remaining in left.items():
+                if not remaining:
+                    continue
+                room = min(
+                    connection.local_flow_control_window(stream),
+                    connection.max_outbound_frame_size,
+                    remaining,
+                )
+                if room > 0:
+                    connection.send_data(stream, chunk[:room])
+                    left[stream] -= room
+                    sent += room
+                    progressed = True
+            sock.sendall(connection.data_to_send())
+            if progressed:
+                continue
+            data = sock.recv(1 << 20)
+            if not data:
+                break
+            for event in connection.receive_data(data):
+                if isinstance(event, h2.events.StreamReset | h2.events.StreamEnded):
+                    left[event.stream_id] = 0
+                    ended += 1
+            sock.sendall(connection.data_to_send())
+    return ended, sent
+
+
+def _headers(hostname: str) -> list[tuple[str, str]]:
+    return [
+        (":method", "POST"),
+        (":path", f"{SERVICE}/ModelInfer"),
+        (":scheme", "https"),
+        (":authority", hostname),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ]

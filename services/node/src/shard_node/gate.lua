@@ -32,11 +32,11 @@ local function refuse(handle, code, message)
   }, "")
 end
 
--- A protobuf varint at `at`: its value and the position after it, or nil when it runs past
--- `size` or past ten bytes.
-local function varint(body, at, size)
+-- A protobuf varint at `at` of at most `max_bytes` bytes: its value and the position after it,
+-- or nil when it runs past `size` or past `max_bytes`.
+local function varint(body, at, size, max_bytes)
   local value, scale = 0, 1
-  for _ = 1, 10 do
+  for _ = 1, max_bytes do
     if at >= size then
       return nil
     end
@@ -50,6 +50,11 @@ local function varint(body, at, size)
   end
   return nil
 end
+
+-- Protobuf's C++ parser (Triton's) reads a tag as a 32-bit varint of at most five bytes, and a
+-- length as one below 2^31: anything it would read differently (truncating the high bits, say)
+-- is refused here, so the two never see different fields.
+local TWO_32, TWO_31 = 4294967296, 2147483648
 
 -- The model a unary request names: its last field 1 (as protobuf parsers take it), or nil and
 -- why not.
@@ -72,8 +77,8 @@ local function named_model(body)
   local at, name = 5, nil
   while at < size do
     local key
-    key, at = varint(body, at, size)
-    if key == nil then
+    key, at = varint(body, at, size, 5)
+    if key == nil or key >= TWO_32 then
       return nil, "the request message is malformed"
     end
     local field, wire = math.floor(key / 8), key % 8
@@ -81,7 +86,7 @@ local function named_model(body)
       return nil, "the request message is malformed"
     end
     if wire == 0 then
-      local _, after = varint(body, at, size)
+      local _, after = varint(body, at, size, 10)
       at = after
     elseif wire == 1 then
       at = at + 8
@@ -89,8 +94,8 @@ local function named_model(body)
       at = at + 4
     elseif wire == 2 then
       local length_ = nil
-      length_, at = varint(body, at, size)
-      if length_ == nil or at + length_ > size then
+      length_, at = varint(body, at, size, 5)
+      if length_ == nil or length_ >= TWO_31 or at + length_ > size then
         return nil, "the request message is malformed"
       end
       if field == 1 then

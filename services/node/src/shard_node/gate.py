@@ -32,8 +32,15 @@ TLS_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3"
 HTTP_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
 # The URI a client certificate carries for each model its key may use.
 MODEL_URI_PREFIX = "urn:shard:model:"
-# As large as the router's gRPC messages: a client's request is read whole for its model name.
-MAX_REQUEST_BYTES = 64 * 1024 * 1024 + 1024
+# A client's request is read whole for its model name: this much, at most (larger ones get 413;
+# the router takes them). It bounds what one stream may hold, and Envoy's buffering throughout.
+MAX_REQUEST_BYTES = 16 * 1024 * 1024 + 1024
+MAX_REQUEST_WINDOW = 16 * 1024 * 1024 + 64 * 1024
+# Streams at once on one connection: the router multiplexes its calls to a node on one.
+MAX_STREAMS_PER_CONNECTION = 256
+# Envoy's heap: past 85% it resets the streams holding the most memory, past 98% it stops
+# taking requests, so no caller (a client holding streams open, say) can take the node's memory.
+MAX_HEAP_BYTES = 2 * 1024 * 1024 * 1024
 # Triton's headers that unlock model control: only the agent, on loopback, may send them.
 CONTROL_HEADERS = ("shard-node-control", "triton-grpc-protocol-shard-node-control")
 MAX_CONNECTIONS = 10_000
@@ -121,7 +128,7 @@ def _listener(
         "filter_chains": [
             {
                 # A peer that stalls its handshake loses the connection.
-                "transport_socket_connect_timeout": "10s",
+                "transport_socket_connect_timeout": "5s",
                 "transport_socket": _downstream_tls(sds_dir, callers),
                 "filters": [
                     {
@@ -136,7 +143,15 @@ def _listener(
                             "request_timeout": "0s",
                             "stream_idle_timeout": "300s",
                             "common_http_protocol_options": {
-                                "headers_with_underscores_action": "REJECT_REQUEST"
+                                "headers_with_underscores_action": "REJECT_REQUEST",
+                                # An idle connection does not hold a slot for long.
+                                "idle_timeout": "300s",
+                            },
+                            "http2_protocol_options": {
+                                "max_concurrent_streams": MAX_STREAMS_PER_CONNECTION,
+                                # A stream's window is what a filter may buffer of it.
+                                "initial_stream_window_size": MAX_REQUEST_WINDOW,
+                                "initial_connection_window_size": MAX_REQUEST_WINDOW,
                             },
                             "route_config": {
                                 "name": name,
@@ -210,6 +225,7 @@ def bootstrap(
     ports: GatePorts,
     triton_grpc: str,
     triton_http: str | None,
+    max_heap_bytes: int = MAX_HEAP_BYTES,
 ) -> dict[str, Any]:
     """Envoy's whole configuration for the gate of `workload` (a node); with no `triton_http`,
     no HTTP port."""
@@ -244,7 +260,38 @@ def bootstrap(
     return {
         "node": {"id": workload.uri, "cluster": "shard-node-gate"},
         "overload_manager": {
+            "refresh_interval": "0.25s",
+            # Streams are accounted from 1 MiB up, so the largest can be reset first.
+            "buffer_factory_config": {"minimum_account_to_track_power_of_two": 20},
+            "actions": [
+                {
+                    "name": "envoy.overload_actions.reset_high_memory_stream",
+                    "triggers": [
+                        {
+                            "name": "envoy.resource_monitors.fixed_heap",
+                            "scaled": {"scaling_threshold": 0.85, "saturation_threshold": 0.95},
+                        }
+                    ],
+                },
+                {
+                    "name": "envoy.overload_actions.stop_accepting_requests",
+                    "triggers": [
+                        {
+                            "name": "envoy.resource_monitors.fixed_heap",
+                            "threshold": {"value": 0.98},
+                        }
+                    ],
+                },
+            ],
             "resource_monitors": [
+                {
+                    "name": "envoy.resource_monitors.fixed_heap",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.resource_monitors."
+                        "fixed_heap.v3.FixedHeapConfig",
+                        "max_heap_size_bytes": max_heap_bytes,
+                    },
+                },
                 {
                     "name": "envoy.resource_monitors.global_downstream_max_connections",
                     "typed_config": {
@@ -308,6 +355,7 @@ class NodeGate:
         ports: GatePorts,
         triton_grpc: str,
         triton_http: str | None,
+        max_heap_bytes: int = MAX_HEAP_BYTES,
     ) -> None:
         self.ports = ports
         directory = state_dir / "gate"
@@ -322,6 +370,7 @@ class NodeGate:
             ports=ports,
             triton_grpc=triton_grpc,
             triton_http=triton_http,
+            max_heap_bytes=max_heap_bytes,
         )
         self.process = ManagedProcess(
             "envoy (node gate)",
