@@ -36,6 +36,7 @@ from shard.auth.v1 import key_service_pb2
 from shard.inference.v1 import endpoint_service_pb2, endpoint_service_pb2_grpc
 from shard_client.routing import Balancer, EndpointTable, Plan, TrafficSplit, unknown_model
 from shard_core import pki, tls
+from shard_core.tls import RETIRE_GRACE_S
 
 _log = logging.getLogger(__name__)
 
@@ -138,7 +139,9 @@ class InferenceServerClient:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watching
         self._table.replace_all([])
-        await asyncio.gather(*self._closing)
+        for closing in self._closing:
+            closing.cancel()  # close at once: the client is done
+        await asyncio.gather(*self._closing, return_exceptions=True)
         await self._router.close(None)
 
     async def _watch(self) -> None:
@@ -206,7 +209,16 @@ class InferenceServerClient:
         return NodeClient(node=node, address=address, client=client)
 
     def _close_later(self, node: NodeClient) -> None:
-        task = asyncio.ensure_future(node.client.close())
+        """Close a node's client once calls in flight on it have had time to finish (a renewed
+        certificate replaces every node's client)."""
+
+        async def close() -> None:
+            try:
+                await asyncio.sleep(RETIRE_GRACE_S)
+            finally:
+                await node.client.close()
+
+        task = asyncio.ensure_future(close())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 

@@ -40,6 +40,8 @@ _CLOCK_SKEW = datetime.timedelta(seconds=BACKDATE_S)
 CURVES = ("secp256r1", "secp384r1")
 # A client certificate allows a model by carrying this URI with the model's name after it.
 MODEL_GRANT_PREFIX = "urn:shard:model:"
+# The most models one client certificate allows (each is a URI in it).
+MAX_GRANTS = 256
 
 
 def model_grant(model_name: str) -> str:

@@ -32,8 +32,9 @@ from shard_core.pki import Workload
 CA_FILE = "ca.pem"
 CERT_FILE = "cert.pem"
 KEY_FILE = "key.pem"
-# How long a channel replaced by one with a renewed certificate lives on, for calls in flight.
-RENEWED_CHANNEL_GRACE_S = 60.0
+# How long a connection replaced by one with a renewed certificate (or to a node gone from the
+# view) lives on, for calls in flight.
+RETIRE_GRACE_S = 60.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -235,7 +236,7 @@ class MeshChannel(grpc.aio.Channel):
         material = self._identity.material()
         if material is not self._material:
             old, self._material, self._channel = self._channel, material, self._open()
-            task = asyncio.get_running_loop().create_task(old.close(RENEWED_CHANNEL_GRACE_S))
+            task = asyncio.get_running_loop().create_task(old.close(RETIRE_GRACE_S))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
         return self._channel

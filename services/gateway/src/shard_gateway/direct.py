@@ -26,6 +26,7 @@ from shard_client.routing import Balancer, Plan
 from shard_core import tls
 from shard_core.errors import DeadlineExceededError, UnavailableError
 from shard_core.pki import node_workload
+from shard_core.tls import RETIRE_GRACE_S
 from shard_gateway.kserve import HEADER_LENGTH, parse_infer_request
 from shard_inference.view import ShardView
 
@@ -97,7 +98,7 @@ class NodeHttp:
         except (aiohttp.ClientError, TimeoutError):
             self._live = False
 
-    def close_later(self, grace_s: float = 5.0) -> None:
+    def close_later(self, grace_s: float = RETIRE_GRACE_S) -> None:
         """Close once requests in flight have had `grace_s` to finish."""
 
         async def close() -> None:

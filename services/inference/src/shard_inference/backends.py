@@ -16,6 +16,7 @@ import grpc
 
 from shard_core import tls
 from shard_core.pki import node_workload
+from shard_core.tls import RETIRE_GRACE_S
 
 SERVICE = "inference.GRPCInferenceService"
 # No keepalive pings: Triton's defaults answer pings more often than every 5 minutes with GOAWAY
@@ -70,7 +71,7 @@ class NodeChannel:
             f"/{SERVICE}/{name}", request_serializer=None, response_deserializer=None
         )
 
-    def close_later(self, grace_s: float = 5.0) -> None:
+    def close_later(self, grace_s: float = RETIRE_GRACE_S) -> None:
         """Close once requests in flight have had `grace_s` to finish."""
         task = asyncio.get_running_loop().create_task(self.channel.close(grace_s))
         _closing.add(task)

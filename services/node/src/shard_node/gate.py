@@ -299,8 +299,8 @@ def bootstrap(
                         "downstream_connections.v3.DownstreamConnectionsConfig",
                         "max_active_downstream_connections": MAX_CONNECTIONS,
                     },
-                }
-            ]
+                },
+            ],
         },
         "static_resources": {
             "listeners": listeners,

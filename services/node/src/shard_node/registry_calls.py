@@ -16,11 +16,10 @@ import grpc
 from shard.artifact.v1 import artifact_service_pb2_grpc
 from shard.task.v1 import task_service_pb2_grpc
 from shard_core.auth import AUTHORIZATION
+from shard_core.tls import RETIRE_GRACE_S
 
 _log = logging.getLogger(__name__)
 
-# Calls in flight on a replaced channel get this long to finish before it closes.
-RETIRE_AFTER_S = 60.0
 
 
 class RegistryCalls:
@@ -57,7 +56,7 @@ class RegistryCalls:
 
     @staticmethod
     async def _retire(channel: grpc.aio.Channel) -> None:
-        await asyncio.sleep(RETIRE_AFTER_S)
+        await asyncio.sleep(RETIRE_GRACE_S)
         await channel.close(None)
 
     async def close(self) -> None:

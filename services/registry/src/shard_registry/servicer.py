@@ -36,7 +36,7 @@ from shard_core.errors import (
     require,
 )
 from shard_core.net import peer_host
-from shard_core.pki import DEFAULT_LIFETIME_S, Authority, model_grant
+from shard_core.pki import DEFAULT_LIFETIME_S, MAX_GRANTS, Authority, model_grant
 from shard_registry.access import caller, require_owner, require_visible, visible
 from shard_registry.apikeys import KeyRegistry
 from shard_registry.artifacts import BlobStore, StoredBlob, blob_sha256
@@ -57,7 +57,6 @@ Context = grpc.aio.ServicerContext[Any, Any]
 # Client certificates live minutes: they are not revoked, they lapse (the router renews them
 # at half their life for as long as the key may use the models).
 CLIENT_CERTIFICATE_LIFETIME_S = 15 * 60
-MAX_CLIENT_CERTIFICATE_MODELS = 256
 
 
 class _Pushed:
@@ -777,9 +776,9 @@ class KeyServicer(key_service_pb2_grpc.KeyServiceServicer):
             )
         principal = caller()
         models = list(dict.fromkeys(request.models))
-        if len(models) > MAX_CLIENT_CERTIFICATE_MODELS:
+        if len(models) > MAX_GRANTS:
             raise InvalidArgumentError(
-                f"models: at most {MAX_CLIENT_CERTIFICATE_MODELS} in one certificate",
+                f"models: at most {MAX_GRANTS} in one certificate",
                 metadata={"field": "models"},
             )
         for index, name in enumerate(models):
