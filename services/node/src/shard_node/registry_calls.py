@@ -21,7 +21,6 @@ from shard_core.tls import RETIRE_GRACE_S
 _log = logging.getLogger(__name__)
 
 
-
 class RegistryCalls:
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self._by_certificate: grpc.aio.Channel | None = None
