@@ -447,3 +447,15 @@ def _headers(hostname: str) -> list[tuple[str, str]]:
         ("content-type", "application/grpc"),
         ("te", "trailers"),
     ]
+
+
+async def test_a_stalled_handshake_is_dropped_and_others_are_served(gate: Gate) -> None:
+    def stall() -> bytes:
+        """Connect, say nothing, and wait for the gate to hang up (b'' when it does)."""
+        with socket.create_connection(("127.0.0.1", gate.gate.ports.grpc), timeout=60) as raw:
+            return raw.recv(1)
+
+    stalled = asyncio.ensure_future(asyncio.to_thread(stall))
+    async with gate.channel(gate.identity("service", "router")) as channel:
+        assert await _call(channel, "ModelInfer", _infer("simple")) == grpc.StatusCode.OK
+    assert await stalled == b""
