@@ -15,10 +15,11 @@ from shard.node.v1 import node_service_pb2, node_service_pb2_grpc
 from shard_core import tls
 from shard_core.auth import AUTHORIZATION
 from shard_core.grpc.server import GrpcServer
-from shard_core.pki import Workload
+from shard_core.pki import Workload, spiffe_id
 from shard_core.tls import TlsIdentity
 from shard_inference.backends import SERVICE, NodeChannel
 from shard_inference.cache import MemoryCache
+from shard_inference.callers import Proxies
 from shard_inference.endpoints import EndpointWatch, Issuer, ViewChanges
 from shard_inference.repository import Repository
 from shard_inference.servicer import InferenceRouter
@@ -123,7 +124,11 @@ async def serve(settings: InferenceSettings) -> None:
         responses=responses,
         verifier=verifier,
         on_cache=lambda hit: lookups.add(1, {"result": "hit" if hit else "miss"}),
-        trusted_proxies=settings.trusted_proxies,
+        # The gateway names its clients: trusted at its addresses, or by its certificate.
+        proxies=Proxies(
+            addresses=settings.trusted_proxies,
+            workload=spiffe_id(settings.trust_domain, "service", "gateway") if identity else "",
+        ),
         on_failure=lambda address: failed_attempts.add(1, {"address": address}),
         upstream_timeout_s=settings.upstream_timeout_s,
         stream_timeout_s=settings.stream_timeout_s,

@@ -28,9 +28,29 @@ class Caller:
     pinned_node: str = ""  # the node an admin's canary must go to (`shard-canary-node`)
 
 
+@dataclass(frozen=True)
+class Proxies:
+    """Who may name the client it serves in `x-forwarded-for` (the gateway): a peer at one of
+    `addresses`, or one whose mesh certificate names `workload` (a SPIFFE ID), wherever it is."""
+
+    addresses: frozenset[str] = frozenset()
+    workload: str = ""
+
+    def trusted(self, context: grpc.aio.ServicerContext[Any, Any], address: str) -> bool:
+        if address in self.addresses:
+            return True
+        if not self.workload:
+            return False
+        names = context.auth_context().get("peer_spiffe_id", ())
+        return [name.decode(errors="replace") for name in names] == [self.workload]
+
+
+NO_PROXIES = Proxies()
+
+
 def admit(
     guard: InferenceGuard,
-    trusted_proxies: frozenset[str],
+    proxies: Proxies,
     context: grpc.aio.ServicerContext[Any, Any],
     model_name: str,
     *,
@@ -49,7 +69,7 @@ def admit(
         elif key == CANARY_NODE:
             pinned = str(value)
     client = peer_host(context.peer())
-    if forwarded and client in trusted_proxies:
+    if forwarded and proxies.trusted(context, client):
         client = forwarded.split(",")[0].strip()
     principal = guard.check(authorization, model_name, client=client, limited=limited)
     if pinned and not principal.may(Permission.NODES_ADMIN):

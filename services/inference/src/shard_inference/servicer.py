@@ -24,7 +24,7 @@ from shard_core.auth import CANARY_NODE, InferenceGuard
 from shard_core.errors import NotFoundError, ShardError, UnavailableError
 from shard_inference.backends import SERVICE, NodeChannel
 from shard_inference.cache import CacheableVersions, ResponseCache, cache_key
-from shard_inference.callers import Caller, admit, deadline
+from shard_inference.callers import NO_PROXIES, Caller, Proxies, admit, deadline
 from shard_inference.repository import Repository
 from shard_inference.statistics import NodeStatistics, summed
 from shard_inference.streams import StreamRouting
@@ -96,7 +96,7 @@ class InferenceRouter:
         responses: ResponseCache,
         verifier: Verifier,
         on_cache: Callable[[bool], None] = lambda _: None,
-        trusted_proxies: frozenset[str] = frozenset(),
+        proxies: Proxies = NO_PROXIES,
         on_failure: Callable[[str], None] = lambda _: None,
         upstream_timeout_s: float = 120.0,
         stream_timeout_s: float = 3600.0,
@@ -109,7 +109,7 @@ class InferenceRouter:
         self._responses = responses
         self._verifier = verifier
         self._on_cache = on_cache  # called with True on a hit, False on a miss
-        self._trusted_proxies = trusted_proxies
+        self._proxies = proxies
         self._table = table
         self._split = split
         self._balancer = Balancer(table, split, max_attempts=max_attempts, on_failure=on_failure)
@@ -294,7 +294,7 @@ class InferenceRouter:
         """The caller, once it may use the model `name` (any caller, for no name) and, for a
         `limited` call, once its rate limit has room; otherwise the call is refused."""
         try:
-            return admit(self._guard, self._trusted_proxies, context, name, limited=limited)
+            return admit(self._guard, self._proxies, context, name, limited=limited)
         except ShardError as error:
             await _abort(context, error)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -431,7 +431,7 @@ class InferenceRouter:
         stream = StreamRouting(
             self._balancer,
             context,
-            lambda name: admit(self._guard, self._trusted_proxies, context, name, limited=True),
+            lambda name: admit(self._guard, self._proxies, context, name, limited=True),
             timeout_s=self._stream_timeout_s,
         )
         try:

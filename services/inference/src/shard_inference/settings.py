@@ -70,7 +70,9 @@ class InferenceSettings(ServiceSettings, DataPlaneSettings, TlsSettings):
     )
     trusted_proxies: frozenset[str] = Field(
         default=frozenset(),
-        description="Addresses (the gateways) whose x-forwarded-for names the real client.",
+        description="Addresses (the gateways) whose x-forwarded-for names the real client. "
+        "With tls_dir, a gateway calling the mutual-TLS port is trusted by its certificate "
+        "wherever it is.",
     )
     response_cache_bytes: int = Field(
         default=256 << 20, ge=0, description="Memory for cached answers of cacheable versions."

@@ -283,7 +283,6 @@ class LocalMesh:
                     "registry_address": self.registry_address,
                     "registry_mesh_address": self.registry_mesh_address,
                     "admin_token": self.admin_token,
-                    "trusted_proxies": ["127.0.0.1"],  # the gateway
                     # Local benchmarks and demos send anonymous traffic at full speed.
                     "anonymous_rate_limit_rps": 0,
                 },
