@@ -674,19 +674,26 @@ class TaskRegistry:
             puts[keys.task_end(task.end_time.ToMilliseconds(), task_id)] = b""
         if task.state == PENDING:
             deletes.append(keys.task_claim(task_id))  # a requeue releases the lost claim
-        written = await self._store.write(
-            puts=puts,
-            deletes=deletes,
-            expect={keys.task(task_id): revision, **(expect or {})},
-            leases=leases,
-        )
-        if written is None:
-            return None
-        task.etag = str(written)
-        if task.state not in OPEN:
-            self._finished.add(1, {"state": _state_name(task.state)})
-            _log.info("task %s %s: %s", task.name, _state_name(task.state), task.state_reason)
-        return task
+
+        async def commit() -> Task | None:
+            written = await self._store.write(
+                puts=puts,
+                deletes=deletes,
+                expect={keys.task(task_id): revision, **(expect or {})},
+                leases=leases,
+            )
+            if written is None:
+                return None
+            task.etag = str(written)
+            if task.state not in OPEN:
+                self._finished.add(1, {"state": _state_name(task.state)})
+                _log.info("task %s %s: %s", task.name, _state_name(task.state), task.state_reason)
+            return task
+
+        # Once the write is sent, its count and log must follow even if the caller goes away
+        # meanwhile: a node cancels its completion call when the push the write caused (its
+        # task is no longer open) reaches it before the answer does.
+        return await asyncio.shield(commit())
 
 
 def _field_is(field: str, value: object) -> Callable[[Task], bool]:
