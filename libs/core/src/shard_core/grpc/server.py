@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -48,6 +49,13 @@ def server_options(
 
 
 SERVER_OPTIONS = server_options()
+
+
+def _slow(what: str, started: float, *, over_s: float = 1.0) -> None:
+    """Say so when a step of shutting down took long (a restart must fit in a node's lease)."""
+    took = time.monotonic() - started
+    if took > over_s:
+        _log.warning("%s took %.1f s", what, took)
 
 
 class GrpcServer:
@@ -150,12 +158,16 @@ class GrpcServer:
         await self.set_serving(serving=False)
         for stopping in self._stopping_hooks:
             stopping()
+        started = time.monotonic()
         await self._server.stop(self._grace_s)
+        _slow("stopping the server (calls in flight)", started)
         for hook in self._shutdown_hooks:
+            started = time.monotonic()
             try:
                 await hook()
             except Exception:
                 _log.exception("shutdown hook failed")
+            _slow(f"shutdown hook {getattr(hook, '__qualname__', hook)}", started)
 
     async def serve_until_signalled(self) -> None:
         """Serve until SIGTERM or SIGINT, then shut down gracefully."""
