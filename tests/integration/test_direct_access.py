@@ -222,7 +222,7 @@ async def test_the_sdk_routes_to_nodes_with_the_certificate_the_router_gets_it(
         np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), data * 2)
     async with InferenceServerClient(
         mesh.router_tls_address, api_key=keys["direct-developer"], ssl=True,
-        root_certificates=mesh.ca_file,
+        root_certificates=str(mesh.ca_file),  # as tritonclient takes it
     ) as developer:  # fmt: skip
         result = await developer.infer("simple", simple_inputs(data, data))
         np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), data * 2)

@@ -85,11 +85,13 @@ class InferenceServerClient:
         api_key: str,
         max_attempts: int = 2,
         ssl: bool = False,
-        root_certificates: Path | None = None,
+        root_certificates: str | Path | None = None,
     ) -> None:
         """`url` is the router; with `ssl`, its TLS port, trusting `root_certificates` (the
         mesh CA; the system's roots when None). Plaintext only reaches a loopback router."""
-        self._router = tls.channel(url, tls.trusting(root_certificates) if ssl else None)
+        # A path, as tritonclient takes it (a string or a Path).
+        trust = tls.trusting(Path(root_certificates) if root_certificates else None)
+        self._router = tls.channel(url, trust if ssl else None)
         self._url = url
         self._credentials = (("authorization", f"Bearer {api_key}"),)
         self._key = pki.new_key()

@@ -35,7 +35,7 @@ class InferenceServerClient:
         max_attempts: int = 2,
         connect_timeout: float = 10.0,
         ssl: bool = False,
-        root_certificates: Path | None = None,
+        root_certificates: str | Path | None = None,
     ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
