@@ -24,6 +24,7 @@ from shard_core.errors import InvalidArgumentError
 from shard_core.grpc.server import GrpcServer, server_options
 from shard_core.pki import Authority, Workload
 from shard_core.tls import TlsIdentity, channel, is_loopback, peer_channel, write_identity
+from tests.waiting import until
 
 REGISTRY = Workload(trust_domain=pki.DEFAULT_TRUST_DOMAIN, kind="service", name="registry")
 NODE = Workload(trust_domain=pki.DEFAULT_TRUST_DOMAIN, kind="node", name="nabc")
@@ -354,9 +355,14 @@ async def test_a_mesh_channel_presents_its_renewed_certificate_and_checks_its_pe
             await ask(b"", timeout=5)
             first = x509.load_pem_x509_certificates(identity.material().chain)[0]
             _identity(ca, router, tmp_path / "router")  # renewed in place
-            await ask(b"", timeout=5)
+
+            async def renewed_presented() -> bool:  # the files are looked at once a second
+                await ask(b"", timeout=5)
+                return seen[-1] != seen[0]
+
+            await until(renewed_presented, "the renewed certificate was never presented")
             assert seen[0] == first.serial_number
-            assert seen[1] != seen[0]
+            assert seen[-1] != seen[0]
         # A peer that is not the one expected is refused.
         async with peer_channel(
             "127.0.0.1:1", mesh_address=address, identity=identity, expect=NODE

@@ -18,6 +18,7 @@ import os
 import ssl
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,8 @@ KEY_FILE = "key.pem"
 # How long a connection replaced by one with a renewed certificate (or to a node gone from the
 # view) lives on, for calls in flight.
 RETIRE_GRACE_S = 60.0
+# How often a caller on a call path looks for renewed files.
+RENEWAL_CHECK_S = 1.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,6 +56,7 @@ class TlsIdentity:
         self.directory = directory
         self._lock = threading.Lock()
         self._stamp: tuple[float, ...] = ()
+        self._looked_at = 0.0
         self._material = Material(bundle=b"")
         self.material()  # fail now, not at the first handshake, when a file is missing
 
@@ -60,8 +64,12 @@ class TlsIdentity:
     def paths(self) -> tuple[Path, Path, Path]:
         return (self.directory / CA_FILE, self.directory / CERT_FILE, self.directory / KEY_FILE)
 
-    def material(self) -> Material:
-        """The files' contents, re-read only when one changed."""
+    def material(self, *, max_age_s: float = 0.0) -> Material:
+        """The files' contents, re-read only when one changed; with `max_age_s`, the files are
+        looked at no more often than that (for callers on a call path)."""
+        if max_age_s and time.monotonic() - self._looked_at < max_age_s:
+            return self._material
+        self._looked_at = time.monotonic()
         ca, cert, key = self.paths
         stamp = tuple(path.stat().st_mtime for path in (ca, cert, key) if path.exists())
         with self._lock:
@@ -232,8 +240,9 @@ class MeshChannel(grpc.aio.Channel):
         return channel(self._address, credentials, expect=self._expect, options=self._options)
 
     def current(self) -> grpc.aio.Channel:
-        """The channel presenting the identity's certificate of now."""
-        material = self._identity.material()
+        """The channel presenting the identity's certificate of now (the files looked at no
+        more than once a second: this runs for every call)."""
+        material = self._identity.material(max_age_s=RENEWAL_CHECK_S)
         if material is not self._material:
             old, self._material, self._channel = self._channel, material, self._open()
             task = asyncio.get_running_loop().create_task(old.close(RETIRE_GRACE_S))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
@@ -23,7 +22,7 @@ from aetcd.utils import prefix_range_end
 from shard_core.errors import UnavailableError
 from shard_core.pki import Workload
 from shard_core.settings import EtcdSettings
-from shard_core.tls import TlsIdentity, require_loopback
+from shard_core.tls import RENEWAL_CHECK_S, TlsIdentity, require_loopback
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -152,7 +151,6 @@ class EtcdStore:
         # service's TLS files are renewed, calls move to a client made with the new ones.
         self._identity = TlsIdentity(settings.etcd_tls_dir) if settings.etcd_tls_dir else None
         self._material = self._identity.material() if self._identity else None
-        self._checked_at = time.monotonic()
         self._retiring: set[asyncio.Future[None]] = set()
         self._retired: set[aetcd.Client] = set()
         self._client = self._new_client()
@@ -164,9 +162,8 @@ class EtcdStore:
     def client(self) -> aetcd.Client:
         """The etcd client: a fresh one once the TLS files were renewed (checked at most once a
         second); the old one closes after calls in flight had time to end."""
-        if self._identity is not None and time.monotonic() - self._checked_at >= 1:
-            self._checked_at = time.monotonic()
-            material = self._identity.material()
+        if self._identity is not None:
+            material = self._identity.material(max_age_s=RENEWAL_CHECK_S)
             if material is not self._material:
                 self._material = material
                 retired, self._client = self._client, self._new_client()
