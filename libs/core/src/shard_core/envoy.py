@@ -52,6 +52,19 @@ def envoy_binary() -> str:
     return found
 
 
+GRPC_MESSAGE_LUA = Path(__file__).with_name("grpc_message.lua")
+
+
+def lua_filter(policy: Path) -> dict[str, Any]:
+    """Envoy's Lua filter running `policy`, after the shared reader of gRPC request bodies
+    (`grpc_routing_fields`): Envoy takes one source, so the two are joined here."""
+    source = f"{GRPC_MESSAGE_LUA.read_text()}\n{policy.read_text()}"
+    return {
+        "name": "envoy.filters.http.lua",
+        "typed_config": {"@type": LUA_TYPE, "default_source_code": {"inline_string": source}},
+    }
+
+
 def secret_source(sds_dir: Path, name: str) -> dict[str, Any]:
     """Where Envoy reads the secret `name` (one of `secret_files`)."""
     return {

@@ -5,8 +5,8 @@
 -- their calls pass. A client's certificate (issued by the registry to an API key) carries its
 -- SPIFFE ID and one `urn:shard:model:<name>` URI per model its key may use; such a caller may
 -- ask only a few unary methods, each for one of those models. The model is read from the gRPC
--- body as Triton will read it (the last `name`/`model_name` field, field 1), so the check and
--- Triton never disagree on which model a request is for.
+-- body as Triton will read it (`grpc_routing_fields`, in grpc_message.lua, which Envoy runs
+-- before this file), so the check and Triton never disagree on which model a request is for.
 --
 -- Route metadata (filter_metadata["envoy.filters.http.lua"]) says who is who:
 --   services: the SPIFFE IDs whose calls pass; model_prefix: the model URI prefix.
@@ -30,89 +30,6 @@ local function refuse(handle, code, message)
     ["grpc-status"] = tostring(code),
     ["grpc-message"] = message,
   }, "")
-end
-
--- A protobuf varint at `at` of at most `max_bytes` bytes: its value and the position after it,
--- or nil when it runs past `size` or past `max_bytes`.
-local function varint(body, at, size, max_bytes)
-  local value, scale = 0, 1
-  for _ = 1, max_bytes do
-    if at >= size then
-      return nil
-    end
-    local byte = string.byte(body:getBytes(at, 1))
-    at = at + 1
-    value = value + (byte % 128) * scale
-    if byte < 128 then
-      return value, at
-    end
-    scale = scale * 128
-  end
-  return nil
-end
-
--- Protobuf's C++ parser (Triton's) reads a tag as a 32-bit varint of at most five bytes, and a
--- length as one below 2^31: anything it would read differently (truncating the high bits, say)
--- is refused here, so the two never see different fields.
-local TWO_32, TWO_31 = 4294967296, 2147483648
-
--- The model a unary request names: its last field 1 (as protobuf parsers take it), or nil and
--- why not.
-local function named_model(body)
-  local size = body:length()
-  if size < 5 then
-    return nil, "the request is not a gRPC message"
-  end
-  local header = body:getBytes(0, 5)
-  if string.byte(header, 1) ~= 0 then
-    return nil, "a node takes no compressed requests from clients"
-  end
-  local length = 0
-  for i = 2, 5 do
-    length = length * 256 + string.byte(header, i)
-  end
-  if length ~= size - 5 then
-    return nil, "the request is not exactly one gRPC message"
-  end
-  local at, name = 5, nil
-  while at < size do
-    local key
-    key, at = varint(body, at, size, 5)
-    if key == nil or key >= TWO_32 then
-      return nil, "the request message is malformed"
-    end
-    local field, wire = math.floor(key / 8), key % 8
-    if field == 0 or (field == 1 and wire ~= 2) then
-      return nil, "the request message is malformed"
-    end
-    if wire == 0 then
-      local _, after = varint(body, at, size, 10)
-      at = after
-    elseif wire == 1 then
-      at = at + 8
-    elseif wire == 5 then
-      at = at + 4
-    elseif wire == 2 then
-      local length_ = nil
-      length_, at = varint(body, at, size, 5)
-      if length_ == nil or length_ >= TWO_31 or at + length_ > size then
-        return nil, "the request message is malformed"
-      end
-      if field == 1 then
-        name = length_ > 0 and body:getBytes(at, length_) or ""
-      end
-      at = at + length_
-    else
-      return nil, "the request message is malformed"
-    end
-    if at == nil or at > size then
-      return nil, "the request message is malformed"
-    end
-  end
-  if name == nil or name == "" then
-    return nil, "the request names no model"
-  end
-  return name
 end
 
 -- Whether the call may go on; refuses it (answering the caller) when not.
@@ -141,9 +58,14 @@ local function admit(handle)
     refuse(handle, INVALID_ARGUMENT, "the request has no message")
     return
   end
-  local name, why = named_model(body)
-  if name == nil then
+  local fields, why = grpc_routing_fields(body, false)
+  if fields == nil then
     refuse(handle, INVALID_ARGUMENT, why)
+    return
+  end
+  local name = fields.name
+  if name == "" then
+    refuse(handle, INVALID_ARGUMENT, "the request names no model")
     return
   end
   local wanted = handle:metadata():get("model_prefix") .. name

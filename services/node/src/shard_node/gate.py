@@ -19,13 +19,13 @@ from typing import Any
 
 from shard_core.envoy import (
     HTTP_TYPE,
-    LUA_TYPE,
     MAX_HEAP_BYTES,
     ROUTER_FILTER,
     EnvoyProcess,
     downstream_tls,
     exact_uri,
     http2_upstream,
+    lua_filter,
     overload_manager,
 )
 from shard_core.pki import MODEL_GRANT_PREFIX, Workload, spiffe_id
@@ -61,15 +61,7 @@ def _listener(
 ) -> dict[str, Any]:
     filters: list[dict[str, Any]] = []
     if lua_metadata is not None:
-        filters.append(
-            {
-                "name": "envoy.filters.http.lua",
-                "typed_config": {
-                    "@type": LUA_TYPE,
-                    "default_source_code": {"filename": str(LUA_POLICY)},
-                },
-            }
-        )
+        filters.append(lua_filter(LUA_POLICY))
     filters.append(ROUTER_FILTER)
     route: dict[str, Any] = {
         "match": {"prefix": "/"},
