@@ -23,8 +23,8 @@ import numpy as np
 import psutil
 import tritonclient.http.aio as triton_http
 
-from bench.mesh import node_gate
-from bench.report import Result, print_header, print_rows
+from bench.mesh import edge, node_gate
+from bench.report import Result, Watched, cpu_seconds, measured, print_header, print_rows
 from bench.router_vs_direct import MODELS
 from shard_tool.local import LocalMesh, MeshPorts
 
@@ -43,7 +43,7 @@ async def _drive(
     url: str,
     concurrency: int,
     seconds: float,
-    watched: list[psutil.Process],
+    watched: Watched,
     *,
     trusted: ssl.SSLContext | None = None,
 ) -> Result:
@@ -63,12 +63,11 @@ async def _drive(
                 await client.infer("simple", inputs)
                 latencies.append((time.perf_counter() - start) * 1000)
 
-        cpu_before = sum(sum(p.cpu_times()[:2]) for p in watched)
+        cpu_before = cpu_seconds(watched)
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
-        cpu = sum(sum(p.cpu_times()[:2]) for p in watched) - cpu_before
-    return Result(requests=len(latencies), seconds=elapsed, latencies_ms=latencies, hop_cpu_s=cpu)
+    return measured(len(latencies), elapsed, latencies, cpu_before, watched)
 
 
 async def main(seconds: float) -> None:
@@ -76,13 +75,17 @@ async def main(seconds: float) -> None:
         mesh = LocalMesh(state_dir=Path(state), model_repository=MODELS, ports=MeshPorts.free())
         try:
             await mesh.start(nodes=1)
-            hops = [psutil.Process(mesh.services[name].pid) for name in ("gateway", "inference")]
-            hops.append(node_gate(mesh, "node-0"))
+            hops = {
+                "gateway": psutil.Process(mesh.services["gateway"].pid),
+                "router": psutil.Process(mesh.services["inference"].pid),
+                "edge": edge(mesh),
+                "gate": node_gate(mesh, "node-0"),
+            }
             triton_url = f"127.0.0.1:{mesh.nodes['node-0'].triton_http_port}"
             gateway_url = mesh.gateway_url.removeprefix("http://")
             gateway_tls_url = mesh.gateway_tls_url.removeprefix("https://")
             trusted = ssl.create_default_context(cafile=str(mesh.ca_file))
-            print_header("gw+rtr+gate µs/r")
+            print_header(hops)
             for concurrency in (1, 16):
                 results = {
                     "triton": await _drive(triton_url, concurrency, seconds, hops),

@@ -1,13 +1,16 @@
-"""Triton direct, the node's gate, the shard's router and client-side routing, side by side.
+"""Triton direct, the node's gate, the shard's front door and client-side routing, side by side.
 
 Starts a local shard with one node, then drives `simple` at concurrency 1 and 16: with
 tritonclient's asyncio gRPC client straight at the node's Triton (on loopback), the same client
 through the node's gate (mutual TLS, presenting the router's certificate: the hop every call to
-a node now crosses), through the router (its loopback plaintext port, then its TLS port trusting
-the mesh CA: what every client off this machine uses), and `shard_client.aio` (the same API,
-routing in the client, calling the node's gate with its client certificate; its watch of the
-router in plaintext, then over TLS). Prints throughput, p50/p99 latency, the ratios to direct,
-and the CPU time per request of the router and the gate's Envoy together.
+a node now crosses), through the router's ports (its edge, Envoy, which sends the call straight
+to the node's gate: loopback plaintext, then TLS trusting the mesh CA, what every client off
+this machine uses), through the Python router behind the edge (its Unix socket: the path the
+edge leaves to it, and what every call took before the edge), and `shard_client.aio` (the same
+API, routing in the client, calling the node's gate with its client certificate; its watch of
+the router in plaintext, then over TLS). Prints throughput, p50/p99 latency, the ratios to
+direct, and the CPU time per request of each of the shard's processes on the way: the edge, the
+Python router and the node's gate.
 
     uv run python -m bench.router_vs_direct [--seconds 5]
 """
@@ -25,8 +28,8 @@ import numpy as np
 import psutil
 import tritonclient.grpc.aio as triton
 
-from bench.mesh import node_gate
-from bench.report import Result, print_header, print_rows
+from bench.mesh import edge, node_gate
+from bench.report import Result, Watched, cpu_seconds, measured, print_header, print_rows
 from shard_client.aio import InferenceServerClient as ShardClient
 from shard_core import pki
 from shard_core.tls import TlsIdentity
@@ -49,9 +52,7 @@ def _inputs() -> list[triton.InferInput]:
 Opened = Callable[[], triton.InferenceServerClient | ShardClient]
 
 
-async def _drive(
-    opened: Opened, concurrency: int, seconds: float, watched: list[psutil.Process]
-) -> Result:
+async def _drive(opened: Opened, concurrency: int, seconds: float, watched: Watched) -> Result:
     """Drive the client `opened` makes at `concurrency` for `seconds`."""
     async with opened() as client:
         inputs = _inputs()
@@ -66,12 +67,11 @@ async def _drive(
                 await client.infer("simple", inputs)
                 latencies.append((time.perf_counter() - start) * 1000)
 
-        cpu_before = sum(sum(p.cpu_times()[:2]) for p in watched)
+        cpu_before = cpu_seconds(watched)
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
-        cpu = sum(sum(p.cpu_times()[:2]) for p in watched) - cpu_before
-    return Result(requests=len(latencies), seconds=elapsed, latencies_ms=latencies, hop_cpu_s=cpu)
+    return measured(len(latencies), elapsed, latencies, cpu_before, watched)
 
 
 async def main(seconds: float) -> None:
@@ -80,7 +80,11 @@ async def main(seconds: float) -> None:
         try:
             await mesh.start(nodes=1)
             node = mesh.nodes["node-0"]
-            watched = [psutil.Process(mesh.services["inference"].pid), node_gate(mesh, "node-0")]
+            watched = {
+                "edge": edge(mesh),
+                "router": psutil.Process(mesh.services["inference"].pid),
+                "gate": node_gate(mesh, "node-0"),
+            }
             direct_url = f"127.0.0.1:{node.triton_grpc_port}"
             ca = str(mesh.ca_file)
             key = mesh.admin_token
@@ -96,6 +100,7 @@ async def main(seconds: float) -> None:
                     channel_args=[("grpc.ssl_target_name_override", node_name)],
                 ),
                 "router": lambda: triton.InferenceServerClient(mesh.router_address),
+                "python": lambda: triton.InferenceServerClient(f"unix:{mesh.router_socket}"),
                 "router tls": lambda: triton.InferenceServerClient(
                     mesh.router_tls_address, ssl=True, root_certificates=ca
                 ),
@@ -107,7 +112,7 @@ async def main(seconds: float) -> None:
                     root_certificates=mesh.ca_file,
                 ),
             }
-            print_header("rtr+gate µs/req")
+            print_header(watched)
             for concurrency in (1, 16):
                 results = {
                     name: await _drive(opened, concurrency, seconds, watched)

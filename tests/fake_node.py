@@ -175,12 +175,19 @@ class FakeTriton:
     with the model as `model` and the caller's connection as `peer`)."""
 
     def __init__(
-        self, answer: Answer = simple_answer, *, tls: grpc.ServerCredentials | None = None
+        self,
+        answer: Answer = simple_answer,
+        *,
+        tls: grpc.ServerCredentials | None = None,
+        address: str = "127.0.0.1:0",
+        register: Callable[[grpc.aio.Server], None] = lambda _: None,
     ) -> None:
-        """With `tls` (a node's mesh identity), it serves mutual TLS, as a node's gate does."""
+        """With `tls` (a node's mesh identity), it serves mutual TLS, as a node's gate does;
+        `register` adds services of its own beside."""
         self.answer = answer
         self.calls: list[tuple[str, float | None, dict[str, str]]] = []
         self._server = grpc.aio.server()
+        register(self._server)
         handlers = {
             name: grpc.unary_unary_rpc_method_handler(self._handler(name))
             for name in ("ModelInfer", "ModelStatistics", "ModelMetadata", "ModelConfig")
@@ -189,9 +196,9 @@ class FakeTriton:
             (grpc.method_handlers_generic_handler(INFERENCE_SERVICE, handlers),)
         )
         self.port = (
-            self._server.add_secure_port("127.0.0.1:0", tls)
+            self._server.add_secure_port(address, tls)
             if tls
-            else self._server.add_insecure_port("127.0.0.1:0")
+            else self._server.add_insecure_port(address)
         )
         self.address = f"127.0.0.1:{self.port}"
 
@@ -202,6 +209,7 @@ class FakeTriton:
             if method == "ModelInfer":
                 parsed = service_pb2.ModelInferRequest.FromString(request)
                 metadata["model"] = parsed.model_name
+                metadata["version"] = parsed.model_version
                 self.calls.append((method, context.time_remaining(), metadata))
                 answer = self.answer(parsed)
                 if answer is None:

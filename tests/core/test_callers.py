@@ -11,24 +11,26 @@ from shard_core.auth import FORWARDED_FOR, InferenceGuard, KeyRing, ModelAccess
 from shard_core.errors import ResourceExhaustedError
 from shard_core.limits import RateLimits
 from shard_core.pki import spiffe_id
-from shard_inference.callers import Proxies, admit
+from shard_inference.callers import CLIENT_CERTIFICATE, Proxies, admit
 
 GATEWAY = spiffe_id("shard.local", "service", "gateway")
 ROUTER = spiffe_id("shard.local", "service", "router")
 
 
 class Context:
+    """A call as the router gets it from its edge: the edge appended the address of its peer
+    to what the peer sent in x-forwarded-for, and described the peer's certificate."""
+
     def __init__(self, peer: str, forwarded: str, spiffe: str = "") -> None:
-        self._peer, self._forwarded, self._spiffe = peer, forwarded, spiffe
+        self._metadata = [(FORWARDED_FOR, f"{forwarded}, {peer}")]
+        if spiffe:
+            self._metadata.append((CLIENT_CERTIFICATE, f"Hash=00ff;URI={spiffe}"))
 
     def invocation_metadata(self) -> list[tuple[str, str]]:
-        return [(FORWARDED_FOR, self._forwarded)]
+        return self._metadata
 
     def peer(self) -> str:
-        return f"ipv4:{self._peer}:5555"
-
-    def auth_context(self) -> dict[str, list[bytes]]:
-        return {"peer_spiffe_id": [self._spiffe.encode()]} if self._spiffe else {}
+        return "unix:/run/shard/router.sock"
 
 
 def _from(peer: str, forwarded: str, spiffe: str = "") -> Any:

@@ -26,6 +26,7 @@ from shard_core.envoy import envoy_binary
 from shard_core.net import free_port
 from shard_node.gate import GatePorts, NodeGate
 from tests.fake_node import FakeTriton
+from tests.grpc_frames import field, frame, h2_post, malformed
 from tests.waiting import until
 
 SERVICE = "/inference.GRPCInferenceService"
@@ -239,82 +240,30 @@ async def test_a_client_certificate_does_not_take_the_control_header_through(
     assert "triton-grpc-protocol-shard-node-control" not in gate.triton.calls[-1][2]
 
 
-def _field(number: int, value: bytes) -> bytes:
-    return bytes([number << 3 | 2, len(value)]) + value
-
-
-def _frame(message: bytes, *, compressed: bool = False, length: int | None = None) -> bytes:
-    size = len(message) if length is None else length
-    return bytes([1 if compressed else 0]) + size.to_bytes(4, "big") + message
-
-
 async def _raw(gate: Gate, identity: tls.TlsIdentity, body: bytes) -> tuple[str, str]:
     """POST `body` as the whole gRPC request body of ModelInfer; grpc-status and message."""
     context = identity.client_context()
     context.set_alpn_protocols(["h2"])
     node = gate.authority.workload("node", NODE)
-    return await asyncio.to_thread(_h2_post, gate.gate.ports.grpc, context, node.dns, body)
-
-
-def _h2_post(port: int, context: ssl.SSLContext, hostname: str, body: bytes) -> tuple[str, str]:
-    with (
-        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
-        context.wrap_socket(raw, server_hostname=hostname) as sock,
-    ):
-        connection = h2.connection.H2Connection()
-        connection.initiate_connection()
-        connection.send_headers(1, _headers(hostname))
-        connection.send_data(1, body, end_stream=True)
-        sock.sendall(connection.data_to_send())
-        headers: dict[str, str] = {}
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                break
-            for event in connection.receive_data(data):
-                if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
-                    headers |= {k.decode(): v.decode() for k, v in event.headers}
-                if isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
-                    return headers.get("grpc-status", ""), headers.get("grpc-message", "")
-            sock.sendall(connection.data_to_send())
-    return "", "connection closed"
+    return await asyncio.to_thread(
+        h2_post, gate.gate.ports.grpc, body, context=context, hostname=node.dns
+    )
 
 
 async def test_hostile_bytes_never_pass_a_client_by_the_model_check(gate: Gate) -> None:
     client = gate.identity("client", "k2", grants=[pki.model_grant("simple")])
-    simple, private = _field(1, b"simple"), _field(1, b"private")
+    simple, private = field(1, b"simple"), field(1, b"private")
     invalid = "3"
-    cases = {
-        "compressed": (_frame(simple, compressed=True), invalid),
-        "truncated frame": (_frame(simple, length=len(simple) + 5), invalid),
-        "two frames": (_frame(simple) + _frame(simple), invalid),
-        "short header": (b"\x00\x00", invalid),
-        "empty": (b"", invalid),
-        "no model name": (_frame(_field(3, b"id")), invalid),
-        "empty model name": (_frame(_field(1, b"")), invalid),
-        "huge varint": (_frame(b"\x0a" + b"\xff" * 11), invalid),
-        "length past the end": (_frame(b"\x0a\x7fsimple"), invalid),
-        "model name as a varint": (_frame(b"\x08\x01"), invalid),
-        "a group": (_frame(b"\x0b"), invalid),
-        "field zero": (_frame(b"\x02\x00" + simple), invalid),
-        # Protobuf takes the last of repeated scalar fields: so does the gate.
-        "allowed then private": (_frame(simple + private), "7"),
-        # C++ protobuf (Triton's) reads a tag as 32 bits of at most five bytes: a longer or
-        # wider one would be field 1 there and another field here.
-        "tag past 32 bits": (_frame(simple + b"\x8a\x80\x80\x80\x10\x07private"), invalid),
-        "tag past five bytes": (_frame(simple + b"\x8a\x80\x80\x80\x80\x00\x07private"), invalid),
-        "length past 31 bits": (_frame(b"\x0a\x86\x80\x80\x80\x08simple"), invalid),
-    }
-    for fifth in range(0x10, 0x80, 0x0B):
-        tag = b"\x8a\x80\x80\x80" + bytes([fifth])
-        cases[f"tag with fifth byte {fifth:#x}"] = (_frame(simple + tag + b"\x07private"), invalid)
+    cases = {case: (body, invalid) for case, body in malformed(b"simple", b"private").items()}
+    # Protobuf takes the last of repeated scalar fields: so does the gate.
+    cases["allowed then private"] = (frame(simple + private), "7")
     for case, (body, status) in cases.items():
         got, message = await _raw(gate, client, body)
         assert got == status, f"{case}: {got} {message}"
         assert message, case
     # The private name first and the allowed one last: Triton reads the allowed one.
     before = len(gate.triton.calls)
-    got, _ = await _raw(gate, client, _frame(private + simple))
+    got, _ = await _raw(gate, client, frame(private + simple))
     assert got != "7"
     assert [c[2]["model"] for c in gate.triton.calls[before:]] == ["simple"]
     assert gate.gate.process.running()

@@ -96,26 +96,35 @@ end
 local NAME_FIELDS = { [1] = true, [2] = true }
 local ENTRY_FIELDS = { [1] = true }
 
--- The routing fields of a unary request in `body` (one uncompressed gRPC message): a table with
--- `name` and `version` (fields 1 and 2 of every KServe request that names a model; "" when
--- absent) and `sequence` (true when its parameters, field 4 of ModelInferRequest, carry a
--- `sequence_id`), or nil and why not.
-function grpc_routing_fields(body, parameters)
-  local size = body:length()
-  if size < 5 then
-    return nil, "the request is not a gRPC message"
-  end
-  local read = reader(body, size)
-  if read.byte(0) ~= 0 then
-    return nil, "the request is compressed"
+-- Whether `body` is exactly one gRPC message (as every unary request is): nil and why not.
+local function framing_error(read)
+  if read.size < 5 then
+    return "the request is not a gRPC message"
   end
   local length = 0
   for i = 1, 4 do
     length = length * 256 + read.byte(i)
   end
-  if length ~= size - 5 then
-    return nil, "the request is not exactly one gRPC message"
+  if length ~= read.size - 5 then
+    return "the request is not exactly one gRPC message"
   end
+  return nil
+end
+
+-- The routing fields of a unary request in `body` (one uncompressed gRPC message): a table with
+-- `name` and `version` (fields 1 and 2 of every KServe request that names a model; "" when
+-- absent) and `sequence` (true when its parameters, field 4 of ModelInferRequest, carry a
+-- `sequence_id`); or nil, why not, and whether the body is not even one gRPC message.
+function grpc_routing_fields(body, parameters)
+  local read = reader(body, body:length())
+  local broken_frame = framing_error(read)
+  if broken_frame ~= nil then
+    return nil, broken_frame, true
+  end
+  if read.byte(0) ~= 0 then
+    return nil, "the request is compressed", false
+  end
+  local size = read.size
   local found = { name = "", version = "", sequence = false }
   local broken = false
   local ok = walk(read, 5, size, NAME_FIELDS, function(field, at, field_length)
@@ -139,7 +148,17 @@ function grpc_routing_fields(body, parameters)
     end
   end)
   if not ok or broken then
-    return nil, "the request message is malformed"
+    return nil, "the request message is malformed", false
   end
   return found
+end
+
+-- Answers the call with a gRPC status and message, ending it here.
+function grpc_refuse(handle, code, message)
+  handle:respond({
+    [":status"] = "200",
+    ["content-type"] = "application/grpc",
+    ["grpc-status"] = tostring(code),
+    ["grpc-message"] = message,
+  }, "")
 end

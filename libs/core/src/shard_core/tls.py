@@ -317,7 +317,9 @@ def peer_channel(
 
 
 def is_loopback(address: str) -> bool:
-    """Whether `host:port` names this machine only."""
+    """Whether `host:port` (or a Unix socket, `unix:path`) names this machine only."""
+    if address.startswith("unix:"):
+        return True
     host = address.rsplit(":", 1)[0].strip("[]")
     if host == "localhost":
         return True

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 
 import grpc
+from envoy.service.discovery.v3 import ads_pb2_grpc
 from opentelemetry import metrics
 
 from shard.auth.v1 import key_service_pb2, key_service_pb2_grpc
@@ -20,18 +23,21 @@ from shard_core.tls import TlsIdentity
 from shard_inference.backends import SERVICE, NodeChannel
 from shard_inference.cache import MemoryCache
 from shard_inference.callers import Proxies
+from shard_inference.edge import Edge, EdgePolicy, EdgePorts, ShardState
 from shard_inference.endpoints import EndpointWatch, Issuer, ViewChanges
 from shard_inference.repository import Repository
 from shard_inference.servicer import InferenceRouter
 from shard_inference.settings import InferenceSettings
 from shard_inference.verification import Outcome, Verifier
 from shard_inference.view import ShardView
+from shard_inference.xds import AdsServer
 
 _log = logging.getLogger(__name__)
 
 # Health of the router's view of the shard: NOT_SERVING while it serves from a stale copy.
 VIEW_HEALTH = "shard.inference.v1.EndpointView"
 ENDPOINT_SERVICE = "shard.inference.v1.EndpointService"
+ROUTER_SOCKET = "router.sock"
 
 
 async def serve(settings: InferenceSettings) -> None:
@@ -49,16 +55,6 @@ async def serve(settings: InferenceSettings) -> None:
     server_stops.append(view.stop)
     table, split = view.table, view.split
     meter = metrics.get_meter("shard.inference")
-    meter.create_observable_gauge(
-        "shard_router_routes",
-        callbacks=[lambda _: [metrics.Observation(table.route_count())]],
-        description="Ready model endpoints the router can send requests to.",
-    )
-    meter.create_observable_gauge(
-        "shard_router_view_stale",
-        callbacks=[lambda _: [metrics.Observation(int(view.stale))]],
-        description="1 while the router serves from its last known view because etcd is away.",
-    )
     failed_attempts = meter.create_counter(
         "shard_router_failed_attempts",
         description="Requests a node could not be reached for (each retried elsewhere if the "
@@ -69,11 +65,7 @@ async def serve(settings: InferenceSettings) -> None:
         "shard_router_cache_lookups",
         description="Response cache lookups of cacheable model versions, by result (hit, miss).",
     )
-    meter.create_observable_gauge(
-        "shard_router_cache_bytes",
-        callbacks=[lambda _: [metrics.Observation(responses.bytes)]],
-        description="Bytes of answers the response cache holds.",
-    )
+    _gauges(meter, view, responses)
     # The admin token, or a watcher's key, rides on each call.
     registry = tls.peer_channel(
         settings.registry_address,
@@ -84,34 +76,7 @@ async def serve(settings: InferenceSettings) -> None:
     watch = EndpointWatch(
         table, split, changes, view.guard, _issuer(registry, settings.upstream_timeout_s)
     )
-    verifications = meter.create_counter(
-        "shard_router_verifications",
-        description="Answers checked by running their request again on other replicas, by "
-        "outcome (agreed, caught, undecided, unchecked, skipped).",
-    )
-
-    async def report(node: str, reason: str) -> None:
-        """Have the registry quarantine a node (`nodes/{id}`) caught giving a wrong answer."""
-        if settings.admin_token is None:
-            _log.error("cannot report %s (no admin token): %s", node, reason)
-            return
-        token = settings.admin_token.get_secret_value()
-        await node_service_pb2_grpc.NodeServiceStub(registry).QuarantineNode(
-            node_service_pb2.QuarantineNodeRequest(name=node, reason=reason),
-            metadata=((AUTHORIZATION, f"Bearer {token}"),),
-            timeout=30,
-        )
-
-    def counted(outcome: Outcome) -> None:
-        verifications.add(1, {"outcome": outcome.value})
-
-    verifier = Verifier(
-        table,
-        fraction=view.guard.access.verify_fraction,
-        report=report,
-        timeout_s=settings.upstream_timeout_s,
-        on_outcome=counted,
-    )
+    verifier = _verifier(settings, registry, view, meter)
     server_stops.append(verifier.stop)
     router = InferenceRouter(
         table,
@@ -134,29 +99,45 @@ async def serve(settings: InferenceSettings) -> None:
         stream_timeout_s=settings.stream_timeout_s,
     )
 
+    rejections = meter.create_counter(
+        "shard_edge_config_rejections",
+        description="Configurations the edge's Envoy rejected (it keeps serving its last good "
+        "one), by xDS type.",
+    )
+    ads = AdsServer(
+        on_rejected=lambda type_url, _: rejections.add(1, {"type": type_url.rsplit(".", 1)[-1]})
+    )
+
     def register(server: grpc.aio.Server) -> None:
         server.add_generic_rpc_handlers((router.handler(),))
         endpoint_service_pb2_grpc.add_EndpointServiceServicer_to_server(watch, server)
+        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(ads, server)
 
+    # The router serves its edge only, on a Unix socket in a directory only this user may open.
+    directory = _private_directory(settings.edge_dir)
+    socket = directory / ROUTER_SOCKET
+    socket.unlink(missing_ok=True)
     # No interceptors on the data plane: every request pays for them, and the router answers
     # with Triton's own status codes rather than the management APIs' error details.
     server = GrpcServer(
-        address=settings.address or None,
-        tls=identity,
-        tls_address=settings.tls_address if identity else None,
-        mtls_address=settings.mesh_address if identity else None,
+        address=f"unix:{socket}",
         services=[SERVICE, ENDPOINT_SERVICE],
         register=register,
         interceptors=(),
     )
+    edge = _edge(settings, view, identity, directory=directory, ads=ads)
     for stop in server_stops:
         server.on_shutdown(stop)
+    # The edge's configuration streams never end on their own: end them, and the edge keeps
+    # serving while the calls in flight finish.
+    server.on_stopping(ads.close)
 
     async def close_registry() -> None:
         await registry.close(None)
 
     server.on_shutdown(close_registry)
     await server.start()
+    server.on_shutdown(await _run_edge(edge, changes))
 
     async def report_view() -> None:
         # The router keeps serving from its last known view while etcd is away; it says so
@@ -173,12 +154,123 @@ async def serve(settings: InferenceSettings) -> None:
 
     server.on_shutdown(stop_reporting)
     _log.info(
-        "inference router serving on ports %d (plaintext, loopback), %d (TLS) and %d (mutual TLS)",
-        server.port,
-        server.tls_port,
-        server.mtls_port,
+        "inference router serving through its edge on %s",
+        ", ".join(f"{address} ({kind})" for kind, address in edge.addresses().items()),
     )
     await server.serve_until_signalled()
+
+
+def _verifier(
+    settings: InferenceSettings,
+    registry: grpc.aio.Channel,
+    view: ShardView[NodeChannel],
+    meter: metrics.Meter,
+) -> Verifier:
+    """Re-runs a share of answers on other replicas; a node caught lying is reported."""
+    verifications = meter.create_counter(
+        "shard_router_verifications",
+        description="Answers checked by running their request again on other replicas, by "
+        "outcome (agreed, caught, undecided, unchecked, skipped).",
+    )
+
+    async def report(node: str, reason: str) -> None:
+        """Have the registry quarantine a node (`nodes/{id}`) caught giving a wrong answer."""
+        if settings.admin_token is None:
+            _log.error("cannot report %s (no admin token): %s", node, reason)
+            return
+        token = settings.admin_token.get_secret_value()
+        await node_service_pb2_grpc.NodeServiceStub(registry).QuarantineNode(
+            node_service_pb2.QuarantineNodeRequest(name=node, reason=reason),
+            metadata=((AUTHORIZATION, f"Bearer {token}"),),
+            timeout=30,
+        )
+
+    def counted(outcome: Outcome) -> None:
+        verifications.add(1, {"outcome": outcome.value})
+
+    return Verifier(
+        view.table,
+        fraction=view.guard.access.verify_fraction,
+        report=report,
+        timeout_s=settings.upstream_timeout_s,
+        on_outcome=counted,
+    )
+
+
+def _gauges(meter: metrics.Meter, view: ShardView[NodeChannel], responses: MemoryCache) -> None:
+    meter.create_observable_gauge(
+        "shard_router_routes",
+        callbacks=[lambda _: [metrics.Observation(view.table.route_count())]],
+        description="Ready model endpoints the router can send requests to.",
+    )
+    meter.create_observable_gauge(
+        "shard_router_view_stale",
+        callbacks=[lambda _: [metrics.Observation(int(view.stale))]],
+        description="1 while the router serves from its last known view because etcd is away.",
+    )
+    meter.create_observable_gauge(
+        "shard_router_cache_bytes",
+        callbacks=[lambda _: [metrics.Observation(responses.bytes)]],
+        description="Bytes of answers the response cache holds.",
+    )
+
+
+def _edge(
+    settings: InferenceSettings,
+    view: ShardView[NodeChannel],
+    identity: TlsIdentity | None,
+    *,
+    directory: Path,
+    ads: AdsServer,
+) -> Edge:
+    """The edge on the router's addresses, in front of the router at `directory`/router.sock."""
+    return Edge(
+        directory=directory,
+        state=ShardState(
+            table=view.table, split=view.split, access=view.guard.access, cacheable=view.cacheable
+        ),
+        ports=EdgePorts(
+            plaintext=settings.address or None,
+            tls=settings.tls_address if identity else None,
+            mesh=settings.mesh_address if identity else None,
+        ),
+        policy=EdgePolicy(
+            trust_domain=settings.trust_domain,
+            anonymous_rps=settings.anonymous_rate_limit_rps,
+            max_attempts=settings.max_attempts,
+            upstream_timeout_s=settings.upstream_timeout_s,
+            sds_dir=directory / "sds" if identity else None,
+        ),
+        router_socket=directory / ROUTER_SOCKET,
+        ads=ads,
+        tls_dir=settings.tls_dir,
+        temporary=settings.edge_dir is None,
+    )
+
+
+async def _run_edge(edge: Edge, changes: ViewChanges) -> Callable[[], Awaitable[None]]:
+    """Start the edge and keep it current and running; returns what stops it."""
+    await edge.start()
+    tasks = [
+        asyncio.ensure_future(edge.follow(changes)),
+        asyncio.ensure_future(edge.envoy.keep_running()),
+    ]
+
+    async def stop() -> None:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        edge.stop()
+
+    return stop
+
+
+def _private_directory(wanted: Path | None) -> Path:
+    """`wanted`, or a new temporary directory, that only this user may open."""
+    directory = wanted or Path(tempfile.mkdtemp(prefix="shard-edge-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o700)
+    return directory
 
 
 def _issuer(registry: grpc.aio.Channel, timeout_s: float) -> Issuer:

@@ -1,4 +1,9 @@
-"""Who a call to the router comes from: its credentials and its client's address."""
+"""Who a call to the router comes from: its credentials and its client's address.
+
+Every call reaches the router through its edge (Envoy, on a Unix socket only the router's user
+can open): the edge appends the address it took the connection from to `x-forwarded-for`, and on
+the mesh port names the caller's certificate in `x-forwarded-client-cert`, after removing any
+that the caller sent."""
 
 from __future__ import annotations
 
@@ -16,9 +21,9 @@ from shard_core.auth import (
     Principal,
 )
 from shard_core.errors import PermissionDeniedError
-from shard_core.net import peer_host
 
 CACHE_CONTROL = "cache-control"
+CLIENT_CERTIFICATE = "x-forwarded-client-cert"
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,13 +41,23 @@ class Proxies:
     addresses: frozenset[str] = frozenset()
     workload: str = ""
 
-    def trusted(self, context: grpc.aio.ServicerContext[Any, Any], address: str) -> bool:
+    def trusted(self, address: str, certificate: str) -> bool:
+        """Whether the peer at `address` (whose certificate, as the edge describes it in
+        `x-forwarded-client-cert`, is `certificate`) is one of them."""
         if address in self.addresses:
             return True
-        if not self.workload:
-            return False
-        names = context.auth_context().get("peer_spiffe_id", ())
-        return [name.decode(errors="replace") for name in names] == [self.workload]
+        return bool(self.workload) and certificate_uris(certificate) == [self.workload]
+
+
+def certificate_uris(certificate: str) -> list[str]:
+    """The URI SANs of `x-forwarded-client-cert` (`Hash=...;URI=spiffe://...`, one element:
+    the edge replaces whatever the caller sent)."""
+    return [
+        value
+        for part in certificate.split(";")
+        for key, _, value in [part.partition("=")]
+        if key.strip().lower() == "uri"
+    ]
 
 
 NO_PROXIES = Proxies()
@@ -58,7 +73,7 @@ def admit(
 ) -> Caller:
     """Check the call with the guard. Anonymous callers are limited per address; a trusted
     proxy (the gateway) names the address it serves in `x-forwarded-for`."""
-    authorization = forwarded = cache_control = pinned = ""
+    authorization = forwarded = cache_control = pinned = certificate = ""
     for key, value in context.invocation_metadata() or ():
         if key == AUTHORIZATION:
             authorization = str(value)
@@ -68,9 +83,9 @@ def admit(
             cache_control = str(value)
         elif key == CANARY_NODE:
             pinned = str(value)
-    client = peer_host(context.peer())
-    if forwarded and proxies.trusted(context, client):
-        client = forwarded.split(",")[0].strip()
+        elif key == CLIENT_CERTIFICATE:
+            certificate = str(value)
+    client = client_address(forwarded, certificate, proxies)
     principal = guard.check(authorization, model_name, client=client, limited=limited)
     if pinned and not principal.may(Permission.NODES_ADMIN):
         raise PermissionDeniedError(
@@ -82,6 +97,17 @@ def admit(
     return Caller(
         principal=principal, fresh="no-cache" in cache_control.lower(), pinned_node=pinned
     )
+
+
+def client_address(forwarded: str, certificate: str, proxies: Proxies) -> str:
+    """The client a call through the edge is for: the peer the edge took it from (the last
+    `x-forwarded-for` entry), or, for a trusted proxy, the client it names before that."""
+    hops = [hop.strip() for hop in forwarded.split(",")] if forwarded else []
+    if not hops:
+        return ""
+    if len(hops) > 1 and proxies.trusted(hops[-1], certificate):
+        return hops[-2]
+    return hops[-1]
 
 
 def deadline(context: grpc.aio.ServicerContext[Any, Any], cap_s: float) -> float:

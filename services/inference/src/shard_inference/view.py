@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Generic
 
 from shard.node.v1 import node_pb2
@@ -28,6 +28,26 @@ _log = logging.getLogger(__name__)
 
 # How often the view looks for a renewed certificate (renewal comes hours before expiry).
 RENEWAL_CHECK_S = 10.0
+
+
+class _Notifying:
+    """A mirror's listener that also says when anything changed."""
+
+    def __init__(self, listener: MirrorListener, on_change: Callable[[], None]) -> None:
+        self._listener = listener
+        self._on_change = on_change
+
+    def reset(self, entries: Mapping[str, bytes]) -> None:
+        self._listener.reset(entries)
+        self._on_change()
+
+    def put(self, key: str, value: bytes) -> None:
+        self._listener.put(key, value)
+        self._on_change()
+
+    def delete(self, key: str) -> None:
+        self._listener.delete(key)
+        self._on_change()
 
 
 class ShardView(Generic[B]):
@@ -63,9 +83,9 @@ class ShardView(Generic[B]):
         followed: dict[str, MirrorListener] = {
             keys.ENDPOINTS: self.table,
             keys.DEPLOYMENTS: self.split,
-            keys.API_KEYS: ring,
-            keys.MODELS: access,
-            keys.VERSIONS: self.cacheable,
+            keys.API_KEYS: _Notifying(ring, on_change),
+            keys.MODELS: _Notifying(access, on_change),
+            keys.VERSIONS: _Notifying(self.cacheable, on_change),
         }
         self._stores = [EtcdStore(settings) for _ in followed]
         self._mirrors = [

@@ -39,6 +39,12 @@ class Snapshot:
 
     version: str
     resources: Mapping[str, Mapping[str, Message]] = field(default_factory=dict)
+    # A version per type, where the publisher knows which types changed: a stream sends a type
+    # again only when its version moves (so a moved endpoint sends endpoints, nothing else).
+    versions: Mapping[str, str] = field(default_factory=dict)
+
+    def version_of(self, type_url: str) -> str:
+        return self.versions.get(type_url, self.version)
 
 
 @dataclass
@@ -56,6 +62,8 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         self._changed = asyncio.Event()
         self._nonces = itertools.count(1)
         self._on_rejected = on_rejected
+        self._closed = False
+        self._acknowledged: dict[str, dict[str, str]] = {}
 
     @property
     def snapshot(self) -> Snapshot:
@@ -67,6 +75,16 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         self._changed.set()
         self._changed = asyncio.Event()
 
+    def acknowledged(self, node: str) -> Mapping[str, str]:
+        """The version of each type the Envoy `node` last accepted."""
+        return self._acknowledged.get(node, {})
+
+    def close(self) -> None:
+        """End every stream (the server is stopping): each Envoy keeps its configuration and
+        reconnects to whichever control plane answers next."""
+        self._closed = True
+        self._changed.set()
+
     async def StreamAggregatedResources(
         self, request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest], context: Any
     ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
@@ -74,7 +92,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         wanted: asyncio.Queue[str] = asyncio.Queue()
         reading = asyncio.ensure_future(self._read(request_iterator, subscriptions, wanted))
         try:
-            while not reading.done():
+            while not reading.done() and not self._closed:
                 changed = self._changed
                 while not wanted.empty():
                     response = self._response(subscriptions[wanted.get_nowait()])
@@ -101,19 +119,20 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
     def _response(self, subscription: _Subscription) -> discovery_pb2.DiscoveryResponse | None:
         """The snapshot's resources for `subscription`, unless they were sent already."""
         snapshot = self._snapshot
-        if subscription.sent == (snapshot.version, subscription.names):
-            return None
         type_url = subscription.type_url
+        version = snapshot.version_of(type_url)
+        if subscription.sent == (version, subscription.names):
+            return None
         resources = snapshot.resources.get(type_url, {})
         chosen = [
             resource
             for name, resource in sorted(resources.items())
             if not subscription.names or name in subscription.names
         ]
-        subscription.sent = (snapshot.version, subscription.names)
+        subscription.sent = (version, subscription.names)
         subscription.nonce = str(next(self._nonces))
         response = discovery_pb2.DiscoveryResponse(
-            version_info=snapshot.version, type_url=type_url, nonce=subscription.nonce
+            version_info=version, type_url=type_url, nonce=subscription.nonce
         )
         for resource in chosen:
             packed = any_pb2.Any()
@@ -127,7 +146,9 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         subscriptions: dict[str, _Subscription],
         wanted: asyncio.Queue[str],
     ) -> None:
+        node = ""
         async for request in requests:
+            node = request.node.id or node  # sent on a stream's first request only
             type_url = request.type_url
             subscription = subscriptions.get(type_url)
             if subscription is None:
@@ -145,6 +166,8 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                 )
                 self._on_rejected(type_url, message)
                 continue  # it keeps its last good configuration; a new snapshot goes out
+            if request.response_nonce:
+                self._acknowledged.setdefault(node, {})[type_url] = request.version_info
             names = frozenset(request.resource_names)
             if names != subscription.names or subscription.sent is None:
                 subscription.names = names

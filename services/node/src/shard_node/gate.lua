@@ -23,15 +23,6 @@ local CLIENT_METHODS = {
 }
 local INVALID_ARGUMENT, PERMISSION_DENIED = 3, 7
 
-local function refuse(handle, code, message)
-  handle:respond({
-    [":status"] = "200",
-    ["content-type"] = "application/grpc",
-    ["grpc-status"] = tostring(code),
-    ["grpc-message"] = message,
-  }, "")
-end
-
 -- Whether the call may go on; refuses it (answering the caller) when not.
 local function admit(handle)
   local uris = handle:streamInfo():downstreamSslConnection():uriSanPeerCertificate()
@@ -46,7 +37,7 @@ local function admit(handle)
   local method = handle:headers():get(":path")
   local names_model = CLIENT_METHODS[method]
   if names_model == nil then
-    refuse(handle, PERMISSION_DENIED, "a client certificate may not call this method at a node")
+    grpc_refuse(handle, PERMISSION_DENIED, "a client certificate may not call this method at a node")
     return
   end
   if not names_model then
@@ -55,17 +46,17 @@ local function admit(handle)
   -- Reading the body yields to Envoy: objects taken from the handle before it are stale after.
   local body = handle:body()
   if body == nil then
-    refuse(handle, INVALID_ARGUMENT, "the request has no message")
+    grpc_refuse(handle, INVALID_ARGUMENT, "the request has no message")
     return
   end
   local fields, why = grpc_routing_fields(body, false)
   if fields == nil then
-    refuse(handle, INVALID_ARGUMENT, why)
+    grpc_refuse(handle, INVALID_ARGUMENT, why)
     return
   end
   local name = fields.name
   if name == "" then
-    refuse(handle, INVALID_ARGUMENT, "the request names no model")
+    grpc_refuse(handle, INVALID_ARGUMENT, "the request names no model")
     return
   end
   local wanted = handle:metadata():get("model_prefix") .. name
@@ -74,7 +65,7 @@ local function admit(handle)
       return
     end
   end
-  refuse(handle, PERMISSION_DENIED, "the client certificate does not allow the model this request names")
+  grpc_refuse(handle, PERMISSION_DENIED, "the client certificate does not allow the model this request names")
 end
 
 -- Envoy lets a request through when its script fails: fail closed instead.
@@ -82,6 +73,6 @@ function envoy_on_request(handle)
   local ok, failure = pcall(admit, handle)
   if not ok then
     handle:logErr(tostring(failure))
-    refuse(handle, 13, "the node gate could not check this request")
+    grpc_refuse(handle, 13, "the node gate could not check this request")
   end
 end

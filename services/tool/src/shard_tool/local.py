@@ -179,6 +179,17 @@ class LocalMesh:
             await asyncio.sleep(SERVICE_CERTIFICATE_LIFETIME_S / 2)
             self.renew_certificates()
 
+    @property
+    def router_edge_dir(self) -> Path:
+        """The router's edge: its Envoy's files (admin-address, access.log) and the router's
+        own socket behind it."""
+        return self.state_dir / "edge"
+
+    @property
+    def router_socket(self) -> Path:
+        """The Python router behind the edge (a Unix socket)."""
+        return self.router_edge_dir / "router.sock"
+
     def tls_path(self, service: str) -> Path:
         return self.state_dir / "tls" / service
 
@@ -279,6 +290,7 @@ class LocalMesh:
                     "mesh_address": self.router_mesh_address,
                     "tls_dir": self.tls_path("router"),
                     "etcd_tls_dir": self.tls_path("router"),
+                    "edge_dir": self.router_edge_dir,
                     "metrics_port": self.ports.router_metrics,
                     "registry_address": self.registry_address,
                     "registry_mesh_address": self.registry_mesh_address,

@@ -1,0 +1,635 @@
+"""The edge: Envoy on the router's ports, configured by the router over xDS (ADS).
+
+Envoy terminates every connection to the router's ports: plaintext on loopback, TLS, and mutual
+TLS for the mesh's services. It sends the inferences it can decide on its own (`edge.lua` says
+which) straight to the nodes' gates over mutual TLS, balanced, retried and with failing nodes
+ejected by Envoy, and everything else to the Python router behind it on a Unix socket only this
+user can open, naming the client in `x-forwarded-for` (and, on the mesh port, the caller's
+certificate in `x-forwarded-client-cert`).
+
+The router builds Envoy's listeners, routes, clusters (one per model version taking the direct
+path) and their endpoints from its etcd view (`resources`) and publishes them through its ADS
+server whenever the view changes; Envoy keeps serving its last configuration while the router,
+or etcd, is away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import itertools
+import json
+import math
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Imported for their types: Envoy's typed configurations below name them.
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.access_loggers.file.v3 import file_pb2  # noqa: F401
+from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2  # noqa: F401
+from envoy.extensions.filters.http.lua.v3 import lua_pb2  # noqa: F401
+from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
+from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noqa: F401
+    http_connection_manager_pb2,
+)
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2  # noqa: F401
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from shard_client.routing import EndpointTable, TrafficSplit
+from shard_core.auth import ModelAccess
+from shard_core.envoy import (
+    HTTP_TYPE,
+    MAX_HEAP_BYTES,
+    ROUTER_FILTER,
+    TYPES,
+    EnvoyProcess,
+    downstream_tls,
+    http2_upstream,
+    lua_filter,
+    overload_manager,
+    upstream_mesh_tls,
+)
+from shard_core.pki import node_workload, spiffe_id
+from shard_inference.cache import CacheableVersions
+from shard_inference.endpoints import ViewChanges
+from shard_inference.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, AdsServer, Snapshot
+
+INFER = "/inference.GRPCInferenceService/ModelInfer"
+ROUTER_CLUSTER = "router"
+XDS_CLUSTER = "xds"
+ROUTES = "edge"
+# The cluster of model `m` version `v` is MODEL_CLUSTERS + "m/v".
+MODEL_CLUSTERS = "m/"
+CLUSTER_HEADER = "x-shard-cluster"
+DIRECT_HEADER = "x-shard-direct"
+LUA_POLICY = Path(__file__).with_name("edge.lua")
+LUA_METADATA = "envoy.filters.http.lua"
+# Requests are read whole (for the model they name) up to the router's own message limit.
+MAX_REQUEST_BYTES = 64 * 1024 * 1024 + 1024
+MAX_REQUEST_WINDOW = 64 * 1024 * 1024 + 64 * 1024
+# A node's weight among a version's replicas: halved for each doubling of its queue.
+FULL_WEIGHT = 128
+# Anonymous clients whose rate limits Envoy tracks at once (the least recent are forgotten).
+MAX_ANONYMOUS_CLIENTS = 100_000
+PREVIOUS_HOSTS = "extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+ADS: dict[str, Any] = {"ads": {}, "resource_api_version": "V3"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class EdgePorts:
+    """Where the edge listens: the router's addresses (None: not at all)."""
+
+    plaintext: str | None
+    tls: str | None
+    mesh: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class EdgePolicy:
+    """What the router's settings decide for the direct path."""
+
+    trust_domain: str
+    anonymous_rps: float
+    max_attempts: int
+    upstream_timeout_s: float
+    sds_dir: Path | None  # the certificate's SDS files; None: plaintext to the nodes
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardState:
+    """The parts of the router's view the edge is built from."""
+
+    table: EndpointTable[Any]
+    split: TrafficSplit
+    access: ModelAccess
+    cacheable: CacheableVersions
+
+
+def bootstrap(
+    *, node_id: str, xds_socket: Path, max_heap_bytes: int = MAX_HEAP_BYTES
+) -> dict[str, Any]:
+    """Envoy's start-up configuration: everything else comes over ADS from `xds_socket`."""
+    return {
+        "node": {"id": node_id, "cluster": "shard-edge"},
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": "GRPC",
+                "transport_api_version": "V3",
+                "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}],
+                "set_node_on_first_message_only": True,
+            },
+            "lds_config": ADS,
+            "cds_config": ADS,
+        },
+        "static_resources": {"clusters": [_unix_cluster(XDS_CLUSTER, xds_socket)]},
+        "overload_manager": overload_manager(max_heap_bytes),
+    }
+
+
+def _unix_cluster(name: str, socket: Path) -> dict[str, Any]:
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "2s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": str(socket)}}}}]}
+            ],
+        },
+        "typed_extension_protocol_options": http2_upstream(),
+        "circuit_breakers": {
+            "thresholds": [
+                {
+                    "max_connections": 1_000_000,
+                    "max_pending_requests": 1_000_000,
+                    "max_requests": 1_000_000,
+                }
+            ]
+        },
+    }
+
+
+def _socket_address(address: str) -> dict[str, Any]:
+    host, port = address.rsplit(":", 1)
+    return {"socket_address": {"address": host.strip("[]"), "port_value": int(port)}}
+
+
+def _is_ip(address: str) -> bool:
+    try:
+        ipaddress.ip_address(address.rsplit(":", 1)[0].strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def _parsed(config: Mapping[str, Any], kind: type[Message]) -> Message:
+    message = kind()
+    json_format.ParseDict(config, message)
+    return message
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.3f}s"
+
+
+def _token_bucket(rps: float) -> dict[str, Any]:
+    """Envoy's bucket for `rps` a second, with two seconds of burst (as the router's buckets):
+    whole tokens, refilled at least every 50 ms."""
+    interval = max(0.05, 1.0 / rps)
+    per_fill = max(1, round(rps * interval))
+    return {
+        "max_tokens": max(per_fill, math.ceil(rps * 2)),
+        "tokens_per_fill": per_fill,
+        "fill_interval": _seconds(interval),
+    }
+
+
+def _rate_limit_filter(anonymous_rps: float) -> dict[str, Any]:
+    """Anonymous clients on the direct path, limited per address (one bucket each, made as a
+    client first comes); the router limits everything else itself."""
+    config: dict[str, Any] = {
+        "@type": f"{TYPES}extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+        "stat_prefix": "edge_rate_limit",
+        "rate_limited_as_resource_exhausted": True,
+        "enable_x_ratelimit_headers": "DRAFT_VERSION_03",
+    }
+    if anonymous_rps > 0:
+        enabled = {"default_value": {"numerator": 100, "denominator": "HUNDRED"}}
+        config |= {
+            "filter_enabled": {"runtime_key": "edge_rate_limit_enabled", **enabled},
+            "filter_enforced": {"runtime_key": "edge_rate_limit_enforced", **enabled},
+            "max_dynamic_descriptors": MAX_ANONYMOUS_CLIENTS,
+            "descriptors": [
+                {
+                    "entries": [
+                        {"key": "direct", "value": "anonymous"},
+                        {"key": "remote_address", "value": ""},
+                    ],
+                    "token_bucket": _token_bucket(anonymous_rps),
+                }
+            ],
+            "rate_limits": [
+                {
+                    "actions": [
+                        {
+                            "request_headers": {
+                                "header_name": DIRECT_HEADER,
+                                "descriptor_key": "direct",
+                                "skip_if_absent": True,
+                            }
+                        },
+                        {"remote_address": {}},
+                    ]
+                }
+            ],
+        }
+    return {"name": "envoy.filters.http.local_ratelimit", "typed_config": config}
+
+
+ACCESS_LOG_FORMAT = {
+    "time": "%START_TIME%",
+    "method": "%REQ(:PATH)%",
+    "route": "%UPSTREAM_CLUSTER%",
+    "node": "%UPSTREAM_PEER_URI_SAN%",
+    "client": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
+    "peer": "%DOWNSTREAM_PEER_URI_SAN%",
+    "grpc_status": "%GRPC_STATUS_NUMBER%",
+    "http_status": "%RESPONSE_CODE%",
+    "flags": "%RESPONSE_FLAGS%",
+    "duration_ms": "%DURATION%",
+    "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
+}
+
+
+def _manager(name: str, *, policy: EdgePolicy, mesh: bool, access_log: Path) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "@type": f"{HTTP_TYPE}.HttpConnectionManager",
+        "stat_prefix": name,
+        "codec_type": "AUTO",
+        "use_remote_address": True,
+        # No client is internal: x-envoy-* headers from anyone are dropped, not obeyed.
+        "internal_address_config": {"unix_sockets": False, "cidr_ranges": []},
+        "normalize_path": True,
+        "merge_slashes": True,
+        "path_with_escaped_slashes_action": "REJECT_REQUEST",
+        "request_timeout": "0s",
+        "stream_idle_timeout": "0s",
+        "common_http_protocol_options": {
+            "headers_with_underscores_action": "REJECT_REQUEST",
+            "idle_timeout": "3600s",
+        },
+        "http2_protocol_options": {
+            "max_concurrent_streams": 1024,
+            "initial_stream_window_size": MAX_REQUEST_WINDOW,
+            "initial_connection_window_size": MAX_REQUEST_WINDOW,
+        },
+        "rds": {"route_config_name": ROUTES, "config_source": ADS},
+        "http_filters": [
+            lua_filter(LUA_POLICY),
+            _rate_limit_filter(policy.anonymous_rps),
+            ROUTER_FILTER,
+        ],
+        "access_log": [
+            {
+                "name": "envoy.access_loggers.file",
+                "typed_config": {
+                    "@type": f"{TYPES}extensions.access_loggers.file.v3.FileAccessLog",
+                    "path": str(access_log),
+                    "log_format": {"json_format": ACCESS_LOG_FORMAT},
+                },
+            }
+        ],
+    }
+    if mesh:
+        # The router trusts the gateway's x-forwarded-for by its certificate: say who called.
+        config["forward_client_cert_details"] = "SANITIZE_SET"
+        config["set_current_client_cert_details"] = {"uri": True}
+    else:
+        config["forward_client_cert_details"] = "SANITIZE"
+    return config
+
+
+def _listener(
+    name: str, address: str, *, policy: EdgePolicy, tls: dict[str, Any] | None, access_log: Path
+) -> Message:
+    chain: dict[str, Any] = {
+        "filters": [
+            {
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": _manager(
+                    name, policy=policy, mesh=name == "mesh", access_log=access_log
+                ),
+            }
+        ]
+    }
+    if tls is not None:
+        chain["transport_socket"] = tls
+        chain["transport_socket_connect_timeout"] = "5s"
+    listener = {
+        "name": name,
+        "address": _socket_address(address),
+        "per_connection_buffer_limit_bytes": MAX_REQUEST_BYTES,
+        "filter_chains": [chain],
+    }
+    return _parsed(listener, listener_pb2.Listener)
+
+
+def listeners(ports: EdgePorts, policy: EdgePolicy, access_log: Path) -> dict[str, Message]:
+    found: dict[str, Message] = {}
+    if ports.plaintext:
+        found["plaintext"] = _listener(
+            "plaintext", ports.plaintext, policy=policy, tls=None, access_log=access_log
+        )
+    if policy.sds_dir is not None:
+        if ports.tls:
+            found["tls"] = _listener(
+                "tls",
+                ports.tls,
+                policy=policy,
+                tls=downstream_tls(policy.sds_dir, callers=None),
+                access_log=access_log,
+            )
+        if ports.mesh:
+            # Any workload of the mesh: the router decides what each may do.
+            anyone = {"san_type": "URI", "matcher": {"prefix": f"spiffe://{policy.trust_domain}/"}}
+            found["mesh"] = _listener(
+                "mesh",
+                ports.mesh,
+                policy=policy,
+                tls=downstream_tls(policy.sds_dir, callers=[anyone]),
+                access_log=access_log,
+            )
+    return found
+
+
+def _direct_models(state: ShardState) -> dict[str, dict[str, Any]]:
+    """The models the edge may send straight to a node, as `edge.lua` reads them: public, with
+    no model rate limit, no answer verification and no cacheable version."""
+    models: dict[str, dict[str, Any]] = {}
+    access = state.access
+    for name, versions in state.table.models().items():
+        if not access.public(name) or access.rate_limit(name) or access.verify_fraction(name):
+            continue
+        if any(state.cacheable.ttl(name, version) for version in versions):
+            continue
+        weights = state.split.weights(name)
+        weighted = [(v, weights[v]) for v in versions if weights.get(v, 0) > 0]
+        draw: list[list[Any]] = []
+        total = 0
+        for version, weight in weighted or [(versions[-1], 1)]:
+            total += weight
+            draw.append([version, total])
+        models[f"m/{name}"] = {
+            "cluster": f"{MODEL_CLUSTERS}{name}/",
+            "ready": dict.fromkeys(versions, True),
+            "draw": draw,
+        }
+    return models
+
+
+def _routes(direct_models: dict[str, dict[str, Any]], policy: EdgePolicy) -> Message:
+    proxies = [spiffe_id(policy.trust_domain, "service", "gateway")]
+    direct = {
+        "name": "direct",
+        "match": {
+            "path": INFER,
+            "headers": [{"name": CLUSTER_HEADER, "present_match": True}],
+        },
+        "request_headers_to_remove": [CLUSTER_HEADER, DIRECT_HEADER],
+        "route": {
+            "cluster_header": CLUSTER_HEADER,
+            "timeout": _seconds(policy.upstream_timeout_s),
+            # A client's grpc-timeout, when shorter, is its deadline.
+            "max_stream_duration": {"grpc_timeout_header_max": _seconds(policy.upstream_timeout_s)},
+            "retry_policy": {
+                "retry_on": "unavailable,reset,connect-failure,refused-stream",
+                "num_retries": policy.max_attempts - 1,
+                "retry_host_predicate": [
+                    {
+                        "name": "envoy.retry_host_predicates.previous_hosts",
+                        "typed_config": {"@type": f"{TYPES}{PREVIOUS_HOSTS}"},
+                    }
+                ],
+                "host_selection_retry_max_attempts": 5,
+            },
+        },
+    }
+    infer = {
+        "name": "infer",
+        "match": {"path": INFER},
+        "route": {"cluster": ROUTER_CLUSTER, "timeout": "0s"},
+        "metadata": {"filter_metadata": {LUA_METADATA: {"proxies": proxies, **direct_models}}},
+    }
+    rest = {
+        "name": "router",
+        "match": {"prefix": "/"},
+        "route": {"cluster": ROUTER_CLUSTER, "timeout": "0s"},
+        "metadata": {"filter_metadata": {LUA_METADATA: {"proxies": proxies}}},
+    }
+    config = {
+        "name": ROUTES,
+        "virtual_hosts": [{"name": "shard", "domains": ["*"], "routes": [direct, infer, rest]}],
+    }
+    return _parsed(config, route_pb2.RouteConfiguration)
+
+
+def _model_cluster(name: str, policy: EdgePolicy) -> Message:
+    cluster: dict[str, Any] = {
+        "name": name,
+        "type": "EDS",
+        "eds_cluster_config": {"eds_config": ADS},
+        "connect_timeout": "2s",
+        "lb_policy": "LEAST_REQUEST",
+        "typed_extension_protocol_options": http2_upstream(),
+        # A node that fails to answer (unreachable, reset, UNAVAILABLE) three times in a row
+        # rests; a model's own errors eject nobody (a client could cause those at will).
+        "outlier_detection": {
+            "consecutive_gateway_failure": 3,
+            "enforcing_consecutive_gateway_failure": 100,
+            "enforcing_consecutive_5xx": 0,
+            "interval": "1s",
+            "base_ejection_time": "5s",
+            "max_ejection_percent": 50,
+        },
+        "circuit_breakers": {
+            "thresholds": [
+                {
+                    "max_connections": 100_000,
+                    "max_pending_requests": 100_000,
+                    "max_requests": 100_000,
+                    # Retries in flight are at most a fifth of the requests in flight (and
+                    # may be 50): a node that dies under load has all its calls retried, a
+                    # general failure does not multiply the load.
+                    "retry_budget": {
+                        "budget_percent": {"value": 20.0},
+                        "min_retry_concurrency": 50,
+                    },
+                }
+            ]
+        },
+    }
+    if policy.sds_dir is not None:
+        cluster["transport_socket"] = upstream_mesh_tls(policy.sds_dir)
+    return _parsed(cluster, cluster_pb2.Cluster)
+
+
+def _weight(pending: int) -> int:
+    return max(1, FULL_WEIGHT >> min(7, pending.bit_length()))
+
+
+def _assignment(name: str, routes: list[Any], policy: EdgePolicy) -> Message:
+    endpoints = [
+        {
+            "endpoint": {
+                "address": _socket_address(route.backend.address),
+                "hostname": node_workload(policy.trust_domain, route.node).dns,
+            },
+            "load_balancing_weight": _weight(route.pending),
+        }
+        for route in sorted(routes, key=lambda r: r.node)
+        if _is_ip(route.backend.address)
+    ]
+    assignment = {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]}
+    return _parsed(assignment, endpoint_pb2.ClusterLoadAssignment)
+
+
+def resources(
+    state: ShardState,
+    *,
+    ports: EdgePorts,
+    policy: EdgePolicy,
+    router_socket: Path,
+    access_log: Path,
+) -> dict[str, Mapping[str, Message]]:
+    """Every resource the edge runs, by xDS type and name, for the view `state`."""
+    clusters: dict[str, Message] = {
+        ROUTER_CLUSTER: _parsed(_unix_cluster(ROUTER_CLUSTER, router_socket), cluster_pb2.Cluster)
+    }
+    assignments: dict[str, Message] = {}
+    direct_models = _direct_models(state)
+    for key in direct_models:
+        name = key.removeprefix("m/")
+        for version in state.table.models()[name]:
+            cluster = f"{MODEL_CLUSTERS}{name}/{version}"
+            clusters[cluster] = _model_cluster(cluster, policy)
+            assignments[cluster] = _assignment(
+                cluster, state.table.candidates(name, version), policy
+            )
+    return {
+        LISTENER: listeners(ports, policy, access_log),
+        ROUTE: {ROUTES: _routes(direct_models, policy)},
+        CLUSTER: clusters,
+        ENDPOINT: assignments,
+    }
+
+
+def describe(found: Mapping[str, Mapping[str, Message]]) -> str:
+    """The resources as JSON (for logs and `envoy --mode validate`)."""
+    return json.dumps(
+        {
+            type_url.rsplit(".", 1)[-1]: {
+                name: json_format.MessageToDict(message) for name, message in by_name.items()
+            }
+            for type_url, by_name in found.items()
+        },
+        indent=1,
+    )
+
+
+class Edge:
+    """The edge's Envoy and what keeps its configuration current: `follow` rebuilds the
+    resources after every change of the view and publishes those that changed."""
+
+    def __init__(
+        self,
+        *,
+        directory: Path,
+        state: ShardState,
+        ports: EdgePorts,
+        policy: EdgePolicy,
+        router_socket: Path,
+        ads: AdsServer,
+        tls_dir: Path | None,
+        node_id: str = "edge",
+        temporary: bool = False,
+    ) -> None:
+        """With `temporary`, `directory` is removed when the edge stops."""
+        self._temporary = temporary
+        self._node_id = node_id
+        self._state = state
+        self._ports = ports
+        self._policy = policy
+        self._router_socket = router_socket
+        self._ads = ads
+        self.access_log = directory / "access.log"
+        self.envoy = EnvoyProcess(
+            "envoy (edge)",
+            directory,
+            bootstrap(node_id=node_id, xds_socket=router_socket),
+            tls_dir=tls_dir,
+        )
+        self._versions = itertools.count(1)
+        self._published: dict[str, bytes] = {}
+
+    def build(self) -> dict[str, Mapping[str, Message]]:
+        return resources(
+            self._state,
+            ports=self._ports,
+            policy=self._policy,
+            router_socket=self._router_socket,
+            access_log=self.access_log,
+        )
+
+    def publish(self) -> bool:
+        """Publish the view's resources if they changed; whether they did."""
+        built = self.build()
+        digests = {
+            type_url: b"".join(
+                name.encode() + b"\0" + message.SerializeToString(deterministic=True)
+                for name, message in sorted(by_name.items())
+            )
+            for type_url, by_name in built.items()
+        }
+        if digests == self._published:
+            return False
+        self._published = digests
+        self._ads.publish(
+            Snapshot(
+                version=str(next(self._versions)),
+                resources=built,
+                versions={
+                    type_url: hashlib.sha256(digest).hexdigest()[:16]
+                    for type_url, digest in digests.items()
+                },
+            )
+        )
+        return True
+
+    def applied(self) -> bool:
+        """Whether the edge's Envoy runs the last published configuration."""
+        snapshot = self._ads.snapshot
+        acknowledged = self._ads.acknowledged(self._node_id)
+        return all(
+            acknowledged.get(type_url) == snapshot.version_of(type_url)
+            for type_url in snapshot.resources
+        )
+
+    async def start(self, *, timeout: float = 30.0) -> None:
+        self.publish()
+        await self.envoy.start(timeout=timeout)
+
+    async def follow(self, changes: ViewChanges, settle_s: float = 0.02) -> None:
+        """Publish after each change, a burst of changes at a time."""
+        while True:
+            changed = changes.event
+            self.publish()
+            await changed.wait()
+            await asyncio.sleep(settle_s)  # the rest of a burst (a node's many endpoints)
+
+    def addresses(self) -> dict[str, str]:
+        """Where the edge listens, by kind."""
+        return {
+            kind: address
+            for kind, address in (
+                ("plaintext, loopback", self._ports.plaintext),
+                ("TLS", self._ports.tls),
+                ("mutual TLS", self._ports.mesh),
+            )
+            if address
+        }
+
+    def stop(self) -> None:
+        self.envoy.stop()
+        if self._temporary:
+            shutil.rmtree(self.envoy.directory, ignore_errors=True)

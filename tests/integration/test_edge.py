@@ -1,0 +1,366 @@
+"""The edge (a real Envoy, configured over ADS by the router's control plane) in front of a
+stand-in router on its Unix socket and stand-in nodes: what goes straight to a node, what goes to
+the router, and that no body, header or client can move a request onto a route it may not take."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from envoy.service.discovery.v3 import ads_pb2_grpc
+from google.protobuf import json_format
+from tritonclient.utils import InferenceServerException
+
+from shard.model.v1 import model_pb2
+from shard.node.v1 import node_pb2
+from shard_client.routing import EndpointTable, TrafficSplit
+from shard_core import pki, tls
+from shard_core.auth import ModelAccess
+from shard_core.envoy import envoy_binary, secret_files
+from shard_core.net import free_port
+from shard_inference.cache import CacheableVersions
+from shard_inference.edge import Edge, EdgePolicy, EdgePorts, ShardState, resources
+from shard_inference.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, AdsServer
+from tests.demo import simple_inputs
+from tests.fake_node import FakeTriton
+from tests.grpc_frames import field as pb_field
+from tests.grpc_frames import frame, h2_post, malformed
+from tests.waiting import until
+
+DOMAIN = "shard.local"
+
+
+@dataclass
+class Backend:
+    node: str
+    address: str
+    in_flight: int = 0
+
+    def connected(self) -> bool:
+        return True
+
+
+@dataclass
+class Shard:
+    """What the router's view would hold, made by hand, and the edge built from it."""
+
+    edge: Edge
+    state: ShardState
+    router: FakeTriton
+    nodes: dict[str, FakeTriton]
+    address: str
+    rejected: list[str] = field(default_factory=list)
+
+    def serve(self, node: str, model: str, version: str) -> None:
+        endpoint = node_pb2.ModelEndpoint(
+            model_name=model,
+            model_version=version,
+            node=node,
+            inference_address=self.nodes[node].address,
+        )
+        self.state.table.put(f"{model}/{version}/{node}", endpoint.SerializeToString())
+
+    def withdraw(self, node: str, model: str, version: str) -> None:
+        self.state.table.delete(f"{model}/{version}/{node}")
+
+    def model(self, name: str, *, public: bool = True, **fields: Any) -> None:
+        visibility = model_pb2.VISIBILITY_PUBLIC if public else model_pb2.VISIBILITY_PRIVATE
+        record = model_pb2.Model(name=f"models/{name}", visibility=visibility, **fields)
+        self.state.access.put(f"models/{name}", record.SerializeToString())
+
+    def calls(self, where: str) -> list[dict[str, str]]:
+        server = self.router if where == "router" else self.nodes[where]
+        return [metadata for method, _, metadata in server.calls if method == "ModelInfer"]
+
+    async def published(self) -> None:
+        """Publish the view and wait until Envoy runs it (every type acknowledged)."""
+        self.edge.publish()
+        await until(self.edge.applied, "the edge never applied the view", timeout=20)
+
+
+@pytest.fixture
+async def shard(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Shard]:
+    """The edge, with anonymous clients limited to `request.param` requests a second (none
+    unless a test says)."""
+    directory = tmp_path / "edge"
+    directory.mkdir()
+    socket = directory / "router.sock"
+    rejected: list[str] = []
+    ads = AdsServer(on_rejected=lambda type_url, _: rejected.append(type_url))
+    router = FakeTriton(
+        address=f"unix:{socket}",
+        register=lambda server: ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
+            ads, server
+        ),
+    )
+    nodes = {name: FakeTriton() for name in ("nodes/a", "nodes/b")}
+    state = ShardState(
+        table=EndpointTable(backend_factory=lambda address, node: Backend(node, address)),
+        split=TrafficSplit(),
+        access=ModelAccess(),
+        cacheable=CacheableVersions(),
+    )
+    port = free_port()
+    edge = Edge(
+        directory=directory,
+        state=state,
+        ports=EdgePorts(plaintext=f"127.0.0.1:{port}", tls=None, mesh=None),
+        policy=EdgePolicy(
+            trust_domain=DOMAIN,
+            anonymous_rps=getattr(request, "param", 0.0),
+            max_attempts=2,
+            upstream_timeout_s=30,
+            sds_dir=None,
+        ),
+        router_socket=socket,
+        ads=ads,
+        tls_dir=None,
+    )
+    async with router:
+        for node in nodes.values():
+            await node.__aenter__()
+        try:
+            await edge.start()
+            found = Shard(edge, state, router, nodes, f"127.0.0.1:{port}", rejected)
+            found.model("simple")
+            found.serve("nodes/a", "simple", "1")
+            await found.published()
+            yield found
+        finally:
+            edge.stop()
+            for node in nodes.values():
+                await node.__aexit__()
+
+
+def _infer(
+    shard: Shard, model: str = "simple", version: str = "", headers: dict[str, str] | None = None
+) -> str:
+    """One ModelInfer through the edge: "ok" or the status code's name."""
+    client = triton.InferenceServerClient(shard.address)
+    data = np.ones((1, 16), dtype=np.int32)
+    try:
+        client.infer(model, simple_inputs(data, data), model_version=version, headers=headers)
+    except InferenceServerException as error:
+        return str(error.status())
+    finally:
+        client.close()
+    return "ok"
+
+
+async def test_a_public_inference_goes_to_a_node_and_everything_else_to_the_router(
+    shard: Shard,
+) -> None:
+    assert await asyncio.to_thread(_infer, shard) == "ok"
+    assert [c["model"] for c in shard.calls("nodes/a")] == ["simple"]
+    # The node was told which version the edge chose.
+    assert shard.calls("nodes/a")[0]["version"] == "1"
+    router_before = len(shard.calls("router"))
+    shard.model("private", public=False)
+    shard.serve("nodes/a", "private", "1")
+    shard.model("limited", rate_limit_rps=5)
+    shard.serve("nodes/a", "limited", "1")
+    shard.model("checked", verify_fraction=0.5)
+    shard.serve("nodes/a", "checked", "1")
+    await shard.published()
+    for model in ("private", "limited", "checked", "unknown"):
+        await asyncio.to_thread(_infer, shard, model)
+    # Credentials, the shard's own headers and compression are the router's to judge.
+    for headers in (
+        {"authorization": "Bearer sk-x"},
+        {"shard-canary-node": "nodes/a"},
+    ):
+        await asyncio.to_thread(_infer, shard, "simple", "", headers)
+    routed = [c["model"] for c in shard.calls("router")[router_before:]]
+    assert routed == ["private", "limited", "checked", "unknown", "simple", "simple"]
+    assert len(shard.calls("nodes/a")) == 1
+
+
+async def test_versions_named_drawn_or_unready(shard: Shard) -> None:
+    shard.serve("nodes/b", "simple", "2")
+    shard.state.split.replace_all({"simple": {"1": 0, "2": 1}})
+    await shard.published()
+    for _ in range(5):
+        assert await asyncio.to_thread(_infer, shard) == "ok"
+    # Drawn by the weights, and written into the request for the node.
+    assert [c["version"] for c in shard.calls("nodes/b")] == ["2"] * 5
+    assert await asyncio.to_thread(_infer, shard, "simple", "1") == "ok"
+    assert [c["version"] for c in shard.calls("nodes/a")] == ["1"]
+    # A version with no ready replica is the router's to answer.
+    await asyncio.to_thread(_infer, shard, "simple", "7")
+    assert [c["version"] for c in shard.calls("router")] == ["7"]
+    shard.state.split.replace_all({"simple": {"1": 1, "2": 1}})
+    await shard.published()
+    for _ in range(40):
+        assert await asyncio.to_thread(_infer, shard) == "ok"
+    # Both drawn (the chance of 40 draws of one is 2^-39).
+    assert {c["version"] for c in shard.calls("nodes/a")} == {"1"}
+    assert len(shard.calls("nodes/a")) > 1
+    assert len(shard.calls("nodes/b")) > 5
+
+
+async def test_hostile_bodies_and_headers_never_take_a_route_they_may_not(shard: Shard) -> None:
+    shard.model("private", public=False)
+    shard.serve("nodes/b", "private", "1")
+    await shard.published()
+    port = int(shard.address.rsplit(":", 1)[1])
+    simple, private = pb_field(1, b"simple"), pb_field(1, b"private")
+    for case, body in malformed(b"simple", b"private").items():
+        await asyncio.to_thread(h2_post, port, body)
+        assert not shard.calls("nodes/b"), case
+        assert not shard.calls("nodes/a"), case
+    # The last name wins, as in Triton: the private model's request goes to the router.
+    await asyncio.to_thread(h2_post, port, frame(simple + private))
+    assert not shard.calls("nodes/b")
+    # The public one's goes to a node, named as the node reads it.
+    await asyncio.to_thread(h2_post, port, frame(private + simple))
+    assert [c["model"] for c in shard.calls("nodes/a")] == ["simple"]
+    # The edge's own headers, sent by a client, route nothing.
+    for headers in (
+        [("x-shard-cluster", "m/private/1")],
+        [("x-shard-cluster", "m/private/1"), ("x-shard-direct", "anonymous")],
+        [("x-shard-cluster", "xds")],
+        [("x-envoy-upstream-rq-timeout-ms", "1")],
+    ):
+        await asyncio.to_thread(h2_post, port, frame(private), headers=headers)
+    assert not shard.calls("nodes/b")
+    assert [c["model"] for c in shard.calls("router")].count("private") >= 5
+    # x-shard-* never reach a node or the router.
+    assert not any(k.startswith("x-shard") for c in shard.calls("router") for k in c)
+    assert not any(k.startswith("x-shard") for c in shard.calls("nodes/a") for k in c)
+
+
+@pytest.mark.parametrize("shard", [2.0], indirect=True)
+async def test_anonymous_clients_are_limited_per_address_on_the_direct_path(shard: Shard) -> None:
+    outcomes = [await asyncio.to_thread(_infer, shard) for _ in range(12)]
+    # A burst of two seconds' worth passes, the rest is refused until tokens come back.
+    assert outcomes[:4] == ["ok"] * 4
+    assert "StatusCode.RESOURCE_EXHAUSTED" in outcomes
+    assert outcomes.count("ok") < 12
+
+
+async def test_a_withdrawn_replica_takes_no_more_requests(shard: Shard) -> None:
+    shard.serve("nodes/b", "simple", "1")
+    await shard.published()
+    shard.withdraw("nodes/a", "simple", "1")
+    await shard.published()
+    before = len(shard.calls("nodes/a"))
+    for _ in range(4):
+        assert await asyncio.to_thread(_infer, shard) == "ok"
+    assert len(shard.calls("nodes/a")) == before
+    assert len(shard.calls("nodes/b")) == 4
+
+
+async def test_a_dead_replica_is_retried_on_another(shard: Shard) -> None:
+    shard.serve("nodes/b", "simple", "1")
+    await shard.published()
+    await shard.nodes["nodes/a"].__aexit__()
+    outcomes = [await asyncio.to_thread(_infer, shard) for _ in range(4)]
+    assert outcomes == ["ok"] * 4
+    assert len(shard.calls("nodes/b")) == 4
+
+
+def test_every_shape_the_control_plane_emits_passes_envoy_validation(tmp_path: Path) -> None:
+    table: EndpointTable[Backend] = EndpointTable(
+        backend_factory=lambda address, node: Backend(node, address)
+    )
+    access, split = ModelAccess(), TrafficSplit()
+    for i, node in enumerate(("nodes/a", "nodes/b")):
+        for model, version in (("simple", "1"), ("simple", "2"), ("other", "3")):
+            endpoint = node_pb2.ModelEndpoint(
+                model_name=model,
+                model_version=version,
+                node=node,
+                inference_address=f"127.0.0.{i + 1}:8001",
+                pending=i * 5,
+            )
+            table.put(f"{model}/{version}/{node}", endpoint.SerializeToString())
+    for model in ("simple", "other"):
+        record = model_pb2.Model(name=f"models/{model}", visibility=model_pb2.VISIBILITY_PUBLIC)
+        access.put(f"models/{model}", record.SerializeToString())
+    split.replace_all({"simple": {"1": 3, "2": 1}})
+    state = ShardState(table=table, split=split, access=access, cacheable=CacheableVersions())
+    authority, key = pki.Authority.create(), pki.new_key()
+    issued = authority.issue(
+        key.public_key(), authority.workload("service", "router"), lifetime_s=600
+    )
+    tls.write_identity(
+        tmp_path / "tls", chain=issued.chain_pem, key=pki.key_pem(key), bundle=authority.bundle_pem
+    )
+    (tmp_path / "sds").mkdir()
+    for name, secret in secret_files(tmp_path / "tls").items():
+        (tmp_path / "sds" / name).write_text(json.dumps(secret))
+    shapes = {
+        "plaintext, no limits": (
+            EdgePorts(plaintext="127.0.0.1:1", tls=None, mesh=None),
+            0.0,
+            None,
+        ),
+        "tls and mesh, limited": (
+            EdgePorts(plaintext="127.0.0.1:1", tls="0.0.0.0:2", mesh="0.0.0.0:3"),
+            2.5,
+            tmp_path / "sds",
+        ),
+    }
+    for shape, (ports, rps, sds_dir) in shapes.items():
+        policy = EdgePolicy(
+            trust_domain=DOMAIN,
+            anonymous_rps=rps,
+            max_attempts=3,
+            upstream_timeout_s=60,
+            sds_dir=sds_dir,
+        )
+        built = resources(
+            state,
+            ports=ports,
+            policy=policy,
+            router_socket=tmp_path / "router.sock",
+            access_log=tmp_path / "access.log",
+        )
+        config = tmp_path / f"{shape}.json"
+        config.write_text(json.dumps(_static(built)))
+        checked = subprocess.run(
+            [envoy_binary(), "--mode", "validate", "-c", str(config)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert checked.returncode == 0, f"{shape}: {checked.stdout}{checked.stderr}"
+
+
+def _static(built: dict[str, Any]) -> dict[str, Any]:
+    """The resources as one static configuration (routes inline, endpoints in their clusters)
+    for `envoy --mode validate`, which does not fetch over xDS."""
+
+    def plain(message: Any) -> dict[str, Any]:
+        return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+    (routes,) = built[ROUTE].values()
+    listeners = []
+    for listener in built[LISTENER].values():
+        config = plain(listener)
+        for chain in config["filter_chains"]:
+            for network_filter in chain["filters"]:
+                manager = network_filter["typed_config"]
+                del manager["rds"]
+                manager["route_config"] = plain(routes)
+        listeners.append(config)
+    clusters = []
+    for name, cluster in built[CLUSTER].items():
+        config = plain(cluster)
+        if config.get("type") == "EDS":
+            del config["eds_cluster_config"]
+            config["type"] = "STATIC"
+            config["load_assignment"] = plain(built[ENDPOINT][name])
+        clusters.append(config)
+    return {
+        "node": {"id": "edge", "cluster": "shard-edge"},
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+    }
