@@ -401,7 +401,7 @@ def _routes(direct_models: dict[str, dict[str, Any]], policy: EdgePolicy) -> Mes
                         "typed_config": {"@type": f"{TYPES}{PREVIOUS_HOSTS}"},
                     }
                 ],
-                "host_selection_retry_max_attempts": 5,
+                "host_selection_retry_max_attempts": 10,
             },
         },
     }

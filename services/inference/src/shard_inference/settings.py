@@ -29,7 +29,7 @@ class DataPlaneSettings(EtcdSettings):
         description="Inference requests a second per anonymous client address (0: none).",
     )
     max_attempts: int = Field(
-        default=2, ge=1, le=5, description="Replicas tried per request when one is unavailable."
+        default=3, ge=1, le=5, description="Replicas tried per request when one is unavailable."
     )
     upstream_timeout_s: float = Field(
         default=120.0,
