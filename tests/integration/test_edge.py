@@ -28,7 +28,7 @@ from shard_core.envoy import envoy_binary, secret_files
 from shard_core.net import free_port
 from shard_inference.cache import CacheableVersions
 from shard_inference.edge import Edge, EdgePolicy, EdgePorts, ShardState, resources
-from shard_inference.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, AdsServer
+from shard_inference.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from tests.demo import simple_inputs
 from tests.fake_node import FakeTriton
 from tests.grpc_frames import field as pb_field
@@ -58,6 +58,7 @@ class Shard:
     nodes: dict[str, FakeTriton]
     address: str
     rejected: list[str] = field(default_factory=list)
+    delays: list[float] = field(default_factory=list)
 
     def serve(self, node: str, model: str, version: str) -> None:
         endpoint = node_pb2.ModelEndpoint(
@@ -94,13 +95,7 @@ async def shard(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     directory.mkdir()
     socket = directory / "router.sock"
     rejected: list[str] = []
-    ads = AdsServer(on_rejected=lambda type_url, _: rejected.append(type_url))
-    router = FakeTriton(
-        address=f"unix:{socket}",
-        register=lambda server: ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
-            ads, server
-        ),
-    )
+    delays: list[float] = []
     nodes = {name: FakeTriton() for name in ("nodes/a", "nodes/b")}
     state = ShardState(
         table=EndpointTable(backend_factory=lambda address, node: Backend(node, address)),
@@ -121,15 +116,22 @@ async def shard(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
             sds_dir=None,
         ),
         router_socket=socket,
-        ads=ads,
         tls_dir=None,
+        on_rejected=rejected.append,
+        on_applied=delays.append,
+    )
+    router = FakeTriton(
+        address=f"unix:{socket}",
+        register=lambda server: ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
+            edge.ads, server
+        ),
     )
     async with router:
         for node in nodes.values():
             await node.__aenter__()
         try:
             await edge.start()
-            found = Shard(edge, state, router, nodes, f"127.0.0.1:{port}", rejected)
+            found = Shard(edge, state, router, nodes, f"127.0.0.1:{port}", rejected, delays)
             found.model("simple")
             found.serve("nodes/a", "simple", "1")
             await found.published()
@@ -249,8 +251,12 @@ async def test_anonymous_clients_are_limited_per_address_on_the_direct_path(shar
 async def test_a_withdrawn_replica_takes_no_more_requests(shard: Shard) -> None:
     shard.serve("nodes/b", "simple", "1")
     await shard.published()
+    reported = len(shard.delays)
     shard.withdraw("nodes/a", "simple", "1")
     await shard.published()
+    # How long the change took to reach Envoy is reported once Envoy runs it.
+    await until(lambda: len(shard.delays) > reported, "no delay reported", timeout=20)
+    assert not shard.rejected
     before = len(shard.calls("nodes/a"))
     for _ in range(4):
         assert await asyncio.to_thread(_infer, shard) == "ok"

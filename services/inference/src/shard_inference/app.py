@@ -30,7 +30,6 @@ from shard_inference.servicer import InferenceRouter
 from shard_inference.settings import InferenceSettings
 from shard_inference.verification import Outcome, Verifier
 from shard_inference.view import ShardView
-from shard_inference.xds import AdsServer
 
 _log = logging.getLogger(__name__)
 
@@ -104,17 +103,29 @@ async def serve(settings: InferenceSettings) -> None:
         description="Configurations the edge's Envoy rejected (it keeps serving its last good "
         "one), by xDS type.",
     )
-    ads = AdsServer(
-        on_rejected=lambda type_url, _: rejections.add(1, {"type": type_url.rsplit(".", 1)[-1]})
+    delays = meter.create_histogram(
+        "shard_edge_config_delay",
+        unit="s",
+        description="From a change of the router's view (a node's lease expiring, a deployment "
+        "moving) to the edge's Envoy running it.",
     )
+    # The router serves its edge only, on a Unix socket in a directory only this user may open.
+    directory = _private_directory(settings.edge_dir)
+    edge = _edge(
+        settings,
+        view,
+        identity,
+        directory=directory,
+        on_rejected=lambda type_url: rejections.add(1, {"type": type_url.rsplit(".", 1)[-1]}),
+        on_applied=delays.record,
+    )
+    ads = edge.ads
 
     def register(server: grpc.aio.Server) -> None:
         server.add_generic_rpc_handlers((router.handler(),))
         endpoint_service_pb2_grpc.add_EndpointServiceServicer_to_server(watch, server)
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(ads, server)
 
-    # The router serves its edge only, on a Unix socket in a directory only this user may open.
-    directory = _private_directory(settings.edge_dir)
     socket = directory / ROUTER_SOCKET
     socket.unlink(missing_ok=True)
     # No interceptors on the data plane: every request pays for them, and the router answers
@@ -125,7 +136,6 @@ async def serve(settings: InferenceSettings) -> None:
         register=register,
         interceptors=(),
     )
-    edge = _edge(settings, view, identity, directory=directory, ads=ads)
     for stop in server_stops:
         server.on_shutdown(stop)
     # The edge's configuration streams never end on their own: end them, and the edge keeps
@@ -221,7 +231,8 @@ def _edge(
     identity: TlsIdentity | None,
     *,
     directory: Path,
-    ads: AdsServer,
+    on_rejected: Callable[[str], None],
+    on_applied: Callable[[float], None],
 ) -> Edge:
     """The edge on the router's addresses, in front of the router at `directory`/router.sock."""
     return Edge(
@@ -242,9 +253,10 @@ def _edge(
             sds_dir=directory / "sds" if identity else None,
         ),
         router_socket=directory / ROUTER_SOCKET,
-        ads=ads,
+        on_rejected=on_rejected,
         tls_dir=settings.tls_dir,
         temporary=settings.edge_dir is None,
+        on_applied=on_applied,
     )
 
 

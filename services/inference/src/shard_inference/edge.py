@@ -20,9 +20,11 @@ import hashlib
 import ipaddress
 import itertools
 import json
+import logging
 import math
 import shutil
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +65,8 @@ from shard_core.pki import node_workload, spiffe_id
 from shard_inference.cache import CacheableVersions
 from shard_inference.endpoints import ViewChanges
 from shard_inference.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, AdsServer, Snapshot
+
+_log = logging.getLogger(__name__)
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 ROUTER_CLUSTER = "router"
@@ -539,19 +543,28 @@ class Edge:
         ports: EdgePorts,
         policy: EdgePolicy,
         router_socket: Path,
-        ads: AdsServer,
         tls_dir: Path | None,
         node_id: str = "edge",
         temporary: bool = False,
+        on_rejected: Callable[[str], None] = lambda _type_url: None,
+        on_applied: Callable[[float], None] = lambda _seconds: None,
     ) -> None:
-        """With `temporary`, `directory` is removed when the edge stops."""
+        """With `temporary`, `directory` is removed when the edge stops. `on_rejected(type_url)`
+        hears of every configuration Envoy rejects; `on_applied(seconds)`, how long each change
+        of the view took to reach Envoy (from the view's change to Envoy's acknowledgement of
+        every type). Serve `ads` (the configuration) on `router_socket`."""
+        self.ads = AdsServer(
+            on_rejected=lambda type_url, _: on_rejected(type_url),
+            on_acknowledged=self.acknowledged,
+        )
         self._temporary = temporary
         self._node_id = node_id
+        self._on_applied = on_applied
+        self._pending_since: float | None = None
         self._state = state
         self._ports = ports
         self._policy = policy
         self._router_socket = router_socket
-        self._ads = ads
         self.access_log = directory / "access.log"
         self.envoy = EnvoyProcess(
             "envoy (edge)",
@@ -571,8 +584,9 @@ class Edge:
             access_log=self.access_log,
         )
 
-    def publish(self) -> bool:
-        """Publish the view's resources if they changed; whether they did."""
+    def publish(self, changed_at: float | None = None) -> bool:
+        """Publish the view's resources if they changed (at `changed_at`, a monotonic time;
+        now if not said); whether they did."""
         built = self.build()
         digests = {
             type_url: b"".join(
@@ -584,7 +598,8 @@ class Edge:
         if digests == self._published:
             return False
         self._published = digests
-        self._ads.publish(
+        self._pending_since = self._pending_since or changed_at or time.monotonic()
+        self.ads.publish(
             Snapshot(
                 version=str(next(self._versions)),
                 resources=built,
@@ -596,10 +611,20 @@ class Edge:
         )
         return True
 
+    def acknowledged(self, node: str) -> None:
+        """What the ADS server calls on each ACK: once the edge runs what was published, how
+        long after the change (the first unapplied one) is reported."""
+        if node != self._node_id or self._pending_since is None or not self.applied():
+            return
+        took = time.monotonic() - self._pending_since
+        self._pending_since = None
+        self._on_applied(took)
+        _log.info("the edge runs the view of %.0f ms ago", took * 1000)
+
     def applied(self) -> bool:
         """Whether the edge's Envoy runs the last published configuration."""
-        snapshot = self._ads.snapshot
-        acknowledged = self._ads.acknowledged(self._node_id)
+        snapshot = self.ads.snapshot
+        acknowledged = self.ads.acknowledged(self._node_id)
         return all(
             acknowledged.get(type_url) == snapshot.version_of(type_url)
             for type_url in snapshot.resources
@@ -607,14 +632,17 @@ class Edge:
 
     async def start(self, *, timeout: float = 30.0) -> None:
         self.publish()
+        self._pending_since = None  # the first configuration is no change of the view
         await self.envoy.start(timeout=timeout)
 
     async def follow(self, changes: ViewChanges, settle_s: float = 0.02) -> None:
         """Publish after each change, a burst of changes at a time."""
+        changed_at = None
         while True:
             changed = changes.event
-            self.publish()
+            self.publish(changed_at)
             await changed.wait()
+            changed_at = time.monotonic()
             await asyncio.sleep(settle_s)  # the rest of a burst (a node's many endpoints)
 
     def addresses(self) -> dict[str, str]:

@@ -56,8 +56,14 @@ class _Subscription:
 
 
 class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
-    def __init__(self, on_rejected: Callable[[str, str], None] = lambda _type, _why: None) -> None:
-        """`on_rejected(type_url, message)` hears of every NACK."""
+    def __init__(
+        self,
+        on_rejected: Callable[[str, str], None] = lambda _type, _why: None,
+        on_acknowledged: Callable[[str], None] = lambda _node: None,
+    ) -> None:
+        """`on_rejected(type_url, message)` hears of every NACK, `on_acknowledged(node)` of
+        every ACK."""
+        self._on_acknowledged = on_acknowledged
         self._snapshot = Snapshot(version="0")
         self._changed = asyncio.Event()
         self._nonces = itertools.count(1)
@@ -168,6 +174,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                 continue  # it keeps its last good configuration; a new snapshot goes out
             if request.response_nonce:
                 self._acknowledged.setdefault(node, {})[type_url] = request.version_info
+                self._on_acknowledged(node)
             names = frozenset(request.resource_names)
             if names != subscription.names or subscription.sent is None:
                 subscription.names = names
