@@ -262,8 +262,16 @@ def _manager(name: str, *, policy: EdgePolicy, mesh: bool, access_log: Path) -> 
         "stat_prefix": name,
         "codec_type": "AUTO",
         "use_remote_address": True,
-        # No client is internal: x-envoy-* headers from anyone are dropped, not obeyed.
-        "internal_address_config": {"unix_sockets": False, "cidr_ranges": []},
+        # No client is internal: x-envoy-* headers from anyone are dropped, not obeyed. An
+        # empty list would mean Envoy's default (private and loopback addresses are internal),
+        # so the list names only the unspecified addresses, which no peer can have.
+        "internal_address_config": {
+            "unix_sockets": False,
+            "cidr_ranges": [
+                {"address_prefix": "0.0.0.0", "prefix_len": 32},
+                {"address_prefix": "::", "prefix_len": 128},
+            ],
+        },
         "normalize_path": True,
         "merge_slashes": True,
         "path_with_escaped_slashes_action": "REJECT_REQUEST",
