@@ -69,9 +69,10 @@ def test_zero_means_no_limit_and_the_bucket_table_is_bounded() -> None:
 
 
 def test_rates_must_be_finite_and_not_negative() -> None:
-    check_rate(0, "f")
-    check_rate(2.5, "f")
-    for bad in (-1.0, float("inf"), float("nan")):
+    for good in (0, 0.5, 2.5, 1e6):
+        check_rate(good, "f")
+    # Below 0.5 a second, a bucket of two seconds' worth never holds a request.
+    for bad in (-1.0, 0.1, 1e7, float("inf"), float("nan")):
         with pytest.raises(InvalidArgumentError):
             check_rate(bad, "api_key.rate_limit_rps")
     assert retry_after_header(0.01) == "1"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,15 +17,17 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 from envoy.service.discovery.v3 import ads_pb2_grpc
-from google.protobuf import json_format
+from google.protobuf import json_format, timestamp_pb2
 from tritonclient.utils import InferenceServerException
 
+from shard.auth.v1 import api_key_pb2
 from shard.model.v1 import model_pb2
 from shard.node.v1 import node_pb2
 from shard_client.routing import EndpointTable, TrafficSplit
 from shard_core import pki, tls
-from shard_core.auth import ModelAccess
+from shard_core.auth import KeyRing, ModelAccess, new_secret, token_hash
 from shard_core.envoy import envoy_binary, secret_files
+from shard_core.limits import MIN_RATE_RPS
 from shard_core.net import free_port
 from shard_inference.cache import CacheableVersions
 from shard_inference.edge import Edge, EdgePolicy, EdgePorts, ShardState, resources
@@ -77,6 +80,19 @@ class Shard:
         record = model_pb2.Model(name=f"models/{name}", visibility=visibility, **fields)
         self.state.access.put(f"models/{name}", record.SerializeToString())
 
+    def key(self, principal: str, **fields: Any) -> str:
+        """A new key of `principal` (a developer's unless `fields` say): its secret."""
+        key_id, secret = new_secret()
+        key = api_key_pb2.ApiKey(
+            name=f"keys/{key_id}",
+            principal=principal,
+            role=fields.pop("role", api_key_pb2.ROLE_DEVELOPER),
+            **fields,
+        )
+        stored = api_key_pb2.StoredApiKey(key=key, secret_sha256=token_hash(secret))
+        self.state.keys.put(key.name, stored.SerializeToString())
+        return secret
+
     def calls(self, where: str) -> list[dict[str, str]]:
         server = self.router if where == "router" else self.nodes[where]
         return [metadata for method, _, metadata in server.calls if method == "ModelInfer"]
@@ -102,6 +118,7 @@ async def shard(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         split=TrafficSplit(),
         access=ModelAccess(),
         cacheable=CacheableVersions(),
+        keys=KeyRing(),
     )
     port = free_port()
     edge = Edge(
@@ -111,6 +128,7 @@ async def shard(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         policy=EdgePolicy(
             trust_domain=DOMAIN,
             anonymous_rps=getattr(request, "param", 0.0),
+            key_rps=0.0,
             max_attempts=2,
             upstream_timeout_s=30,
             sds_dir=None,
@@ -142,6 +160,21 @@ async def shard(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
                 await node.__aexit__()
 
 
+LIMITED = "StatusCode.RESOURCE_EXHAUSTED"
+
+
+def _direct_log(shard: Shard) -> list[tuple[str, str, str]]:
+    """(principal, model, version) of each call the access log shows went to a node."""
+    if not shard.edge.access_log.exists():
+        return []
+    entries = [json.loads(line) for line in shard.edge.access_log.read_text().splitlines()]
+    return [(e["principal"], e["model"], e["version"]) for e in entries if e["node"] != "-"]
+
+
+def _bearer(secret: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {secret}"}
+
+
 def _infer(
     shard: Shard, model: str = "simple", version: str = "", headers: dict[str, str] | None = None
 ) -> str:
@@ -165,23 +198,72 @@ async def test_a_public_inference_goes_to_a_node_and_everything_else_to_the_rout
     # The node was told which version the edge chose.
     assert shard.calls("nodes/a")[0]["version"] == "1"
     router_before = len(shard.calls("router"))
-    shard.model("private", public=False)
+    shard.model("private", public=False, owner="ann")
     shard.serve("nodes/a", "private", "1")
-    shard.model("limited", rate_limit_rps=5)
-    shard.serve("nodes/a", "limited", "1")
     shard.model("checked", verify_fraction=0.5)
     shard.serve("nodes/a", "checked", "1")
     await shard.published()
-    for model in ("private", "limited", "checked", "unknown"):
+    # A private model without a key, a verified one, an unknown one: the router's to answer.
+    for model in ("private", "checked", "unknown"):
         await asyncio.to_thread(_infer, shard, model)
-    # Credentials, the shard's own headers and compression are the router's to judge.
+    # So are credentials that are not a working key, and the shard's own headers.
     for headers in (
         {"authorization": "Bearer sk-x"},
+        {"authorization": "Basic c2hhcmQ="},
         {"shard-canary-node": "nodes/a"},
     ):
         await asyncio.to_thread(_infer, shard, "simple", "", headers)
     routed = [c["model"] for c in shard.calls("router")[router_before:]]
-    assert routed == ["private", "limited", "checked", "unknown", "simple", "simple"]
+    assert routed == ["private", "checked", "unknown", "simple", "simple", "simple"]
+    assert len(shard.calls("nodes/a")) == 1
+
+
+async def test_keys_that_work_go_straight_to_their_models(shard: Shard) -> None:
+    shard.model("private", public=False, owner="ann")
+    shard.serve("nodes/b", "private", "1")
+    ann, bob = shard.key("ann"), shard.key("bob")
+    admin = shard.key("root", role=api_key_pb2.ROLE_ADMIN)
+    read_only = shard.key("ann", scopes=["models.read"])
+    await shard.published()
+    for secret in (ann, admin):
+        assert await asyncio.to_thread(_infer, shard, "private", "", _bearer(secret)) == "ok"
+    assert await asyncio.to_thread(_infer, shard, "simple", "", _bearer(bob)) == "ok"
+    assert [c["model"] for c in shard.calls("nodes/b")] == ["private", "private"]
+    assert [c["model"] for c in shard.calls("nodes/a")] == ["simple"]
+    # A node never sees a caller's key or address.
+    for call in shard.calls("nodes/a") + shard.calls("nodes/b"):
+        assert not {"authorization", "x-forwarded-for"} & set(call), call
+    # Another principal's key, a key without the inference scope, a wrong secret for a real key
+    # id: the router judges them (and refuses).
+    wrong = ann[:-4] + ("AAAA" if not ann.endswith("AAAA") else "BBBB")
+    for secret in (bob, read_only, wrong):
+        await asyncio.to_thread(_infer, shard, "private", "", _bearer(secret))
+    assert len(shard.calls("nodes/b")) == 2
+    assert [c["authorization"] for c in shard.calls("router")] == [
+        f"Bearer {secret}" for secret in (bob, read_only, wrong)
+    ]
+    # The access log names the principal, model and version of each direct call, never a secret.
+    logged = {("ann", "private", "1"), ("root", "private", "1"), ("bob", "simple", "1")}
+    await until(lambda: logged <= set(_direct_log(shard)), "the access log lacks direct calls")
+    log = shard.edge.access_log.read_text()
+    for secret in (ann, bob, admin, read_only, wrong):
+        assert secret not in log
+
+
+async def test_a_revoked_or_expired_key_goes_to_the_router(shard: Shard) -> None:
+    revoked = shard.key("ann", revoke_time=timestamp_pb2.Timestamp(seconds=1))
+    expired = shard.key("ann", expire_time=timestamp_pb2.Timestamp(seconds=1))
+    expires_at = int(time.time()) + 3
+    expiring = shard.key("ann", expire_time=timestamp_pb2.Timestamp(seconds=expires_at))
+    await shard.published()
+    assert await asyncio.to_thread(_infer, shard, "simple", "", _bearer(expiring)) == "ok"
+    for secret in (revoked, expired):
+        await asyncio.to_thread(_infer, shard, "simple", "", _bearer(secret))
+    assert len(shard.calls("router")) == 2
+    # A key past its expiry stops taking the direct path without a new configuration.
+    await until(lambda: time.time() >= expires_at, "the key never expired", timeout=10)
+    await asyncio.to_thread(_infer, shard, "simple", "", _bearer(expiring))
+    assert len(shard.calls("router")) == 3
     assert len(shard.calls("nodes/a")) == 1
 
 
@@ -254,6 +336,46 @@ async def test_anonymous_clients_are_limited_per_address_on_the_direct_path(shar
     assert outcomes.count("ok") < 12
 
 
+async def test_keys_and_models_are_limited_on_the_direct_path(shard: Shard) -> None:
+    # The slowest rate there is, one request in two seconds: the first passes, the next
+    # ones are refused.
+    slow, other = shard.key("ann", rate_limit_rps=MIN_RATE_RPS), shard.key("bob")
+    shard.model("limited", rate_limit_rps=MIN_RATE_RPS)
+    shard.serve("nodes/b", "limited", "1")
+    await shard.published()
+    by_key = [await asyncio.to_thread(_infer, shard, "simple", "", _bearer(slow)) for _ in range(3)]
+    assert by_key[0] == "ok"
+    assert LIMITED in by_key
+    # Another key has its own bucket (and no limit here, where keys have no default rate).
+    assert await asyncio.to_thread(_infer, shard, "simple", "", _bearer(other)) == "ok"
+    # A model's rate holds for everyone together, keyed or not.
+    by_model = [await asyncio.to_thread(_infer, shard, "limited", "", _bearer(other))]
+    by_model += [await asyncio.to_thread(_infer, shard, "limited") for _ in range(2)]
+    assert by_model[0] == "ok"
+    assert LIMITED in by_model
+    assert not shard.calls("router")
+
+
+async def test_a_new_configuration_hands_out_no_fresh_tokens(shard: Shard) -> None:
+    """Any key holder can change the configuration (by making a key): that must not refill
+    the buckets. A try tells only when the edge ran the new configuration within a refill."""
+    slow = shard.key("ann", rate_limit_rps=MIN_RATE_RPS)
+    await shard.published()
+    refill_s = 1 / MIN_RATE_RPS
+    admitted = time.monotonic()
+    for attempt in range(10):
+        while (await asyncio.to_thread(_infer, shard, "simple", "", _bearer(slow))) == "ok":
+            admitted = time.monotonic()
+        shard.key(f"new-{attempt}")
+        await shard.published()
+        asked = time.monotonic()
+        outcome = await asyncio.to_thread(_infer, shard, "simple", "", _bearer(slow))
+        if outcome == LIMITED:
+            return
+        assert asked - admitted >= refill_s, "the new configuration refilled the bucket"
+    pytest.fail("the machine was too slow to tell, ten times")
+
+
 async def test_a_withdrawn_replica_takes_no_more_requests(shard: Shard) -> None:
     shard.serve("nodes/b", "simple", "1")
     await shard.published()
@@ -297,8 +419,22 @@ def test_every_shape_the_control_plane_emits_passes_envoy_validation(tmp_path: P
     for model in ("simple", "other"):
         record = model_pb2.Model(name=f"models/{model}", visibility=model_pb2.VISIBILITY_PUBLIC)
         access.put(f"models/{model}", record.SerializeToString())
+    private = model_pb2.Model(
+        name="models/other", visibility=model_pb2.VISIBILITY_PRIVATE, owner="ann", rate_limit_rps=3
+    )
+    access.put("models/other", private.SerializeToString())
     split.replace_all({"simple": {"1": 3, "2": 1}})
-    state = ShardState(table=table, split=split, access=access, cacheable=CacheableVersions())
+    keys = KeyRing()
+    for rate in (0.0, 7.5):
+        key_id, key_secret = new_secret()
+        stored = api_key_pb2.StoredApiKey(
+            key=api_key_pb2.ApiKey(name=f"keys/{key_id}", principal="ann", rate_limit_rps=rate),
+            secret_sha256=token_hash(key_secret),
+        )
+        keys.put(f"keys/{key_id}", stored.SerializeToString())
+    state = ShardState(
+        table=table, split=split, access=access, cacheable=CacheableVersions(), keys=keys
+    )
     authority, key = pki.Authority.create(), pki.new_key()
     issued = authority.issue(
         key.public_key(), authority.workload("service", "router"), lifetime_s=600
@@ -325,6 +461,7 @@ def test_every_shape_the_control_plane_emits_passes_envoy_validation(tmp_path: P
         policy = EdgePolicy(
             trust_domain=DOMAIN,
             anonymous_rps=rps,
+            key_rps=rps * 10,
             max_attempts=3,
             upstream_timeout_s=60,
             sds_dir=sds_dir,

@@ -334,18 +334,21 @@ class KeyRing:
     def delete(self, key: str) -> None:
         self._keys.pop(key.rstrip("/").rsplit("/", 1)[-1], None)
 
-    def active_keys(self, principal: str) -> int:
-        """How many keys of `principal` work now (neither revoked nor expired)."""
+    def usable(self) -> dict[str, api_key_pb2.StoredApiKey]:
+        """The keys that work now (neither revoked nor expired), by key id."""
         now = self._clock()
-        return sum(
-            1
-            for stored in self._keys.values()
-            if stored.key.principal == principal
-            and not stored.key.HasField("revoke_time")
+        return {
+            key_id: stored
+            for key_id, stored in self._keys.items()
+            if not stored.key.HasField("revoke_time")
             and not (
                 stored.key.HasField("expire_time") and stored.key.expire_time.ToSeconds() <= now
             )
-        )
+        }
+
+    def active_keys(self, principal: str) -> int:
+        """How many keys of `principal` work now (neither revoked nor expired)."""
+        return sum(1 for stored in self.usable().values() if stored.key.principal == principal)
 
     # -- authentication ---------------------------------------------------------------------
 
@@ -432,6 +435,11 @@ class ModelAccess:
     def public(self, model_name: str) -> bool:
         found = self._models.get(model_name)
         return found is not None and found[0]
+
+    def owner(self, model_name: str) -> str:
+        """The model's owner (a principal id); empty for a model the registry does not know."""
+        found = self._models.get(model_name)
+        return found[1] if found is not None else ""
 
     def visible(self, principal: Principal, model_name: str) -> bool:
         """Whether `principal` may see the model in listings and statistics: public models,

@@ -52,13 +52,18 @@ def envoy_binary() -> str:
     return found
 
 
+# Lua for our Envoys' filters: reading a gRPC request's routing fields; SHA-256.
 GRPC_MESSAGE_LUA = Path(__file__).with_name("grpc_message.lua")
+SHA256_LUA = Path(__file__).with_name("sha256.lua")
 
 
-def lua_filter(policy: Path) -> dict[str, Any]:
-    """Envoy's Lua filter running `policy`, after the shared reader of gRPC request bodies
-    (`grpc_routing_fields`): Envoy takes one source, so the two are joined here."""
-    source = f"{GRPC_MESSAGE_LUA.read_text()}\n{policy.read_text()}"
+def lua_filter(
+    policy: Path, *, libraries: tuple[Path, ...] = (GRPC_MESSAGE_LUA,)
+) -> dict[str, Any]:
+    """Envoy's Lua filter running `policy`, after the shared `libraries` it uses (by default
+    the reader of gRPC request bodies, `grpc_routing_fields`): Envoy takes one source, so they
+    are joined here."""
+    source = "\n".join(path.read_text() for path in (*libraries, policy))
     return {
         "name": "envoy.filters.http.lua",
         "typed_config": {"@type": LUA_TYPE, "default_source_code": {"inline_string": source}},

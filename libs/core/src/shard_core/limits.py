@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from shard_core.errors import InvalidArgumentError, ResourceExhaustedError
 
 BURST_SECONDS = 2.0
+MIN_RATE_RPS = 1 / BURST_SECONDS
+MAX_RATE_RPS = 1_000_000.0
 
 
 @dataclass(slots=True)
@@ -98,9 +100,11 @@ def retry_after_header(wait_s: float) -> str:
 
 
 def check_rate(rate: float, field: str) -> None:
-    """A rate limit must be a finite number of requests a second, 0 or more."""
-    if not (math.isfinite(rate) and rate >= 0):
+    """A rate limit is 0 (none of its own) or a number of requests a second from MIN_RATE_RPS
+    (a bucket holding two seconds' worth must hold a whole request) to MAX_RATE_RPS."""
+    if not (rate == 0 or MIN_RATE_RPS <= rate <= MAX_RATE_RPS):
         raise InvalidArgumentError(
-            f"{field} must be 0 (no limit of its own) or a positive number of requests a second",
+            f"{field} must be 0 (no limit of its own) or {MIN_RATE_RPS:g} to {MAX_RATE_RPS:g} "
+            "requests a second",
             metadata={"field": field},
         )

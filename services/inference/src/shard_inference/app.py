@@ -238,7 +238,11 @@ def _edge(
     return Edge(
         directory=directory,
         state=ShardState(
-            table=view.table, split=view.split, access=view.guard.access, cacheable=view.cacheable
+            table=view.table,
+            split=view.split,
+            access=view.guard.access,
+            cacheable=view.cacheable,
+            keys=view.guard.ring,
         ),
         ports=EdgePorts(
             plaintext=settings.address or None,
@@ -248,6 +252,7 @@ def _edge(
         policy=EdgePolicy(
             trust_domain=settings.trust_domain,
             anonymous_rps=settings.anonymous_rate_limit_rps,
+            key_rps=settings.key_rate_limit_rps,
             max_attempts=settings.max_attempts,
             upstream_timeout_s=settings.upstream_timeout_s,
             sds_dir=directory / "sds" if identity else None,

@@ -1,19 +1,25 @@
 -- The shard's edge, per request: sends an inference straight to a node when the edge can decide
 -- everything the router would, and leaves everything else on its route to the router.
 --
--- A ModelInfer takes the direct path when it carries no credentials and no header of the
--- shard's own, names a model the control plane lists here (public models, with no model rate
--- limit, response cache or answer verification: their rules need the router), names no sequence
--- and comes from a client rather than the gateway (which names its own clients). The edge reads
--- the model and version from the body as Triton will (grpc_message.lua), picks the version by
--- the deployment's weights when the request names none (and writes it into the request, so the
--- node runs that version), and names the version's cluster in `x-shard-cluster`, which the
--- direct route follows. Anything unusual (a malformed or compressed body, an unknown model or
--- version) goes to the router, which answers it with its own errors.
+-- A ModelInfer takes the direct path when it comes from a client rather than the gateway (which
+-- names its own clients), carries no credentials or a key that works now (its secret's SHA-256
+-- is the one the control plane lists), names a model the control plane lists here (those with
+-- no response cache or answer verification: their rules need the router) that the caller may
+-- use (public, or private to the key's principal, or the key is an admin's) and names no
+-- sequence. The edge reads the model and version from the body as Triton will
+-- (grpc_message.lua), picks the version by the deployment's weights when the request names none
+-- (and writes it into the request, so the node runs that version), and names the version's
+-- cluster in `x-shard-cluster`, which the direct route follows, and the caller and model in the
+-- headers the direct route's rate limits read. Anything unusual (a malformed or compressed
+-- body, an unknown model or version, a key that is not one, a caller the model refuses) goes to
+-- the router, which answers it with its own errors.
 --
 -- Route metadata (filter_metadata["envoy.filters.http.lua"] on the route ModelInfer first
--- matches), per model `m/<name>`: `cluster` (a prefix: the cluster of version v is prefix .. v),
--- `ready` (version → true) and `draw` (a list of {version, cumulative weight}); and `proxies`
+-- matches): per model `m/<name>`: `cluster` (a prefix: the cluster of version v is prefix .. v),
+-- `ready` (version → true), `draw` (a list of {version, cumulative weight}), `public`, `owner`
+-- and, for a model with a rate of its own, `cost` (what a request takes from its bucket); per
+-- key `k/<key id>`: `id`, `sha256`, `principal`, `admin`, `infer` (may run inference on private
+-- models), `expires` (Unix seconds, 0: never) and `cost` (none: not limited); and `proxies`
 -- (the SPIFFE IDs whose calls are the router's to judge).
 
 local SERVICE = "/inference.GRPCInferenceService/"
@@ -22,7 +28,18 @@ local STREAM = SERVICE .. "ModelStreamInfer"
 -- The edge's own request headers: never a client's.
 local CLUSTER = "x-shard-cluster"
 local DIRECT = "x-shard-direct"
-local ROUTER_ONLY = { "authorization", "shard-canary-node", "grpc-encoding" }
+local KEY = "x-shard-key"
+local KEY_COST = "x-shard-key-cost"
+local MODEL = "x-shard-model"
+local MODEL_COST = "x-shard-model-cost"
+local EDGE_HEADERS = { CLUSTER, DIRECT, KEY, KEY_COST, MODEL, MODEL_COST }
+local ROUTER_ONLY = { "shard-canary-node", "grpc-encoding" }
+-- Keys as the shard writes them: "shard_" .. 12 characters of key id .. "_" .. the secret.
+local SECRET_PREFIX = "shard_"
+local KEY_ID_CHARS = 12
+-- The digests of secrets seen to match, per worker, so a key's SHA-256 is computed once.
+local MAX_DIGESTS = 10000
+local digests, digest_count = {}, 0
 
 local INVALID_ARGUMENT = 3
 local route_inference -- below
@@ -81,11 +98,55 @@ local function draw(choices)
   return choices[#choices][1]
 end
 
+-- The key an `authorization` value carries when it is one that works now, or nil.
+local function key_of(metadata, authorization)
+  local scheme, secret = string.match(authorization, "^(%S+) (.+)$")
+  if scheme == nil or string.lower(scheme) ~= "bearer" then
+    return nil
+  end
+  local id_end = #SECRET_PREFIX + KEY_ID_CHARS
+  if string.sub(secret, 1, #SECRET_PREFIX) ~= SECRET_PREFIX
+    or string.sub(secret, id_end + 1, id_end + 1) ~= "_" then
+    return nil
+  end
+  local key = metadata:get("k/" .. string.sub(secret, #SECRET_PREFIX + 1, id_end))
+  if key == nil then
+    return nil
+  end
+  if digests[secret] ~= key.sha256 then
+    if sha256_hex(secret) ~= key.sha256 then
+      return nil
+    end
+    if digest_count >= MAX_DIGESTS then
+      digests, digest_count = {}, 0
+    end
+    digests[secret] = key.sha256
+    digest_count = digest_count + 1
+  end
+  if key.expires > 0 and os.time() >= key.expires then
+    return nil
+  end
+  return key
+end
+
+-- Whether `key` (nil: anonymous) may run `model`, as the router's ModelAccess.check decides.
+local function may_use(model, key)
+  if model.public then
+    return true
+  end
+  return key ~= nil and key.infer and (key.admin or key.principal == model.owner)
+end
+
 local function route(handle)
   local headers = handle:headers()
-  if headers:get(CLUSTER) ~= nil or headers:get(DIRECT) ~= nil then
-    headers:remove(CLUSTER)
-    headers:remove(DIRECT)
+  local forged = false
+  for _, name in ipairs(EDGE_HEADERS) do
+    if headers:get(name) ~= nil then
+      headers:remove(name)
+      forged = true
+    end
+  end
+  if forged then
     handle:clearRouteCache()
   end
   local path = headers:get(":path")
@@ -127,8 +188,21 @@ route_inference = function(handle, headers)
   if fields == nil or fields.sequence or fields.name == "" then
     return
   end
-  local model = handle:metadata():get("m/" .. fields.name)
+  local metadata = handle:metadata()
+  local model = metadata:get("m/" .. fields.name)
   if model == nil then
+    return
+  end
+  headers = handle:headers()
+  local key = nil
+  local authorization = headers:get("authorization")
+  if authorization ~= nil then
+    key = key_of(metadata, authorization)
+    if key == nil then
+      return
+    end
+  end
+  if not may_use(model, key) then
     return
   end
   local version = fields.version
@@ -140,7 +214,23 @@ route_inference = function(handle, headers)
   end
   headers = handle:headers()
   headers:add(CLUSTER, model.cluster .. version)
-  headers:add(DIRECT, "anonymous")
+  local log = handle:streamInfo():dynamicMetadata()
+  log:set("shard", "model", fields.name)
+  log:set("shard", "version", version)
+  if key == nil then
+    headers:add(DIRECT, "anonymous")
+  else
+    headers:add(DIRECT, "key")
+    log:set("shard", "principal", key.principal)
+    if key.cost ~= nil then
+      headers:add(KEY, key.id)
+      headers:add(KEY_COST, string.format("%d", key.cost))
+    end
+  end
+  if model.cost ~= nil then
+    headers:add(MODEL, fields.name)
+    headers:add(MODEL_COST, string.format("%d", model.cost))
+  end
   handle:clearRouteCache()
 end
 

@@ -48,11 +48,13 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from shard_client.routing import EndpointTable, TrafficSplit
-from shard_core.auth import ModelAccess
+from shard_core.auth import KeyRing, ModelAccess, Permission, principal_of
 from shard_core.envoy import (
+    GRPC_MESSAGE_LUA,
     HTTP_TYPE,
     MAX_HEAP_BYTES,
     ROUTER_FILTER,
+    SHA256_LUA,
     TYPES,
     EnvoyProcess,
     downstream_tls,
@@ -74,8 +76,27 @@ XDS_CLUSTER = "xds"
 ROUTES = "edge"
 # The cluster of model `m` version `v` is MODEL_CLUSTERS + "m/v".
 MODEL_CLUSTERS = "m/"
+# The headers `edge.lua` sets for the direct route and its rate limits (never a client's).
 CLUSTER_HEADER = "x-shard-cluster"
 DIRECT_HEADER = "x-shard-direct"
+KEY_HEADER = "x-shard-key"
+KEY_COST_HEADER = "x-shard-key-cost"
+MODEL_HEADER = "x-shard-model"
+MODEL_COST_HEADER = "x-shard-model-cost"
+EDGE_HEADERS = (
+    CLUSTER_HEADER,
+    DIRECT_HEADER,
+    KEY_HEADER,
+    KEY_COST_HEADER,
+    MODEL_HEADER,
+    MODEL_COST_HEADER,
+)
+# A key's or model's bucket fills at this many tokens a second (see `request_cost`).
+COST_SCALE = 1_000_000
+# What a node is never told about a caller: its key, its address.
+PRIVATE_HEADERS = ("authorization", "x-forwarded-for", "x-envoy-external-address")
+# The access log's request fields, set by `edge.lua` (dynamic metadata).
+LOG_METADATA = "shard"
 LUA_POLICY = Path(__file__).with_name("edge.lua")
 LUA_METADATA = "envoy.filters.http.lua"
 # Requests are read whole (for the model they name) up to the router's own message limit.
@@ -83,8 +104,9 @@ MAX_REQUEST_BYTES = 64 * 1024 * 1024 + 1024
 MAX_REQUEST_WINDOW = 64 * 1024 * 1024 + 64 * 1024
 # A node's weight among a version's replicas: halved for each doubling of its queue.
 FULL_WEIGHT = 128
-# Anonymous clients whose rate limits Envoy tracks at once (the least recent are forgotten).
-MAX_ANONYMOUS_CLIENTS = 100_000
+# Anonymous clients and keys whose rate limits Envoy tracks at once (the least recent are
+# forgotten).
+MAX_DYNAMIC_BUCKETS = 100_000
 PREVIOUS_HOSTS = "extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
 ADS: dict[str, Any] = {"ads": {}, "resource_api_version": "V3"}
 
@@ -104,6 +126,7 @@ class EdgePolicy:
 
     trust_domain: str
     anonymous_rps: float
+    key_rps: float  # for keys with no rate of their own
     max_attempts: int
     upstream_timeout_s: float
     sds_dir: Path | None  # the certificate's SDS files; None: plaintext to the nodes
@@ -117,6 +140,7 @@ class ShardState:
     split: TrafficSplit
     access: ModelAccess
     cacheable: CacheableVersions
+    keys: KeyRing
 
 
 def bootstrap(
@@ -199,45 +223,67 @@ def _token_bucket(rps: float) -> dict[str, Any]:
     }
 
 
+def _header_descriptor(header: str, key: str) -> dict[str, Any]:
+    return {
+        "request_headers": {"header_name": header, "descriptor_key": key, "skip_if_absent": True}
+    }
+
+
+def request_cost(rps: float) -> int:
+    """What one request takes from its key's or model's bucket when the key or model may make
+    `rps` requests a second: every bucket fills at COST_SCALE a second and holds two seconds'
+    worth, so the rate needs no bucket of its own (below 0.5 a second, a request costs more
+    than a bucket holds: refused, as by the router's buckets)."""
+    return max(1, round(COST_SCALE / rps))
+
+
 def _rate_limit_filter(anonymous_rps: float) -> dict[str, Any]:
-    """Anonymous clients on the direct path, limited per address (one bucket each, made as a
-    client first comes); the router limits everything else itself."""
-    config: dict[str, Any] = {
+    """The edge's rate limits on the direct path, as the router's (`shard_core.limits`):
+    anonymous clients per address; each key, and each model with a rate of its own, a bucket
+    (made as it first comes, the least recent forgotten) from which a request takes its
+    `request_cost`, which `edge.lua` names in a header. The configuration never changes while
+    the edge runs (a new one would start every bucket full)."""
+    per_value = {
+        "max_tokens": 2 * COST_SCALE,
+        "tokens_per_fill": COST_SCALE // 20,
+        "fill_interval": "0.050s",
+    }
+    descriptors = [
+        {"entries": [{"key": "key", "value": ""}], "token_bucket": per_value},
+        {"entries": [{"key": "model", "value": ""}], "token_bucket": per_value},
+    ]
+    if anonymous_rps > 0:
+        descriptors.append(
+            {
+                "entries": [
+                    {"key": "direct", "value": "anonymous"},
+                    {"key": "remote_address", "value": ""},
+                ],
+                "token_bucket": _token_bucket(anonymous_rps),
+            }
+        )
+    enabled = {"default_value": {"numerator": 100, "denominator": "HUNDRED"}}
+    config = {
         "@type": f"{TYPES}extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
         "stat_prefix": "edge_rate_limit",
         "rate_limited_as_resource_exhausted": True,
         "enable_x_ratelimit_headers": "DRAFT_VERSION_03",
+        "filter_enabled": {"runtime_key": "edge_rate_limit_enabled", **enabled},
+        "filter_enforced": {"runtime_key": "edge_rate_limit_enforced", **enabled},
+        "max_dynamic_descriptors": MAX_DYNAMIC_BUCKETS,
+        "descriptors": descriptors,
+        "rate_limits": [
+            {"actions": [_header_descriptor(DIRECT_HEADER, "direct"), {"remote_address": {}}]},
+            {
+                "actions": [_header_descriptor(KEY_HEADER, "key")],
+                "hits_addend": {"format": f"%REQ({KEY_COST_HEADER})%"},
+            },
+            {
+                "actions": [_header_descriptor(MODEL_HEADER, "model")],
+                "hits_addend": {"format": f"%REQ({MODEL_COST_HEADER})%"},
+            },
+        ],
     }
-    if anonymous_rps > 0:
-        enabled = {"default_value": {"numerator": 100, "denominator": "HUNDRED"}}
-        config |= {
-            "filter_enabled": {"runtime_key": "edge_rate_limit_enabled", **enabled},
-            "filter_enforced": {"runtime_key": "edge_rate_limit_enforced", **enabled},
-            "max_dynamic_descriptors": MAX_ANONYMOUS_CLIENTS,
-            "descriptors": [
-                {
-                    "entries": [
-                        {"key": "direct", "value": "anonymous"},
-                        {"key": "remote_address", "value": ""},
-                    ],
-                    "token_bucket": _token_bucket(anonymous_rps),
-                }
-            ],
-            "rate_limits": [
-                {
-                    "actions": [
-                        {
-                            "request_headers": {
-                                "header_name": DIRECT_HEADER,
-                                "descriptor_key": "direct",
-                                "skip_if_absent": True,
-                            }
-                        },
-                        {"remote_address": {}},
-                    ]
-                }
-            ],
-        }
     return {"name": "envoy.filters.http.local_ratelimit", "typed_config": config}
 
 
@@ -245,6 +291,9 @@ ACCESS_LOG_FORMAT = {
     "time": "%START_TIME%",
     "method": "%REQ(:PATH)%",
     "route": "%UPSTREAM_CLUSTER%",
+    "model": f"%DYNAMIC_METADATA({LOG_METADATA}:model)%",
+    "version": f"%DYNAMIC_METADATA({LOG_METADATA}:version)%",
+    "principal": f"%DYNAMIC_METADATA({LOG_METADATA}:principal)%",
     "node": "%UPSTREAM_PEER_URI_SAN%",
     "client": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
     "peer": "%DOWNSTREAM_PEER_URI_SAN%",
@@ -288,7 +337,7 @@ def _manager(name: str, *, policy: EdgePolicy, mesh: bool, access_log: Path) -> 
         },
         "rds": {"route_config_name": ROUTES, "config_source": ADS},
         "http_filters": [
-            lua_filter(LUA_POLICY),
+            lua_filter(LUA_POLICY, libraries=(GRPC_MESSAGE_LUA, SHA256_LUA)),
             _rate_limit_filter(policy.anonymous_rps),
             ROUTER_FILTER,
         ],
@@ -366,12 +415,12 @@ def listeners(ports: EdgePorts, policy: EdgePolicy, access_log: Path) -> dict[st
 
 
 def _direct_models(state: ShardState) -> dict[str, dict[str, Any]]:
-    """The models the edge may send straight to a node, as `edge.lua` reads them: public, with
-    no model rate limit, no answer verification and no cacheable version."""
+    """The models the edge may send straight to a node, as `edge.lua` reads them: those with
+    no answer verification and no cacheable version (their rules need the router)."""
     models: dict[str, dict[str, Any]] = {}
     access = state.access
     for name, versions in state.table.models().items():
-        if not access.public(name) or access.rate_limit(name) or access.verify_fraction(name):
+        if access.verify_fraction(name):
             continue
         if any(state.cacheable.ttl(name, version) for version in versions):
             continue
@@ -386,11 +435,38 @@ def _direct_models(state: ShardState) -> dict[str, dict[str, Any]]:
             "cluster": f"{MODEL_CLUSTERS}{name}/",
             "ready": dict.fromkeys(versions, True),
             "draw": draw,
+            "public": access.public(name),
+            "owner": access.owner(name),
         }
+        if access.rate_limit(name) > 0:
+            models[f"m/{name}"]["cost"] = request_cost(access.rate_limit(name))
     return models
 
 
-def _routes(direct_models: dict[str, dict[str, Any]], policy: EdgePolicy) -> Message:
+def _direct_keys(keys: KeyRing, policy: EdgePolicy) -> dict[str, dict[str, Any]]:
+    """The keys that work now, as `edge.lua` reads them (`k/<key id>`): the SHA-256 of the
+    secret (never the secret), who the key stands for and what it may do, when it expires, what
+    a request costs it."""
+    found: dict[str, dict[str, Any]] = {}
+    for key_id, stored in keys.usable().items():
+        principal = principal_of(stored.key)
+        key = found[f"k/{key_id}"] = {
+            "id": key_id,
+            "sha256": stored.secret_sha256,
+            "principal": principal.id,
+            "admin": principal.admin,
+            "infer": principal.may(Permission.INFERENCE),
+            "expires": stored.key.expire_time.seconds if stored.key.HasField("expire_time") else 0,
+        }
+        rate = principal.rate_limit_rps or policy.key_rps
+        if rate > 0:
+            key["cost"] = request_cost(rate)
+    return found
+
+
+def _routes(
+    state: ShardState, direct_models: dict[str, dict[str, Any]], policy: EdgePolicy
+) -> Message:
     proxies = [spiffe_id(policy.trust_domain, "service", "gateway")]
     direct = {
         "name": "direct",
@@ -398,7 +474,7 @@ def _routes(direct_models: dict[str, dict[str, Any]], policy: EdgePolicy) -> Mes
             "path": INFER,
             "headers": [{"name": CLUSTER_HEADER, "present_match": True}],
         },
-        "request_headers_to_remove": [CLUSTER_HEADER, DIRECT_HEADER],
+        "request_headers_to_remove": [*EDGE_HEADERS, *PRIVATE_HEADERS],
         "route": {
             "cluster_header": CLUSTER_HEADER,
             "timeout": _seconds(policy.upstream_timeout_s),
@@ -421,7 +497,15 @@ def _routes(direct_models: dict[str, dict[str, Any]], policy: EdgePolicy) -> Mes
         "name": "infer",
         "match": {"path": INFER},
         "route": {"cluster": ROUTER_CLUSTER, "timeout": "0s"},
-        "metadata": {"filter_metadata": {LUA_METADATA: {"proxies": proxies, **direct_models}}},
+        "metadata": {
+            "filter_metadata": {
+                LUA_METADATA: {
+                    "proxies": proxies,
+                    **direct_models,
+                    **_direct_keys(state.keys, policy),
+                }
+            }
+        },
     }
     rest = {
         "name": "router",
@@ -520,7 +604,7 @@ def resources(
             )
     return {
         LISTENER: listeners(ports, policy, access_log),
-        ROUTE: {ROUTES: _routes(direct_models, policy)},
+        ROUTE: {ROUTES: _routes(state, direct_models, policy)},
         CLUSTER: clusters,
         ENDPOINT: assignments,
     }
