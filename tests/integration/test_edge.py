@@ -176,13 +176,24 @@ def _bearer(secret: str) -> dict[str, str]:
 
 
 def _infer(
-    shard: Shard, model: str = "simple", version: str = "", headers: dict[str, str] | None = None
+    shard: Shard,
+    model: str = "simple",
+    version: str = "",
+    headers: dict[str, str] | None = None,
+    *,
+    sequence_id: int = 0,
 ) -> str:
     """One ModelInfer through the edge: "ok" or the status code's name."""
     client = triton.InferenceServerClient(shard.address)
     data = np.ones((1, 16), dtype=np.int32)
     try:
-        client.infer(model, simple_inputs(data, data), model_version=version, headers=headers)
+        client.infer(
+            model,
+            simple_inputs(data, data),
+            model_version=version,
+            headers=headers,
+            sequence_id=sequence_id,
+        )
     except InferenceServerException as error:
         return str(error.status())
     finally:
@@ -334,6 +345,30 @@ async def test_anonymous_clients_are_limited_per_address_on_the_direct_path(shar
     assert outcomes[:4] == ["ok"] * 4
     assert "StatusCode.RESOURCE_EXHAUSTED" in outcomes
     assert outcomes.count("ok") < 12
+
+
+async def test_a_sequence_stays_on_one_version_and_one_node(shard: Shard) -> None:
+    shard.serve("nodes/b", "simple", "1")
+    shard.serve("nodes/a", "simple", "2")
+    shard.serve("nodes/b", "simple", "2")
+    shard.state.split.replace_all({"simple": {"1": 1, "2": 1}})
+    await shard.published()
+    placed: dict[int, set[tuple[str, str]]] = {}
+    for _ in range(3):
+        for sequence in range(1, 25):
+            before = {node: len(shard.calls(node)) for node in shard.nodes}
+            assert await asyncio.to_thread(_infer, shard, sequence_id=sequence) == "ok"
+            node = next(n for n in shard.nodes if len(shard.calls(n)) > before[n])
+            placed.setdefault(sequence, set()).add((node, shard.calls(node)[-1]["version"]))
+    # Every request of a sequence met the same node and version; the sequences spread over both
+    # nodes and versions (the chance that 24 ids hash onto one of either is about 2^-23).
+    assert all(len(where) == 1 for where in placed.values()), placed
+    assert {node for ((node, _),) in placed.values()} == {"nodes/a", "nodes/b"}
+    assert {version for ((_, version),) in placed.values()} == {"1", "2"}
+    assert not shard.calls("router")
+    # Of the edge's headers, a node sees only the sequence's hash key (its own sequence id).
+    seen = {k for n in shard.nodes for c in shard.calls(n) for k in c if k.startswith("x-shard")}
+    assert seen == {"x-shard-sequence"}
 
 
 async def test_keys_and_models_are_limited_on_the_direct_path(shard: Shard) -> None:

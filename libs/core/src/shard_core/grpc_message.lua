@@ -94,7 +94,7 @@ local function walk(read, at, stop, strings, on_bytes)
 end
 
 local NAME_FIELDS = { [1] = true, [2] = true }
-local ENTRY_FIELDS = { [1] = true }
+local ENTRY_FIELDS = { [1] = true, [2] = true }
 
 -- Whether `body` is exactly one gRPC message (as every unary request is): nil and why not.
 local function framing_error(read)
@@ -113,8 +113,9 @@ end
 
 -- The routing fields of a unary request in `body` (one uncompressed gRPC message): a table with
 -- `name` and `version` (fields 1 and 2 of every KServe request that names a model; "" when
--- absent) and `sequence` (true when its parameters, field 4 of ModelInferRequest, carry a
--- `sequence_id`); or nil, why not, and whether the body is not even one gRPC message.
+-- absent) and `sequence` (when its parameters, field 4 of ModelInferRequest, carry a
+-- `sequence_id`: the bytes of its value, the last one's as protobuf reads a map; else false);
+-- or nil, why not, and whether the body is not even one gRPC message.
 function grpc_routing_fields(body, parameters)
   local read = reader(body, body:length())
   local broken_frame = framing_error(read)
@@ -134,16 +135,18 @@ function grpc_routing_fields(body, parameters)
       found.version = read.bytes(at, field_length)
     elseif field == 4 and parameters then
       -- A map entry: its key is field 1 (the last one wins, as for any message).
-      local key = ""
+      local key, value = "", ""
       local entry_ok = walk(read, at, at + field_length, ENTRY_FIELDS, function(entry_field, from, n)
         if entry_field == 1 then
           key = read.bytes(from, n)
+        elseif entry_field == 2 then
+          value = read.bytes(from, n)
         end
       end)
       if not entry_ok then
         broken = true
       elseif key == "sequence_id" then
-        found.sequence = true
+        found.sequence = value
       end
     end
   end)

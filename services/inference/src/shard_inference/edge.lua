@@ -12,15 +12,21 @@
 -- cluster in `x-shard-cluster`, which the direct route follows, and the caller and model in the
 -- headers the direct route's rate limits read. Anything unusual (a malformed or compressed
 -- body, an unknown model or version, a key that is not one, a caller the model refuses) goes to
--- the router, which answers it with its own errors.
+-- the router, which answers it with its own errors. A request of a sequence (a `sequence_id`
+-- parameter) takes the version its id draws and the version's sequence cluster, which hashes
+-- the id (`x-shard-sequence`) onto a node, so every request of the sequence meets the same
+-- state.
 --
 -- Route metadata (filter_metadata["envoy.filters.http.lua"] on the route ModelInfer first
--- matches): per model `m/<name>`: `cluster` (a prefix: the cluster of version v is prefix .. v),
+-- matches): per model `m/<name>`: `cluster` and `sequences` (prefixes: the cluster, and the
+-- sequence cluster, of version v is prefix .. v),
 -- `ready` (version → true), `draw` (a list of {version, cumulative weight}), `public`, `owner`
 -- and, for a model with a rate of its own, `cost` (what a request takes from its bucket); per
 -- key `k/<key id>`: `id`, `sha256`, `principal`, `admin`, `infer` (may run inference on private
 -- models), `expires` (Unix seconds, 0: never) and `cost` (none: not limited); and `proxies`
 -- (the SPIFFE IDs whose calls are the router's to judge).
+
+local bit = require("bit")
 
 local SERVICE = "/inference.GRPCInferenceService/"
 local INFER = SERVICE .. "ModelInfer"
@@ -32,7 +38,8 @@ local KEY = "x-shard-key"
 local KEY_COST = "x-shard-key-cost"
 local MODEL = "x-shard-model"
 local MODEL_COST = "x-shard-model-cost"
-local EDGE_HEADERS = { CLUSTER, DIRECT, KEY, KEY_COST, MODEL, MODEL_COST }
+local SEQUENCE = "x-shard-sequence"
+local EDGE_HEADERS = { CLUSTER, DIRECT, KEY, KEY_COST, MODEL, MODEL_COST, SEQUENCE }
 local ROUTER_ONLY = { "shard-canary-node", "grpc-encoding" }
 -- Keys as the shard writes them: "shard_" .. 12 characters of key id .. "_" .. the secret.
 local SECRET_PREFIX = "shard_"
@@ -58,6 +65,12 @@ local function from_proxy(handle, proxies)
     end
   end
   return false
+end
+
+local function to_hex(bytes)
+  return (string.gsub(bytes, ".", function(c)
+    return string.format("%02x", string.byte(c))
+  end))
 end
 
 -- A varint's bytes, for a length below 2^31.
@@ -87,9 +100,21 @@ local function with_version(body, version)
   body:setBytes(prefix .. body:getBytes(5, size - 5) .. field)
 end
 
-local function draw(choices)
+-- FNV-1a (32 bits) of `bytes`, as a number in [0, 1). (Its prime is 2^24 + 403: the product
+-- is taken in two parts, each exact in a double.)
+local function unit_hash(bytes)
+  local hash = bit.tobit(2166136261)
+  for i = 1, #bytes do
+    hash = bit.bxor(hash, string.byte(bytes, i))
+    hash = bit.tobit(bit.lshift(hash, 24) + hash * 403)
+  end
+  return (hash % 4294967296) / 4294967296
+end
+
+-- A version from `choices` by weight: at random, or by `at` (in [0, 1)) when it is given.
+local function draw(choices, at)
   local total = choices[#choices][2]
-  local at = math.random() * total
+  at = (at or math.random()) * total
   for _, choice in ipairs(choices) do
     if at < choice[2] then
       return choice[1]
@@ -185,7 +210,7 @@ route_inference = function(handle, headers)
     grpc_refuse(handle, INVALID_ARGUMENT, why)
     return
   end
-  if fields == nil or fields.sequence or fields.name == "" then
+  if fields == nil or fields.name == "" then
     return
   end
   local metadata = handle:metadata()
@@ -205,15 +230,23 @@ route_inference = function(handle, headers)
   if not may_use(model, key) then
     return
   end
+  -- A sequence's requests all take one version (drawn by its id) and one node (the sequence
+  -- cluster hashes its id onto the version's nodes).
+  local sequence = fields.sequence
   local version = fields.version
   if version == "" then
-    version = draw(model.draw)
+    version = draw(model.draw, sequence and unit_hash(sequence))
     with_version(body, version)
   elseif not model.ready[version] then
     return
   end
   headers = handle:headers()
-  headers:add(CLUSTER, model.cluster .. version)
+  if sequence then
+    headers:add(CLUSTER, model.sequences .. version)
+    headers:add(SEQUENCE, to_hex(sequence))
+  else
+    headers:add(CLUSTER, model.cluster .. version)
+  end
   local log = handle:streamInfo():dynamicMetadata()
   log:set("shard", "model", fields.name)
   log:set("shard", "version", version)

@@ -74,8 +74,10 @@ INFER = "/inference.GRPCInferenceService/ModelInfer"
 ROUTER_CLUSTER = "router"
 XDS_CLUSTER = "xds"
 ROUTES = "edge"
-# The cluster of model `m` version `v` is MODEL_CLUSTERS + "m/v".
+# The cluster of model `m` version `v` is MODEL_CLUSTERS + "m/v"; the one for its sequences
+# (hashed by sequence id onto the same nodes), SEQUENCE_CLUSTERS + "m/v".
 MODEL_CLUSTERS = "m/"
+SEQUENCE_CLUSTERS = "s/"
 # The headers `edge.lua` sets for the direct route and its rate limits (never a client's).
 CLUSTER_HEADER = "x-shard-cluster"
 DIRECT_HEADER = "x-shard-direct"
@@ -83,7 +85,9 @@ KEY_HEADER = "x-shard-key"
 KEY_COST_HEADER = "x-shard-key-cost"
 MODEL_HEADER = "x-shard-model"
 MODEL_COST_HEADER = "x-shard-model-cost"
+SEQUENCE_HEADER = "x-shard-sequence"
 EDGE_HEADERS = (
+    SEQUENCE_HEADER,
     CLUSTER_HEADER,
     DIRECT_HEADER,
     KEY_HEADER,
@@ -433,6 +437,7 @@ def _direct_models(state: ShardState) -> dict[str, dict[str, Any]]:
             draw.append([version, total])
         models[f"m/{name}"] = {
             "cluster": f"{MODEL_CLUSTERS}{name}/",
+            "sequences": f"{SEQUENCE_CLUSTERS}{name}/",
             "ready": dict.fromkeys(versions, True),
             "draw": draw,
             "public": access.public(name),
@@ -474,9 +479,16 @@ def _routes(
             "path": INFER,
             "headers": [{"name": CLUSTER_HEADER, "present_match": True}],
         },
-        "request_headers_to_remove": [*EDGE_HEADERS, *PRIVATE_HEADERS],
+        # All but the sequence's hash key, which Envoy reads after removing these (the node
+        # sees in it the sequence id its request carries anyway).
+        "request_headers_to_remove": [
+            *(name for name in EDGE_HEADERS if name != SEQUENCE_HEADER),
+            *PRIVATE_HEADERS,
+        ],
         "route": {
             "cluster_header": CLUSTER_HEADER,
+            # For the sequence clusters: a sequence's requests hash onto one node.
+            "hash_policy": [{"header": {"header_name": SEQUENCE_HEADER}}],
             "timeout": _seconds(policy.upstream_timeout_s),
             # A client's grpc-timeout, when shorter, is its deadline.
             "max_stream_duration": {"grpc_timeout_header_max": _seconds(policy.upstream_timeout_s)},
@@ -520,13 +532,16 @@ def _routes(
     return _parsed(config, route_pb2.RouteConfiguration)
 
 
-def _model_cluster(name: str, policy: EdgePolicy) -> Message:
+def _model_cluster(name: str, policy: EdgePolicy, *, sequences: bool = False) -> Message:
+    """A model version's cluster: least-request over its nodes, or for `sequences`, Maglev
+    (a sequence id hashes onto one node, and only a 1/n share of sequences moves when a node
+    comes or goes)."""
     cluster: dict[str, Any] = {
         "name": name,
         "type": "EDS",
         "eds_cluster_config": {"eds_config": ADS},
         "connect_timeout": "2s",
-        "lb_policy": "LEAST_REQUEST",
+        "lb_policy": "MAGLEV" if sequences else "LEAST_REQUEST",
         "typed_extension_protocol_options": http2_upstream(),
         # A node that fails to answer (unreachable, reset, UNAVAILABLE) three times in a row
         # rests; a model's own errors eject nobody (a client could cause those at will).
@@ -564,14 +579,18 @@ def _weight(pending: int) -> int:
     return max(1, FULL_WEIGHT >> min(7, pending.bit_length()))
 
 
-def _assignment(name: str, routes: list[Any], policy: EdgePolicy) -> Message:
+def _assignment(
+    name: str, routes: list[Any], policy: EdgePolicy, *, weighted: bool = True
+) -> Message:
+    """The nodes of a cluster; `weighted` by their queues (not for a sequence cluster, whose
+    hash would move sequences each time a queue changed)."""
     endpoints = [
         {
             "endpoint": {
                 "address": _socket_address(route.backend.address),
                 "hostname": node_workload(policy.trust_domain, route.node).dns,
             },
-            "load_balancing_weight": _weight(route.pending),
+            "load_balancing_weight": _weight(route.pending) if weighted else 1,
         }
         for route in sorted(routes, key=lambda r: r.node)
         if _is_ip(route.backend.address)
@@ -597,11 +616,13 @@ def resources(
     for key in direct_models:
         name = key.removeprefix("m/")
         for version in state.table.models()[name]:
+            candidates = state.table.candidates(name, version)
             cluster = f"{MODEL_CLUSTERS}{name}/{version}"
             clusters[cluster] = _model_cluster(cluster, policy)
-            assignments[cluster] = _assignment(
-                cluster, state.table.candidates(name, version), policy
-            )
+            assignments[cluster] = _assignment(cluster, candidates, policy)
+            cluster = f"{SEQUENCE_CLUSTERS}{name}/{version}"
+            clusters[cluster] = _model_cluster(cluster, policy, sequences=True)
+            assignments[cluster] = _assignment(cluster, candidates, policy, weighted=False)
     return {
         LISTENER: listeners(ports, policy, access_log),
         ROUTE: {ROUTES: _routes(state, direct_models, policy)},
