@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from shard.model.v1 import model_pb2
 from shard_core import keys
-from shard_inference.cache import CacheableVersions, MemoryCache, cache_key
+from shard_edge.view import CacheableVersions
+from shard_inference.cache import MemoryCache, cache_key
 
 
 class Clock:

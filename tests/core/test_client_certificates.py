@@ -24,7 +24,8 @@ from shard_core.errors import (
     UnavailableError,
 )
 from shard_core.limits import RateLimits
-from shard_inference.endpoints import EndpointWatch, ViewChanges
+from shard_edge.view import ViewChanges
+from shard_inference.endpoints import EndpointWatch
 from tests.core.test_routing import FakeBackend
 
 TOKEN = "admin-token"

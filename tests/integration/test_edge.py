@@ -29,9 +29,9 @@ from shard_core.auth import KeyRing, ModelAccess, new_secret, token_hash
 from shard_core.envoy import envoy_binary, secret_files
 from shard_core.limits import MIN_RATE_RPS
 from shard_core.net import free_port
-from shard_inference.cache import CacheableVersions
-from shard_inference.edge import Edge, EdgePolicy, EdgePorts, ShardState, resources
-from shard_inference.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from shard_edge.edge import Edge, EdgePolicy, EdgePorts, ShardState, resources
+from shard_edge.view import CacheableVersions
+from shard_edge.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from tests.demo import simple_inputs
 from tests.fake_node import FakeTriton
 from tests.grpc_frames import field as pb_field

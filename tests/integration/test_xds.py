@@ -27,7 +27,7 @@ from tritonclient.grpc import service_pb2
 from shard_core.envoy import envoy_binary
 from shard_core.net import free_port
 from shard_core.process import ManagedProcess
-from shard_inference.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, AdsServer, Snapshot
+from shard_edge.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, AdsServer, Snapshot
 from tests.fake_node import FakeTriton
 from tests.waiting import until
 

@@ -11,11 +11,11 @@ from opentelemetry import metrics
 
 from shard_client.routing import http_address
 from shard_core.tls import TlsIdentity, require_loopback
+from shard_edge.view import ShardView
 from shard_gateway.direct import DirectInference, NodeHttp
 from shard_gateway.rest import make_app
 from shard_gateway.service import Shard
 from shard_gateway.settings import GatewaySettings
-from shard_inference.view import ShardView
 
 _log = logging.getLogger(__name__)
 

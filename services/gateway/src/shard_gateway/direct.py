@@ -27,8 +27,8 @@ from shard_core import tls
 from shard_core.errors import DeadlineExceededError, UnavailableError
 from shard_core.pki import node_workload
 from shard_core.tls import RETIRE_GRACE_S
+from shard_edge.view import ShardView
 from shard_gateway.kserve import HEADER_LENGTH, parse_infer_request
-from shard_inference.view import ShardView
 
 _log = logging.getLogger(__name__)
 

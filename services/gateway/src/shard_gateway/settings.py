@@ -6,7 +6,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from shard_core.settings import ServiceSettings, TlsSettings
-from shard_inference.settings import DataPlaneSettings
+from shard_edge.settings import DataPlaneSettings
 
 
 class GatewaySettings(ServiceSettings, DataPlaneSettings, TlsSettings):

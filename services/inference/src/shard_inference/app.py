@@ -20,16 +20,16 @@ from shard_core.auth import AUTHORIZATION
 from shard_core.grpc.server import GrpcServer
 from shard_core.pki import Workload, spiffe_id
 from shard_core.tls import TlsIdentity
+from shard_edge.edge import Edge, EdgePolicy, EdgePorts, ShardState
+from shard_edge.view import ShardView, ViewChanges
 from shard_inference.backends import SERVICE, NodeChannel
 from shard_inference.cache import MemoryCache
 from shard_inference.callers import Proxies
-from shard_inference.edge import Edge, EdgePolicy, EdgePorts, ShardState
-from shard_inference.endpoints import EndpointWatch, Issuer, ViewChanges
+from shard_inference.endpoints import EndpointWatch, Issuer
 from shard_inference.repository import Repository
 from shard_inference.servicer import InferenceRouter
 from shard_inference.settings import InferenceSettings
 from shard_inference.verification import Outcome, Verifier
-from shard_inference.view import ShardView
 
 _log = logging.getLogger(__name__)
 

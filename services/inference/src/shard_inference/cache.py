@@ -18,10 +18,8 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Protocol
-
-from shard.model.v1 import model_pb2
 
 NO_CACHE = "no-cache"
 
@@ -75,33 +73,3 @@ class MemoryCache:
         found = self._entries.pop(key, None)
         if found is not None:
             self.bytes -= len(found[1])
-
-
-class CacheableVersions:
-    """Which model versions may be cached, and for how long: mirrored from `versions/`."""
-
-    def __init__(self) -> None:
-        self._ttl: dict[str, float] = {}  # etcd key -> seconds
-        self._by_version: dict[tuple[str, str], float] = {}
-
-    def reset(self, entries: Mapping[str, bytes]) -> None:
-        self._ttl.clear()
-        self._by_version.clear()
-        for key, value in entries.items():
-            self.put(key, value)
-
-    def put(self, key: str, value: bytes) -> None:
-        version = model_pb2.ModelVersion.FromString(value)
-        if version.response_cache_ttl_seconds > 0:
-            self._ttl[key] = version.response_cache_ttl_seconds
-            _, model, _, number = version.name.split("/")
-            self._by_version[(model, number)] = version.response_cache_ttl_seconds
-
-    def delete(self, key: str) -> None:
-        if self._ttl.pop(key, None) is not None:
-            parts = key.rstrip("/").split("/")
-            self._by_version.pop((parts[-2], str(int(parts[-1]))), None)
-
-    def ttl(self, model: str, version: str) -> float:
-        """Seconds an answer of the version may be reused; 0: not cacheable."""
-        return self._by_version.get((model, version), 0.0)

@@ -25,6 +25,7 @@ from shard_client.routing import EndpointTable, TrafficSplit
 from shard_core.auth import InferenceGuard, Permission, Principal, bearer
 from shard_core.errors import InvalidArgumentError, ShardError, UnauthenticatedError, error_info
 from shard_core.pki import MAX_GRANTS
+from shard_edge.view import ViewChanges
 
 _log = logging.getLogger(__name__)
 
@@ -40,18 +41,6 @@ RETRY_CERTIFICATE_S = 5.0
 
 # Changes closer together than this go out as one snapshot.
 COALESCE_S = 0.05
-
-
-class ViewChanges:
-    """Wakes every watcher when the view changes: each waits on the event current when it took
-    its snapshot."""
-
-    def __init__(self) -> None:
-        self.event = asyncio.Event()
-
-    def notify(self) -> None:
-        self.event.set()
-        self.event = asyncio.Event()
 
 
 class EndpointWatch(endpoint_service_pb2_grpc.EndpointServiceServicer):

@@ -22,8 +22,9 @@ from tritonclient.grpc import service_pb2
 from shard_client.routing import Balancer, EndpointTable, TrafficSplit, unknown_model
 from shard_core.auth import CANARY_NODE, InferenceGuard
 from shard_core.errors import NotFoundError, ShardError, UnavailableError
+from shard_edge.view import CacheableVersions
 from shard_inference.backends import SERVICE, NodeChannel
-from shard_inference.cache import CacheableVersions, ResponseCache, cache_key
+from shard_inference.cache import ResponseCache, cache_key
 from shard_inference.callers import NO_PROXIES, Caller, Proxies, admit, deadline
 from shard_inference.repository import Repository
 from shard_inference.statistics import NodeStatistics, summed

@@ -64,9 +64,8 @@ from shard_core.envoy import (
     upstream_mesh_tls,
 )
 from shard_core.pki import node_workload, spiffe_id
-from shard_inference.cache import CacheableVersions
-from shard_inference.endpoints import ViewChanges
-from shard_inference.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, AdsServer, Snapshot
+from shard_edge.view import CacheableVersions, ViewChanges
+from shard_edge.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, AdsServer, Snapshot
 
 _log = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Generic
 
+from shard.model.v1 import model_pb2
 from shard.node.v1 import node_pb2
 from shard_client.routing import B, EndpointTable, TrafficSplit, grpc_address
 from shard_core import keys
@@ -21,13 +22,54 @@ from shard_core.etcd.mirror import MirrorListener, PrefixMirror
 from shard_core.etcd.store import EtcdStore
 from shard_core.limits import RateLimits
 from shard_core.tls import TlsIdentity
-from shard_inference.cache import CacheableVersions
-from shard_inference.settings import DataPlaneSettings
+from shard_edge.settings import DataPlaneSettings
 
 _log = logging.getLogger(__name__)
 
 # How often the view looks for a renewed certificate (renewal comes hours before expiry).
 RENEWAL_CHECK_S = 10.0
+
+
+class ViewChanges:
+    """Wakes every watcher when the view changes: each waits on the event current when it took
+    its snapshot."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+
+    def notify(self) -> None:
+        self.event.set()
+        self.event = asyncio.Event()
+
+
+class CacheableVersions:
+    """Which model versions may be cached, and for how long: mirrored from `versions/`."""
+
+    def __init__(self) -> None:
+        self._ttl: dict[str, float] = {}  # etcd key -> seconds
+        self._by_version: dict[tuple[str, str], float] = {}
+
+    def reset(self, entries: Mapping[str, bytes]) -> None:
+        self._ttl.clear()
+        self._by_version.clear()
+        for key, value in entries.items():
+            self.put(key, value)
+
+    def put(self, key: str, value: bytes) -> None:
+        version = model_pb2.ModelVersion.FromString(value)
+        if version.response_cache_ttl_seconds > 0:
+            self._ttl[key] = version.response_cache_ttl_seconds
+            _, model, _, number = version.name.split("/")
+            self._by_version[(model, number)] = version.response_cache_ttl_seconds
+
+    def delete(self, key: str) -> None:
+        if self._ttl.pop(key, None) is not None:
+            parts = key.rstrip("/").split("/")
+            self._by_version.pop((parts[-2], str(int(parts[-1]))), None)
+
+    def ttl(self, model: str, version: str) -> float:
+        """Seconds an answer of the version may be reused; 0: not cacheable."""
+        return self._by_version.get((model, version), 0.0)
 
 
 class _Notifying:
