@@ -1,7 +1,7 @@
 """The edge: Envoy on the router's ports, configured by the router over xDS (ADS).
 
 Envoy terminates every connection to the router's ports: plaintext on loopback, TLS, and mutual
-TLS for the mesh's services. It sends the inferences it can decide on its own (`edge.lua` says
+TLS for the mesh's services. It sends the inferences it can decide on its own (`grpc_door.lua` says
 which) straight to the nodes' gates over mutual TLS, balanced, retried and with failing nodes
 ejected by Envoy, and everything else to the Python router behind it on a Unix socket only this
 user can open, naming the client in `x-forwarded-for` (and, on the mesh port, the caller's
@@ -77,7 +77,7 @@ ROUTES = "edge"
 # (hashed by sequence id onto the same nodes), SEQUENCE_CLUSTERS + "m/v".
 MODEL_CLUSTERS = "m/"
 SEQUENCE_CLUSTERS = "s/"
-# The headers `edge.lua` sets for the direct route and its rate limits (never a client's).
+# The headers `door.lua` sets for the direct route and its rate limits (never a client's).
 CLUSTER_HEADER = "x-shard-cluster"
 DIRECT_HEADER = "x-shard-direct"
 KEY_HEADER = "x-shard-key"
@@ -98,9 +98,10 @@ EDGE_HEADERS = (
 COST_SCALE = 1_000_000
 # What a node is never told about a caller: its key, its address.
 PRIVATE_HEADERS = ("authorization", "x-forwarded-for", "x-envoy-external-address")
-# The access log's request fields, set by `edge.lua` (dynamic metadata).
+# The access log's request fields, set by `door.lua` (dynamic metadata).
 LOG_METADATA = "shard"
-LUA_POLICY = Path(__file__).with_name("edge.lua")
+DOOR_LUA = Path(__file__).with_name("door.lua")
+GRPC_DOOR_LUA = Path(__file__).with_name("grpc_door.lua")
 LUA_METADATA = "envoy.filters.http.lua"
 # Requests are read whole (for the model they name) up to the router's own message limit.
 MAX_REQUEST_BYTES = 64 * 1024 * 1024 + 1024
@@ -244,7 +245,7 @@ def _rate_limit_filter(anonymous_rps: float) -> dict[str, Any]:
     """The edge's rate limits on the direct path, as the router's (`shard_core.limits`):
     anonymous clients per address; each key, and each model with a rate of its own, a bucket
     (made as it first comes, the least recent forgotten) from which a request takes its
-    `request_cost`, which `edge.lua` names in a header. The configuration never changes while
+    `request_cost`, which `door.lua` names in a header. The configuration never changes while
     the edge runs (a new one would start every bucket full)."""
     per_value = {
         "max_tokens": 2 * COST_SCALE,
@@ -340,7 +341,7 @@ def _manager(name: str, *, policy: EdgePolicy, mesh: bool, access_log: Path) -> 
         },
         "rds": {"route_config_name": ROUTES, "config_source": ADS},
         "http_filters": [
-            lua_filter(LUA_POLICY, libraries=(GRPC_MESSAGE_LUA, SHA256_LUA)),
+            lua_filter(GRPC_DOOR_LUA, libraries=(GRPC_MESSAGE_LUA, SHA256_LUA, DOOR_LUA)),
             _rate_limit_filter(policy.anonymous_rps),
             ROUTER_FILTER,
         ],
@@ -418,7 +419,7 @@ def listeners(ports: EdgePorts, policy: EdgePolicy, access_log: Path) -> dict[st
 
 
 def _direct_models(state: ShardState) -> dict[str, dict[str, Any]]:
-    """The models the edge may send straight to a node, as `edge.lua` reads them: those with
+    """The models the edge may send straight to a node, as `door.lua` reads them: those with
     no answer verification and no cacheable version (their rules need the router)."""
     models: dict[str, dict[str, Any]] = {}
     access = state.access
@@ -448,7 +449,7 @@ def _direct_models(state: ShardState) -> dict[str, dict[str, Any]]:
 
 
 def _direct_keys(keys: KeyRing, policy: EdgePolicy) -> dict[str, dict[str, Any]]:
-    """The keys that work now, as `edge.lua` reads them (`k/<key id>`): the SHA-256 of the
+    """The keys that work now, as `door.lua` reads them (`k/<key id>`): the SHA-256 of the
     secret (never the secret), who the key stands for and what it may do, when it expires, what
     a request costs it."""
     found: dict[str, dict[str, Any]] = {}
