@@ -133,7 +133,7 @@ async def shard(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
             upstream_timeout_s=30,
             sds_dir=None,
         ),
-        router_socket=socket,
+        service_socket=socket,
         tls_dir=None,
         on_rejected=rejected.append,
         on_applied=delays.append,
@@ -427,6 +427,30 @@ async def test_a_withdrawn_replica_takes_no_more_requests(shard: Shard) -> None:
     assert len(shard.calls("nodes/b")) == 4
 
 
+async def test_versions_coming_and_going_fail_no_request(shard: Shard) -> None:
+    """Make before break: the route names a version only once Envoy runs its clusters, and a
+    cluster stays until Envoy runs a route without it; a request meanwhile goes to the router."""
+    shard.model("fresh")
+    outcomes: list[str] = []
+    done = asyncio.Event()
+
+    async def traffic() -> None:
+        while not done.is_set():
+            outcomes.append(await asyncio.to_thread(_infer, shard, "fresh"))
+
+    clients = [asyncio.ensure_future(traffic()) for _ in range(4)]
+    for version in ("1", "2", "3"):
+        shard.serve("nodes/b", "fresh", version)
+        await shard.published()
+        await until(lambda: len(shard.calls("nodes/b")) > 0, "nothing went straight to the node")
+        shard.withdraw("nodes/b", "fresh", version)
+        await shard.published()
+    done.set()
+    await asyncio.gather(*clients)
+    assert set(outcomes) == {"ok"}
+    assert shard.calls("router")
+
+
 async def test_a_dead_replica_is_retried_on_another(shard: Shard) -> None:
     shard.serve("nodes/b", "simple", "1")
     await shard.published()
@@ -505,7 +529,7 @@ def test_every_shape_the_control_plane_emits_passes_envoy_validation(tmp_path: P
             state,
             ports=ports,
             policy=policy,
-            router_socket=tmp_path / "router.sock",
+            service_socket=tmp_path / "router.sock",
             access_log=tmp_path / "access.log",
         )
         config = tmp_path / f"{shape}.json"

@@ -16,6 +16,7 @@ import tritonclient.http.aio as triton_http_aio
 from tritonclient.utils import InferenceServerException
 
 from shard_tool.local import LocalMesh
+from tests.waiting import until
 
 
 def _host(mesh: LocalMesh) -> str:
@@ -183,3 +184,43 @@ async def test_malformed_requests_are_400_naming_the_field(
 async def test_bodies_over_the_limit_are_refused(http: aiohttp.ClientSession) -> None:
     async with http.post("/v2/models/simple/infer", data=b" " * (65 << 20)) as response:
         assert response.status == 413
+
+
+async def test_rest_inference_goes_straight_to_a_node_through_the_edge(
+    mesh: LocalMesh, http: aiohttp.ClientSession
+) -> None:
+    """The gateway's edge (its Envoy) sends well-formed REST inference to a node's gate itself;
+    a malformed request reaches the Python gateway, which names the field."""
+    log = mesh.gateway_edge_dir / "access.log"
+    body = {
+        "id": "direct-1",
+        "inputs": [
+            {"name": name, "datatype": "INT32", "shape": [1, 16], "data": list(range(16))}
+            for name in ("INPUT0", "INPUT1")
+        ],
+    }
+    async with http.post("/v2/models/simple/infer", json=body) as response:
+        assert response.status == 200
+        assert (await response.json())["id"] == "direct-1"
+    async with http.post("/v2/models/simple/infer", data=b"{not json") as response:
+        assert response.status == 400
+
+    def entries() -> list[dict[str, str]]:
+        if not log.exists():
+            return []
+        return [json.loads(line) for line in log.read_text().splitlines()]
+
+    def infer_entries() -> list[dict[str, str]]:
+        return [
+            e
+            for e in entries()
+            if e["method"].startswith("/v2/models/simple/") and e["method"].endswith("/infer")
+        ]
+
+    await until(lambda: len(infer_entries()) >= 2, "the edge logged no REST inference")
+    direct = [e for e in infer_entries() if e["node"] != "-"]
+    routed = [e for e in infer_entries() if e["route"] == "gateway"]
+    assert direct
+    assert direct[0]["node"].startswith("spiffe://")
+    assert direct[0]["model"] == "simple"
+    assert routed

@@ -23,8 +23,9 @@ import json
 import logging
 import math
 import shutil
+import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
 from google.protobuf import json_format
 from google.protobuf.message import Message
+from opentelemetry import metrics
 
 from shard_client.routing import EndpointTable, TrafficSplit
 from shard_core.auth import KeyRing, ModelAccess, Permission, principal_of
@@ -64,13 +66,15 @@ from shard_core.envoy import (
     upstream_mesh_tls,
 )
 from shard_core.pki import node_workload, spiffe_id
-from shard_edge.view import CacheableVersions, ViewChanges
+from shard_edge.settings import DataPlaneSettings
+from shard_edge.view import CacheableVersions, ShardView, ViewChanges
 from shard_edge.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, AdsServer, Snapshot
 
 _log = logging.getLogger(__name__)
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
-ROUTER_CLUSTER = "router"
+# Triton's REST inference: POST /v2/models/<name>[/versions/<version>]/infer.
+REST_INFER = r"/v2/models/[^/]+(/versions/[^/]+)?/infer"
 XDS_CLUSTER = "xds"
 ROUTES = "edge"
 # The cluster of model `m` version `v` is MODEL_CLUSTERS + "m/v"; the one for its sequences
@@ -102,6 +106,7 @@ PRIVATE_HEADERS = ("authorization", "x-forwarded-for", "x-envoy-external-address
 LOG_METADATA = "shard"
 DOOR_LUA = Path(__file__).with_name("door.lua")
 GRPC_DOOR_LUA = Path(__file__).with_name("grpc_door.lua")
+REST_DOOR_LUA = Path(__file__).with_name("rest_door.lua")
 LUA_METADATA = "envoy.filters.http.lua"
 # Requests are read whole (for the model they name) up to the router's own message limit.
 MAX_REQUEST_BYTES = 64 * 1024 * 1024 + 1024
@@ -113,6 +118,41 @@ FULL_WEIGHT = 128
 MAX_DYNAMIC_BUCKETS = 100_000
 PREVIOUS_HOSTS = "extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
 ADS: dict[str, Any] = {"ads": {}, "resource_api_version": "V3"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Door:
+    """A kind of front door: what its Envoy reads to send an inference straight to a node, and
+    the Python service behind it, which serves everything else."""
+
+    service: str  # the service behind the door (its cluster's name)
+    script: Path  # the door's Lua, run after door.lua and `libraries`
+    libraries: tuple[Path, ...]
+    infer: dict[str, Any]  # the route match of an inference request
+    retry_on: str  # when a failed attempt is tried again on another node
+    grpc: bool  # KServe gRPC (the router's), else Triton's REST (the gateway's)
+
+
+GRPC_DOOR = Door(
+    service="router",
+    script=GRPC_DOOR_LUA,
+    libraries=(GRPC_MESSAGE_LUA, SHA256_LUA),
+    infer={"path": INFER},
+    retry_on="unavailable,reset,connect-failure,refused-stream",
+    grpc=True,
+)
+REST_DOOR = Door(
+    service="gateway",
+    script=REST_DOOR_LUA,
+    libraries=(SHA256_LUA,),
+    infer={
+        "safe_regex": {"regex": REST_INFER},
+        "headers": [{"name": ":method", "string_match": {"exact": "POST"}}],
+    },
+    # Besides a node that cannot be reached: its gate answering 503 (its Triton is away).
+    retry_on="reset,connect-failure,refused-stream,retriable-status-codes",
+    grpc=False,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,6 +174,7 @@ class EdgePolicy:
     max_attempts: int
     upstream_timeout_s: float
     sds_dir: Path | None  # the certificate's SDS files; None: plaintext to the nodes
+    door: Door = GRPC_DOOR
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -168,8 +209,8 @@ def bootstrap(
     }
 
 
-def _unix_cluster(name: str, socket: Path) -> dict[str, Any]:
-    return {
+def _unix_cluster(name: str, socket: Path, *, http2: bool = True) -> dict[str, Any]:
+    cluster = {
         "name": name,
         "type": "STATIC",
         "connect_timeout": "2s",
@@ -179,7 +220,6 @@ def _unix_cluster(name: str, socket: Path) -> dict[str, Any]:
                 {"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": str(socket)}}}}]}
             ],
         },
-        "typed_extension_protocol_options": http2_upstream(),
         "circuit_breakers": {
             "thresholds": [
                 {
@@ -190,6 +230,9 @@ def _unix_cluster(name: str, socket: Path) -> dict[str, Any]:
             ]
         },
     }
+    if http2:
+        cluster["typed_extension_protocol_options"] = http2_upstream()
+    return cluster
 
 
 def _socket_address(address: str) -> dict[str, Any]:
@@ -341,7 +384,7 @@ def _manager(name: str, *, policy: EdgePolicy, mesh: bool, access_log: Path) -> 
         },
         "rds": {"route_config_name": ROUTES, "config_source": ADS},
         "http_filters": [
-            lua_filter(GRPC_DOOR_LUA, libraries=(GRPC_MESSAGE_LUA, SHA256_LUA, DOOR_LUA)),
+            lua_filter(policy.door.script, libraries=(*policy.door.libraries, DOOR_LUA)),
             _rate_limit_filter(policy.anonymous_rps),
             ROUTER_FILTER,
         ],
@@ -356,6 +399,8 @@ def _manager(name: str, *, policy: EdgePolicy, mesh: bool, access_log: Path) -> 
             }
         ],
     }
+    if not policy.door.grpc:
+        config["local_reply_config"] = REST_LOCAL_REPLIES
     if mesh:
         # The router trusts the gateway's x-forwarded-for by its certificate: say who called.
         config["forward_client_cert_details"] = "SANITIZE_SET"
@@ -363,6 +408,37 @@ def _manager(name: str, *, policy: EdgePolicy, mesh: bool, access_log: Path) -> 
     else:
         config["forward_client_cert_details"] = "SANITIZE"
     return config
+
+
+# What Envoy answers itself on the REST door (a rate limit, no node to reach) reads like the
+# gateway's own errors: Triton's {"error": ...} with the shard's code and reason.
+REST_LOCAL_REPLIES = {
+    "mappers": [
+        {
+            "filter": {
+                "status_code_filter": {
+                    "comparison": {"op": "EQ", "value": {"default_value": 429, "runtime_key": "x"}}
+                }
+            },
+            "headers_to_add": [
+                {
+                    "header": {"key": "Retry-After", "value": "1"},
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                }
+            ],
+            "body_format_override": {
+                "json_format": {
+                    "error": "the rate limit of this caller or model is reached; try again later",
+                    "code": "RESOURCE_EXHAUSTED",
+                    "reason": "RATE_LIMITED",
+                }
+            },
+        }
+    ],
+    "body_format": {
+        "json_format": {"error": "%LOCAL_REPLY_BODY%", "code": "UNAVAILABLE"},
+    },
+}
 
 
 def _listener(
@@ -418,15 +494,36 @@ def listeners(ports: EdgePorts, policy: EdgePolicy, access_log: Path) -> dict[st
     return found
 
 
-def _direct_models(state: ShardState) -> dict[str, dict[str, Any]]:
-    """The models the edge may send straight to a node, as `door.lua` reads them: those with
-    no answer verification and no cacheable version (their rules need the router)."""
-    models: dict[str, dict[str, Any]] = {}
-    access = state.access
+def _version_clusters(name: str, version: str) -> tuple[str, str]:
+    """A model version's clusters: least-request, and the sequences'."""
+    return f"{MODEL_CLUSTERS}{name}/{version}", f"{SEQUENCE_CLUSTERS}{name}/{version}"
+
+
+def _direct_versions(state: ShardState) -> dict[str, list[str]]:
+    """The models the edge may send straight to a node, with their versions: those with no
+    answer verification and no cacheable version (their rules need the router)."""
+    found: dict[str, list[str]] = {}
     for name, versions in state.table.models().items():
-        if access.verify_fraction(name):
+        if state.access.verify_fraction(name):
             continue
         if any(state.cacheable.ttl(name, version) for version in versions):
+            continue
+        found[name] = list(versions)
+    return found
+
+
+def _direct_models(state: ShardState, warm: Collection[str] | None) -> dict[str, dict[str, Any]]:
+    """The direct models as `door.lua` reads them, with the versions whose clusters are `warm`
+    in Envoy (all, for None): a route to a cluster Envoy does not run yet would fail."""
+    models: dict[str, dict[str, Any]] = {}
+    access = state.access
+    for name, all_versions in _direct_versions(state).items():
+        versions = [
+            version
+            for version in all_versions
+            if warm is None or set(_version_clusters(name, version)) <= set(warm)
+        ]
+        if not versions:
             continue
         weights = state.split.weights(name)
         weighted = [(v, weights[v]) for v in versions if weights.get(v, 0) > 0]
@@ -472,12 +569,20 @@ def _direct_keys(keys: KeyRing, policy: EdgePolicy) -> dict[str, dict[str, Any]]
 def _routes(
     state: ShardState, direct_models: dict[str, dict[str, Any]], policy: EdgePolicy
 ) -> Message:
-    proxies = [spiffe_id(policy.trust_domain, "service", "gateway")]
+    door = policy.door
+    # The gRPC door leaves the gateway's calls to the router (which trusts it to name callers).
+    proxies = (
+        {"proxies": [spiffe_id(policy.trust_domain, "service", "gateway")]} if door.grpc else {}
+    )
+    infer_match = dict(door.infer)
     direct = {
         "name": "direct",
         "match": {
-            "path": INFER,
-            "headers": [{"name": CLUSTER_HEADER, "present_match": True}],
+            **infer_match,
+            "headers": [
+                *infer_match.get("headers", []),
+                {"name": CLUSTER_HEADER, "present_match": True},
+            ],
         },
         # All but the sequence's hash key, which Envoy reads after removing these (the node
         # sees in it the sequence id its request carries anyway).
@@ -493,7 +598,8 @@ def _routes(
             # A client's grpc-timeout, when shorter, is its deadline.
             "max_stream_duration": {"grpc_timeout_header_max": _seconds(policy.upstream_timeout_s)},
             "retry_policy": {
-                "retry_on": "unavailable,reset,connect-failure,refused-stream",
+                "retry_on": door.retry_on,
+                "retriable_status_codes": [503],
                 "num_retries": policy.max_attempts - 1,
                 "retry_host_predicate": [
                     {
@@ -507,27 +613,25 @@ def _routes(
     }
     infer = {
         "name": "infer",
-        "match": {"path": INFER},
-        "route": {"cluster": ROUTER_CLUSTER, "timeout": "0s"},
+        "match": infer_match,
+        "route": {"cluster": door.service, "timeout": "0s"},
         "metadata": {
             "filter_metadata": {
-                LUA_METADATA: {
-                    "proxies": proxies,
-                    **direct_models,
-                    **_direct_keys(state.keys, policy),
-                }
+                LUA_METADATA: {**proxies, **direct_models, **_direct_keys(state.keys, policy)}
             }
         },
     }
-    rest = {
-        "name": "router",
+    everything_else = {
+        "name": door.service,
         "match": {"prefix": "/"},
-        "route": {"cluster": ROUTER_CLUSTER, "timeout": "0s"},
-        "metadata": {"filter_metadata": {LUA_METADATA: {"proxies": proxies}}},
+        "route": {"cluster": door.service, "timeout": "0s"},
+        "metadata": {"filter_metadata": {LUA_METADATA: proxies}},
     }
     config = {
         "name": ROUTES,
-        "virtual_hosts": [{"name": "shard", "domains": ["*"], "routes": [direct, infer, rest]}],
+        "virtual_hosts": [
+            {"name": "shard", "domains": ["*"], "routes": [direct, infer, everything_else]}
+        ],
     }
     return _parsed(config, route_pb2.RouteConfiguration)
 
@@ -604,31 +708,55 @@ def resources(
     *,
     ports: EdgePorts,
     policy: EdgePolicy,
-    router_socket: Path,
+    service_socket: Path,
     access_log: Path,
+    warm: Collection[str] | None = None,
+    routed: Collection[str] = (),
 ) -> dict[str, Mapping[str, Message]]:
-    """Every resource the edge runs, by xDS type and name, for the view `state`."""
-    clusters: dict[str, Message] = {
-        ROUTER_CLUSTER: _parsed(_unix_cluster(ROUTER_CLUSTER, router_socket), cluster_pb2.Cluster)
-    }
+    """Every resource the edge runs, by xDS type and name, for the view `state`; the door's
+    Python service listens on `service_socket`.
+
+    Make before break: the route names only versions whose clusters are `warm` (Envoy runs
+    them: None for all), and a cluster the route Envoy runs still names (`routed`) stays until
+    Envoy runs a route without it."""
+    door = policy.door
+    service = _unix_cluster(door.service, service_socket, http2=door.grpc)
+    clusters: dict[str, Message] = {door.service: _parsed(service, cluster_pb2.Cluster)}
     assignments: dict[str, Message] = {}
-    direct_models = _direct_models(state)
-    for key in direct_models:
-        name = key.removeprefix("m/")
-        for version in state.table.models()[name]:
-            candidates = state.table.candidates(name, version)
-            cluster = f"{MODEL_CLUSTERS}{name}/{version}"
-            clusters[cluster] = _model_cluster(cluster, policy)
-            assignments[cluster] = _assignment(cluster, candidates, policy)
-            cluster = f"{SEQUENCE_CLUSTERS}{name}/{version}"
-            clusters[cluster] = _model_cluster(cluster, policy, sequences=True)
-            assignments[cluster] = _assignment(cluster, candidates, policy, weighted=False)
+    wanted = {
+        (name, version)
+        for name, versions in _direct_versions(state).items()
+        for version in versions
+    }
+    for cluster in routed:
+        _, name, version = cluster.split("/", 2)
+        wanted.add((name, version))
+    for name, version in sorted(wanted):
+        candidates = state.table.candidates(name, version)
+        balanced, sequences = _version_clusters(name, version)
+        clusters[balanced] = _model_cluster(balanced, policy)
+        assignments[balanced] = _assignment(balanced, candidates, policy)
+        clusters[sequences] = _model_cluster(sequences, policy, sequences=True)
+        assignments[sequences] = _assignment(sequences, candidates, policy, weighted=False)
+    direct_models = _direct_models(state, warm)
     return {
         LISTENER: listeners(ports, policy, access_log),
         ROUTE: {ROUTES: _routes(state, direct_models, policy)},
         CLUSTER: clusters,
         ENDPOINT: assignments,
     }
+
+
+def routed_clusters(found: Mapping[str, Mapping[str, Message]]) -> frozenset[str]:
+    """The model clusters the route configuration in `found` sends requests to."""
+    route = found[ROUTE][ROUTES]
+    metadata = json_format.MessageToDict(route)["virtualHosts"][0]["routes"][1]["metadata"]
+    names: set[str] = set()
+    for key, model in metadata["filterMetadata"][LUA_METADATA].items():
+        if key.startswith("m/"):
+            for version in model["ready"]:
+                names.update(_version_clusters(key.removeprefix("m/"), version))
+    return frozenset(names)
 
 
 def describe(found: Mapping[str, Mapping[str, Message]]) -> str:
@@ -655,7 +783,8 @@ class Edge:
         state: ShardState,
         ports: EdgePorts,
         policy: EdgePolicy,
-        router_socket: Path,
+        service_socket: Path,
+        xds_socket: Path | None = None,
         tls_dir: Path | None,
         node_id: str = "edge",
         temporary: bool = False,
@@ -665,7 +794,8 @@ class Edge:
         """With `temporary`, `directory` is removed when the edge stops. `on_rejected(type_url)`
         hears of every configuration Envoy rejects; `on_applied(seconds)`, how long each change
         of the view took to reach Envoy (from the view's change to Envoy's acknowledgement of
-        every type). Serve `ads` (the configuration) on `router_socket`."""
+        every type). The door's service listens on `service_socket`; serve `ads` (the
+        configuration) on `xds_socket` (the same socket unless said)."""
         self.ads = AdsServer(
             on_rejected=lambda type_url, _: on_rejected(type_url),
             on_acknowledged=self.acknowledged,
@@ -677,24 +807,31 @@ class Edge:
         self._state = state
         self._ports = ports
         self._policy = policy
-        self._router_socket = router_socket
+        self._service_socket = service_socket
         self.access_log = directory / "access.log"
         self.envoy = EnvoyProcess(
-            "envoy (edge)",
+            f"envoy ({policy.door.service}'s edge)",
             directory,
-            bootstrap(node_id=node_id, xds_socket=router_socket),
+            bootstrap(node_id=node_id, xds_socket=xds_socket or service_socket),
             tls_dir=tls_dir,
         )
         self._versions = itertools.count(1)
         self._published: dict[str, bytes] = {}
+        # Make before break: the model clusters Envoy runs with their endpoints, and those the
+        # route it runs names (by the route's version, for each one published).
+        self._warm: frozenset[str] = frozenset()
+        self._routed: frozenset[str] = frozenset()
+        self._routes: dict[str, frozenset[str]] = {}
 
     def build(self) -> dict[str, Mapping[str, Message]]:
         return resources(
             self._state,
             ports=self._ports,
             policy=self._policy,
-            router_socket=self._router_socket,
+            service_socket=self._service_socket,
             access_log=self.access_log,
+            warm=self._warm,
+            routed=self._routed,
         )
 
     def publish(self, changed_at: float | None = None) -> bool:
@@ -712,22 +849,41 @@ class Edge:
             return False
         self._published = digests
         self._pending_since = self._pending_since or changed_at or time.monotonic()
+        versions = {
+            type_url: hashlib.sha256(digest).hexdigest()[:16]
+            for type_url, digest in digests.items()
+        }
+        self._routes = {
+            **{v: c for v, c in self._routes.items() if v in self._acknowledged(ROUTE)},
+            versions[ROUTE]: routed_clusters(built),
+        }
         self.ads.publish(
-            Snapshot(
-                version=str(next(self._versions)),
-                resources=built,
-                versions={
-                    type_url: hashlib.sha256(digest).hexdigest()[:16]
-                    for type_url, digest in digests.items()
-                },
-            )
+            Snapshot(version=str(next(self._versions)), resources=built, versions=versions)
         )
         return True
 
+    def _acknowledged(self, type_url: str) -> set[str]:
+        version = self.ads.acknowledged(self._node_id).get(type_url)
+        return {version} if version else set()
+
     def acknowledged(self, node: str) -> None:
-        """What the ADS server calls on each ACK: once the edge runs what was published, how
-        long after the change (the first unapplied one) is reported."""
-        if node != self._node_id or self._pending_since is None or not self.applied():
+        """What the ADS server calls on each ACK. Once Envoy runs the published clusters and
+        their endpoints, they are warm and the route may name them; once it runs a route, the
+        clusters that route no longer names may go: either may publish again. Once the edge
+        runs everything published, how long after the change (the first unapplied one) is
+        reported."""
+        if node != self._node_id:
+            return
+        snapshot = self.ads.snapshot
+        acknowledged = self.ads.acknowledged(node)
+        if all(
+            acknowledged.get(type_url) == snapshot.version_of(type_url)
+            for type_url in (CLUSTER, ENDPOINT)
+        ):
+            self._warm = frozenset(snapshot.resources.get(CLUSTER, {}))
+        self._routed = self._routes.get(acknowledged.get(ROUTE, ""), self._routed)
+        self.publish()
+        if self._pending_since is None or not self.applied():
             return
         took = time.monotonic() - self._pending_since
         self._pending_since = None
@@ -758,6 +914,23 @@ class Edge:
             changed_at = time.monotonic()
             await asyncio.sleep(settle_s)  # the rest of a burst (a node's many endpoints)
 
+    async def run(self, changes: ViewChanges) -> Callable[[], Awaitable[None]]:
+        """Start the edge and keep it current (after every change) and running (started again
+        if Envoy exits); returns what stops it."""
+        await self.start()
+        tasks = [
+            asyncio.ensure_future(self.follow(changes)),
+            asyncio.ensure_future(self.envoy.keep_running()),
+        ]
+
+        async def stop() -> None:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.stop()
+
+        return stop
+
     def addresses(self) -> dict[str, str]:
         """Where the edge listens, by kind."""
         return {
@@ -774,3 +947,68 @@ class Edge:
         self.envoy.stop()
         if self._temporary:
             shutil.rmtree(self.envoy.directory, ignore_errors=True)
+
+
+def private_directory(wanted: Path | None) -> Path:
+    """`wanted`, or a new temporary directory, that only this user may open: where a door's
+    Python service listens for its edge alone."""
+    directory = wanted or Path(tempfile.mkdtemp(prefix="shard-edge-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o700)
+    return directory
+
+
+def edge_of(
+    view: ShardView[Any],
+    settings: DataPlaneSettings,
+    *,
+    door: Door,
+    ports: EdgePorts,
+    trust_domain: str,
+    tls_dir: Path | None,
+    directory: Path,
+    temporary: bool,
+    service_socket: Path,
+    xds_socket: Path | None = None,
+    meter: metrics.Meter,
+) -> Edge:
+    """The edge of a door's service (the router's, the gateway's) over its view, on `ports`,
+    with the metrics of its configuration: NACKs, and how long a change takes to reach Envoy."""
+    rejections = meter.create_counter(
+        "shard_edge_config_rejections",
+        description="Configurations the edge's Envoy rejected (it keeps serving its last good "
+        "one), by xDS type.",
+    )
+    delays = meter.create_histogram(
+        "shard_edge_config_delay",
+        unit="s",
+        description="From a change of the view (a node's lease expiring, a deployment moving) to "
+        "the edge's Envoy running it.",
+    )
+    return Edge(
+        directory=directory,
+        state=ShardState(
+            table=view.table,
+            split=view.split,
+            access=view.guard.access,
+            cacheable=view.cacheable,
+            keys=view.guard.ring,
+        ),
+        ports=ports,
+        policy=EdgePolicy(
+            trust_domain=trust_domain,
+            anonymous_rps=settings.anonymous_rate_limit_rps,
+            key_rps=settings.key_rate_limit_rps,
+            max_attempts=settings.max_attempts,
+            upstream_timeout_s=settings.upstream_timeout_s,
+            sds_dir=directory / "sds" if tls_dir else None,
+            door=door,
+        ),
+        service_socket=service_socket,
+        xds_socket=xds_socket,
+        node_id=f"{door.service}-edge",
+        on_rejected=lambda type_url: rejections.add(1, {"type": type_url.rsplit(".", 1)[-1]}),
+        on_applied=delays.record,
+        tls_dir=tls_dir,
+        temporary=temporary,
+    )

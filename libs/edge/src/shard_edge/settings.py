@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
@@ -33,6 +35,11 @@ class DataPlaneSettings(EtcdSettings):
         gt=0,
         description="Deadline of a call forwarded to a node when the client set none (or a "
         "longer one): no node holds a call open forever.",
+    )
+    edge_dir: Path | None = Field(
+        default=None,
+        description="Where the service's edge (its Envoy) keeps its configuration, logs and the "
+        "socket the service listens on for it; a new private temporary directory when not set.",
     )
     stream_timeout_s: float = Field(
         default=3600.0,

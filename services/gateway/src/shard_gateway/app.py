@@ -1,4 +1,6 @@
-"""Assembles and runs the gateway process."""
+"""Assembles and runs the gateway process: its edge (an Envoy on the gateway's ports, which
+sends REST inference straight to the nodes) and, behind it on a private Unix socket, the Python
+gateway, which serves everything else."""
 
 from __future__ import annotations
 
@@ -6,18 +8,24 @@ import asyncio
 import logging
 import signal
 
+import grpc
 from aiohttp import web
+from envoy.service.discovery.v3 import ads_pb2_grpc
 from opentelemetry import metrics
 
 from shard_client.routing import http_address
 from shard_core.tls import TlsIdentity, require_loopback
-from shard_edge.view import ShardView
+from shard_edge.edge import REST_DOOR, EdgePorts, edge_of, private_directory
+from shard_edge.view import ShardView, ViewChanges
 from shard_gateway.direct import DirectInference, NodeHttp
 from shard_gateway.rest import make_app
 from shard_gateway.service import Shard
 from shard_gateway.settings import GatewaySettings
 
 _log = logging.getLogger(__name__)
+
+GATEWAY_SOCKET = "gateway.sock"
+XDS_SOCKET = "xds.sock"
 
 
 async def serve(settings: GatewaySettings) -> None:
@@ -29,15 +37,18 @@ async def serve(settings: GatewaySettings) -> None:
         trust_domain=settings.trust_domain,
         timeout_s=settings.upstream_timeout_s,
     )
+    changes = ViewChanges()
     view: ShardView[NodeHttp] = ShardView(
         settings,
         backend_factory=NodeHttp.opener(identity, settings.trust_domain),
         on_backend_removed=NodeHttp.close_later,
         address_of=http_address,
+        on_change=changes.notify,
         identity=identity,
     )
     view.start()
-    failed_attempts = metrics.get_meter("shard.gateway").create_counter(
+    meter = metrics.get_meter("shard.gateway")
+    failed_attempts = meter.create_counter(
         "shard_gateway_failed_attempts",
         description="REST requests a node's Triton could not be reached for (each retried "
         "elsewhere if the retry budget allowed), by node Triton HTTP address.",
@@ -54,23 +65,52 @@ async def serve(settings: GatewaySettings) -> None:
         max_body_bytes=settings.max_body_bytes,
         timeout_s=settings.upstream_timeout_s,
     )
+    plaintext = f"{settings.host}:{settings.port}" if settings.port is not None else None
+    if plaintext:
+        require_loopback(plaintext, what="a plaintext listener")
+    # The gateway serves its edge only, on a Unix socket in a directory only this user may open;
+    # the edge's configuration comes from an ADS server on another.
+    directory = private_directory(settings.edge_dir)
+    socket, xds_socket = directory / GATEWAY_SOCKET, directory / XDS_SOCKET
+    edge = edge_of(
+        view,
+        settings,
+        door=REST_DOOR,
+        ports=EdgePorts(
+            plaintext=plaintext,
+            tls=f"{settings.tls_host}:{settings.tls_port}" if identity else None,
+            mesh=None,
+        ),
+        trust_domain=settings.trust_domain,
+        tls_dir=settings.tls_dir,
+        directory=directory,
+        temporary=settings.edge_dir is None,
+        service_socket=socket,
+        xds_socket=xds_socket,
+        meter=meter,
+    )
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    if settings.port is not None:
-        require_loopback(f"{settings.host}:{settings.port}", what="a plaintext listener")
-        await web.TCPSite(runner, settings.host, settings.port).start()
-        _log.info("gateway serving HTTP on %s:%d", settings.host, settings.port)
-    if settings.tls_dir is not None:
-        assert identity is not None
-        context = identity.ssl_context()
-        await web.TCPSite(runner, settings.tls_host, settings.tls_port, ssl_context=context).start()
-        _log.info("gateway serving HTTPS on %s:%d", settings.tls_host, settings.tls_port)
+    socket.unlink(missing_ok=True)
+    await web.UnixSite(runner, str(socket)).start()
+    ads = grpc.aio.server()
+    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(edge.ads, ads)
+    xds_socket.unlink(missing_ok=True)
+    ads.add_insecure_port(f"unix:{xds_socket}")
+    await ads.start()
+    stop_edge = await edge.run(changes)
+    for kind, address in edge.addresses().items():
+        _log.info("gateway serving REST (%s) on %s", kind, address)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     _log.info("shutting down")
+    # The configuration stream ends first: Envoy serves the calls in flight, then stops.
+    edge.ads.close()
+    await ads.stop(grace=1.0)
+    await stop_edge()
     await runner.cleanup()
     await view.stop()
     await shard.close()

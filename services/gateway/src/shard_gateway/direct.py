@@ -28,6 +28,7 @@ from shard_core.errors import DeadlineExceededError, UnavailableError
 from shard_core.pki import node_workload
 from shard_core.tls import RETIRE_GRACE_S
 from shard_edge.view import ShardView
+from shard_gateway.callers import client_address
 from shard_gateway.kserve import HEADER_LENGTH, parse_infer_request
 
 _log = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ class DirectInference:
         authorization: str,
     ) -> web.Response:
         """Admit the call, then send it to the plan's replicas until one takes it."""
-        self._view.guard.check(authorization, name, client=request.remote or "", limited=True)
+        self._view.guard.check(authorization, name, client=client_address(request), limited=True)
         headers = {key: request.headers[key] for key in PASSED_ON if key in request.headers}
         path = f"/v2/models/{name}/versions/{plan.version}/infer"
         last = "the retry budget is spent"

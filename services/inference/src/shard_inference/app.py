@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import tempfile
 from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
 
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
@@ -20,7 +18,7 @@ from shard_core.auth import AUTHORIZATION
 from shard_core.grpc.server import GrpcServer
 from shard_core.pki import Workload, spiffe_id
 from shard_core.tls import TlsIdentity
-from shard_edge.edge import Edge, EdgePolicy, EdgePorts, ShardState
+from shard_edge.edge import GRPC_DOOR, EdgePorts, edge_of, private_directory
 from shard_edge.view import ShardView, ViewChanges
 from shard_inference.backends import SERVICE, NodeChannel
 from shard_inference.cache import MemoryCache
@@ -98,26 +96,23 @@ async def serve(settings: InferenceSettings) -> None:
         stream_timeout_s=settings.stream_timeout_s,
     )
 
-    rejections = meter.create_counter(
-        "shard_edge_config_rejections",
-        description="Configurations the edge's Envoy rejected (it keeps serving its last good "
-        "one), by xDS type.",
-    )
-    delays = meter.create_histogram(
-        "shard_edge_config_delay",
-        unit="s",
-        description="From a change of the router's view (a node's lease expiring, a deployment "
-        "moving) to the edge's Envoy running it.",
-    )
     # The router serves its edge only, on a Unix socket in a directory only this user may open.
-    directory = _private_directory(settings.edge_dir)
-    edge = _edge(
-        settings,
+    directory = private_directory(settings.edge_dir)
+    edge = edge_of(
         view,
-        identity,
+        settings,
+        door=GRPC_DOOR,
+        ports=EdgePorts(
+            plaintext=settings.address or None,
+            tls=settings.tls_address if identity else None,
+            mesh=settings.mesh_address if identity else None,
+        ),
+        trust_domain=settings.trust_domain,
+        tls_dir=settings.tls_dir,
         directory=directory,
-        on_rejected=lambda type_url: rejections.add(1, {"type": type_url.rsplit(".", 1)[-1]}),
-        on_applied=delays.record,
+        temporary=settings.edge_dir is None,
+        service_socket=directory / ROUTER_SOCKET,
+        meter=meter,
     )
     ads = edge.ads
 
@@ -147,7 +142,7 @@ async def serve(settings: InferenceSettings) -> None:
 
     server.on_shutdown(close_registry)
     await server.start()
-    server.on_shutdown(await _run_edge(edge, changes))
+    server.on_shutdown(await edge.run(changes))
 
     async def report_view() -> None:
         # The router keeps serving from its last known view while etcd is away; it says so
@@ -223,71 +218,6 @@ def _gauges(meter: metrics.Meter, view: ShardView[NodeChannel], responses: Memor
         callbacks=[lambda _: [metrics.Observation(responses.bytes)]],
         description="Bytes of answers the response cache holds.",
     )
-
-
-def _edge(
-    settings: InferenceSettings,
-    view: ShardView[NodeChannel],
-    identity: TlsIdentity | None,
-    *,
-    directory: Path,
-    on_rejected: Callable[[str], None],
-    on_applied: Callable[[float], None],
-) -> Edge:
-    """The edge on the router's addresses, in front of the router at `directory`/router.sock."""
-    return Edge(
-        directory=directory,
-        state=ShardState(
-            table=view.table,
-            split=view.split,
-            access=view.guard.access,
-            cacheable=view.cacheable,
-            keys=view.guard.ring,
-        ),
-        ports=EdgePorts(
-            plaintext=settings.address or None,
-            tls=settings.tls_address if identity else None,
-            mesh=settings.mesh_address if identity else None,
-        ),
-        policy=EdgePolicy(
-            trust_domain=settings.trust_domain,
-            anonymous_rps=settings.anonymous_rate_limit_rps,
-            key_rps=settings.key_rate_limit_rps,
-            max_attempts=settings.max_attempts,
-            upstream_timeout_s=settings.upstream_timeout_s,
-            sds_dir=directory / "sds" if identity else None,
-        ),
-        router_socket=directory / ROUTER_SOCKET,
-        on_rejected=on_rejected,
-        tls_dir=settings.tls_dir,
-        temporary=settings.edge_dir is None,
-        on_applied=on_applied,
-    )
-
-
-async def _run_edge(edge: Edge, changes: ViewChanges) -> Callable[[], Awaitable[None]]:
-    """Start the edge and keep it current and running; returns what stops it."""
-    await edge.start()
-    tasks = [
-        asyncio.ensure_future(edge.follow(changes)),
-        asyncio.ensure_future(edge.envoy.keep_running()),
-    ]
-
-    async def stop() -> None:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        edge.stop()
-
-    return stop
-
-
-def _private_directory(wanted: Path | None) -> Path:
-    """`wanted`, or a new temporary directory, that only this user may open."""
-    directory = wanted or Path(tempfile.mkdtemp(prefix="shard-edge-"))
-    directory.mkdir(parents=True, exist_ok=True)
-    directory.chmod(0o700)
-    return directory
 
 
 def _issuer(registry: grpc.aio.Channel, timeout_s: float) -> Issuer:

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -43,11 +41,6 @@ class InferenceSettings(ServiceSettings, DataPlaneSettings, TlsSettings):
         description="Addresses (the gateways) whose x-forwarded-for names the real client. "
         "With tls_dir, a gateway calling the mutual-TLS port is trusted by its certificate "
         "wherever it is.",
-    )
-    edge_dir: Path | None = Field(
-        default=None,
-        description="Where the edge (the router's Envoy) keeps its configuration, logs and the "
-        "router's socket; a new private temporary directory when not set.",
     )
     response_cache_bytes: int = Field(
         default=256 << 20, ge=0, description="Memory for cached answers of cacheable versions."

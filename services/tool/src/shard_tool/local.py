@@ -186,6 +186,11 @@ class LocalMesh:
         return self.state_dir / "edge"
 
     @property
+    def gateway_edge_dir(self) -> Path:
+        """The gateway's edge: its Envoy's files and the gateway's own socket behind it."""
+        return self.state_dir / "gateway-edge"
+
+    @property
     def router_socket(self) -> Path:
         """The Python router behind the edge (a Unix socket)."""
         return self.router_edge_dir / "router.sock"
@@ -320,6 +325,7 @@ class LocalMesh:
                     "metrics_port": self.ports.gateway_metrics,
                     "admin_token": self.admin_token,
                     "anonymous_rate_limit_rps": 0,
+                    "edge_dir": self.gateway_edge_dir,
                 },
             ),
         )
