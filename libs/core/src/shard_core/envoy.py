@@ -15,9 +15,12 @@ import logging
 import shutil
 import sys
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from shard_core.process import ManagedProcess
 from shard_core.tls import CA_FILE, CERT_FILE, KEY_FILE
@@ -213,6 +216,28 @@ def overload_manager(max_heap_bytes: int) -> dict[str, Any]:
             },
         ],
     }
+
+
+class EnvoyStats:
+    """A Prometheus collector of an Envoy's own statistics (`envoy_*`: per listener, route
+    cluster and node), read from its admin interface on loopback at each scrape: whatever
+    scrapes a service's /metrics scrapes its Envoy too, with no port of Envoy's exposed."""
+
+    def __init__(self, envoy: EnvoyProcess, *, timeout_s: float = 2.0) -> None:
+        self._envoy = envoy
+        self._timeout_s = timeout_s
+
+    def describe(self) -> list[Metric]:
+        return []  # the names come and go with clusters: none is claimed up front
+
+    def collect(self) -> Iterator[Metric]:
+        url = f"http://{self._envoy.admin_address}/stats/prometheus?usedonly"
+        try:
+            with urllib.request.urlopen(url, timeout=self._timeout_s) as answer:
+                text = answer.read().decode()
+        except (OSError, ValueError):
+            return  # Envoy is starting or restarting: nothing of it this scrape
+        yield from text_string_to_metric_families(text)
 
 
 class EnvoyProcess:

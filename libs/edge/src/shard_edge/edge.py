@@ -48,6 +48,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from opentelemetry import metrics
+from prometheus_client import REGISTRY
 
 from shard_client.routing import EndpointTable, TrafficSplit
 from shard_core.auth import KeyRing, ModelAccess, Permission, principal_of
@@ -59,6 +60,7 @@ from shard_core.envoy import (
     SHA256_LUA,
     TYPES,
     EnvoyProcess,
+    EnvoyStats,
     downstream_tls,
     http2_upstream,
     lua_filter,
@@ -922,8 +924,11 @@ class Edge:
             asyncio.ensure_future(self.follow(changes)),
             asyncio.ensure_future(self.envoy.keep_running()),
         ]
+        stats = EnvoyStats(self.envoy)
+        REGISTRY.register(stats)
 
         async def stop() -> None:
+            REGISTRY.unregister(stats)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
