@@ -29,7 +29,7 @@ from shard_core.auth import KeyRing, ModelAccess, new_secret, token_hash
 from shard_core.envoy import envoy_binary, secret_files
 from shard_core.limits import MIN_RATE_RPS
 from shard_core.net import free_port
-from shard_edge.edge import Edge, EdgePolicy, EdgePorts, ShardState, resources
+from shard_edge.edge import Edge, EdgePolicy, EdgePorts, NodeAddress, ShardState, resources
 from shard_edge.view import CacheableVersions
 from shard_edge.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from tests.demo import simple_inputs
@@ -39,16 +39,6 @@ from tests.grpc_frames import frame, h2_post, malformed
 from tests.waiting import until
 
 DOMAIN = "shard.local"
-
-
-@dataclass
-class Backend:
-    node: str
-    address: str
-    in_flight: int = 0
-
-    def connected(self) -> bool:
-        return True
 
 
 @dataclass
@@ -114,7 +104,7 @@ async def shard(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     delays: list[float] = []
     nodes = {name: FakeTriton() for name in ("nodes/a", "nodes/b")}
     state = ShardState(
-        table=EndpointTable(backend_factory=lambda address, node: Backend(node, address)),
+        table=EndpointTable(backend_factory=NodeAddress.of),
         split=TrafficSplit(),
         access=ModelAccess(),
         cacheable=CacheableVersions(),
@@ -461,9 +451,7 @@ async def test_a_dead_replica_is_retried_on_another(shard: Shard) -> None:
 
 
 def test_every_shape_the_control_plane_emits_passes_envoy_validation(tmp_path: Path) -> None:
-    table: EndpointTable[Backend] = EndpointTable(
-        backend_factory=lambda address, node: Backend(node, address)
-    )
+    table: EndpointTable[NodeAddress] = EndpointTable(backend_factory=NodeAddress.of)
     access, split = ModelAccess(), TrafficSplit()
     for i, node in enumerate(("nodes/a", "nodes/b")):
         for model, version in (("simple", "1"), ("simple", "2"), ("other", "3")):

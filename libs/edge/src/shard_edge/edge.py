@@ -157,6 +157,23 @@ REST_DOOR = Door(
 )
 
 
+@dataclass(eq=False)
+class NodeAddress:
+    """A node as an edge's view keeps it (`shard_client.routing.Backend`): where its gate
+    listens. Envoy makes and watches the connections."""
+
+    node: str
+    address: str
+    in_flight: int = 0
+
+    @classmethod
+    def of(cls, address: str, node: str) -> NodeAddress:
+        return cls(node, address)
+
+    def connected(self) -> bool:
+        return True
+
+
 @dataclass(frozen=True, kw_only=True)
 class EdgePorts:
     """Where the edge listens: the router's addresses (None: not at all)."""

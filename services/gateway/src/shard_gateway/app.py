@@ -15,9 +15,8 @@ from opentelemetry import metrics
 
 from shard_client.routing import http_address
 from shard_core.tls import TlsIdentity, require_loopback
-from shard_edge.edge import REST_DOOR, EdgePorts, edge_of, private_directory
+from shard_edge.edge import REST_DOOR, EdgePorts, NodeAddress, edge_of, private_directory
 from shard_edge.view import ShardView, ViewChanges
-from shard_gateway.direct import DirectInference, NodeHttp
 from shard_gateway.rest import make_app
 from shard_gateway.service import Shard
 from shard_gateway.settings import GatewaySettings
@@ -38,30 +37,18 @@ async def serve(settings: GatewaySettings) -> None:
         timeout_s=settings.upstream_timeout_s,
     )
     changes = ViewChanges()
-    view: ShardView[NodeHttp] = ShardView(
+    # Where the nodes' gates take HTTP: the edge's endpoints (the edge makes the connections).
+    view: ShardView[NodeAddress] = ShardView(
         settings,
-        backend_factory=NodeHttp.opener(identity, settings.trust_domain),
-        on_backend_removed=NodeHttp.close_later,
+        backend_factory=NodeAddress.of,
         address_of=http_address,
         on_change=changes.notify,
         identity=identity,
     )
     view.start()
     meter = metrics.get_meter("shard.gateway")
-    failed_attempts = meter.create_counter(
-        "shard_gateway_failed_attempts",
-        description="REST requests a node's Triton could not be reached for (each retried "
-        "elsewhere if the retry budget allowed), by node Triton HTTP address.",
-    )
-    direct = DirectInference(
-        view,
-        max_attempts=settings.max_attempts,
-        timeout_s=settings.upstream_timeout_s,
-        on_failure=lambda address: failed_attempts.add(1, {"address": address}),
-    )
     app = make_app(
         shard,
-        direct,
         max_body_bytes=settings.max_body_bytes,
         timeout_s=settings.upstream_timeout_s,
     )

@@ -15,13 +15,11 @@ from aiohttp import web
 from shard_core.errors import ShardError, error_info, http_status
 from shard_core.limits import retry_after_header
 from shard_gateway import management
-from shard_gateway.callers import authorization, upstream_metadata
-from shard_gateway.direct import DirectInference
+from shard_gateway.callers import upstream_metadata
 from shard_gateway.kserve import HEADER_LENGTH, parse_infer_request, render_infer_response
 from shard_gateway.service import Shard
 
 SHARD_KEY = web.AppKey("shard", Shard)
-DIRECT_KEY = web.AppKey("direct", DirectInference)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -96,15 +94,13 @@ async def model_config(request: web.Request) -> web.Response:
 
 
 async def infer(request: web.Request) -> web.Response:
-    """KServe v2 inference, JSON or with Triton's binary tensor data extension: straight to a
-    node's Triton when one serves the model over HTTP, else through the router."""
+    """KServe v2 inference, JSON or with Triton's binary tensor data extension, as the gateway's
+    edge leaves it (a malformed request, a cacheable version, a caller the router must judge):
+    read here, so a malformed request is refused naming the field, then sent to the router. (The
+    edge sends everything else straight to the nodes.)"""
     name, version = _model(request)
     body = await request.read()
     header_length = request.headers.get(HEADER_LENGTH)
-    direct = request.app[DIRECT_KEY]
-    plan = direct.plan(name, version, body, header_length)
-    if plan.routes:
-        return await direct.infer(request, plan, name, body, authorization(request))
     parsed = parse_infer_request(body, header_length, name, version)
     answer = await request.app[SHARD_KEY].infer(parsed.request, upstream_metadata(request))
     answer_body, answer_header_length = render_infer_response(answer, parsed)
@@ -117,14 +113,12 @@ async def infer(request: web.Request) -> web.Response:
 
 def make_app(
     shard: Shard,
-    direct: DirectInference,
     *,
     max_body_bytes: int = 64 << 20,
     timeout_s: float = 10.0,
 ) -> web.Application:
     app = web.Application(middlewares=[grpc_errors], client_max_size=max_body_bytes)
     app[SHARD_KEY] = shard
-    app[DIRECT_KEY] = direct
     app.router.add_get("/v2/health/live", live)
     app.router.add_get("/v2/health/ready", ready)
     app.router.add_get("/v2", server_metadata)
