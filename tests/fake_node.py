@@ -185,6 +185,7 @@ class FakeTriton:
         """With `tls` (a node's mesh identity), it serves mutual TLS, as a node's gate does;
         `register` adds services of its own beside."""
         self.answer = answer
+        self.delay_s = 0.0  # how long ModelInfer takes to answer
         self.calls: list[tuple[str, float | None, dict[str, str]]] = []
         self._server = grpc.aio.server()
         register(self._server)
@@ -211,6 +212,8 @@ class FakeTriton:
                 metadata["model"] = parsed.model_name
                 metadata["version"] = parsed.model_version
                 self.calls.append((method, context.time_remaining(), metadata))
+                if self.delay_s:
+                    await asyncio.sleep(self.delay_s)
                 answer = self.answer(parsed)
                 if answer is None:
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "not answering")

@@ -172,6 +172,7 @@ def _infer(
     headers: dict[str, str] | None = None,
     *,
     sequence_id: int = 0,
+    timeout_s: float | None = None,
 ) -> str:
     """One ModelInfer through the edge: "ok" or the status code's name."""
     client = triton.InferenceServerClient(shard.address)
@@ -183,6 +184,7 @@ def _infer(
             model_version=version,
             headers=headers,
             sequence_id=sequence_id,
+            client_timeout=timeout_s,
         )
     except InferenceServerException as error:
         return str(error.status())
@@ -439,6 +441,22 @@ async def test_versions_coming_and_going_fail_no_request(shard: Shard) -> None:
     await asyncio.gather(*clients)
     assert set(outcomes) == {"ok"}
     assert shard.calls("router")
+
+
+async def test_clients_short_deadlines_eject_no_node(shard: Shard) -> None:
+    """A client can make a healthy node miss deadlines at will (by setting short ones): that
+    must not take the node out of the rotation for everyone."""
+    shard.serve("nodes/b", "simple", "1")
+    await shard.published()
+    slow = shard.nodes["nodes/a"]
+    slow.delay_s = 0.3
+    outcomes = [await asyncio.to_thread(_infer, shard, timeout_s=0.02) for _ in range(12)]
+    assert "StatusCode.DEADLINE_EXCEEDED" in outcomes
+    address = f"::{slow.address}::health_flags::"
+    _, clusters = await shard.edge.envoy.admin_get("/clusters")
+    flags = [line for line in clusters.splitlines() if address in line]
+    assert flags
+    assert not any("failed_outlier_check" in line for line in flags), flags
 
 
 async def test_a_dead_replica_is_retried_on_another(shard: Shard) -> None:
