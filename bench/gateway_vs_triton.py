@@ -2,10 +2,11 @@
 
 Starts a local shard with one node, then drives `simple` with tritonclient's asyncio HTTP client
 (binary tensors, as it sends by default) at concurrency 1 and 16: first at the node's Triton HTTP
-port (on loopback), then at the gateway (which sends the body on to the node's gate over mutual
-TLS), in plaintext on loopback and over HTTPS trusting the mesh CA (what every client off this
-machine uses). Prints throughput, p50/p99 latency, the ratios to Triton, and the CPU time per
-request of the gateway, the router and the node's gate together.
+port (on loopback), then at the gateway's port (its edge, an Envoy, which sends the body on to
+the node's gate over mutual TLS), in plaintext on loopback and over HTTPS trusting the mesh CA
+(what every client off this machine uses). Prints throughput, p50/p99 latency, the ratios to
+Triton, and the CPU time per request of each process on the path: the gateway's edge, the Python
+gateway behind it (idle unless the edge leaves it a request) and the node's gate.
 
     uv run python -m bench.gateway_vs_triton [--seconds 5]
 """
@@ -76,9 +77,8 @@ async def main(seconds: float) -> None:
         try:
             await mesh.start(nodes=1)
             hops = {
+                "edge": edge(mesh, "gateway"),
                 "gateway": psutil.Process(mesh.services["gateway"].pid),
-                "router": psutil.Process(mesh.services["inference"].pid),
-                "edge": edge(mesh),
                 "gate": node_gate(mesh, "node-0"),
             }
             triton_url = f"127.0.0.1:{mesh.nodes['node-0'].triton_http_port}"

@@ -13,7 +13,8 @@ def node_gate(mesh: LocalMesh, node: str) -> psutil.Process:
     return next(p for p in agent.children(recursive=True) if p.name() == "envoy")
 
 
-def edge(mesh: LocalMesh) -> psutil.Process:
-    """The router's edge: the Envoy every call to the router's ports crosses."""
-    router = psutil.Process(mesh.services["inference"].pid)
-    return next(p for p in router.children(recursive=True) if p.name() == "envoy")
+def edge(mesh: LocalMesh, service: str = "inference") -> psutil.Process:
+    """A service's edge (the router's, or the gateway's): the Envoy every call to the service's
+    ports crosses."""
+    process = psutil.Process(mesh.services[service].pid)
+    return next(p for p in process.children(recursive=True) if p.name() == "envoy")
