@@ -4,13 +4,13 @@ Starts a local shard with one node, then drives `simple` at concurrency 1 and 16
 tritonclient's asyncio gRPC client straight at the node's Triton (on loopback), the same client
 through the node's gate (mutual TLS, presenting the router's certificate: the hop every call to
 a node now crosses), through the router's ports (its edge, Envoy, which sends the call straight
-to the node's gate: loopback plaintext, then TLS trusting the mesh CA, what every client off
-this machine uses), through the Python router behind the edge (its Unix socket: the path the
-edge leaves to it, and what every call took before the edge), and `shard_client.aio` (the same
-API, routing in the client, calling the node's gate with its client certificate; its watch of
-the router in plaintext, then over TLS). Prints throughput, p50/p99 latency, the ratios to
-direct, and the CPU time per request of each of the shard's processes on the way: the edge, the
-Python router and the node's gate.
+to the node's gate: loopback plaintext, anonymous and with a developer's API key, then TLS
+trusting the mesh CA, what every client off this machine uses), through the Python router
+behind the edge (its Unix socket: the path the edge leaves to it, and what every call took
+before the edge), and `shard_client.aio` (the same API, routing in the client, calling the
+node's gate with its client certificate; its watch of the router in plaintext, then over TLS).
+Prints throughput, p50/p99 latency, the ratios to direct, and the CPU time per request of each
+of the shard's processes on the way: the edge, the Python router and the node's gate.
 
     uv run python -m bench.router_vs_direct [--seconds 5]
 """
@@ -30,8 +30,11 @@ import tritonclient.grpc.aio as triton
 
 from bench.mesh import edge, node_gate
 from bench.report import Result, Watched, cpu_seconds, measured, print_header, print_rows
+from shard.auth.v1 import api_key_pb2, key_service_pb2_grpc
+from shard.auth.v1 import key_service_pb2 as key_api
 from shard_client.aio import InferenceServerClient as ShardClient
 from shard_core import pki
+from shard_core.limits import MAX_RATE_RPS
 from shard_core.tls import TlsIdentity
 from shard_node.identity import NodeIdentity
 from shard_tool.local import LocalMesh, MeshPorts
@@ -52,19 +55,25 @@ def _inputs() -> list[triton.InferInput]:
 Opened = Callable[[], triton.InferenceServerClient | ShardClient]
 
 
-async def _drive(opened: Opened, concurrency: int, seconds: float, watched: Watched) -> Result:
-    """Drive the client `opened` makes at `concurrency` for `seconds`."""
+async def _drive(
+    opened: Opened,
+    concurrency: int,
+    seconds: float,
+    watched: Watched,
+    headers: dict[str, str] | None = None,
+) -> Result:
+    """Drive the client `opened` makes at `concurrency` for `seconds`, sending `headers`."""
     async with opened() as client:
         inputs = _inputs()
         for _ in range(50):  # warm up channels and Triton
-            await client.infer("simple", inputs)
+            await client.infer("simple", inputs, headers=headers)
         latencies: list[float] = []
         deadline = time.perf_counter() + seconds
 
         async def worker() -> None:
             while time.perf_counter() < deadline:
                 start = time.perf_counter()
-                await client.infer("simple", inputs)
+                await client.infer("simple", inputs, headers=headers)
                 latencies.append((time.perf_counter() - start) * 1000)
 
         cpu_before = cpu_seconds(watched)
@@ -76,7 +85,13 @@ async def _drive(opened: Opened, concurrency: int, seconds: float, watched: Watc
 
 async def main(seconds: float) -> None:
     with tempfile.TemporaryDirectory() as state:
-        mesh = LocalMesh(state_dir=Path(state), model_repository=MODELS, ports=MeshPorts.free())
+        # Keys as fast as the edge lets them be (the bench measures the check, not the limit).
+        mesh = LocalMesh(
+            state_dir=Path(state),
+            model_repository=MODELS,
+            ports=MeshPorts.free(),
+            registry_settings={"default_key_rate_limit_rps": 0},
+        )
         try:
             await mesh.start(nodes=1)
             node = mesh.nodes["node-0"]
@@ -92,6 +107,18 @@ async def main(seconds: float) -> None:
             node_name = pki.node_workload(
                 "shard.local", NodeIdentity.load_or_create(node.state_dir).node_id
             ).dns
+            # A developer's key: the edge checks it (its SHA-256, in Lua) on every call.
+            async with mesh.admin_channel() as channel:
+                made = await key_service_pb2_grpc.KeyServiceStub(channel).CreateApiKey(
+                    key_api.CreateApiKeyRequest(
+                        api_key=api_key_pb2.ApiKey(
+                            principal="bench",
+                            role=api_key_pb2.ROLE_DEVELOPER,
+                            rate_limit_rps=MAX_RATE_RPS,
+                        )
+                    )
+                )
+            keyed = {"authorization": f"Bearer {made.secret}"}
             clients: dict[str, Opened] = {
                 "direct": lambda: triton.InferenceServerClient(direct_url),
                 "gate": lambda: triton.InferenceServerClient(
@@ -100,6 +127,7 @@ async def main(seconds: float) -> None:
                     channel_args=[("grpc.ssl_target_name_override", node_name)],
                 ),
                 "router": lambda: triton.InferenceServerClient(mesh.router_address),
+                "router key": lambda: triton.InferenceServerClient(mesh.router_address),
                 "python": lambda: triton.InferenceServerClient(f"unix:{mesh.router_socket}"),
                 "router tls": lambda: triton.InferenceServerClient(
                     mesh.router_tls_address, ssl=True, root_certificates=ca
@@ -115,7 +143,13 @@ async def main(seconds: float) -> None:
             print_header(watched)
             for concurrency in (1, 16):
                 results = {
-                    name: await _drive(opened, concurrency, seconds, watched)
+                    name: await _drive(
+                        opened,
+                        concurrency,
+                        seconds,
+                        watched,
+                        headers=keyed if name == "router key" else None,
+                    )
                     for name, opened in clients.items()
                 }
                 print_rows(concurrency, results, baseline="direct")
