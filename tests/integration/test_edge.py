@@ -29,7 +29,16 @@ from shard_core.auth import KeyRing, ModelAccess, new_secret, token_hash
 from shard_core.envoy import envoy_binary, secret_files
 from shard_core.limits import MIN_RATE_RPS
 from shard_core.net import free_port
-from shard_edge.edge import Edge, EdgePolicy, EdgePorts, NodeAddress, ShardState, resources
+from shard_edge.edge import (
+    GRPC_DOOR,
+    REST_DOOR,
+    Edge,
+    EdgePolicy,
+    EdgePorts,
+    NodeAddress,
+    ShardState,
+    resources,
+)
 from shard_edge.view import CacheableVersions
 from shard_edge.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from tests.demo import simple_inputs
@@ -511,19 +520,24 @@ def test_every_shape_the_control_plane_emits_passes_envoy_validation(tmp_path: P
     (tmp_path / "sds").mkdir()
     for name, secret in secret_files(tmp_path / "tls").items():
         (tmp_path / "sds" / name).write_text(json.dumps(secret))
+    plaintext = EdgePorts(plaintext="127.0.0.1:1", tls=None, mesh=None)
     shapes = {
-        "plaintext, no limits": (
-            EdgePorts(plaintext="127.0.0.1:1", tls=None, mesh=None),
-            0.0,
-            None,
-        ),
-        "tls and mesh, limited": (
+        "gRPC, plaintext, no limits": (plaintext, 0.0, None, GRPC_DOOR),
+        "gRPC, tls and mesh, limited": (
             EdgePorts(plaintext="127.0.0.1:1", tls="0.0.0.0:2", mesh="0.0.0.0:3"),
             2.5,
             tmp_path / "sds",
+            GRPC_DOOR,
+        ),
+        "REST, plaintext, no limits": (plaintext, 0.0, None, REST_DOOR),
+        "REST, tls, limited": (
+            EdgePorts(plaintext="127.0.0.1:1", tls="0.0.0.0:2", mesh=None),
+            2.5,
+            tmp_path / "sds",
+            REST_DOOR,
         ),
     }
-    for shape, (ports, rps, sds_dir) in shapes.items():
+    for shape, (ports, rps, sds_dir, door) in shapes.items():
         policy = EdgePolicy(
             trust_domain=DOMAIN,
             anonymous_rps=rps,
@@ -531,14 +545,18 @@ def test_every_shape_the_control_plane_emits_passes_envoy_validation(tmp_path: P
             max_attempts=3,
             upstream_timeout_s=60,
             sds_dir=sds_dir,
+            door=door,
         )
         built = resources(
             state,
             ports=ports,
             policy=policy,
-            service_socket=tmp_path / "router.sock",
+            service_socket=tmp_path / "service.sock",
             access_log=tmp_path / "access.log",
+            # A cluster the route no longer names, kept until Envoy runs the route without it.
+            routed=("m/gone/7", "s/gone/7"),
         )
+        assert "m/gone/7" in built[CLUSTER]
         config = tmp_path / f"{shape}.json"
         config.write_text(json.dumps(_static(built)))
         checked = subprocess.run(
