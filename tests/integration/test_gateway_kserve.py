@@ -184,6 +184,9 @@ async def test_malformed_requests_are_400_naming_the_field(
 async def test_bodies_over_the_limit_are_refused(http: aiohttp.ClientSession) -> None:
     async with http.post("/v2/models/simple/infer", data=b" " * (65 << 20)) as response:
         assert response.status == 413
+        error = await response.json()
+    assert error["code"] == "RESOURCE_EXHAUSTED"
+    assert error["error"]
 
 
 async def test_rest_inference_goes_straight_to_a_node_through_the_edge(

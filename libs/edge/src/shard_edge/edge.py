@@ -429,16 +429,32 @@ def _manager(name: str, *, policy: EdgePolicy, mesh: bool, access_log: Path) -> 
     return config
 
 
-# What Envoy answers itself on the REST door (a rate limit, no node to reach) reads like the
-# gateway's own errors: Triton's {"error": ...} with the shard's code and reason.
+def _local_reply(status: int, code: str, error: str | None = None) -> dict[str, Any]:
+    """How Envoy's own answer of HTTP `status` reads on the REST door: the gRPC `code` beside
+    Envoy's message (or `error`)."""
+    body: dict[str, Any] = {"error": error or "%LOCAL_REPLY_BODY%", "code": code}
+    return {
+        "filter": {
+            "status_code_filter": {
+                "comparison": {
+                    "op": "EQ",
+                    "value": {"default_value": status, "runtime_key": f"edge_reply_{status}"},
+                }
+            }
+        },
+        "body_format_override": {"json_format": body},
+    }
+
+
+# What Envoy answers itself on the REST door (a rate limit, a body too large, no node to reach)
+# reads like the gateway's own errors: Triton's {"error": ...} with the shard's code (and, for a
+# rate limit, its reason and Retry-After).
 REST_LOCAL_REPLIES = {
     "mappers": [
         {
-            "filter": {
-                "status_code_filter": {
-                    "comparison": {"op": "EQ", "value": {"default_value": 429, "runtime_key": "x"}}
-                }
-            },
+            **_local_reply(
+                429, "RESOURCE_EXHAUSTED", "the rate limit of this caller or model is reached"
+            ),
             "headers_to_add": [
                 {
                     "header": {"key": "Retry-After", "value": "1"},
@@ -452,11 +468,13 @@ REST_LOCAL_REPLIES = {
                     "reason": "RATE_LIMITED",
                 }
             },
-        }
+        },
+        _local_reply(413, "RESOURCE_EXHAUSTED", "the request body is larger than the shard takes"),
+        _local_reply(400, "INVALID_ARGUMENT"),
+        _local_reply(404, "NOT_FOUND"),
+        _local_reply(504, "DEADLINE_EXCEEDED"),
     ],
-    "body_format": {
-        "json_format": {"error": "%LOCAL_REPLY_BODY%", "code": "UNAVAILABLE"},
-    },
+    "body_format": {"json_format": {"error": "%LOCAL_REPLY_BODY%", "code": "UNAVAILABLE"}},
 }
 
 
