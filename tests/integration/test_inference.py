@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 import numpy as np
 import numpy.typing as npt
+import psutil
 import pytest
 import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
@@ -416,3 +417,24 @@ async def test_a_sequence_stays_on_one_replica(
                     sequence_end=step == 5,
                 )
                 assert int(result.as_numpy("OUTPUT0")[0][0]) == expected[seq]
+
+
+def test_the_edge_serves_on_while_its_control_plane_is_away(
+    mesh: LocalMesh, client: triton.InferenceServerClient
+) -> None:
+    """With the router paused (its ADS server and Python path stopped), its edge keeps its last
+    configuration and answers inference straight from the nodes; a call only the router can
+    answer waits for it."""
+    data = np.ones((1, 16), dtype=np.int32)
+    router = psutil.Process(mesh.services["inference"].pid)
+    router.suspend()
+    try:
+        for _ in range(5):
+            result = client.infer("simple", simple_inputs(data, data))
+            np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), data * 2)
+        with pytest.raises(InferenceServerException) as raised:
+            client.get_model_repository_index(client_timeout=1)
+        assert raised.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+    finally:
+        router.resume()
+    assert client.get_model_repository_index(client_timeout=10) is not None
