@@ -163,11 +163,16 @@ LIMITED = "StatusCode.RESOURCE_EXHAUSTED"
 
 
 def _direct_log(shard: Shard) -> list[tuple[str, str, str]]:
-    """(principal, model, version) of each call the access log shows went to a node."""
+    """(principal, model, version) of each call the access log shows went to a node (to a
+    model version's cluster)."""
     if not shard.edge.access_log.exists():
         return []
     entries = [json.loads(line) for line in shard.edge.access_log.read_text().splitlines()]
-    return [(e["principal"], e["model"], e["version"]) for e in entries if e["node"] != "-"]
+    return [
+        (e["principal"], e["model"], e["version"])
+        for e in entries
+        if str(e["route"]).startswith(("m/", "s/"))
+    ]
 
 
 def _bearer(secret: str) -> dict[str, str]:
@@ -341,12 +346,20 @@ async def test_hostile_bodies_and_headers_never_take_a_route_they_may_not(shard:
 
 
 @pytest.mark.parametrize("shard", [2.0], indirect=True)
-async def test_anonymous_clients_are_limited_per_address_on_the_direct_path(shard: Shard) -> None:
+async def test_anonymous_clients_are_limited_per_address_before_their_bodies_are_read(
+    shard: Shard,
+) -> None:
     outcomes = [await asyncio.to_thread(_infer, shard) for _ in range(12)]
     # A burst of two seconds' worth passes, the rest is refused until tokens come back.
     assert outcomes[:4] == ["ok"] * 4
     assert "StatusCode.RESOURCE_EXHAUSTED" in outcomes
     assert outcomes.count("ok") < 12
+    # The limit holds before the edge reads a body: an address over its rate reaches nothing,
+    # not even the router (with a model only the router could answer). A key is not anonymous.
+    refused = [await asyncio.to_thread(_infer, shard, "unknown") for _ in range(4)]
+    assert LIMITED in refused
+    assert len(shard.calls("router")) < 4
+    assert await asyncio.to_thread(_infer, shard, "simple", "", _bearer(shard.key("ann"))) == "ok"
 
 
 async def test_a_sequence_stays_on_one_version_and_one_node(shard: Shard) -> None:

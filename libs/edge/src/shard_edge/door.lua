@@ -13,15 +13,14 @@
 
 local bit = require("bit")
 
--- The door's own request headers: never a client's.
+-- The door's own request headers (every x-shard-* header is the door's: never a client's).
+local DOOR_PREFIX = "x-shard-"
 local CLUSTER = "x-shard-cluster"
-local DIRECT = "x-shard-direct"
 local KEY = "x-shard-key"
 local KEY_COST = "x-shard-key-cost"
 local MODEL = "x-shard-model"
 local MODEL_COST = "x-shard-model-cost"
 local SEQUENCE = "x-shard-sequence"
-local DOOR_HEADERS = { CLUSTER, DIRECT, KEY, KEY_COST, MODEL, MODEL_COST, SEQUENCE }
 -- Keys as the shard writes them: "shard_" .. 12 characters of key id .. "_" .. the secret.
 local SECRET_PREFIX = "shard_"
 local KEY_ID_CHARS = 12
@@ -100,14 +99,16 @@ end
 -- Removes the door's headers from a request (a client may have sent them); the request headers.
 function door_strip(handle)
   local headers = handle:headers()
-  local forged = false
-  for _, name in ipairs(DOOR_HEADERS) do
-    if headers:get(name) ~= nil then
-      headers:remove(name)
-      forged = true
+  local forged = {}
+  for name, _ in pairs(headers) do
+    if string.sub(name, 1, #DOOR_PREFIX) == DOOR_PREFIX then
+      forged[#forged + 1] = name
     end
   end
-  if forged then
+  for _, name in ipairs(forged) do
+    headers:remove(name)
+  end
+  if #forged > 0 then
     handle:clearRouteCache()
   end
   return headers
@@ -160,10 +161,7 @@ function door_send(handle, plan)
   log:set("shard", "model", plan.name)
   log:set("shard", "version", plan.version)
   local key = plan.key
-  if key == nil then
-    headers:add(DIRECT, "anonymous")
-  else
-    headers:add(DIRECT, "key")
+  if key ~= nil then
     log:set("shard", "principal", key.principal)
     if key.cost ~= nil then
       headers:add(KEY, key.id)

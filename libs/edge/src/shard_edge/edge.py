@@ -85,7 +85,6 @@ MODEL_CLUSTERS = "m/"
 SEQUENCE_CLUSTERS = "s/"
 # The headers `door.lua` sets for the direct route and its rate limits (never a client's).
 CLUSTER_HEADER = "x-shard-cluster"
-DIRECT_HEADER = "x-shard-direct"
 KEY_HEADER = "x-shard-key"
 KEY_COST_HEADER = "x-shard-key-cost"
 MODEL_HEADER = "x-shard-model"
@@ -94,7 +93,6 @@ SEQUENCE_HEADER = "x-shard-sequence"
 EDGE_HEADERS = (
     SEQUENCE_HEADER,
     CLUSTER_HEADER,
-    DIRECT_HEADER,
     KEY_HEADER,
     KEY_COST_HEADER,
     MODEL_HEADER,
@@ -303,12 +301,71 @@ def request_cost(rps: float) -> int:
     return max(1, round(COST_SCALE / rps))
 
 
-def _rate_limit_filter(anonymous_rps: float) -> dict[str, Any]:
-    """The edge's rate limits on the direct path, as the router's (`shard_core.limits`):
-    anonymous clients per address; each key, and each model with a rate of its own, a bucket
-    (made as it first comes, the least recent forgotten) from which a request takes its
-    `request_cost`, which `door.lua` names in a header. The configuration never changes while
-    the edge runs (a new one would start every bucket full)."""
+def _local_rate_limit(
+    name: str, descriptors: list[dict[str, Any]], rate_limits: list[dict[str, Any]]
+) -> dict[str, Any]:
+    enabled = {"default_value": {"numerator": 100, "denominator": "HUNDRED"}}
+    config = {
+        "@type": f"{TYPES}extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+        "stat_prefix": name,
+        "rate_limited_as_resource_exhausted": True,
+        "enable_x_ratelimit_headers": "DRAFT_VERSION_03",
+        "filter_enabled": {"runtime_key": f"{name}_enabled", **enabled},
+        "filter_enforced": {"runtime_key": f"{name}_enforced", **enabled},
+        "max_dynamic_descriptors": MAX_DYNAMIC_BUCKETS,
+        "descriptors": descriptors,
+        "rate_limits": rate_limits,
+    }
+    return {"name": f"shard.{name}", "typed_config": config}
+
+
+def _inference_headers(door: Door) -> list[dict[str, Any]]:
+    """The door's inference route match, as header matchers (`:path` among them)."""
+    path = door.infer.get("path")
+    matcher = {"exact": path} if path else {"safe_regex": door.infer["safe_regex"]}
+    return [*door.infer.get("headers", []), {"name": ":path", "string_match": matcher}]
+
+
+def _anonymous_rate_limit_filter(anonymous_rps: float, door: Door) -> dict[str, Any]:
+    """Anonymous clients' inference, limited per address before anything reads its body (one
+    bucket per address, made as it first comes): a client over its rate costs the edge no
+    parsing. Only on the public listeners: on the mesh's, the gateway calls for its own
+    clients, whom the router limits by the address the gateway names."""
+    anonymous = {
+        "header_value_match": {
+            "descriptor_key": "caller",
+            "descriptor_value": "anonymous",
+            "headers": [{"name": "authorization", "present_match": True, "invert_match": True}],
+        }
+    }
+    inference = {
+        "header_value_match": {
+            "descriptor_key": "call",
+            "descriptor_value": "infer",
+            "headers": _inference_headers(door),
+        }
+    }
+    descriptor = {
+        "entries": [
+            {"key": "caller", "value": "anonymous"},
+            {"key": "call", "value": "infer"},
+            {"key": "remote_address", "value": ""},
+        ],
+        "token_bucket": _token_bucket(anonymous_rps),
+    }
+    return _local_rate_limit(
+        "edge_anonymous_rate_limit",
+        [descriptor],
+        [{"actions": [anonymous, inference, {"remote_address": {}}]}],
+    )
+
+
+def _rate_limit_filter() -> dict[str, Any]:
+    """The direct path's rate limits per key and per model, as the router's
+    (`shard_core.limits`): each key, and each model with a rate of its own, a bucket (made as it
+    first comes, the least recent forgotten) from which a request takes its `request_cost`,
+    which `door.lua` names in a header. The configuration never changes while the edge runs (a
+    new one would start every bucket full)."""
     per_value = {
         "max_tokens": 2 * COST_SCALE,
         "tokens_per_fill": COST_SCALE // 20,
@@ -318,28 +375,10 @@ def _rate_limit_filter(anonymous_rps: float) -> dict[str, Any]:
         {"entries": [{"key": "key", "value": ""}], "token_bucket": per_value},
         {"entries": [{"key": "model", "value": ""}], "token_bucket": per_value},
     ]
-    if anonymous_rps > 0:
-        descriptors.append(
-            {
-                "entries": [
-                    {"key": "direct", "value": "anonymous"},
-                    {"key": "remote_address", "value": ""},
-                ],
-                "token_bucket": _token_bucket(anonymous_rps),
-            }
-        )
-    enabled = {"default_value": {"numerator": 100, "denominator": "HUNDRED"}}
-    config = {
-        "@type": f"{TYPES}extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
-        "stat_prefix": "edge_rate_limit",
-        "rate_limited_as_resource_exhausted": True,
-        "enable_x_ratelimit_headers": "DRAFT_VERSION_03",
-        "filter_enabled": {"runtime_key": "edge_rate_limit_enabled", **enabled},
-        "filter_enforced": {"runtime_key": "edge_rate_limit_enforced", **enabled},
-        "max_dynamic_descriptors": MAX_DYNAMIC_BUCKETS,
-        "descriptors": descriptors,
-        "rate_limits": [
-            {"actions": [_header_descriptor(DIRECT_HEADER, "direct"), {"remote_address": {}}]},
+    return _local_rate_limit(
+        "edge_rate_limit",
+        descriptors,
+        [
             {
                 "actions": [_header_descriptor(KEY_HEADER, "key")],
                 "hits_addend": {"format": f"%REQ({KEY_COST_HEADER})%"},
@@ -349,8 +388,7 @@ def _rate_limit_filter(anonymous_rps: float) -> dict[str, Any]:
                 "hits_addend": {"format": f"%REQ({MODEL_COST_HEADER})%"},
             },
         ],
-    }
-    return {"name": "envoy.filters.http.local_ratelimit", "typed_config": config}
+    )
 
 
 ACCESS_LOG_FORMAT = {
@@ -403,8 +441,13 @@ def _manager(name: str, *, policy: EdgePolicy, mesh: bool, access_log: Path) -> 
         },
         "rds": {"route_config_name": ROUTES, "config_source": ADS},
         "http_filters": [
+            *(
+                [_anonymous_rate_limit_filter(policy.anonymous_rps, policy.door)]
+                if policy.anonymous_rps > 0 and not mesh
+                else []
+            ),
             lua_filter(policy.door.script, libraries=(*policy.door.libraries, DOOR_LUA)),
-            _rate_limit_filter(policy.anonymous_rps),
+            _rate_limit_filter(),
             ROUTER_FILTER,
         ],
         "access_log": [
