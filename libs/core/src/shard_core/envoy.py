@@ -60,6 +60,35 @@ GRPC_MESSAGE_LUA = Path(__file__).with_name("grpc_message.lua")
 SHA256_LUA = Path(__file__).with_name("sha256.lua")
 
 
+def static_cluster(
+    name: str, address: Mapping[str, Any], *, http2: bool, max_requests: int
+) -> dict[str, Any]:
+    """A cluster of one local upstream at `address` (an Envoy address: a socket address or a
+    pipe), over HTTP/2 or HTTP/1.1, with at most `max_requests` (and as many connections and
+    pending requests) before Envoy refuses more."""
+    cluster: dict[str, Any] = {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "2s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": dict(address)}}]}],
+        },
+        "circuit_breakers": {
+            "thresholds": [
+                {
+                    "max_connections": max_requests,
+                    "max_pending_requests": max_requests,
+                    "max_requests": max_requests,
+                }
+            ]
+        },
+    }
+    if http2:
+        cluster["typed_extension_protocol_options"] = http2_upstream()
+    return cluster
+
+
 def lua_filter(
     policy: Path, *, libraries: tuple[Path, ...] = (GRPC_MESSAGE_LUA,)
 ) -> dict[str, Any]:

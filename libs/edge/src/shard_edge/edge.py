@@ -65,6 +65,7 @@ from shard_core.envoy import (
     http2_upstream,
     lua_filter,
     overload_manager,
+    static_cluster,
     upstream_mesh_tls,
 )
 from shard_core.pki import node_workload, spiffe_id
@@ -227,29 +228,9 @@ def bootstrap(
 
 
 def _unix_cluster(name: str, socket: Path, *, http2: bool = True) -> dict[str, Any]:
-    cluster = {
-        "name": name,
-        "type": "STATIC",
-        "connect_timeout": "2s",
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [
-                {"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": str(socket)}}}}]}
-            ],
-        },
-        "circuit_breakers": {
-            "thresholds": [
-                {
-                    "max_connections": 1_000_000,
-                    "max_pending_requests": 1_000_000,
-                    "max_requests": 1_000_000,
-                }
-            ]
-        },
-    }
-    if http2:
-        cluster["typed_extension_protocol_options"] = http2_upstream()
-    return cluster
+    return static_cluster(
+        name, {"pipe": {"path": str(socket)}}, http2=http2, max_requests=1_000_000
+    )
 
 
 def _socket_address(address: str) -> dict[str, Any]:

@@ -24,9 +24,9 @@ from shard_core.envoy import (
     EnvoyProcess,
     downstream_tls,
     exact_uri,
-    http2_upstream,
     lua_filter,
     overload_manager,
+    static_cluster,
 )
 from shard_core.pki import MODEL_GRANT_PREFIX, Workload, spiffe_id
 
@@ -122,40 +122,9 @@ def _listener(
 
 def _cluster(name: str, address: str, *, http2: bool) -> dict[str, Any]:
     host, port = address.rsplit(":", 1)
-    cluster: dict[str, Any] = {
-        "name": name,
-        "type": "STATIC",
-        "connect_timeout": "2s",
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {
-                            "endpoint": {
-                                "address": {
-                                    "socket_address": {"address": host, "port_value": int(port)}
-                                }
-                            }
-                        }
-                    ]
-                }
-            ],
-        },
-        # Triton is local: no circuit breaking below what it can queue itself.
-        "circuit_breakers": {
-            "thresholds": [
-                {
-                    "max_connections": 100_000,
-                    "max_pending_requests": 100_000,
-                    "max_requests": 100_000,
-                }
-            ]
-        },
-    }
-    if http2:
-        cluster["typed_extension_protocol_options"] = http2_upstream()
-    return cluster
+    socket = {"socket_address": {"address": host, "port_value": int(port)}}
+    # Triton is local: no circuit breaking below what it can queue itself.
+    return static_cluster(name, socket, http2=http2, max_requests=100_000)
 
 
 def bootstrap(
