@@ -160,6 +160,7 @@ async def shard(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 
 
 LIMITED = "StatusCode.RESOURCE_EXHAUSTED"
+TRACE = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
 def _direct_log(shard: Shard) -> list[tuple[str, str, str]]:
@@ -247,9 +248,12 @@ async def test_keys_that_work_go_straight_to_their_models(shard: Shard) -> None:
     assert await asyncio.to_thread(_infer, shard, "simple", "", _bearer(bob)) == "ok"
     assert [c["model"] for c in shard.calls("nodes/b")] == ["private", "private"]
     assert [c["model"] for c in shard.calls("nodes/a")] == ["simple"]
-    # A node never sees a caller's key or address.
+    # A node never sees a caller's key or address, nor any header but those it needs.
+    private = {"cookie": "session=s3cr3t", "x-api-key": "another-secret", "traceparent": TRACE}
+    assert await asyncio.to_thread(_infer, shard, "simple", "", {**_bearer(bob), **private}) == "ok"
     for call in shard.calls("nodes/a") + shard.calls("nodes/b"):
-        assert not {"authorization", "x-forwarded-for"} & set(call), call
+        assert not {"authorization", "x-forwarded-for", "cookie", "x-api-key"} & set(call), call
+    assert shard.calls("nodes/a")[-1]["traceparent"] == TRACE
     # Another principal's key, a key without the inference scope, a wrong secret for a real key
     # id: the router judges them (and refuses).
     wrong = ann[:-4] + ("AAAA" if not ann.endswith("AAAA") else "BBBB")

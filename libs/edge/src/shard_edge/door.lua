@@ -146,11 +146,28 @@ function door_plan(handle, name, version, sequence)
     sequence = sequence }
 end
 
+-- Every header but those in `passed` (and pseudo-headers, and the door's own): a node is run by
+-- a stranger, and learns of a request only what it needs to answer it.
+local function keep_only(headers, passed)
+  local dropped = {}
+  for name, _ in pairs(headers) do
+    if string.sub(name, 1, 1) ~= ":" and not passed[name]
+      and string.sub(name, 1, #DOOR_PREFIX) ~= DOOR_PREFIX then
+      dropped[#dropped + 1] = name
+    end
+  end
+  for _, name in ipairs(dropped) do
+    headers:remove(name)
+  end
+end
+
 -- Sends the request down the direct route `plan` (from door_plan) chose: the version's cluster
 -- (for a sequence, its sequence cluster, which hashes the id onto a node), the caller and model
--- for the rate limits, and who and what for the access log.
-function door_send(handle, plan)
+-- for the rate limits, and who and what for the access log. Of the client's headers, only those
+-- in `passed` (name → true) go on to the node.
+function door_send(handle, plan, passed)
   local headers = handle:headers()
+  keep_only(headers, passed)
   if plan.sequence then
     headers:add(CLUSTER, plan.model.sequences .. plan.version)
     headers:add(SEQUENCE, to_hex(plan.sequence))

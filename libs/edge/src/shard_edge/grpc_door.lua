@@ -15,6 +15,13 @@ local SERVICE = "/inference.GRPCInferenceService/"
 local INFER = SERVICE .. "ModelInfer"
 local STREAM = SERVICE .. "ModelStreamInfer"
 local ROUTER_ONLY = { "shard-canary-node", "grpc-encoding" }
+-- What a node gets of a client's headers: how to read the call, its deadline, its trace. (Envoy
+-- finds no route for a request without x-forwarded-proto, which it sets itself.)
+local PASSED = {
+  ["content-type"] = true, ["content-length"] = true, ["te"] = true, ["grpc-timeout"] = true,
+  ["grpc-accept-encoding"] = true, ["x-request-id"] = true, ["x-forwarded-proto"] = true,
+  ["traceparent"] = true, ["tracestate"] = true,
+}
 local INVALID_ARGUMENT = 3
 
 local function from_proxy(handle, proxies)
@@ -89,7 +96,7 @@ local function route_inference(handle, headers)
   if plan.drawn then
     with_version(body, plan.version)
   end
-  door_send(handle, plan)
+  door_send(handle, plan, PASSED)
 end
 
 local function route(handle)

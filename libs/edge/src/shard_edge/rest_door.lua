@@ -15,6 +15,13 @@
 local INFER = "^/v2/models/([^/?%%]+)/infer$"
 local INFER_VERSION = "^/v2/models/([^/?%%]+)/versions/([^/?%%]+)/infer$"
 local HEADER_LENGTH = "inference-header-content-length"
+-- What a node gets of a client's headers: how to read the body and the answer, its trace. (Envoy
+-- finds no route for a request without x-forwarded-proto, which it sets itself.)
+local PASSED = {
+  ["content-type"] = true, ["content-length"] = true, [HEADER_LENGTH] = true,
+  ["accept"] = true, ["accept-encoding"] = true, ["x-request-id"] = true,
+  ["x-forwarded-proto"] = true, ["traceparent"] = true, ["tracestate"] = true,
+}
 
 -- A JSON reader for request headers without escapes (the door leaves those to the gateway):
 -- strict RFC 8259 otherwise. Objects are tables with OBJECT set, arrays tables with ARRAY set and
@@ -355,7 +362,7 @@ local function route(handle)
     handle:headers():replace(":path", "/v2/models/" .. name .. "/versions/" .. plan.version
       .. "/infer")
   end
-  door_send(handle, plan)
+  door_send(handle, plan, PASSED)
 end
 
 function envoy_on_request(handle)
