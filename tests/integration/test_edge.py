@@ -480,6 +480,8 @@ async def test_clients_short_deadlines_eject_no_node(shard: Shard) -> None:
     outcomes = [await asyncio.to_thread(_infer, shard, timeout_s=0.02) for _ in range(12)]
     assert "StatusCode.DEADLINE_EXCEEDED" in outcomes
     address = f"::{slow.address}::health_flags::"
+    # (Envoy's admin interface, which can change and stop it, is this user's alone.)
+    assert shard.edge.envoy.admin_socket.stat().st_mode & 0o777 == 0o600
     _, clusters = await shard.edge.envoy.admin_get("/clusters")
     flags = [line for line in clusters.splitlines() if address in line]
     assert flags

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import numpy as np
 import psutil
 import tritonclient.grpc.aio as triton_aio
@@ -17,6 +16,7 @@ import tritonclient.http.aio as triton_http
 from tritonclient.utils import InferenceServerException
 
 from shard.deployment.v1 import deployment_pb2
+from shard_core.envoy import ADMIN_SOCKET, admin_request
 from shard_tool.local import LocalMesh
 from shard_tool.publish import Publisher
 from tests.demo import push_copy, target
@@ -27,9 +27,7 @@ LABELS = {"pool": "failover"}
 async def _edge_failed_attempts(edge_dir: Path, address: str) -> float:
     """An edge's count of requests it could not get to the node gate at `address` (from
     Envoy's per-host counters: failed requests and failed connections)."""
-    admin = (edge_dir / "admin-address").read_text().strip()
-    async with aiohttp.ClientSession() as http, http.get(f"http://{admin}/clusters") as response:
-        text = await response.text()
+    _, text = await asyncio.to_thread(admin_request, edge_dir / ADMIN_SOCKET, "/clusters")
     return sum(
         float(line.rsplit("::", 1)[1])
         for line in text.splitlines()

@@ -10,11 +10,12 @@ exits, stopped with its parent).
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import logging
 import shutil
+import socket
 import sys
-import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ HTTP2_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 # taking requests, so no caller (a client holding streams open, say) can take its memory.
 MAX_HEAP_BYTES = 2 * 1024 * 1024 * 1024
 MAX_CONNECTIONS = 10_000
+ADMIN_SOCKET = "admin.sock"
 # The SDS secrets every Envoy of ours reads: its own certificate, and the mesh's trust bundle.
 CERTIFICATE_SECRET = "certificate"
 TRUST_SECRET = "mesh"
@@ -260,17 +262,47 @@ class EnvoyStats:
         return []  # the names come and go with clusters: none is claimed up front
 
     def collect(self) -> Iterator[Metric]:
-        url = f"http://{self._envoy.admin_address}/stats/prometheus?usedonly"
         try:
-            with urllib.request.urlopen(url, timeout=self._timeout_s) as answer:
-                text = answer.read().decode()
-        except (OSError, ValueError):
+            status, text = admin_request(
+                self._envoy.admin_socket, "/stats/prometheus?usedonly", timeout_s=self._timeout_s
+            )
+        except OSError:
             return  # Envoy is starting or restarting: nothing of it this scrape
-        yield from text_string_to_metric_families(text)
+        if status == 200:
+            yield from text_string_to_metric_families(text)
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP over a Unix socket (an Envoy's admin interface)."""
+
+    def __init__(self, path: Path, timeout_s: float) -> None:
+        super().__init__("localhost", timeout=timeout_s)
+        self._path = path
+
+    def connect(self) -> None:
+        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        connection.settimeout(self.timeout)
+        connection.connect(str(self._path))
+        self.sock = connection
+
+
+def admin_request(
+    admin_socket: Path, path: str, *, method: str = "GET", timeout_s: float = 2.0
+) -> tuple[int, str]:
+    """A request to an Envoy's admin interface (on its Unix socket): the status and the body.
+    Raises OSError when Envoy does not answer."""
+    connection = _UnixConnection(admin_socket, timeout_s)
+    try:
+        connection.request(method, path)
+        answer = connection.getresponse()
+        return answer.status, answer.read().decode(errors="replace")
+    finally:
+        connection.close()
 
 
 class EnvoyProcess:
-    """One Envoy of ours: its files under `directory`, its admin interface on loopback."""
+    """One Envoy of ours: its files under `directory`, its admin interface on a Unix socket
+    there (`admin.sock`, this user's only: the admin interface can change and stop Envoy)."""
 
     def __init__(
         self,
@@ -284,7 +316,7 @@ class EnvoyProcess:
         self.name = name
         self.directory = directory
         self.sds_dir = directory / "sds"
-        self._admin_address_path = directory / "admin-address"
+        self.admin_socket = directory / ADMIN_SOCKET
         self._config_path = directory / "envoy.json"
         self._config = dict(config)
         self._tls_dir = tls_dir
@@ -294,8 +326,6 @@ class EnvoyProcess:
                 envoy_binary(),
                 "--config-path",
                 str(self._config_path),
-                "--admin-address-path",
-                str(self._admin_address_path),
                 "--base-id-path",
                 str(directory / "base-id"),
                 "--use-dynamic-base-id",
@@ -311,27 +341,13 @@ class EnvoyProcess:
             self.sds_dir.mkdir(parents=True, exist_ok=True)
             for name, secret in secret_files(self._tls_dir).items():
                 (self.sds_dir / name).write_text(json.dumps(secret))
-        admin = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}}
+        admin = {"address": {"pipe": {"path": str(self.admin_socket), "mode": 0o600}}}
         self._config_path.write_text(json.dumps({**self._config, "admin": admin}, indent=1))
         return self._config_path
 
-    @property
-    def admin_address(self) -> str:
-        """`host:port` of the admin interface (loopback), once Envoy has started."""
-        return self._admin_address_path.read_text().strip()
-
     async def admin_get(self, path: str, *, timeout_s: float = 2.0) -> tuple[int, str]:
         """GET `path` from the admin interface: the status and the body."""
-        url = f"http://{self.admin_address}{path}"
-
-        def get() -> tuple[int, str]:
-            try:
-                with urllib.request.urlopen(url, timeout=timeout_s) as answer:
-                    return answer.status, answer.read().decode()
-            except urllib.error.HTTPError as error:
-                return error.code, error.read().decode(errors="replace")
-
-        return await asyncio.to_thread(get)
+        return await asyncio.to_thread(admin_request, self.admin_socket, path, timeout_s=timeout_s)
 
     async def start(self, *, timeout: float = 30.0) -> None:
         """Start Envoy and wait until its listeners serve (certificates and configuration
@@ -339,14 +355,17 @@ class EnvoyProcess:
         if self.process.running():
             return
         self.write_configuration()
-        self._admin_address_path.unlink(missing_ok=True)
+        self.admin_socket.unlink(missing_ok=True)
         self.process.start()
         await self.process.wait_ready(self._ready, timeout=timeout)
 
     async def _ready(self) -> bool:
-        if not self._admin_address_path.exists():
+        if not self.admin_socket.exists():
             return False
-        status, _ = await self.admin_get("/ready")
+        try:
+            status, _ = await self.admin_get("/ready")
+        except OSError:
+            return False
         return status == 200
 
     async def keep_running(self, interval_s: float = 1.0) -> None:

@@ -181,7 +181,7 @@ class LocalMesh:
 
     @property
     def router_edge_dir(self) -> Path:
-        """The router's edge: its Envoy's files (admin-address, access.log) and the router's
+        """The router's edge: its Envoy's files (admin.sock, access.log) and the router's
         own socket behind it."""
         return self.state_dir / "edge"
 
@@ -509,7 +509,7 @@ class LocalMesh:
                     ("gateway", self.ports.gateway_metrics),
                 )
             ),
-            "edges (Envoy: access logs, admin address)": (
+            "edges (Envoy: access logs, admin sockets)": (
                 f"{self.router_edge_dir}, {self.gateway_edge_dir}"
             ),
             "state and logs": str(self.state_dir),
