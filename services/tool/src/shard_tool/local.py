@@ -509,9 +509,7 @@ class LocalMesh:
                     ("gateway", self.ports.gateway_metrics),
                 )
             ),
-            "edges (Envoy: access logs, admin sockets)": (
-                f"{self.router_edge_dir}, {self.gateway_edge_dir}"
-            ),
+            "edges (Envoy)": (f"{self.router_edge_dir}, {self.gateway_edge_dir}"),
             "state and logs": str(self.state_dir),
             "admin token (file)": str(self.state_dir / "admin-token"),
         }
