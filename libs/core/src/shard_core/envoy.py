@@ -329,6 +329,9 @@ class EnvoyProcess:
                 "--base-id-path",
                 str(directory / "base-id"),
                 "--use-dynamic-base-id",
+                # Access logs reach their files within a second (Envoy's default is ten).
+                "--file-flush-interval-msec",
+                "1000",
                 "--log-level",
                 log_level,
             ],
