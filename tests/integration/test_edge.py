@@ -364,6 +364,9 @@ async def test_anonymous_clients_are_limited_per_address_before_their_bodies_are
     refused = [await asyncio.to_thread(_infer, shard, "unknown") for _ in range(4)]
     assert LIMITED in refused
     assert len(shard.calls("router")) < 4
+    # No header gets a caller out of it but a key: an empty one or another token is no key.
+    for headers in ({"authorization": ""}, {"authorization": "Bearer not-a-key"}):
+        assert await asyncio.to_thread(_infer, shard, "simple", "", headers) == LIMITED
     assert await asyncio.to_thread(_infer, shard, "simple", "", _bearer(shard.key("ann"))) == "ok"
 
 

@@ -114,6 +114,31 @@ function door_strip(handle)
   return headers
 end
 
+-- Whether `authorization` carries a key that works now (else the Python service judges it).
+function door_admits_caller(handle, authorization)
+  return key_of(handle:metadata(), authorization) ~= nil
+end
+
+-- Whether the direct path may take a request of model `name` from its caller, by its headers
+-- alone (an anonymous caller or a key that works now, and a model it may use): a door asks before
+-- it reads a body, so a request the Python service must judge costs no parsing here.
+function door_admits(handle, name)
+  local metadata = handle:metadata()
+  local model = metadata:get("m/" .. name)
+  if model == nil then
+    return false
+  end
+  local key = nil
+  local authorization = handle:headers():get("authorization")
+  if authorization ~= nil then
+    key = key_of(metadata, authorization)
+    if key == nil then
+      return false
+    end
+  end
+  return may_use(model, key)
+end
+
 -- For a request of model `name` (the version it named, "" for none; its sequence id's bytes, or
 -- false): a table {model, key, version, drawn, sequence} when the direct path may take it, or nil
 -- when the door's Python service must judge it (unknown model or version, a key that is not one,

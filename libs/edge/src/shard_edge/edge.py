@@ -307,38 +307,56 @@ def _inference_headers(door: Door) -> list[dict[str, Any]]:
     return [*door.infer.get("headers", []), {"name": ":path", "string_match": matcher}]
 
 
-def _anonymous_rate_limit_filter(anonymous_rps: float, door: Door) -> dict[str, Any]:
-    """Anonymous clients' inference, limited per address before anything reads its body (one
-    bucket per address, made as it first comes): a client over its rate costs the edge no
-    parsing. Only on the public listeners: on the mesh's, the gateway calls for its own
-    clients, whom the router limits by the address the gateway names."""
-    anonymous = {
-        "header_value_match": {
-            "descriptor_key": "caller",
-            "descriptor_value": "anonymous",
-            "headers": [{"name": "authorization", "present_match": True, "invert_match": True}],
+def _anonymous_rate_limit_filter(policy: EdgePolicy) -> dict[str, Any]:
+    """Inference without a key, limited per address before anything reads its body (one bucket
+    per address, made as it first comes): a client over its rate costs the edge no parsing.
+    "Without a key" is without a bearer token shaped like one of ours (no `authorization`, an
+    empty one, anything else), so no header gets a caller out of the limit; a key-shaped token
+    that is not a working key costs no parsing either (the doors check it first, and leave it
+    to the Python service). The gateway's calls on the mesh listener, for its own clients, are
+    not limited here: the router limits those by the address the gateway names."""
+
+    def unless(name: str, matcher: dict[str, Any], key: str, value: str) -> dict[str, Any]:
+        return {
+            "header_value_match": {
+                "descriptor_key": key,
+                "descriptor_value": value,
+                "headers": [
+                    {
+                        "name": name,
+                        "string_match": matcher,
+                        "invert_match": True,
+                        "treat_missing_header_as_empty": True,
+                    }
+                ],
+            }
         }
-    }
-    inference = {
-        "header_value_match": {
-            "descriptor_key": "call",
-            "descriptor_value": "infer",
-            "headers": _inference_headers(door),
-        }
-    }
+
+    gateway = spiffe_id(policy.trust_domain, "service", "gateway")
+    actions = [
+        unless("authorization", {"prefix": "bearer shard_", "ignore_case": True}, "caller", "bare"),
+        unless("x-forwarded-client-cert", {"contains": f"URI={gateway};"}, "via", "client"),
+        unless("x-forwarded-client-cert", {"suffix": f"URI={gateway}"}, "via-end", "client"),
+        {
+            "header_value_match": {
+                "descriptor_key": "call",
+                "descriptor_value": "infer",
+                "headers": _inference_headers(policy.door),
+            }
+        },
+        {"remote_address": {}},
+    ]
     descriptor = {
         "entries": [
-            {"key": "caller", "value": "anonymous"},
+            {"key": "caller", "value": "bare"},
+            {"key": "via", "value": "client"},
+            {"key": "via-end", "value": "client"},
             {"key": "call", "value": "infer"},
             {"key": "remote_address", "value": ""},
         ],
-        "token_bucket": _token_bucket(anonymous_rps),
+        "token_bucket": _token_bucket(policy.anonymous_rps),
     }
-    return _local_rate_limit(
-        "edge_anonymous_rate_limit",
-        [descriptor],
-        [{"actions": [anonymous, inference, {"remote_address": {}}]}],
-    )
+    return _local_rate_limit("edge_anonymous_rate_limit", [descriptor], [{"actions": actions}])
 
 
 def _rate_limit_filter() -> dict[str, Any]:
@@ -422,11 +440,7 @@ def _manager(name: str, *, policy: EdgePolicy, mesh: bool, access_log: Path) -> 
         },
         "rds": {"route_config_name": ROUTES, "config_source": ADS},
         "http_filters": [
-            *(
-                [_anonymous_rate_limit_filter(policy.anonymous_rps, policy.door)]
-                if policy.anonymous_rps > 0 and not mesh
-                else []
-            ),
+            *([_anonymous_rate_limit_filter(policy)] if policy.anonymous_rps > 0 else []),
             lua_filter(policy.door.script, libraries=(*policy.door.libraries, DOOR_LUA)),
             _rate_limit_filter(),
             ROUTER_FILTER,

@@ -76,6 +76,11 @@ local function route_inference(handle, headers)
   if from_proxy(handle, handle:metadata():get("proxies")) then
     return
   end
+  -- Credentials that are not a working key are the router's to judge: no body is read for them.
+  local authorization = headers:get("authorization")
+  if authorization ~= nil and not door_admits_caller(handle, authorization) then
+    return
+  end
   -- Reading the body yields to Envoy: objects taken from the handle before it are stale after.
   local body = handle:body()
   if body == nil then

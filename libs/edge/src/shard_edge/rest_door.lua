@@ -15,6 +15,9 @@
 local INFER = "^/v2/models/([^/?%%]+)/infer$"
 local INFER_VERSION = "^/v2/models/([^/?%%]+)/versions/([^/?%%]+)/infer$"
 local HEADER_LENGTH = "inference-header-content-length"
+-- The largest JSON header the door reads (a binary request's is a few hundred bytes); a larger
+-- one (JSON tensors) is the gateway's to read: parsing here builds a table per element.
+local MAX_JSON = 64 * 1024
 -- What a node gets of a client's headers: how to read the body and the answer, its trace. (Envoy
 -- finds no route for a request without x-forwarded-proto, which it sets itself.)
 local PASSED = {
@@ -26,7 +29,7 @@ local PASSED = {
 -- A JSON reader for request headers without escapes (the door leaves those to the gateway):
 -- strict RFC 8259 otherwise. Objects are tables with OBJECT set, arrays tables with ARRAY set and
 -- `n` elements; numbers keep their text in `INTEGER` form when they are integers.
-local OBJECT, ARRAY = {}, {}
+local OBJECT, ARRAY, NUMBER = {}, {}, {}
 local NULL = {}
 
 local function json_reader(text)
@@ -67,8 +70,8 @@ local function json_reader(text)
     elseif string.find(text, "^[eE]", at) then
       error("bad number")
     end
-    return { number = tonumber(string.sub(text, from, at - 1)), integer = integer,
-      text = string.sub(text, from, at - 1) }
+    return { [NUMBER] = true, number = tonumber(string.sub(text, from, at - 1)),
+      integer = integer, text = string.sub(text, from, at - 1) }
   end
 
   local function text_value()
@@ -175,8 +178,12 @@ local function is_array(v)
   return type(v) == "table" and v[ARRAY] == true
 end
 
+local function is_number(v)
+  return type(v) == "table" and v[NUMBER] == true
+end
+
 local function is_integer(v)
-  return type(v) == "table" and v.integer == true
+  return is_number(v) and v.integer
 end
 
 -- The JSON type each datatype's elements take; unsigned ones also take no sign.
@@ -193,7 +200,7 @@ local function element_ok(v, kind)
   elseif kind == "string" then
     return type(v) == "string"
   elseif kind == "number" then
-    return type(v) == "table" and v.number ~= nil
+    return is_number(v)
   elseif kind == "integer" then
     return is_integer(v)
   end
@@ -224,8 +231,7 @@ local function parameters_ok(parameters)
     return false
   end
   for _, v in pairs(parameters) do
-    if v ~= true and not (type(v) == "boolean" or type(v) == "string"
-      or (type(v) == "table" and v.number ~= nil)) then
+    if v ~= true and not (type(v) == "boolean" or type(v) == "string" or is_number(v)) then
       return false
     end
   end
@@ -339,7 +345,16 @@ local function route(handle)
       return
     end
   end
-  local header_length = tonumber(headers:get(HEADER_LENGTH) or "")
+  local length_text = headers:get(HEADER_LENGTH)
+  if length_text ~= nil and not string.match(length_text, "^%d+$") then
+    return
+  end
+  -- A model the caller may not use, or credentials that are not a working key: the gateway's,
+  -- and no body is read for it here.
+  if not door_admits(handle, name) then
+    return
+  end
+  local header_length = length_text and tonumber(length_text)
   -- Reading the body yields to Envoy: objects taken from the handle before it are stale after.
   local body = handle:body()
   if body == nil then
@@ -347,7 +362,7 @@ local function route(handle)
   end
   local size = body:length()
   local json_length = header_length or size
-  if json_length > size or json_length < 0 then
+  if json_length > size or json_length > MAX_JSON then
     return
   end
   local sequence = checked_sequence(body:getBytes(0, json_length), size - json_length)
