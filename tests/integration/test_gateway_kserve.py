@@ -225,10 +225,13 @@ async def test_rest_inference_goes_straight_to_a_node_through_the_edge(
             if e["method"].startswith("/v2/models/simple/") and e["method"].endswith("/infer")
         ]
 
-    await until(lambda: len(infer_entries()) >= 3, "the edge logged no REST inference")
-    direct = [e for e in infer_entries() if str(e["route"]).startswith("m/")]
-    routed = [e for e in infer_entries() if e["route"] == "gateway"]
-    assert direct
-    assert direct[0]["node"].startswith("spiffe://")
-    assert direct[0]["model"] == "simple"
-    assert len(routed) >= 2
+    def seen() -> bool:
+        logged = infer_entries()
+        direct = [
+            e for e in logged if str(e["route"]).startswith("m/simple/") and e["http_status"] == 200
+        ]
+        routed = {e["http_status"] for e in logged if e["route"] == "gateway"}
+        return any(str(e["node"]).startswith("spiffe://") for e in direct) and {200, 400} <= routed
+
+    # (Other tests' calls share the log: each kind is looked for, not counted.)
+    await until(seen, "the edge's log lacks a direct call or the gateway's two")
