@@ -213,12 +213,12 @@ async def test_rest_inference_goes_straight_to_a_node_through_the_edge(
         assert response.status == 200
         assert (await response.json())["id"] == "padded"
 
-    def entries() -> list[dict[str, str]]:
+    def entries() -> list[dict[str, Any]]:
         if not log.exists():
             return []
         return [json.loads(line) for line in log.read_text().splitlines()]
 
-    def infer_entries() -> list[dict[str, str]]:
+    def infer_entries() -> list[dict[str, Any]]:
         return [
             e
             for e in entries()
