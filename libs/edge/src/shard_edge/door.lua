@@ -119,32 +119,10 @@ function door_admits_caller(handle, authorization)
   return key_of(handle:metadata(), authorization) ~= nil
 end
 
--- Whether the direct path may take a request of model `name` from its caller, by its headers
--- alone (an anonymous caller or a key that works now, and a model it may use): a door asks before
--- it reads a body, so a request the Python service must judge costs no parsing here.
-function door_admits(handle, name)
-  local metadata = handle:metadata()
-  local model = metadata:get("m/" .. name)
-  if model == nil then
-    return false
-  end
-  local key = nil
-  local authorization = handle:headers():get("authorization")
-  if authorization ~= nil then
-    key = key_of(metadata, authorization)
-    if key == nil then
-      return false
-    end
-  end
-  return may_use(model, key)
-end
-
--- For a request of model `name` (the version it named, "" for none; its sequence id's bytes, or
--- false): a table {model, key, version, drawn, sequence} when the direct path may take it, or nil
--- when the door's Python service must judge it (unknown model or version, a key that is not one,
--- a caller the model refuses). `drawn`: the version was drawn here, and the door must tell the
--- node. A sequence's requests all take the version its id draws.
-function door_plan(handle, name, version, sequence)
+-- The model `name` and the caller's key (nil: anonymous) when the direct path may take a request
+-- of it from its caller, by its headers alone (an anonymous caller or a key that works now, and a
+-- model it may use); nil when the door's Python service must judge it.
+local function admitted(handle, name)
   local metadata = handle:metadata()
   local model = metadata:get("m/" .. name)
   if model == nil then
@@ -159,6 +137,25 @@ function door_plan(handle, name, version, sequence)
     end
   end
   if not may_use(model, key) then
+    return nil
+  end
+  return model, key
+end
+
+-- Whether the direct path may take a request of model `name` from its caller, by its headers: a
+-- door asks before it reads a body, so a request the Python service must judge costs no parsing.
+function door_admits(handle, name)
+  return admitted(handle, name) ~= nil
+end
+
+-- For a request of model `name` (the version it named, "" for none; its sequence id's bytes, or
+-- false): a table {model, key, version, drawn, sequence} when the direct path may take it, or nil
+-- when the door's Python service must judge it (unknown model or version, a key that is not one,
+-- a caller the model refuses). `drawn`: the version was drawn here, and the door must tell the
+-- node. A sequence's requests all take the version its id draws.
+function door_plan(handle, name, version, sequence)
+  local model, key = admitted(handle, name)
+  if model == nil then
     return nil
   end
   local drawn = version == ""
