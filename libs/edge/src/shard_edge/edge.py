@@ -778,6 +778,9 @@ def _assignment(
     return _parsed(assignment, endpoint_pb2.ClusterLoadAssignment)
 
 
+Resources = dict[str, Mapping[str, Message]]
+
+
 def resources(
     state: ShardState,
     *,
@@ -787,9 +790,32 @@ def resources(
     access_log: Path,
     warm: Collection[str] | None = None,
     routed: Collection[str] = (),
-) -> dict[str, Mapping[str, Message]]:
+) -> Resources:
     """Every resource the edge runs, by xDS type and name, for the view `state`; the door's
-    Python service listens on `service_socket`.
+    Python service listens on `service_socket`. (`_build` says which clusters the route names.)"""
+    built, _ = _build(
+        state,
+        ports=ports,
+        policy=policy,
+        service_socket=service_socket,
+        access_log=access_log,
+        warm=warm,
+        routed=routed,
+    )
+    return built
+
+
+def _build(
+    state: ShardState,
+    *,
+    ports: EdgePorts,
+    policy: EdgePolicy,
+    service_socket: Path,
+    access_log: Path,
+    warm: Collection[str] | None,
+    routed: Collection[str],
+) -> tuple[Resources, frozenset[str]]:
+    """The resources, and the model clusters their route sends requests to.
 
     Make before break: the route names only versions whose clusters are `warm` (Envoy runs
     them: None for all), and a cluster the route Envoy runs still names (`routed`) stays until
@@ -814,24 +840,19 @@ def resources(
         clusters[sequences] = _model_cluster(sequences, policy, sequences=True)
         assignments[sequences] = _assignment(sequences, candidates, policy, weighted=False)
     direct_models = _direct_models(state, warm)
-    return {
+    named = frozenset(
+        cluster
+        for key, model in direct_models.items()
+        for version in model["ready"]
+        for cluster in _version_clusters(key.removeprefix("m/"), version)
+    )
+    built: Resources = {
         LISTENER: listeners(ports, policy, access_log),
         ROUTE: {ROUTES: _routes(state, direct_models, policy)},
         CLUSTER: clusters,
         ENDPOINT: assignments,
     }
-
-
-def routed_clusters(found: Mapping[str, Mapping[str, Message]]) -> frozenset[str]:
-    """The model clusters the route configuration in `found` sends requests to."""
-    route = found[ROUTE][ROUTES]
-    metadata = json_format.MessageToDict(route)["virtualHosts"][0]["routes"][1]["metadata"]
-    names: set[str] = set()
-    for key, model in metadata["filterMetadata"][LUA_METADATA].items():
-        if key.startswith("m/"):
-            for version in model["ready"]:
-                names.update(_version_clusters(key.removeprefix("m/"), version))
-    return frozenset(names)
+    return built, named
 
 
 def describe(found: Mapping[str, Mapping[str, Message]]) -> str:
@@ -898,8 +919,9 @@ class Edge:
         self._routed: frozenset[str] = frozenset()
         self._routes: dict[str, frozenset[str]] = {}
 
-    def build(self) -> dict[str, Mapping[str, Message]]:
-        return resources(
+    def build(self) -> tuple[Resources, frozenset[str]]:
+        """The view's resources, and the model clusters their route names."""
+        return _build(
             self._state,
             ports=self._ports,
             policy=self._policy,
@@ -912,7 +934,7 @@ class Edge:
     def publish(self, changed_at: float | None = None) -> bool:
         """Publish the view's resources if they changed (at `changed_at`, a monotonic time;
         now if not said); whether they did."""
-        built = self.build()
+        built, named = self.build()
         digests = {
             type_url: b"".join(
                 name.encode() + b"\0" + message.SerializeToString(deterministic=True)
@@ -930,7 +952,7 @@ class Edge:
         }
         self._routes = {
             **{v: c for v, c in self._routes.items() if v in self._acknowledged(ROUTE)},
-            versions[ROUTE]: routed_clusters(built),
+            versions[ROUTE]: named,
         }
         self.ads.publish(
             Snapshot(version=str(next(self._versions)), resources=built, versions=versions)
