@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
 from envoy.service.discovery.v3 import ads_pb2_grpc
 from google.protobuf import json_format, timestamp_pb2
+from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
 from shard.auth.v1 import api_key_pb2
@@ -43,8 +45,8 @@ from shard_edge.view import CacheableVersions
 from shard_edge.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from tests.demo import simple_inputs
 from tests.fake_node import FakeTriton
+from tests.grpc_frames import INFER, frame, h2_post, malformed
 from tests.grpc_frames import field as pb_field
-from tests.grpc_frames import frame, h2_post, malformed
 from tests.waiting import until
 
 DOMAIN = "shard.local"
@@ -620,3 +622,88 @@ def _static(built: dict[str, Any]) -> dict[str, Any]:
         "node": {"id": "edge", "cluster": "shard-edge"},
         "static_resources": {"listeners": listeners, "clusters": clusters},
     }
+
+
+def _identity(authority: pki.Authority, root: Path, kind: str, name: str) -> tls.TlsIdentity:
+    key = pki.new_key()
+    issued = authority.issue(key.public_key(), authority.workload(kind, name), lifetime_s=600)
+    tls.write_identity(
+        root / f"{kind}-{name}",
+        chain=issued.chain_pem,
+        key=pki.key_pem(key),
+        bundle=authority.bundle_pem,
+    )
+    return tls.TlsIdentity(root / f"{kind}-{name}")
+
+
+async def test_on_the_mesh_port_only_the_gateway_escapes_the_per_address_limit(
+    tmp_path: Path,
+) -> None:
+    """Any workload of the mesh may call the router's mutual-TLS port, nodes included: a caller
+    without a key is limited per address there too, but for the gateway (told by the certificate
+    Envoy describes), whose clients the router limits by the address the gateway names."""
+    authority = pki.Authority.create()
+    router = _identity(authority, tmp_path, "service", "router")
+    directory = tmp_path / "edge"
+    directory.mkdir()
+    state = ShardState(
+        table=EndpointTable(backend_factory=NodeAddress.of),
+        split=TrafficSplit(),
+        access=ModelAccess(),
+        cacheable=CacheableVersions(),
+        keys=KeyRing(),
+    )
+    port = free_port()
+    edge = Edge(
+        directory=directory,
+        state=state,
+        ports=EdgePorts(plaintext=None, tls=None, mesh=f"127.0.0.1:{port}"),
+        policy=EdgePolicy(
+            trust_domain=authority.workload("service", "router").trust_domain,
+            anonymous_rps=MIN_RATE_RPS,
+            key_rps=0.0,
+            max_attempts=2,
+            upstream_timeout_s=30,
+            sds_dir=directory / "sds",
+        ),
+        service_socket=directory / "router.sock",
+        tls_dir=router.directory,
+    )
+    stand_in = FakeTriton(
+        address=f"unix:{directory / 'router.sock'}",
+        register=lambda server: ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
+            edge.ads, server
+        ),
+    )
+    request = service_pb2.ModelInferRequest(model_name="unknown").SerializeToString()
+
+    async def calls_as(caller: tls.TlsIdentity, count: int) -> list[grpc.StatusCode]:
+        expect = authority.workload("service", "router")
+        async with tls.channel(
+            f"127.0.0.1:{port}", caller.channel_credentials(), expect=expect
+        ) as channel:
+            infer = channel.unary_unary(INFER, None, None)
+            codes = []
+            for _ in range(count):
+                try:
+                    await infer(request, timeout=10)
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.aio.AioRpcError as error:
+                    codes.append(error.code())
+            return codes
+
+    async with stand_in:
+        try:
+            await edge.start()
+            await until(edge.applied, "the edge never applied the view", timeout=20)
+            node = await calls_as(_identity(authority, tmp_path, "node", "n1"), 4)
+            reached = len(stand_in.calls)
+            gateway = await calls_as(_identity(authority, tmp_path, "service", "gateway"), 4)
+        finally:
+            edge.stop()
+    # A burst of one (the slowest rate there is), then the node is refused at the edge.
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in node
+    assert reached < 4
+    # Every one of the gateway's calls reached the router.
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED not in gateway
+    assert len(stand_in.calls) == reached + 4

@@ -988,12 +988,15 @@ class Edge:
         _log.info("the edge runs the view of %.0f ms ago", took * 1000)
 
     def applied(self) -> bool:
-        """Whether the edge's Envoy runs the last published configuration."""
+        """Whether the edge's Envoy runs the last published configuration. A type with no
+        resources counts as run: Envoy asks for no endpoints while no cluster takes them, so
+        it never acknowledges an empty set."""
         snapshot = self.ads.snapshot
         acknowledged = self.ads.acknowledged(self._node_id)
         return all(
             acknowledged.get(type_url) == snapshot.version_of(type_url)
-            for type_url in snapshot.resources
+            for type_url, by_name in snapshot.resources.items()
+            if by_name
         )
 
     async def start(self, *, timeout: float = 30.0) -> None:
