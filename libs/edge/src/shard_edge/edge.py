@@ -973,13 +973,15 @@ class Edge:
             return
         snapshot = self.ads.snapshot
         acknowledged = self.ads.acknowledged(node)
+        warm, routed = self._warm, self._routed
         if all(
             acknowledged.get(type_url) == snapshot.version_of(type_url)
             for type_url in (CLUSTER, ENDPOINT)
         ):
             self._warm = frozenset(snapshot.resources.get(CLUSTER, {}))
         self._routed = self._routes.get(acknowledged.get(ROUTE, ""), self._routed)
-        self.publish()
+        if (warm, routed) != (self._warm, self._routed):
+            self.publish()  # only what Envoy runs changes what may be published next
         if self._pending_since is None or not self.applied():
             return
         took = time.monotonic() - self._pending_since
